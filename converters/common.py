@@ -1,0 +1,114 @@
+"""Shared pieces of the PyTorch -> orbax converters: reading, verifying, re-laying tensors.
+
+Every converter reads the ``.pth`` file with ``torch.load(weights_only=True)``,
+checks it against the exact set of keys and shapes the architecture needs
+(missing, unexpected and mis-shaped tensors are all reported at once), re-lays
+the tensors for Flax (NHWC convs, ``[in, out]`` dense kernels) and writes a
+model directory with :func:`jaxdissect.checkpoint.save_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+    """The input checkpoint cannot be converted; the message says why and what to do."""
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Read a PyTorch state_dict as float32/int NumPy arrays.
+
+    Accepts a plain state_dict or one wrapped as ``{'state_dict': {...}}``.
+    Loading uses ``weights_only=True``: no pickled code is ever run.
+    """
+    import torch
+
+    if not os.path.exists(path):
+        raise ConversionError(f"checkpoint file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConversionError(
+            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+            "the file may be truncated or corrupt: download it again"
+        ) from e
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        out[str(key)] = value.detach().cpu().numpy()
+    return out
+
+
+def check_state_dict(
+    state: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    what: str,
+    ignore: tuple[str, ...] = (),
+) -> None:
+    """Raise :class:`ConversionError` unless ``state`` has exactly the ``expected`` keys and shapes.
+
+    ``ignore`` lists key suffixes that may be present without being used (e.g.
+    BatchNorm's ``num_batches_tracked``). ``what`` names the architecture in
+    the message, so a checkpoint of the wrong model is recognised as such.
+    """
+    present = {k for k in state if not (ignore and k.endswith(ignore))}
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    misshaped = sorted(
+        f"{k}: file has {tuple(state[k].shape)}, {what} needs {tuple(expected[k])}"
+        for k in set(expected) & present
+        if tuple(state[k].shape) != tuple(expected[k])
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"this checkpoint does not match {what}:"]
+
+    def listing(title, items):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+
+    listing("missing", missing)
+    listing("unexpected", unexpected)
+    listing("wrong shape", misshaped)
+    if len(missing) == len(expected):
+        lines.append("  none of the expected keys is present: is this a checkpoint of a different model?")
+    raise ConversionError("\n".join(lines))
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """PyTorch conv weight ``[out, in, kh, kw]`` -> Flax ``[kh, kw, in, out]`` (no flip: both correlate)."""
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), dtype=np.float32)
+
+
+def dense_kernel(w: np.ndarray) -> np.ndarray:
+    """PyTorch linear weight ``[out, in]`` -> Flax ``[in, out]``."""
+    return np.ascontiguousarray(w.T, dtype=np.float32)
+
+
+def batchnorm(state: Mapping[str, np.ndarray], prefix: str) -> tuple[dict, dict]:
+    """``(params, batch_stats)`` of a Flax ``BatchNorm`` from PyTorch keys ``prefix.{weight,bias,running_*}``."""
+    f32 = lambda k: np.asarray(state[f"{prefix}.{k}"], dtype=np.float32)  # noqa: E731
+    return (
+        {"scale": f32("weight"), "bias": f32("bias")},
+        {"mean": f32("running_mean"), "var": f32("running_var")},
+    )

@@ -1,0 +1,52 @@
+"""jaxdissect: Network Dissection in JAX/Flax.
+
+Label each hidden unit of a vision network with the concept it detects, then
+measure what the unit does by switching it off or on.
+
+The public API is imported lazily (``jaxdissect.capture`` imports only the
+layer module), so ``import jaxdissect`` is cheap and a command that needs one
+piece does not pay for the rest.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it.
+_EXPORTS = {
+    # Checkpoints of models converted or trained by us.
+    "load_model": "jaxdissect.checkpoint",
+    "save_model": "jaxdissect.checkpoint",
+    "load_metadata": "jaxdissect.checkpoint",
+    # Reading and editing named layers of any Flax Linen module.
+    "capture": "jaxdissect.layers",
+    "run": "jaxdissect.layers",
+    "Ablate": "jaxdissect.layers",
+    "SetUnits": "jaxdissect.layers",
+    "Edit": "jaxdissect.layers",
+    "layer_names": "jaxdissect.layers",
+    # Streaming statistics over activations (functional API).
+    "dissect_activations": "jaxdissect.statistics",
+    "DissectionResult": "jaxdissect.statistics",
+    # Segmenters.
+    "load_segmenter": "jaxdissect.segmentation",
+    "segment": "jaxdissect.segmentation",
+    # The whole dissection of a model.
+    "dissect": "jaxdissect.pipelines.dissect",
+}
+
+__all__ = sorted(_EXPORTS) + ["interventions", "kernels"]
+
+
+def __getattr__(name):
+    if name in ("interventions", "kernels"):
+        return importlib.import_module(f"jaxdissect.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxdissect' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

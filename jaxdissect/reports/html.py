@@ -1,0 +1,237 @@
+"""``index.html``: one self-contained page per dissection run.
+
+Each dissected layer gets a section with its concept bar graph, its summary
+numbers and a table of units (image strip, unit, label, category, IoU). The
+unit data is embedded in the page as JSON and rendered by a little plain
+JavaScript that sorts (IoU, label, unit) and filters (label text, category,
+minimum IoU), so the page works opened from the file system and served over
+HTTP alike, with no network access. The controls' state lives in the URL
+fragment (``#sort=label&label=door&cat=object&miniou=0.04``), so a filtered
+view can be bookmarked. Every string that comes from data is escaped: HTML
+escaping in the markup, and ``<``, ``>``, ``&`` as ``\\u003c``-style JSON
+escapes inside the data block, and the script inserts text with
+``textContent`` only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import posixpath
+from typing import Mapping, Sequence
+from urllib.parse import quote
+
+from jaxdissect.reports.bargraph import CATEGORIES
+from jaxdissect.reports.strips import strip_path
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1em 2em; color: #222; }
+nav a { margin-right: 1em; }
+#controls { position: sticky; top: 0; background: #f4f4f4; padding: 0.5em; border-bottom: 1px solid #ccc; z-index: 1; }
+#controls label { margin-right: 1.2em; }
+section.layer { margin-top: 1.5em; }
+.summary span { margin-right: 1.2em; }
+table.units { border-collapse: collapse; }
+table.units td, table.units th { padding: 2px 8px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: middle; }
+table.units td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.units img { display: block; height: 100px; }
+.count { color: #555; }
+"""
+
+_SCRIPT = r"""
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("report-data").textContent);
+  var controls = {
+    sort: document.getElementById("sort"),
+    label: document.getElementById("filter-label"),
+    cat: document.getElementById("filter-cat"),
+    miniou: document.getElementById("filter-iou")
+  };
+  function readHash() {
+    var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
+    if (params.has("sort")) controls.sort.value = params.get("sort");
+    if (params.has("label")) controls.label.value = params.get("label");
+    if (params.has("cat")) controls.cat.value = params.get("cat");
+    if (params.has("miniou")) controls.miniou.value = params.get("miniou");
+  }
+  function writeHash() {
+    var params = new URLSearchParams();
+    params.set("sort", controls.sort.value);
+    if (controls.label.value) params.set("label", controls.label.value);
+    if (controls.cat.value) params.set("cat", controls.cat.value);
+    if (controls.miniou.value) params.set("miniou", controls.miniou.value);
+    try { history.replaceState(null, "", "#" + params.toString()); } catch (e) { /* file:// in some browsers */ }
+  }
+  function iouOf(u) { return (typeof u.iou === "number") ? u.iou : -Infinity; }
+  var comparators = {
+    iou: function (a, b) { return iouOf(b) - iouOf(a) || a.unit - b.unit; },
+    label: function (a, b) { return a.label.localeCompare(b.label) || iouOf(b) - iouOf(a) || a.unit - b.unit; },
+    unit: function (a, b) { return a.unit - b.unit; }
+  };
+  function cell(row, text, cls) {
+    var td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    row.appendChild(td);
+  }
+  function render() {
+    var text = controls.label.value.trim().toLowerCase();
+    var cat = controls.cat.value;
+    var minIou = parseFloat(controls.miniou.value);
+    if (isNaN(minIou)) minIou = -Infinity;
+    var compare = comparators[controls.sort.value] || comparators.iou;
+    data.layers.forEach(function (layer, li) {
+      var shown = layer.units.filter(function (u) {
+        return (!text || u.label.toLowerCase().indexOf(text) >= 0) &&
+               (!cat || u.cat === cat) && iouOf(u) >= minIou;
+      }).sort(compare);
+      var body = document.createElement("tbody");
+      shown.forEach(function (u) {
+        var row = document.createElement("tr");
+        row.className = "unit-row";
+        row.setAttribute("data-unit", String(u.unit));
+        cell(row, String(u.unit), "num");
+        cell(row, u.label, "label");
+        cell(row, u.cat, "cat");
+        cell(row, typeof u.iou === "number" ? u.iou.toFixed(4) : "NaN", "num");
+        var td = document.createElement("td");
+        var img = document.createElement("img");
+        img.setAttribute("loading", "lazy");
+        img.setAttribute("alt", "top images of unit " + u.unit);
+        img.setAttribute("src", u.image);
+        td.appendChild(img);
+        row.appendChild(td);
+        body.appendChild(row);
+      });
+      var table = document.getElementById("table-" + li);
+      table.replaceChild(body, table.tBodies[0]);
+      document.getElementById("count-" + li).textContent =
+        "showing " + shown.length + " of " + layer.units.length + " units";
+    });
+    writeHash();
+  }
+  readHash();
+  ["change", "input"].forEach(function (ev) {
+    Object.keys(controls).forEach(function (k) { controls[k].addEventListener(ev, render); });
+  });
+  window.addEventListener("hashchange", function () { readHash(); render(); });
+  render();
+})();
+"""
+
+_RESERVED = ("name", "dir", "units", "svg", "summary")
+
+
+def _json_for_script(data) -> str:
+    """JSON that cannot end or confuse the surrounding ``<script>`` element."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+
+
+def _url(*parts: str) -> str:
+    path = posixpath.join(*[p for p in parts if p and p != "."])
+    return quote(path.replace(os.sep, "/"), safe="/")
+
+
+def _iou(value):
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _summary_items(layer: Mapping) -> list[tuple[str, object]]:
+    items = list(dict(layer.get("summary") or {}).items())
+    items += [(k, v) for k, v in layer.items()
+              if k not in _RESERVED and isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    return items
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str = ".") -> str:
+    """The HTML text of :func:`write_run_report`."""
+    esc = html.escape
+    data = {"run": str(run_name), "layers": []}
+    categories = list(CATEGORIES)
+    sections = []
+    nav = []
+    for li, layer in enumerate(layers):
+        if "name" not in layer or "units" not in layer:
+            raise ValueError(f"layer entry {li} needs at least 'name' and 'units' (got keys {sorted(layer)})")
+        name = str(layer["name"])
+        ldir = str(layer.get("dir", ""))
+        units = []
+        for u in layer["units"]:
+            unit = int(u["unit"])
+            units.append(dict(unit=unit, label=str(u["label"]), cat=str(u["cat"]), iou=_iou(u["iou"]),
+                              image=_url(ldir, str(u.get("image", strip_path(unit))))))
+            if units[-1]["cat"] not in categories:
+                categories.append(units[-1]["cat"])
+        data["layers"].append(dict(name=name, units=units))
+        nav.append(f'<a href="#layer-{li}">{esc(name)}</a>')
+        summary = "".join(f'<span><b>{esc(str(k))}</b>: {esc(_format(v))}</span>'
+                          for k, v in _summary_items(layer))
+        links = []
+        if layer.get("svg"):
+            svg = _url(ldir, str(layer["svg"]))
+            links.append(f'<p><img class="bargraph" src="{esc(svg)}" alt="concepts of {esc(name)}"></p>')
+        report = posixpath.join(ldir, "report.json") if ldir else "report.json"
+        if os.path.exists(os.path.join(output_dir, report)):
+            links.append(f'<p><a href="{esc(_url(report))}">report.json</a></p>')
+        sections.append(
+            f'<section class="layer" id="layer-{li}">\n<h2>{esc(name)}</h2>\n'
+            f'<p class="summary">{summary}</p>\n' + "\n".join(links) +
+            f'\n<p class="count" id="count-{li}"></p>\n'
+            f'<table class="units" id="table-{li}"><thead><tr><th>unit</th><th>label</th>'
+            f'<th>category</th><th>IoU</th><th>top images</th></tr></thead><tbody></tbody></table>\n'
+            f'</section>')
+    options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in categories)
+    title = esc(f"Dissection: {run_name}")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<h1>{title}</h1>
+<nav>Layers: {' '.join(nav)}</nav>
+<div id="controls">
+<label>Sort by <select id="sort"><option value="iou">IoU</option><option value="label">label</option><option value="unit">unit</option></select></label>
+<label>Label contains <input id="filter-label" type="search"></label>
+<label>Category <select id="filter-cat"><option value="">all</option>{options}</select></label>
+<label>Min IoU <input id="filter-iou" type="number" step="0.01" min="0" max="1"></label>
+</div>
+<noscript><p>This page needs JavaScript to list the units; each layer's report.json holds the same data.</p></noscript>
+{chr(10).join(sections)}
+<script type="application/json" id="report-data">{_json_for_script(data)}</script>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping]) -> str:
+    """Write ``output_dir/index.html`` for a run; returns its path.
+
+    ``layers`` holds one dict per dissected layer: ``name``, ``dir`` (the layer's
+    results directory relative to ``output_dir``), ``units`` (dicts with ``unit``,
+    ``label``, ``cat``, ``iou`` and optionally ``image``, relative to ``dir``,
+    default ``image/unit<u>.jpg``), optionally ``svg`` (the bar graph, relative
+    to ``dir``) and summary numbers, either as a ``summary`` dict or as further
+    scalar entries (e.g. ``interpretable=12``).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "index.html")
+    text = render_run_report(run_name, layers, output_dir)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,142 @@
+"""Cross-layer summary: interpretable units and unique concepts per layer (spec 6).
+
+The papers' comparison figures count, per layer, how many units match some
+concept with IoU above the threshold and how many distinct concepts those
+units cover, broken down by category. ``write_summary`` stores the table as
+JSON, CSV and Markdown and draws it as an SVG figure.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Iterable, Mapping, Sequence
+
+from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, _fields
+from jaxdissect.reports.report_json import dump_json
+
+
+def _pairs(per_layer_units) -> list[tuple[str, list]]:
+    if isinstance(per_layer_units, Mapping):
+        return [(str(k), list(v)) for k, v in per_layer_units.items()]
+    return [(str(k), list(v)) for k, v in per_layer_units]
+
+
+def layer_summary(per_layer_units: Mapping[str, Iterable] | Sequence[tuple[str, Iterable]],
+                  miniou: float = 0.04) -> list[dict]:
+    """One row per layer, in the given order.
+
+    ``per_layer_units`` maps a layer name to its units (dicts with ``label``,
+    ``cat``, ``iou`` as in ``report.json``, or ``(label, cat, iou)`` tuples). A
+    row holds ``layer``, ``units``, ``interpretable`` (units with IoU >
+    ``miniou``), ``unique_concepts`` (distinct labels among them), and per
+    category ``interpretable_by_category`` and ``unique_by_category``.
+    """
+    rows = []
+    for layer, units in _pairs(per_layer_units):
+        by_units: dict[str, int] = {}
+        concepts: dict[str, set] = {}
+        for unit in units:
+            label, cat, iou = _fields(unit)
+            if math.isnan(iou) or not iou > miniou:
+                continue
+            by_units[cat] = by_units.get(cat, 0) + 1
+            concepts.setdefault(cat, set()).add(label)
+        order = list(CATEGORIES) + sorted(c for c in by_units if c not in CATEGORIES)
+        rows.append(dict(
+            layer=layer,
+            units=len(units),
+            interpretable=sum(by_units.values()),
+            unique_concepts=sum(len(s) for s in concepts.values()),
+            interpretable_by_category={c: by_units.get(c, 0) for c in order},
+            unique_by_category={c: len(concepts.get(c, ())) for c in order},
+            miniou=float(miniou),
+        ))
+    return rows
+
+
+def _categories(rows: Sequence[Mapping]) -> list[str]:
+    cats = list(CATEGORIES)
+    for r in rows:
+        cats += [c for c in r["interpretable_by_category"] if c not in cats]
+    return cats
+
+
+def _flat(rows: Sequence[Mapping]) -> tuple[list[str], list[list]]:
+    cats = _categories(rows)
+    header = ["layer", "units", "interpretable", "unique_concepts"]
+    header += [f"interpretable_{c}" for c in cats] + [f"unique_{c}" for c in cats]
+    table = []
+    for r in rows:
+        table.append([r["layer"], r["units"], r["interpretable"], r["unique_concepts"]]
+                     + [r["interpretable_by_category"].get(c, 0) for c in cats]
+                     + [r["unique_by_category"].get(c, 0) for c in cats])
+    return header, table
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    """The summary as a Markdown table (layer names with ``|`` escaped)."""
+    header, table = _flat(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table:
+        cells = [str(v).replace("|", "\\|") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(path: str, rows: Sequence[Mapping], title: str = "") -> str:
+    """Stacked bars per layer: unique concepts (left) and interpretable units (right) by category."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = [c for c in _categories(rows)
+            if any(r["interpretable_by_category"].get(c, 0) for r in rows)]
+    layers = [r["layer"] for r in rows]
+    xs = range(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.0 + 0.9 * len(rows)) * 2 / 1.5, 3.6))
+    for ax, key, ylabel in ((axes[0], "unique_by_category", "unique concepts"),
+                            (axes[1], "interpretable_by_category", "interpretable units")):
+        bottom = [0] * len(rows)
+        for i, cat in enumerate(cats):
+            colour = PALETTE[(CATEGORIES.index(cat) if cat in CATEGORIES else i) % len(PALETTE)][0]
+            values = [r[key].get(cat, 0) for r in rows]
+            ax.bar(xs, values, bottom=bottom, color=colour, label=cat)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xticks(list(xs))
+        labels = ax.set_xticklabels(layers, rotation=45, ha="right")
+        for t in labels:
+            t.set_parse_math(False)
+        ax.set_ylabel(ylabel)
+    if cats:
+        legend = axes[1].legend(loc="upper left", fontsize="small")
+        for t in legend.get_texts():
+            t.set_parse_math(False)
+    if title:
+        fig.suptitle(title).set_parse_math(False)
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "svg")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_summary(output_dir: str, rows: Sequence[Mapping], title: str = "") -> dict[str, str]:
+    """Write ``summary.json``, ``summary.csv``, ``summary.md`` and ``summary.svg``; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {k: os.path.join(output_dir, f"summary.{k}") for k in ("json", "csv", "md", "svg")}
+    dump_json(paths["json"], dict(layers=list(rows)))
+    header, table = _flat(rows)
+    with open(paths["csv"] + ".tmp", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(table)
+    os.replace(paths["csv"] + ".tmp", paths["csv"])
+    with open(paths["md"] + ".tmp", "w", encoding="utf-8") as f:
+        f.write(markdown_table(rows))
+    os.replace(paths["md"] + ".tmp", paths["md"])
+    plot_summary(paths["svg"], rows, title)
+    return paths

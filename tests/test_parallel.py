@@ -1,0 +1,166 @@
+"""Data-parallel steps: identical results on 1 and 8 devices, against NumPy references.
+
+The 8-device runs happen in a subprocess with forced host devices (the flag
+must be set before JAX is imported, and this test process already has one).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdissect import parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_with_devices(code: str, devices: int = 8, timeout: int = 240) -> dict:
+    """Run ``code`` with ``devices`` forced CPU devices; it prints one JSON line last."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Toy kernels: a histogram, counts and a maximum per state; padded rows (x = 0, w = 0) must
+# be excluded by the validity mask, or bin 0 and the counts come out wrong.
+TOY = """
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxdissect import parallel
+
+BINS = 50
+
+def init():
+    return {"hist": np.zeros((3, BINS), np.int32), "n": np.int32(0), "wsum": np.int32(0),
+            "max": np.full(3, -1, np.int32)}
+
+def update(state, x, w, valid):
+    # x [b, 3] ints in [0, BINS), w [b] ints; padded rows must not count.
+    v = valid.astype(jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(3), x.shape)
+    hist = state["hist"].at[rows, x].add(v[:, None])
+    return {"hist": hist, "n": state["n"] + v.sum(), "wsum": state["wsum"] + (w * v).sum(),
+            "max": jnp.maximum(state["max"], jnp.where(valid[:, None], x, -1).max(0))}
+
+def merge(host):
+    return {"hist": host["hist"].sum(0).tolist(), "n": int(host["n"].sum()), "wsum": int(host["wsum"].sum()),
+            "max": host["max"].max(0).tolist()}
+
+rng = np.random.RandomState(0)
+sizes = [16, 37, 8, 5, 1, 24]   # several not divisible by 8
+data = [(rng.randint(0, BINS, (n, 3)).astype(np.int32), rng.randint(1, 4, n).astype(np.int32))
+        for n in sizes]
+
+def run(mesh):
+    state = parallel.stack_init(mesh, init())
+    step = parallel.per_device(update, mesh, pad=True)
+    for x, w in data:
+        state = step(state, x, w)
+    return merge(parallel.to_host(state))
+"""
+
+
+def test_toy_kernels_identical_on_1_and_8_devices():
+    out = run_with_devices(TOY + """
+devices = jax.devices()
+assert len(devices) == 8, devices
+one = run(parallel.make_mesh(devices[:1]))
+eight = run(parallel.make_mesh())
+# Host-padded path: the kernel receives the mask as an ordinary batch array.
+mesh = parallel.make_mesh()
+state = parallel.stack_init(mesh, init())
+step = parallel.per_device(update, mesh)
+for x, w in data:
+    (x, w), valid = parallel.pad_batch((x, w), 8)
+    state = step(state, *parallel.shard_batch(mesh, (x, w, valid)))
+host_padded = merge(parallel.to_host(state))
+print(json.dumps({"one": one, "eight": eight, "host_padded": host_padded}))
+""")
+    # Independent NumPy reference (same random data).
+    rng = np.random.RandomState(0)
+    hist, n, wsum, mx = np.zeros((3, 50), np.int64), 0, 0, np.full(3, -1)
+    for size in [16, 37, 8, 5, 1, 24]:
+        x, w = rng.randint(0, 50, (size, 3)), rng.randint(1, 4, size)
+        for c in range(3):
+            hist[c] += np.bincount(x[:, c], minlength=50)
+        n += size
+        wsum += int(w.sum())
+        mx = np.maximum(mx, x.max(0))
+    expected = {"hist": hist.tolist(), "n": n, "wsum": wsum, "max": mx.tolist()}
+    assert out["one"] == expected
+    assert out["eight"] == expected
+    assert out["host_padded"] == expected
+
+
+def test_state_layout_and_donation():
+    out = run_with_devices("""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jaxdissect import parallel
+mesh = parallel.make_mesh()
+state = parallel.stack_init(mesh, {"a": np.arange(4, dtype=np.int32)})
+shards = sorted(s.device.id for s in state["a"].addressable_shards)
+step = parallel.per_device(lambda s, x: {"a": s["a"] + x.sum()}, mesh)
+new = step(state, jnp.arange(16, dtype=jnp.int32).reshape(16, 1))
+print(json.dumps({"shape": list(state["a"].shape), "spec": list(new["a"].sharding.spec),
+                  "devices": shards, "donated": state["a"].is_deleted(),
+                  "per_device": np.asarray(new["a"][:, 0]).tolist()}))
+""")
+    assert out["shape"] == [8, 4]
+    assert out["devices"] == list(range(8))
+    assert out["spec"] == ["data"]
+    assert out["donated"] is True
+    # Device i received items 2i and 2i+1.
+    assert out["per_device"] == [4 * i + 1 for i in range(8)]
+
+
+def test_indivisible_batch_without_padding_is_a_clear_error():
+    mesh = parallel.make_mesh()
+    d = mesh.size
+    state = parallel.stack_init(mesh, {"n": np.int32(0)})
+    step = parallel.per_device(lambda s, x: {"n": s["n"] + x.shape[0]}, mesh)
+    state = step(state, np.zeros(2 * d))
+    assert int(parallel.to_host(state)["n"].sum()) == 2 * d
+    if d > 1:
+        with pytest.raises(ValueError, match="pad=True"):
+            step(state, np.zeros(2 * d + 1))
+
+
+def test_state_without_device_axis_is_a_clear_error():
+    mesh = parallel.make_mesh()
+    step = parallel.per_device(lambda s, x: s, mesh)
+    with pytest.raises(ValueError, match="stack_init"):
+        step({"n": jnp.int32(0)}, np.zeros(4))
+
+
+def test_mismatched_batch_arrays_are_a_clear_error():
+    with pytest.raises(ValueError, match="leading"):
+        parallel.pad_batch((np.zeros(3), np.zeros(4)), 2)
+
+
+def test_pad_batch():
+    (x,), valid = parallel.pad_batch((np.arange(5),), 4)
+    np.testing.assert_array_equal(x, [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(valid, [1, 1, 1, 1, 1, 0, 0, 0])
+    (y,), valid = parallel.pad_batch((np.ones((8, 2)),), 4)
+    assert y.shape == (8, 2) and valid.all()
+
+
+def test_initialize_distributed_single_process_is_a_no_op():
+    parallel.initialize_distributed(num_processes=1)
+    with pytest.raises(ValueError, match="all"):
+        parallel.initialize_distributed(coordinator_address="localhost:1234")
+    assert jax.process_count() == 1

@@ -25,6 +25,8 @@ _EXPORTS = {
     "SetUnits": "jaxdissect.layers",
     "Edit": "jaxdissect.layers",
     "layer_names": "jaxdissect.layers",
+    "Replace": "jaxdissect.layers",
+    "run_from": "jaxdissect.layers",
     # Streaming statistics over activations (functional API).
     "dissect_activations": "jaxdissect.statistics",
     "DissectionResult": "jaxdissect.statistics",

@@ -26,7 +26,8 @@ import jax, jax.numpy as jnp, numpy as np
 from jaxdissect import streaming
 
 workdir, sleep, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-num_batches = int(sys.argv[4]) if len(sys.argv) > 4 else 40
+every = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+num_batches = 40
 data = np.random.RandomState(0).randint(0, 64, (num_batches, 16)).astype(np.int32)
 
 def step(state, batch):
@@ -42,7 +43,7 @@ def batches(start):
 
 state = {"hist": jnp.zeros(64, jnp.int32), "hash": jnp.zeros((), jnp.int64)}
 final = streaming.run_stream(jax.jit(step, donate_argnums=0), state, batches, num_batches=num_batches,
-                             workdir=workdir, config={"data": "toy", "bins": 64}, checkpoint_every=4)
+                             workdir=workdir, config={"data": "toy", "bins": 64}, checkpoint_every=every)
 with open(out, "w") as f:
     json.dump({"hist": np.asarray(final["hist"]).tolist(), "hash": int(final["hash"]), "starts": starts}, f)
 """
@@ -113,6 +114,33 @@ def test_killed_stream_resumes_to_the_identical_result(script, tmp_path):
     again = _run(script, workdir, 0, tmp_path / "again.json")
     assert again["starts"] == []
     assert again["hist"] == expected["hist"] and again["hash"] == expected["hash"]
+
+
+def test_interrupted_stream_saves_its_progress(script, tmp_path):
+    workdir, out = tmp_path / "work", tmp_path / "out.json"
+    # No periodic checkpoints: any checkpoint comes from the Ctrl-C handler.
+    proc = subprocess.Popen([sys.executable, script, str(workdir), "0.05", str(out), "1000"], env=_env(),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(workdir / "stream.json"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-4000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.6)
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0 and "KeyboardInterrupt" in stderr
+    saved = _checkpoints(workdir)
+    assert len(saved) == 1 and 0 < saved[0] < NUM_BATCHES
+    resumed = _run(script, workdir, 0, out, "1000")
+    assert resumed["starts"] == [saved[0]]
+    expected = reference()
+    assert resumed["hist"] == expected["hist"] and resumed["hash"] == expected["hash"]
 
 
 def _toy(state, batch):

@@ -51,7 +51,6 @@ def segment(images):
 GEN = ToyGenerator()
 VARS = {}
 Z = np.random.RandomState(0).standard_normal((24, 3)).astype(np.float32)
-BATCHES = [Z[:8], Z[8:16], Z[16:]]
 
 
 def _fractions(images):
@@ -60,7 +59,7 @@ def _fractions(images):
 
 
 def test_ablating_red_unit_removes_all_red():
-    stats = gi.ablation_segstats(GEN, VARS, "layer1", [[0], [1], [2], [0, 2]], BATCHES, segment, 3)
+    stats = gi.ablation_segstats(GEN, VARS, "layer1", [[0], [1], [2], [0, 2]], Z, segment, 3, batch_size=8)
     clean = _fractions(GEN.apply(VARS, Z))
     np.testing.assert_allclose(stats.baseline.mean, clean.mean(0))
     assert clean[:, 1].mean() > 0.1
@@ -71,7 +70,7 @@ def test_ablating_red_unit_removes_all_red():
 
 def test_cached_lower_part_equals_full_recomputation():
     sets = [[0], [1, 2], [2]]
-    stats = gi.ablation_segstats(GEN, VARS, "layer1", sets, BATCHES, segment, 3, chunk=2)
+    stats = gi.ablation_segstats(GEN, VARS, "layer1", sets, Z, segment, 3, batch_size=10, chunk=2)
     for i, units in enumerate(sets):
         images = layers.run(GEN, VARS, Z, edits={"layer1": layers.Ablate(units)})
         naive = _fractions(images)
@@ -83,7 +82,7 @@ def test_cached_lower_part_equals_full_recomputation():
 
 def test_insertion_context_by_what_was_there():
     cells = [(0, 1), (3, 2), (1, 1)]
-    stats = gi.insertion_context(GEN, VARS, "layer1", [0], 5.0, BATCHES, segment, 3, cells=cells)
+    stats = gi.insertion_context(GEN, VARS, "layer1", [0], 5.0, Z, segment, 3, batch_size=8, cells=cells)
     clean = np.asarray(segment(GEN.apply(VARS, Z)))[:, 0]
     # Independent count: per image and cell, the label at the cell centre and the change.
     expected = {}
@@ -113,10 +112,20 @@ def test_unit_selection_and_bad_input():
     with pytest.raises(gi.InterventionError, match="top 5 units of a layer with 3"):
         gi.top_units(iou, names, "tree", 5)
     with pytest.raises(gi.InterventionError, match="empty"):
-        gi.ablation_segstats(GEN, VARS, "layer1", [[]], BATCHES, segment, 3)
+        gi.ablation_segstats(GEN, VARS, "layer1", [[]], Z, segment, 3, batch_size=8)
     with pytest.raises(gi.InterventionError, match=r"out of range for a layer of 3 units"):
-        gi.ablation_segstats(GEN, VARS, "layer1", [[0, 7]], BATCHES, segment, 3)
+        gi.ablation_segstats(GEN, VARS, "layer1", [[0, 7]], Z, segment, 3, batch_size=8)
     with pytest.raises(gi.InterventionError, match="unknown layer 'layer9'.*layer1"):
-        gi.ablation_segstats(GEN, VARS, "layer9", [[0]], BATCHES, segment, 3)
+        gi.ablation_segstats(GEN, VARS, "layer9", [[0]], Z, segment, 3, batch_size=8)
     with pytest.raises(gi.InterventionError, match="outside the 4x4"):
-        gi.insertion_context(GEN, VARS, "layer1", [0], 1.0, BATCHES, segment, 3, cells=[(4, 0)])
+        gi.insertion_context(GEN, VARS, "layer1", [0], 1.0, Z, segment, 3, batch_size=8, cells=[(4, 0)])
+
+
+def test_resumable_workdir(tmp_path):
+    first = gi.ablation_segstats(GEN, VARS, "layer1", [[0], [2]], Z, segment, 3, batch_size=5,
+                                 workdir=str(tmp_path / "w"))
+    again = gi.ablation_segstats(GEN, VARS, "layer1", [[0], [2]], Z, segment, 3, batch_size=5,
+                                 workdir=str(tmp_path / "w"))
+    np.testing.assert_array_equal(first.delta.mean, again.delta.mean)
+    with pytest.raises(Exception, match="different arguments"):
+        gi.ablation_segstats(GEN, VARS, "layer1", [[1]], Z, segment, 3, batch_size=5, workdir=str(tmp_path / "w"))

@@ -186,43 +186,83 @@ def _layer_shape(module, variables, layer: str, z_like) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _z_batches(z: np.ndarray, batch_size: int):
+    z = np.asarray(z, np.float32)
+    if z.ndim < 2 or len(z) == 0:
+        raise InterventionError(f"z must be a non-empty [N, latent] array, got shape {z.shape}")
+    if batch_size < 1:
+        raise InterventionError(f"batch_size must be positive, got {batch_size}")
+    num_batches = -(-len(z) // batch_size)
+    return num_batches, lambda start: (z[i * batch_size:(i + 1) * batch_size] for i in range(start, num_batches))
+
+
+def _fold(step, state: dict, z, batch_size, workdir, config, desc) -> dict:
+    """Fold ``step`` over the batches of ``z``; with a ``workdir``, resumably (jaxdissect.streaming)."""
+    num_batches, batches = _z_batches(z, batch_size)
+    if workdir is None:
+        for batch in batches(0):
+            state = step(state, batch)
+        return state
+    from jaxdissect import streaming
+
+    return streaming.run_stream(step, state, batches, num_batches=num_batches, workdir=workdir,
+                                config=config, checkpoint_every=20, desc=desc)
+
+
+def _moments_state(prefix: str, shape) -> dict:
+    return {f"{prefix}count": np.zeros(shape[:-1]), f"{prefix}total": np.zeros(shape),
+            f"{prefix}squares": np.zeros(shape)}
+
+
+def _moments(state: dict, prefix: str) -> Moments:
+    return Moments(*(np.array(state[f"{prefix}{k}"]) for k in ("count", "total", "squares")))
+
+
+def _store(state: dict, prefix: str, moments: Moments) -> None:
+    state.update({f"{prefix}count": moments.count, f"{prefix}total": moments.total,
+                  f"{prefix}squares": moments.squares})
+
+
 def ablation_segstats(
     module,
     variables,
     layer: str,
     unit_sets: Iterable[Sequence[int]],
-    z_batches: Iterable[np.ndarray],
+    z: np.ndarray,
     segment: Callable,
     num_labels: int,
     *,
+    batch_size: int = 25,
     chunk: int = 8,
+    workdir: str | None = None,
 ) -> AblationStats:
     """Segmentation statistics of generated images with each set of ``layer``'s units zeroed.
 
-    ``z_batches`` yields latent batches; ``segment`` maps images in [-1, 1]
-    to labels ``[N, K, S, S]``. The lower network runs once per batch; the unit
-    sets are evaluated ``chunk`` at a time on the upper network only.
+    ``z`` holds the latent samples ``[N, latent]``; ``segment`` maps images in
+    [-1, 1] to labels ``[N, K, S, S]``. The lower network runs once per batch;
+    the unit sets are evaluated ``chunk`` at a time on the upper network only.
+    With ``workdir`` the sweep checkpoints and resumes after an interruption.
     """
-    step = None
-    stats = None
-    for z in z_batches:
-        z = jnp.asarray(z)
-        if step is None:
-            shape = _layer_shape(module, variables, layer, z)
-            masks = jnp.asarray(unit_masks(unit_sets, shape[-1]))
-            step = _ablation_step(module, layer, segment, num_labels, chunk)
-            stats = AblationStats(
-                Moments.zeros((num_labels,)),
-                Moments.zeros((masks.shape[0], num_labels)),
-                Moments.zeros((masks.shape[0], num_labels)),
-            )
-        base, ablated = jax.device_get(step(variables, z, masks))
-        stats.baseline.add(base)
-        stats.ablated.add(ablated)
-        stats.delta.add(ablated - base[None])
-    if stats is None:
-        raise InterventionError("z_batches yielded no batches")
-    return stats
+    shape = _layer_shape(module, variables, layer, jnp.asarray(np.asarray(z)[:1]))
+    masks = unit_masks(unit_sets, shape[-1])
+    device_step = _ablation_step(module, layer, segment, num_labels, chunk)
+    m = masks.shape[0]
+
+    def step(state, batch):
+        base, ablated = jax.device_get(device_step(variables, jnp.asarray(batch), jnp.asarray(masks)))
+        state = dict(state)
+        for prefix, values in (("baseline_", base), ("ablated_", ablated), ("delta_", ablated - base[None])):
+            moments = _moments(state, prefix)
+            moments.add(values)
+            _store(state, prefix, moments)
+        return state
+
+    state = {**_moments_state("baseline_", (num_labels,)), **_moments_state("ablated_", (m, num_labels)),
+             **_moments_state("delta_", (m, num_labels))}
+    config = {"experiment": "ablation", "layer": layer, "unit_sets": masks.astype(int).tolist(),
+              "num_samples": len(z), "batch_size": batch_size, "num_labels": num_labels}
+    state = _fold(step, state, z, batch_size, workdir, config, f"ablating {m} unit sets of {layer}")
+    return AblationStats(_moments(state, "baseline_"), _moments(state, "ablated_"), _moments(state, "delta_"))
 
 
 def _ablation_step(module, layer, segment, num_labels, chunk):
@@ -278,12 +318,14 @@ def insertion_context(
     layer: str,
     units: Sequence[int],
     values,
-    z_batches: Iterable[np.ndarray],
+    z: np.ndarray,
     segment: Callable,
     num_labels: int,
     *,
     cells: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 20,
     chunk: int = 8,
+    workdir: str | None = None,
 ) -> ContextStats:
     """Set ``units`` to ``values`` inside one cell of ``layer`` at each of ``cells`` (default: all).
 
@@ -292,33 +334,37 @@ def insertion_context(
     3.4's context experiment; 20 'door' units at their 0.995 quantile in the
     paper). Locations are evaluated ``chunk`` at a time on the upper network.
     """
-    step = None
-    stats = None
-    for z in z_batches:
-        z = jnp.asarray(z)
-        if step is None:
-            shape = _layer_shape(module, variables, layer, z)
-            h, w, n_units = shape[1:]
-            mask = unit_masks([units], n_units)[0]
-            vals = np.broadcast_to(np.asarray(values, np.float32), (len(units),))
-            full_values = np.zeros(n_units, np.float32)
-            full_values[np.asarray(units)] = vals
-            cells = [(y, x) for y in range(h) for x in range(w)] if cells is None else list(cells)
-            for y, x in cells:
-                if not (0 <= y < h and 0 <= x < w):
-                    raise InterventionError(f"cell {(y, x)} is outside the {h}x{w} feature map of {layer!r}")
-            regions = np.zeros((len(cells), h, w), np.float32)
-            for i, (y, x) in enumerate(cells):
-                regions[i, y, x] = 1
-            step = _insertion_step(module, layer, segment, num_labels, chunk, (h, w), np.asarray(cells))
-            stats = ContextStats(Moments.zeros((num_labels, num_labels)), Moments.zeros((num_labels,)))
-            args = (jnp.asarray(mask), jnp.asarray(full_values), jnp.asarray(regions))
-        base, delta, cond = jax.device_get(step(variables, z, *args))
-        stats.baseline.add(base)
-        stats.delta.add_conditional(delta.reshape(-1, num_labels), cond.reshape(-1, num_labels))
-    if stats is None:
-        raise InterventionError("z_batches yielded no batches")
-    return stats
+    h, w, n_units = _layer_shape(module, variables, layer, jnp.asarray(np.asarray(z)[:1]))[1:]
+    mask = unit_masks([units], n_units)[0]
+    full_values = np.zeros(n_units, np.float32)
+    full_values[np.asarray(units)] = np.broadcast_to(np.asarray(values, np.float32), (len(units),))
+    cells = [(y, x) for y in range(h) for x in range(w)] if cells is None else [tuple(c) for c in cells]
+    for y, x in cells:
+        if not (0 <= y < h and 0 <= x < w):
+            raise InterventionError(f"cell {(y, x)} is outside the {h}x{w} feature map of {layer!r}")
+    regions = np.zeros((len(cells), h, w), np.float32)
+    for i, (y, x) in enumerate(cells):
+        regions[i, y, x] = 1
+    device_step = _insertion_step(module, layer, segment, num_labels, chunk, (h, w), np.asarray(cells))
+    args = (jnp.asarray(mask), jnp.asarray(full_values), jnp.asarray(regions))
+
+    def step(state, batch):
+        base, delta, cond = jax.device_get(device_step(variables, jnp.asarray(batch), *args))
+        state = dict(state)
+        baseline = _moments(state, "baseline_")
+        baseline.add(base)
+        _store(state, "baseline_", baseline)
+        moments = _moments(state, "delta_")
+        moments.add_conditional(delta.reshape(-1, num_labels), cond.reshape(-1, num_labels))
+        _store(state, "delta_", moments)
+        return state
+
+    state = {**_moments_state("baseline_", (num_labels,)), **_moments_state("delta_", (num_labels, num_labels))}
+    config = {"experiment": "insertion", "layer": layer, "units": [int(u) for u in units],
+              "values": full_values.tolist(), "cells": [list(c) for c in cells], "num_samples": len(z),
+              "batch_size": batch_size, "num_labels": num_labels}
+    state = _fold(step, state, z, batch_size, workdir, config, f"inserting at {len(cells)} cells of {layer}")
+    return ContextStats(_moments(state, "delta_"), _moments(state, "baseline_"))
 
 
 def _insertion_step(module, layer, segment, num_labels, chunk, hw, cells):

@@ -1,0 +1,139 @@
+"""Per-unit top-k images and exact activation mean/max, mergeable across devices bit for bit.
+
+Top-k: each image scores ``max over space`` of the RAW (not upsampled)
+activation of a unit. The state keeps, per unit, the best ``k`` (score,
+global image index) pairs ordered by score descending then index ascending
+(a total order, since indices are unique), so the result equals a stable
+``numpy`` sort and merging per-device lists gives the identical list.
+Empty slots hold ``-inf`` and index ``-1`` in the result.
+
+Mean: float sums depend on their order, hence on the device split. The sum
+is therefore accumulated EXACTLY in a fixed-point integer "superaccumulator"
+(every finite float32 is an integer multiple of 2**-149): per unit, 40 int32
+words of 8 bits each (320 bits: 277 for any float32 plus 43 bits of
+headroom, i.e. up to 2**43 values), carries propagated after every update.
+The final mean is the correctly rounded exact mean, identical for any split.
+Non-finite values are skipped here (the quantile kernel reports them).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NO_INDEX = np.iinfo(np.int32).max
+WORDS = 40
+_WORD_BITS = 8
+_MAX_VALUES_PER_UPDATE = 1 << 23  # 255 * 2**23 < 2**31: word sums of one update fit int32
+
+
+def init(num_units: int, k: int = 100) -> dict:
+    """Empty top-k lists and activation statistics for ``num_units`` units."""
+    return {
+        "top_values": jnp.full((num_units, k), -jnp.inf, jnp.float32),
+        "top_index": jnp.full((num_units, k), NO_INDEX, jnp.int32),
+        "sum_words": jnp.zeros((num_units, WORDS), jnp.int32),
+        "max": jnp.full((num_units,), -jnp.inf, jnp.float32),
+        "images": jnp.zeros((), jnp.int32),
+    }
+
+
+def _best(values, index, k):
+    """The ``k`` best (value desc, index asc) along the last axis of ``[U, n]`` arrays."""
+    neg, idx = jax.lax.sort((-values, index), dimension=1, num_keys=2)
+    return -neg[:, :k], idx[:, :k]
+
+
+def _normalize(words):
+    """Propagate carries so words 0..W-2 lie in [0, 256); the top word keeps the sign."""
+    cols = [words[:, i] for i in range(words.shape[1])]
+    for i in range(len(cols) - 1):
+        carry = cols[i] >> _WORD_BITS
+        cols[i] = cols[i] - (carry << _WORD_BITS)
+        cols[i + 1] = cols[i + 1] + carry
+    return jnp.stack(cols, 1)
+
+
+def exact_sum_words(values, mask):
+    """Exact per-column sums of ``values [P, U]`` where ``mask``, as unnormalised words ``[U, WORDS]``."""
+    p, u = values.shape
+    if p > _MAX_VALUES_PER_UPDATE:
+        raise ValueError(f"exact sums take at most {_MAX_VALUES_PER_UPDATE} values per unit and update, got {p}; "
+                         "use smaller batches")
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    exponent = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    mantissa = (bits & 0x7FFFFF) | jnp.where(exponent > 0, jnp.uint32(1 << 23), jnp.uint32(0))
+    shift = jnp.maximum(exponent - 1, 0)  # value = mantissa * 2**(shift - 149)
+    word = shift >> 3
+    shifted = mantissa << (shift & 7).astype(jnp.uint32)  # < 2**31
+    sign = jnp.where((bits >> 31) == 1, -1, 1)
+    ok = mask & (exponent < 255)
+    rows = jnp.arange(u, dtype=jnp.int32) * WORDS
+    flat = jnp.zeros(u * WORDS, jnp.int32)
+    for i in range(4):
+        piece = ((shifted >> (8 * i)) & 0xFF).astype(jnp.int32) * sign
+        index = jnp.where(ok, rows + word + i, u * WORDS)
+        flat = flat.at[index.reshape(-1)].add(piece.reshape(-1), mode="drop")
+    return flat.reshape(u, WORDS)
+
+
+def update(state: dict, acts, valid=None, index=None) -> dict:
+    """Fold raw activations ``acts [B, h, w, U]`` of images ``index [B]`` (global, int32) into ``state``.
+
+    ``valid [B]`` marks real images; padded ones are ignored.
+    """
+    acts = jnp.asarray(acts, jnp.float32)
+    b, h, w, u = acts.shape
+    k = state["top_values"].shape[1]
+    valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+    index = jnp.arange(b, dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+    score = jnp.where(valid[:, None], acts.max(axis=(1, 2)), -jnp.inf)  # [B, U]
+    idx = jnp.broadcast_to(jnp.where(valid, index, NO_INDEX)[None], (u, b))
+    top_values, top_index = _best(jnp.concatenate([state["top_values"], score.T], 1),
+                                  jnp.concatenate([state["top_index"], idx], 1), k)
+    flat = acts.reshape(b * h * w, u)
+    pixel_valid = jnp.repeat(valid, h * w)[:, None]
+    words = _normalize(state["sum_words"] + exact_sum_words(flat, pixel_valid))
+    finite_max = jnp.where(pixel_valid & jnp.isfinite(flat), flat, -jnp.inf).max(0)
+    return {
+        "top_values": top_values,
+        "top_index": top_index,
+        "sum_words": words,
+        "max": jnp.maximum(state["max"], finite_max),
+        "images": state["images"] + valid.sum(dtype=jnp.int32),
+    }
+
+
+def merge(states: dict, pixels_per_image: int) -> dict:
+    """Final statistics from states stacked on a leading device axis (NumPy).
+
+    Returns ``top_values [U, k]``, ``top_index [U, k]`` (``-1`` = no image),
+    ``mean [U]`` (float64, exact sum / count), ``max [U]`` and ``images``.
+    """
+    values = np.asarray(states["top_values"])
+    index = np.asarray(states["top_index"])
+    d, u, k = values.shape
+    values = np.transpose(values, (1, 0, 2)).reshape(u, d * k)
+    index = np.transpose(index, (1, 0, 2)).reshape(u, d * k)
+    order = np.lexsort((index, -values), axis=1)[:, :k]
+    top_values = np.take_along_axis(values, order, 1)
+    top_index = np.take_along_axis(index, order, 1).astype(np.int64)
+    top_index[top_index == NO_INDEX] = -1
+    images = int(np.asarray(states["images"]).astype(np.int64).sum())
+    words = np.asarray(states["sum_words"]).astype(np.int64).sum(0)
+    count = images * int(pixels_per_image)
+    mean = np.full(u, np.nan)
+    if count:
+        for unit in range(u):
+            total = sum(int(wd) << (_WORD_BITS * i) for i, wd in enumerate(words[unit]))
+            mean[unit] = float(Fraction(total, count << 149))
+    return {
+        "top_values": top_values,
+        "top_index": top_index,
+        "mean": mean,
+        "max": np.asarray(states["max"]).max(0),
+        "images": images,
+    }

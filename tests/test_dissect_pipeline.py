@@ -121,7 +121,7 @@ def test_planted_units_labelled_in_report_json(planted_run, layer):
     assert os.path.exists(os.path.join(out, layer, "concepts_99.svg"))
     arrays = np.load(os.path.join(out, layer, "arrays.npz"))
     assert arrays["iou"].shape == (5, len(LABELS))
-    assert arrays["topk_indices"].shape == (5, 10)
+    assert arrays["top_index"].shape == (5, 10)
 
 
 def test_planted_units_labelled_in_index_html(planted_run):
@@ -146,7 +146,7 @@ def test_thresholds_and_topk_match_numpy(planted_run):
     per_image = det.max((1, 2))                                                  # [N, 5]
     for u in range(5):
         ref = np.lexsort((np.arange(40), -per_image[:, u]))[:10]
-        np.testing.assert_array_equal(results["det"].topk_indices[u], ref)
+        np.testing.assert_array_equal(results["det"].top_index[u], ref)
 
 
 def test_finished_run_is_not_recomputed(model, planted_run, monkeypatch):

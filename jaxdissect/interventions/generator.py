@@ -95,11 +95,14 @@ def label_counts(seg: jax.Array, num_labels: int) -> jax.Array:
 
 
 def segmenter_fn(segmenter, variables, downsample: int = 4) -> Callable:
-    """Wrap a loaded jaxdissect segmenter as ``images -> labels`` for the functions here."""
-    from jaxdissect.segmentation import segment
+    """Wrap a loaded jaxdissect segmenter (``jaxdissect.load_segmenter``) as ``images -> labels``.
+
+    The wrapper traces inside the interventions' jitted steps, so it calls the
+    segmenter module directly (``jaxdissect.segment`` validates concrete inputs).
+    """
 
     def fn(images):
-        return segment(segmenter, variables, images, downsample=downsample)[0]
+        return segmenter.apply(variables, images, downsample)
 
     return fn
 

@@ -1,0 +1,61 @@
+r"""Generator interventions: remove a concept by ablating units, insert one in context (spec 3.4).
+
+Dissect the layer first, with the same segmenter, then run, e.g. for the
+paper's church ProGAN at layer4 (trees removed, doors inserted)::
+
+  python -m launch.dissect --model=models/proggan_church --layers=layer4 \
+      --segmenter=upp=models/upp,color=models/color,setting=netpqc \
+      --output_dir=results/progan-church-netpqc-layer4-10
+  python -m launch.intervene_generator --model=models/proggan_church --layer=layer4 \
+      --segmenter=upp=models/upp,color=models/color,setting=netpqc \
+      --dissection=results/progan-church-netpqc-layer4-10 \
+      --output_dir=results/progan-church-layer4-interventions
+
+Outputs (JSON, npz, plots, image grids) are listed in
+:mod:`jaxdissect.pipelines.intervene_generator`. Interrupted, the same command
+resumes.
+"""
+
+from absl import app, flags
+
+flags.DEFINE_string("model", None, "Converted generator directory (python -m converters.proggan ...).")
+flags.DEFINE_string("layer", "layer4", "Layer to intervene on.")
+flags.DEFINE_string("segmenter", None, "upp=<dir>[,color=<dir>][,setting=netpqc]: the dissection's segmenter.")
+flags.DEFINE_string("dissection", None, "Output directory of launch.dissect for this model and layer.")
+flags.DEFINE_string("remove", "tree", "Concept to remove by ablating its top units ('' to skip).")
+flags.DEFINE_integer("remove_units", 30, "Ablate the top 1..N units of the removed concept.")
+flags.DEFINE_string("insert", "door", "Concept to insert by switching its top units on ('' to skip).")
+flags.DEFINE_integer("insert_units", 20, "Number of top units switched on for the inserted concept.")
+flags.DEFINE_float("insert_quantile", 0.995, "Units are set to this quantile of their activations.")
+flags.DEFINE_bool("single_units", False, "Also ablate every single unit of the layer.")
+flags.DEFINE_integer("num_samples", 10000, "Number of z samples (the original's seed-1 samples).")
+flags.DEFINE_integer("seed", 1, "Seed of the z samples.")
+flags.DEFINE_integer("batch_size", 25, "Samples per step.")
+flags.DEFINE_integer("min_samples", 1000, "Contexts seen fewer times are left out of the insertion report.")
+flags.DEFINE_string("output_dir", None, "Where the results go.")
+for _name in ("model", "segmenter", "dissection", "output_dir"):
+    flags.mark_flag_as_required(_name)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from jaxdissect.checkpoint import load_model
+    from jaxdissect.data.latents import standard_z_sample
+    from jaxdissect.pipelines import intervene_generator as experiment
+    from jaxdissect.segmentation import segmenter_from_spec
+
+    module, variables = load_model(FLAGS.model)
+    segmenter, segmenter_variables = segmenter_from_spec(FLAGS.segmenter)
+    dissection = experiment.load_dissection(FLAGS.dissection, FLAGS.layer)
+    z = standard_z_sample(FLAGS.num_samples, seed=FLAGS.seed)
+    summaries = experiment.run_experiment(
+        module, variables, FLAGS.layer, segmenter, segmenter_variables, dissection, z,
+        output_dir=FLAGS.output_dir, remove=FLAGS.remove or None, remove_units=FLAGS.remove_units,
+        insert=FLAGS.insert or None, insert_units=FLAGS.insert_units, insert_quantile=FLAGS.insert_quantile,
+        single_units=FLAGS.single_units, batch_size=FLAGS.batch_size, min_samples=FLAGS.min_samples)
+    print(f"results in {FLAGS.output_dir}: " + ", ".join(sorted(summaries)))
+
+
+if __name__ == "__main__":
+    app.run(main)

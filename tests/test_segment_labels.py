@@ -244,3 +244,40 @@ def test_quad_matches_reference(quirk):
         pairs = set(zip(comp[fg].tolist(), roots[i][fg].tolist()))
         assert len(pairs) == comp.max() == len({r for _, r in pairs})
         assert (roots[i][~fg] == 19 * 23).all()
+
+
+def test_merge_sharded_over_two_devices(tmp_path):
+    """Merging + quadrants on a batch sharded over a 2-device mesh equals the unsharded result."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    rng = np.random.default_rng(2)
+    obj = _random_maps(rng, 4, 12, 12, 6) % 7
+    scores = {"obj": _onehot_logits(obj, 7), "mat": rng.normal(size=(4, 12, 12, 3)).astype(np.float32),
+              "part": rng.normal(size=(4, 12, 12, 11)).astype(np.float32)}
+    np.savez(tmp_path / "scores.npz", **scores)
+    table = L.upp_labels(UPP_JSON, all_parts=True, quad=True)
+    expected = np.asarray(L.merge_upp(scores["obj"], scores["mat"], scores["part"], table))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"""
+        import json, jax, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jaxdissect.segmenters import labels as L
+        table = L.upp_labels(json.loads({json.dumps(UPP_JSON)!r}))
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        s = {{k: jax.device_put(v, NamedSharding(mesh, P("data")))
+              for k, v in np.load({str(tmp_path / "scores.npz")!r}).items()}}
+        out = jax.jit(lambda a, b, c: L.merge_upp(a, b, c, table))(s["obj"], s["mat"], s["part"])
+        print(json.dumps({{"devices": len(out.sharding.device_set), "labels": np.asarray(out).tolist()}}))
+    """
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2
+    np.testing.assert_array_equal(np.array(result["labels"]), expected)

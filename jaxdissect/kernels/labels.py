@@ -17,14 +17,17 @@ import numpy as np
 
 
 def best_labels(iou, miniou: float = 0.04, row0_competes: bool = False):
-    """``(label [U], iou [U], interpretable [U])`` from ``iou [U, L]`` (jit-friendly)."""
-    iou = jnp.asarray(iou)
+    """``(label [U], iou [U], interpretable [U])`` from ``iou [U, L]``.
+
+    Jit-friendly on JAX arrays; NumPy inputs stay NumPy (and float64).
+    """
+    xp = np if isinstance(iou, np.ndarray) else jnp
+    iou = xp.asarray(iou)
     start = 0 if row0_competes else 1
-    if iou.shape[1] <= start:
+    if iou.ndim != 2 or iou.shape[1] <= start:
         raise ValueError(f"IoU matrix of shape {iou.shape} has no label columns to choose from")
-    scores = iou[:, start:]
-    label = jnp.argmax(scores, axis=1) + start
-    best = jnp.take_along_axis(iou, label[:, None], 1)[:, 0]
+    label = xp.argmax(iou[:, start:], axis=1) + start
+    best = xp.take_along_axis(iou, label[:, None], 1)[:, 0]
     return label, best, (best > miniou) & (label > 0)
 
 

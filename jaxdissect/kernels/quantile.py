@@ -74,6 +74,7 @@ def accumulate(counts, buckets, mask, rows=None, method: str = "scatter"):
     'scatter' adds in place into ``counts`` (no temporary of the histogram's
     size); 'sort' sorts each unit's buckets and binary-searches the edges.
     """
+    counts = jnp.asarray(counts)
     r, num_buckets = counts.shape
     u = buckets.shape[1]
     rows = jnp.arange(u, dtype=jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)

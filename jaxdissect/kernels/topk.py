@@ -11,7 +11,9 @@ Mean: float sums depend on their order, hence on the device split. The sum
 is therefore accumulated EXACTLY in a fixed-point integer "superaccumulator"
 (every finite float32 is an integer multiple of 2**-149): per unit, 40 int32
 words of 8 bits each (320 bits: 277 for any float32 plus 43 bits of
-headroom, i.e. up to 2**43 values), carries propagated after every update.
+headroom, i.e. up to 2**43 values), carries propagated after every update
+(three parallel rounds keep every word small; the representation is not
+canonical, the exact total is).
 The final mean is the correctly rounded exact mean, identical for any split.
 Non-finite values are skipped here (the quantile kernel reports them).
 """
@@ -27,7 +29,7 @@ import numpy as np
 NO_INDEX = np.iinfo(np.int32).max
 WORDS = 40
 _WORD_BITS = 8
-_MAX_VALUES_PER_UPDATE = 1 << 23  # 255 * 2**23 < 2**31: word sums of one update fit int32
+_MAX_VALUES_PER_UPDATE = (1 << 23) - 4  # 255 * n + 512 < 2**31: words stay int32 after an update
 
 
 def init(num_units: int, k: int = 100) -> dict:
@@ -48,13 +50,17 @@ def _best(values, index, k):
 
 
 def _normalize(words):
-    """Propagate carries so words 0..W-2 lie in [0, 256); the top word keeps the sign."""
-    cols = [words[:, i] for i in range(words.shape[1])]
-    for i in range(len(cols) - 1):
-        carry = cols[i] >> _WORD_BITS
-        cols[i] = cols[i] - (carry << _WORD_BITS)
-        cols[i + 1] = cols[i + 1] + carry
-    return jnp.stack(cols, 1)
+    """Three rounds of parallel carries: words end within (-256, 512) (any |word| < 2**31 before).
+
+    The representation need not be canonical: the value ``sum(w_i * 256**i)``
+    is unchanged, and only the exact total is ever read. The top word keeps
+    its carries (it stays 0 within the headroom).
+    """
+    for _ in range(3):
+        carry = (words >> _WORD_BITS).at[:, -1].set(0)
+        words = words - (carry << _WORD_BITS)
+        words = words + jnp.concatenate([jnp.zeros_like(carry[:, :1]), carry[:, :-1]], axis=1)
+    return words
 
 
 def exact_sum_words(values, mask):

@@ -164,3 +164,83 @@ def test_initialize_distributed_single_process_is_a_no_op():
     with pytest.raises(ValueError, match="all"):
         parallel.initialize_distributed(coordinator_address="localhost:1234")
     assert jax.process_count() == 1
+
+
+# Planted dissection data: unit u of the first 4 fires on label u + 1 (channel 0);
+# batches of 6 (not divisible by 8), 20 images, the last batch has 2.
+DISSECT_DATA = """
+import numpy as np
+
+N, BATCH, H, UNITS, S, LABELS = 20, 6, 7, 12, 28, 9
+
+def make_data():
+    rng = np.random.RandomState(3)
+    seg = np.zeros((N, 2, S, S), np.int32)
+    blocks = rng.randint(0, LABELS, (N, 2, 4, 4))
+    seg[:] = np.kron(blocks, np.ones((S // 4, S // 4), np.int32))
+    acts = rng.gamma(1.0, 1.0, (N, H, H, UNITS)).astype(np.float32)
+    coarse = seg[:, 0, ::S // H, ::S // H]   # [N, H, H]
+    for u in range(4):
+        acts[..., u] += 4.0 * (coarse == u + 1)
+    return acts, seg
+
+def batches_of(acts, seg):
+    return lambda: ((acts[i:i + BATCH], seg[i:i + BATCH]) for i in range(0, N, BATCH))
+"""
+
+
+def test_dissect_activations_identical_on_1_and_8_devices(tmp_path):
+    out = tmp_path / "results.npz"
+    run_with_devices(DISSECT_DATA + f"""
+import json
+import jax
+from jaxdissect import parallel
+from jaxdissect.statistics import dissect_activations
+acts, seg = make_data()
+results = {{}}
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    r = dissect_activations(batches_of(acts, seg), num_labels=LABELS, quantile=0.05, resolution=S, topk=5,
+                            mesh=parallel.make_mesh(devices))
+    for key in ("thresholds", "iou", "top_values", "top_index", "intersection", "active", "label_pixels",
+                "act_mean", "label"):
+        results[f"{{name}}_{{key}}"] = getattr(r, key)
+np.savez({str(out)!r}, **results)
+print(json.dumps({{"ok": True}}))
+""")
+    r = dict(np.load(out))
+    for key in ("thresholds", "iou", "top_values", "top_index", "intersection", "active", "label_pixels",
+                "act_mean", "label"):
+        one, eight = r[f"one_{key}"], r[f"eight_{key}"]
+        assert one.dtype == eight.dtype and one.shape == eight.shape, key
+        # Bit-identical, NaNs included.
+        assert one.tobytes() == eight.tobytes(), key
+
+    # Independent NumPy reference for the data above.
+    ns = {}
+    exec(DISSECT_DATA, ns)
+    acts, seg = ns["make_data"]()
+    s, units, labels = ns["S"], ns["UNITS"], ns["LABELS"]
+    # Top-5 images by raw spatial maximum (stable order: value descending, index ascending).
+    score = acts.max(axis=(1, 2))                               # [N, U]
+    order = np.lexsort((np.broadcast_to(np.arange(len(acts))[:, None], score.shape), -score), axis=0)[:5].T
+    np.testing.assert_array_equal(r["one_top_index"], order)
+    np.testing.assert_array_equal(r["one_top_values"], np.take_along_axis(score.T, order, 1))
+    # Thresholds: numpy.quantile of the upsampled values (original geometry, zero padding).
+    x = (np.arange(s) + 0.5) * acts.shape[1] / s - 0.5
+    m = np.zeros((s, acts.shape[1]))
+    for t, v in enumerate(x):
+        i = int(np.floor(v))
+        for j, w in ((i, 1 - (v - i)), (i + 1, v - i)):
+            if 0 <= j < acts.shape[1]:
+                m[t, j] += w
+    up = np.einsum("th,nhwu,sw->ntsu", m, acts.astype(np.float64), m).reshape(-1, units)
+    np.testing.assert_allclose(r["one_thresholds"], np.quantile(up, 0.95, axis=0), rtol=1e-5)
+    # IoU of the planted units with their labels from counts taken with those thresholds.
+    active = up > r["one_thresholds"]
+    pix = seg.transpose(0, 2, 3, 1).reshape(-1, 2)
+    for u in range(4):
+        has = (pix == u + 1).any(1)
+        inter = (active[:, u] & has).sum()
+        union = active[:, u].sum() + has.sum() - inter
+        assert abs(r["one_iou"][u, u + 1] - inter / union) < 1e-3
+        assert r["one_label"][u] == u + 1

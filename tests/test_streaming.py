@@ -64,8 +64,9 @@ def script(tmp_path_factory):
     return str(path)
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_ENABLE_X64="1",
+def _env(x64=True):
+    """Subprocess environment; the toy stream's hash needs 64-bit integers."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_ENABLE_X64="1" if x64 else "0",
                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -242,3 +243,63 @@ def test_progress_line_reports_rates_and_eta():
     assert 15 < rate <= 20   # 40 items in about 2 s
     bar.close()
     assert tty.text.endswith("\n")
+
+
+# dissect_activations with a work directory: 4 batches per pass, a checkpoint after each.
+DISSECT_SCRIPT = """
+import sys, time
+import numpy as np
+from absl import logging
+from jaxdissect.statistics import dissect_activations
+
+logging.set_verbosity(logging.INFO)
+workdir, sleep, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+rng = np.random.RandomState(5)
+N, B, S, LABELS = 16, 4, 16, 6
+seg = np.kron(rng.randint(0, LABELS, (N, 1, 4, 4)), np.ones((S // 4, S // 4), np.int32)).astype(np.int32)
+acts = rng.gamma(1.0, 1.0, (N, 4, 4, 8)).astype(np.float32)
+acts[..., 0] += 3.0 * (seg[:, 0, ::4, ::4] == 2)
+
+def batches():
+    for i in range(0, N, B):
+        time.sleep(sleep)
+        yield acts[i:i + B], seg[i:i + B]
+
+kwargs = dict(num_labels=LABELS, quantile=0.1, resolution=S, topk=3)
+r = dissect_activations(batches, workdir=workdir, num_batches=N // B, checkpoint_every=1, **kwargs)
+keys = ("thresholds", "iou", "top_values", "top_index", "intersection", "active", "act_mean")
+ref = dissect_activations(batches, **kwargs) if len(sys.argv) > 4 else r
+np.savez(out, **{k: getattr(r, k) for k in keys}, **{"ref_" + k: getattr(ref, k) for k in keys})
+"""
+
+
+def test_killed_dissection_resumes_to_the_identical_result(tmp_path):
+    script = tmp_path / "dissect.py"
+    script.write_text(DISSECT_SCRIPT)
+    workdir, out = tmp_path / "work", tmp_path / "out.npz"
+    proc = subprocess.Popen([sys.executable, str(script), str(workdir), "0.3", str(out)], env=_env(False),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not _checkpoints(workdir / "pass2"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-4000:]
+            assert time.time() < deadline, "pass 2 never checkpointed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _checkpoints(workdir / "pass1")[-1] == 4
+    assert 0 < _checkpoints(workdir / "pass2")[-1] < 4 and not out.exists()
+
+    resumed = subprocess.run([sys.executable, str(script), str(workdir), "0", str(out), "reference"], env=_env(False),
+                             cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "dissect pass1: finished stream restored" in resumed.stderr
+    assert "dissect pass2: resuming at batch" in resumed.stderr
+    r = dict(np.load(out))
+    for key in ("thresholds", "iou", "top_values", "top_index", "intersection", "active", "act_mean"):
+        assert r[key].tobytes() == r["ref_" + key].tobytes(), key
+    assert r["active"].sum() > 0 and np.nanmax(r["iou"][0, 1:]) > 0.3

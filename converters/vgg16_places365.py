@@ -15,7 +15,7 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from converters import common
 from jaxdissect.checkpoint import CheckpointError, save_model
@@ -97,6 +97,8 @@ def convert(input_path: str, output_dir: str) -> dict:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
     try:
         meta = convert(flags.FLAGS.input, flags.FLAGS.output)
     except (common.ConversionError, CheckpointError) as e:

@@ -142,3 +142,23 @@ def test_proggan_missing_key_and_wrong_shape(generator):
 def test_cli_requires_both_flags(tmp_path):
     result = cli("converters.vgg16_places365", f"--output={tmp_path / 'out'}")
     assert result.returncode != 0 and "--input" in result.stderr
+
+
+def test_check_model_on_a_generator(generator, cli_converted, tmp_path):
+    from jaxdissect.data.latents import standard_z_sample
+    from launch.check_model import check
+
+    lines = []
+    result = check(cli_converted, num_samples=3, output=str(tmp_path / "grid.png"), log=lines.append)
+    text = "\n".join(lines)
+    for name in ("layer1", "layer14", "output_256x256"):
+        assert f"  {name} " in text
+    assert "(3, 128, 128, 8)" in text  # layer12's shape
+    # The images are the generator's output on the original's seed-1 z's.
+    ref, _ = run_torch(generator, standard_z_sample(3, depth=32, seed=1))
+    assert rel_err(result["output"], ref) < 1e-4
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (2 * 256, 2 * 256)
+    with pytest.raises(ValueError, match="--image is for classifiers"):
+        check(cli_converted, images=["x.jpg"], log=lines.append)

@@ -104,6 +104,23 @@ def test_bfloat16_compute_is_close(models, images, reference):
     assert rel_err(np.asarray(out, np.float32), reference[0]) < 0.1
 
 
+def test_check_model_on_image_files(models, tmp_path):
+    from launch.check_model import check
+
+    torch_model, *_, directory = models
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (200, 260, 3)).astype(np.uint8)).save(paths[-1])
+    lines = []
+    result = check(directory, images=paths, log=lines.append)
+    ref, _ = run_torch(torch_model, np.stack([vgg_preprocess(p) for p in paths]))
+    assert rel_err(result["output"], ref) < 1e-4
+    text = "\n".join(lines)
+    assert "conv5_3" in text and "(2, 14, 14, 512)" in text
+    assert f"sample 1: top-5 classes {int(np.argmax(ref[1]))} (" in text
+
+
 def test_metadata(models):
     *_, meta, directory = models
     stored = jaxdissect.load_metadata(directory)

@@ -134,15 +134,19 @@ def build_module(kind: str, counts):
     return ColorSegmenter(counts)
 
 
-def torch_layout(module) -> dict[str, dict[str, tuple]]:
-    """``{'encoder': {torch key: shape}, 'decoder': {...}}`` of the tensors ``module`` needs.
+def variable_shapes(module):
+    """Shape tree of ``module``'s variables (traced on a small input, nothing computed)."""
+    x = jnp.zeros((1, _SHAPE_PROBE, _SHAPE_PROBE, 3), jnp.float32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), x, (8, 8)))
+
+
+def torch_layout(shapes) -> dict[str, dict[str, tuple]]:
+    """``{'encoder': {torch key: shape}, 'decoder': {...}}`` of the tensors a segmenter's variables need.
 
     Submodule names mirror the PyTorch keys, so a Flax leaf ``params/encoder/a/b/kernel``
     is torch ``a.b.weight`` (OIHW), ``scale``/``bias`` of a BatchNorm are
     ``weight``/``bias`` and ``batch_stats`` ``mean``/``var`` are ``running_mean``/``running_var``.
     """
-    x = jnp.zeros((1, _SHAPE_PROBE, _SHAPE_PROBE, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, (8, 8)))
     layout = {"encoder": {}, "decoder": {}}
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         collection, part, *names, leaf_name = [p.key for p in path]
@@ -221,7 +225,8 @@ def convert_state_dicts(kind: str, encoder_state: Mapping, decoder_state: Mappin
     counts = upp_label_counts(labels, labels_path) if kind == "upp" else color_label_count(labels, labels_path)
     _check_class_counts(kind, decoder_state, counts, labels_path)
     module = build_module(kind, counts)
-    layout = torch_layout(module)
+    shapes = variable_shapes(module)
+    layout = torch_layout(shapes)
     what = {"upp": "the unified-parsing %s (ResNet-50 deep stem + UPerNet)",
             "color": "the colour-segmenter %s (dilated ResNet-18 + PPM deep-sup)"}[kind]
     encoder_state = dict(encoder_state)
@@ -242,8 +247,6 @@ def convert_state_dicts(kind: str, encoder_state: Mapping, decoder_state: Mappin
             raise common.ConversionError(f"tensors with NaN or infinite values: {', '.join(bad[:10])}; "
                                          "the checkpoint is damaged, download it again")
 
-    x = jnp.zeros((1, _SHAPE_PROBE, _SHAPE_PROBE, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x, (8, 8)))
     states = {"encoder": encoder_state, "decoder": decoder_state}
 
     def fill(path, _):

@@ -10,7 +10,7 @@ once per static shape: a resize is two small matmuls, jit-friendly and exact.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +134,3 @@ def color_preprocess(images_zc: jax.Array, imageformat: Mapping, size: int = 256
         x = adaptive_avg_pool(x, size)
     return x
 
-
-def seg_shape(image_shape: Sequence[int], downsample: int) -> tuple[int, int]:
-    """Output segmentation size for NHWC images of ``image_shape``: ``(H // downsample, W // downsample)``."""
-    return image_shape[1] // downsample, image_shape[2] // downsample

@@ -1,0 +1,128 @@
+"""Benchmark: unified-parsing segmenter throughput, Flax (jit) vs the PyTorch reference, side by side.
+
+    python -m bench.segment [--batch=4] [--repeats=3] [--results=bench/RESULTS.md]
+
+Both run the same random weights (a fake published checkpoint converted with
+``converters.segmenter``) on the same CPU: 256x256 preprocessed inputs, full
+forward to object/material/part logits at 64x64 (the dissection setting for
+224-pixel images is 56x56; 64 keeps the comparison round). The PyTorch side
+is the test reference (``tests/torch_segmenter_reference.py``), whose precise
+RoI pooling is a Python loop standing in for the original CUDA kernel; it is
+a small share of the time at these sizes. Figures go to the
+``## Segmenter (bench/segment.py)`` section of the results file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import torch_segmenter_reference as R  # noqa: E402
+
+from converters import segmenter as converter  # noqa: E402
+from jaxdissect.checkpoint import load_model  # noqa: E402
+
+SECTION = "## Segmenter (bench/segment.py)"
+SIZE, SEG = 256, (64, 64)
+
+
+def _timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run(batch: int, repeats: int) -> dict:
+    """Convert a fake checkpoint, then time both implementations; returns the figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = R.make_upp_checkpoint(os.path.join(tmp, "published"))
+        converter.convert(paths["encoder"], paths["decoder"], paths["labels"], os.path.join(tmp, "converted"))
+        module, variables = load_model(os.path.join(tmp, "converted"))
+        encoder, decoder = R.load_upp_reference(paths)
+
+    x = np.random.default_rng(0).normal(scale=60.0, size=(batch, SIZE, SIZE, 3)).astype(np.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+    forward = jax.jit(lambda v, x: module.apply(v, x, SEG))
+    xj = jax.device_put(x)
+    start = time.perf_counter()
+    ours = jax.block_until_ready(forward(variables, xj))
+    compile_s = time.perf_counter() - start
+    flax_s = _timed(lambda: jax.block_until_ready(forward(variables, xj)), repeats)
+
+    theirs = R.upp_reference_forward(encoder, decoder, xt, SEG)[1]
+    torch_s = _timed(lambda: R.upp_reference_forward(encoder, decoder, xt, SEG), repeats)
+
+    ref = R.to_nhwc(theirs["object"])
+    err = float(np.abs(np.asarray(ours["object"]) - ref).max() / np.abs(ref).max())
+    return {"batch": batch, "repeats": repeats, "flax_ips": batch / flax_s, "torch_ips": batch / torch_s,
+            "compile_s": compile_s, "object_rel_err": err}
+
+
+def write_section(path: str, body: str) -> None:
+    """Replace (or append) this benchmark's section of the results file, leaving other sections alone."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def report(r: dict) -> str:
+    return "\n".join([
+        SECTION,
+        "",
+        f"Unified-parsing segmenter (ResNet-50 + UPerNet), {SIZE}x{SIZE} input, logits resized to "
+        f"{SEG[0]}x{SEG[1]}, batch {r['batch']}, float32, median of {r['repeats']} runs, same random weights, "
+        f"one process ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__}, torch {torch.__version__}).",
+        "",
+        "| implementation | images/s |",
+        "|---|---|",
+        f"| Flax, jit (this package) | {r['flax_ips']:.2f} |",
+        f"| PyTorch reference (tests/torch_segmenter_reference.py) | {r['torch_ips']:.2f} |",
+        "",
+        f"Ratio Flax / PyTorch: {r['flax_ips'] / r['torch_ips']:.2f}. Flax compile time {r['compile_s']:.1f} s. "
+        f"Object logits agree to max relative error {r['object_rel_err']:.1e}.",
+        "",
+    ])
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    r = run(FLAGS.batch, FLAGS.repeats)
+    body = report(r)
+    print(body)
+    write_section(FLAGS.results, body)
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("batch", 4, "Images per forward pass.")
+    flags.DEFINE_integer("repeats", 3, "Timed forward passes per implementation (after one warm-up).")
+    flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -222,10 +222,10 @@ def build(config: dict) -> dict:
             raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
         seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden:", "synthetic"))
                                                else None)
-        if seg_spec is None:
-            raise LaunchError("--segmenter is required for this data, e.g. "
-                              "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
     data, data_name = make_data(data_spec, kind=kind, crop=crop, on_bad_image=config.get("on_bad_image", "raise"))
+    if seg_spec is None:
+        raise LaunchError("--segmenter is required for this data, e.g. "
+                          "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
     probe = data.get_batch([0])
     x = probe["z" if "z" in probe else "image"][:1]
     shapes = layer_shapes(module, variables, x)
@@ -263,9 +263,21 @@ def run(config: dict):
     return results, b["output_dir"]
 
 
+def _quiet_orbax() -> None:
+    """Keep orbax's per-checkpoint INFO lines out of the progress output (warnings still show)."""
+    import logging as std_logging
+
+    class Filter(std_logging.Filter):
+        def filter(self, record):
+            return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+    std_logging.getLogger("absl").addFilter(Filter())
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _quiet_orbax()
     from jaxdissect.checkpoint import CheckpointError
     from jaxdissect.data.folders import DataSourceError
     from jaxdissect.pipelines.dissect import DissectError

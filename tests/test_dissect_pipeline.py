@@ -84,7 +84,9 @@ def model():
     import jax
 
     module = Planted()
-    variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 5)))
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 5)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
     return module, variables
 
 

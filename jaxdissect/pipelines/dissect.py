@@ -296,21 +296,28 @@ class _Run:
     # -- compute -----------------------------------------------------------
     def forward_fn(self):
         """Jitted ``(variables, x) -> (output, {layer: float32 activation})``: one pass, every layer."""
-        from jaxdissect.layers import capture
+        if getattr(self, "_forward", None) is None:
+            from jaxdissect.layers import capture
 
-        module, layers = self.module, list(self.layers)
+            module, layers = self.module, list(self.layers)
 
-        @jax.jit
-        def forward(variables, x):
-            out, acts = capture(module, variables, x, layers)
-            return out, {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
+            @jax.jit
+            def forward(variables, x):
+                out, acts = capture(module, variables, x, layers)
+                return out, {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
 
-        return forward
+            self._forward = forward
+        return self._forward
+
+    def replicated_variables(self):
+        if getattr(self, "_params", None) is None:
+            self._params = jax.device_put(self.variables, jax.sharding.NamedSharding(
+                self.mesh, jax.sharding.PartitionSpec()))
+        return self._params
 
     def run_pass(self, wd, name, init, update, keys, extra_config=None):
         """One resumable pass; ``update(state, acts, batch) -> state`` runs per device."""
-        forward = self.forward_fn()
-        params = jax.device_put(self.variables, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        forward, params = self.forward_fn(), self.replicated_variables()
         step_update = parallel.per_device(update, self.mesh)
         need_output = self.generator and name == "pass3" and not isinstance(self.segmentation, str)
 
@@ -430,7 +437,7 @@ class _Run:
             chunk = order[start:start + self.batch_size]
             batch = self.data.get_batch(chunk)
             x = loader.pad_batch({"x": np.asarray(batch[self.input_key])}, self.batch_size)["x"]
-            out, acts = forward(self.variables, x)
+            out, acts = forward(self.replicated_variables(), parallel.shard_batch(self.mesh, x))
             display = _to_bytes_zc(out) if self.generator else np.asarray(batch["display"])
             acts = {n: np.asarray(a) for n, a in acts.items()}
             for j, image in enumerate(chunk):

@@ -354,6 +354,20 @@ class _Batches:
             offset += b
 
 
+@functools.lru_cache(maxsize=16)
+def _steps(plan: Plan, mesh) -> tuple:
+    """Per-device steps of the three passes, cached so layers of equal shapes compile once."""
+    from jaxdissect import parallel
+
+    def update2(s, acts, valid, index, batch_id):
+        return plan.pass2_update(s, acts, valid)
+
+    def update3(s, acts, valid, index, batch_id, seg, image_labels=None):
+        return plan.pass3_update(s, acts, seg, valid, batch_id, image_labels)
+
+    return tuple(parallel.per_device(f, mesh) for f in (plan.pass1_update, update2, update3))
+
+
 def _run(step, state, batches, *, num_batches, workdir, name, config, checkpoint_every, check):
     """One pass: over all batches, resumable when ``workdir`` is set."""
     if workdir is not None:
@@ -439,22 +453,17 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     run = functools.partial(_run, num_batches=num_batches, workdir=workdir, config=config,
                             checkpoint_every=checkpoint_every)
 
-    step1 = parallel.per_device(plan.pass1_update, mesh)
+    step1, step2, step3 = _steps(plan, mesh)
     state1 = run(lambda s, b: step1(s, *to_device(b)), parallel.stack_init(mesh, plan.pass1_init()),
                  checked(lambda start: source(start)), name="pass1", check=check1)
     selection, stats = plan.pass1_finish(parallel.to_host(state1))
     del state1
 
-    step2 = parallel.per_device(lambda s, acts, valid, index, batch_id: plan.pass2_update(s, acts, valid), mesh)
     state2 = run(lambda s, b: step2(s, *to_device(b)), parallel.stack_init(mesh, plan.pass2_init(selection)),
                  lambda start: source(start), name="pass2", check=None)
     thresholds = plan.pass2_finish(selection, parallel.to_host(state2))
     del state2
 
-    def update3(s, acts, valid, index, batch_id, seg, image_labels=None):
-        return plan.pass3_update(s, acts, seg, valid, batch_id, image_labels)
-
-    step3 = parallel.per_device(update3, mesh)
     state3 = run(lambda s, b: step3(s, *to_device(b)), parallel.stack_init(mesh, plan.pass3_init(thresholds)),
                  lambda start: source(start, with_labels=True), name="pass3", check=None)
     counts = plan.pass3_finish(parallel.to_host(state3))

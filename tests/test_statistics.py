@@ -53,11 +53,20 @@ def batches_of(*arrays, size=BATCH):
     return batches
 
 
+def dissect_planted(batches, **kwargs):
+    return statistics.dissect_activations(batches, L, Q, (S, S), label_names=NAMES, categories=CATS, topk=5,
+                                          **kwargs)
+
+
 @pytest.fixture(scope="module")
-def planted_result():
+def planted_workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dissect"))
+
+
+@pytest.fixture(scope="module")
+def planted_result(planted_workdir):
     acts, seg, image_labels = planted()  # noqa: F821 (defined by exec above)
-    result = statistics.dissect_activations(batches_of(acts, seg, image_labels), L, Q, (S, S), label_names=NAMES,
-                                            categories=CATS, topk=5)
+    result = dissect_planted(batches_of(acts, seg, image_labels), workdir=planted_workdir, num_batches=4)
     return acts, seg, image_labels, result
 
 
@@ -101,6 +110,22 @@ def test_row0_quirk_and_miniou_only_change_the_labelling(planted_result):
     np.testing.assert_array_equal(quirk.thresholds, r.thresholds)
 
 
+def test_work_directory_resumes_and_refuses_other_settings(planted_result, planted_workdir):
+    from jaxdissect import streaming
+
+    acts, seg, image_labels, r = planted_result
+    assert sorted(os.listdir(planted_workdir)) == ["pass1", "pass2", "pass3"]
+
+    def no_data():   # finished passes are restored, not recomputed: only the first batch is read
+        yield acts[:5], seg[:5], image_labels[:5]
+        raise AssertionError("a finished dissection read its data again")
+    again = dissect_planted(no_data, workdir=planted_workdir, num_batches=4)
+    for field in ("thresholds", "iou", "intersection", "top_index", "act_mean"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(r, field), err_msg=field)
+    with pytest.raises(streaming.StreamError, match="different arguments"):
+        statistics.dissect_activations(no_data, L, 0.5, (S, S), topk=5, workdir=planted_workdir, num_batches=4)
+
+
 def test_save_and_load_round_trip(planted_result, tmp_path):
     r = planted_result[3]
     r.save(str(tmp_path))
@@ -133,7 +158,7 @@ def test_bad_inputs_name_the_unit_batch_and_fix():
     nan = acts.copy()
     nan[7, 3, 3, 2] = np.nan
     with pytest.raises(statistics.DissectionError, match=r"batch 1: unit 2 has NaN/Inf"):
-        statistics.dissect_activations(batches_of(nan, seg), L, Q, (S, S))
+        dissect_planted(batches_of(nan, seg))
     bad = seg.copy()
     bad[0, 1, 0, 0] = L
     with pytest.raises(statistics.DissectionError, match=r"batch 0: segmentation values \[7\] lie outside"):
@@ -147,7 +172,7 @@ def test_bad_inputs_name_the_unit_batch_and_fix():
         yield acts[:5], seg[:5]
         yield acts[5:10, :, :, :4], seg[5:10]
     with pytest.raises(statistics.DissectionError, match="batch 1 has activations"):
-        statistics.dissect_activations(changing, L, Q, (S, S))
+        dissect_planted(changing)
     with pytest.raises(statistics.DissectionError, match="label_names has 2 entries"):
         statistics.dissect_activations(batches_of(acts, seg), L, Q, (S, S), label_names=["a", "b"])
     with pytest.raises(statistics.DissectionError, match="num_batches"):

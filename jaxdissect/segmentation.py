@@ -62,6 +62,7 @@ class Segmenter(nn.Module):
     tables: L.MergedLabels
     upp: Any  # jaxdissect.segmenters.UnifiedParsing
     color: Any = None  # jaxdissect.segmenters.ColorSegmenter, with a 'c' setting
+    setting: str = "netpqc"
     quad_quirk: bool = True
     upp_segsizes: tuple[int, ...] = UPP_SEGSIZES
 
@@ -159,7 +160,7 @@ def load_segmenter(upp_dir: str | None = None, color_dir: str | None = None, set
         for collection, tree in v.items():
             variables.setdefault(collection, {})[name] = tree
     segmenter = Segmenter(tables=tables, upp=upp_module, color=parts.get("color", (None,))[0],
-                          quad_quirk=quad_quirk)
+                          setting=setting, quad_quirk=quad_quirk)
     return segmenter, variables
 
 
@@ -168,7 +169,7 @@ def _segment(segmenter: Segmenter, variables, images, downsample: int):
     return segmenter.apply(variables, images, downsample)
 
 
-def _check_images(images, downsample: int):
+def _check_images(images, downsample: int, check_range: bool):
     if not isinstance(downsample, int) or downsample < 1:
         raise SegmenterError(f"downsample must be a positive integer, got {downsample!r}")
     shape = getattr(images, "shape", None)
@@ -182,8 +183,9 @@ def _check_images(images, downsample: int):
     if shape[1] % downsample or shape[2] % downsample:
         raise SegmenterError(f"image size {shape[1]}x{shape[2]} is not divisible by "
                              f"downsample={downsample}; crop or resize the images, or change downsample")
-    if not isinstance(images, jax.core.Tracer):
-        lo, hi = float(jnp.min(images)), float(jnp.max(images))
+    if check_range and not isinstance(images, jax.core.Tracer):
+        xp = np if isinstance(images, np.ndarray) else jnp
+        lo, hi = float(xp.min(images)), float(xp.max(images))
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise SegmenterError("images contain NaN or infinite values")
         if lo < -1.5 or hi > 1.5:
@@ -192,18 +194,20 @@ def _check_images(images, downsample: int):
                 "to [-1, 1] (bytes: x / 127.5 - 1; ImageNet-normalised: undo the normalisation)")
 
 
-def segment(segmenter: Segmenter, variables, images, downsample: int = 4):
+def segment(segmenter: Segmenter, variables, images, downsample: int = 4, *, check_range: bool = True):
     """Label maps of ``images``: ``(labels int32 [N, K, H/ds, W/ds], label_names, label_categories)``.
 
     ``images``: RGB in [-1, 1], NHWC ``[N, H, W, 3]``, H and W divisible by
     ``downsample``. ``label_names[n]`` / ``label_categories[n]`` describe label
     number ``n``; ``segmenter.categories`` lists the categories in the original's
     order. Compiled once per input shape; a batch sharded over devices stays sharded.
+    ``check_range`` checks that values are finite and within [-1.5, 1.5] (one
+    small reduction; pass False to skip it for arrays already known good).
     """
     if not isinstance(segmenter, Segmenter):
         raise SegmenterError("segment() needs the segmenter returned by load_segmenter()")
     if not isinstance(images, jax.Array):
         images = np.asarray(images)
-    _check_images(images, downsample)
+    _check_images(images, downsample, check_range)
     labels = _segment(segmenter, variables, images, downsample)
     return labels, segmenter.label_names, segmenter.label_categories

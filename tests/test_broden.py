@@ -41,7 +41,11 @@ def _write_broden(root):
     ]
     for n, (split, color, objs, part, mat, scene, texture) in enumerate(specs):
         image = rng.integers(0, 256, (I, I, 3), dtype=np.uint8)
-        Image.fromarray(image).save(os.path.join(root, "images", "sub", f"im{n}.png"))
+        if n == 2:  # a greyscale file: served as RGB, like the others
+            image[:] = image[..., :1]
+            Image.fromarray(image[..., 0]).save(os.path.join(root, "images", "sub", f"im{n}.png"))
+        else:
+            Image.fromarray(image).save(os.path.join(root, "images", "sub", f"im{n}.png"))
         maps = {}
 
         def plant(cat, value, k):

@@ -16,6 +16,9 @@ import pytest
 from jaxdissect.segmenters import labels as L
 from jaxdissect.segmenters.quad import component_roots, quad_split
 
+merge_upp = jax.jit(L.merge_upp, static_argnums=(3, 4))
+merge_color = jax.jit(L.merge_color, static_argnums=(1,))
+
 # Objects 1 wall, 2 sky, 3 door, 4 building, 5 person, 6 window; object_part keys deliberately
 # NOT in object-number order, so groups must be matched by object number.
 UPP_JSON = {
@@ -98,7 +101,7 @@ def test_merge_upp_hand_built():
              4: np.array([[[0, 0, 1, 2, 3, 0]] * 4]), 5: np.array([[[1, 2, 0, 0, 0, 0]] * 4])}
     sizes = {1: 2, 2: 2, 4: 4, 5: 3}
     part = np.concatenate([_onehot_logits(local[o], sizes[o], o) for o in (1, 2, 4, 5)], -1)
-    out = np.asarray(L.merge_upp(_onehot_logits(obj, 7), _onehot_logits(mat, 3), part, t))
+    out = np.asarray(merge_upp(_onehot_logits(obj, 7), _onehot_logits(mat, 3), part, t))
     assert out.shape == (1, 5, 4, 6) and out.dtype == np.int32
     np.testing.assert_array_equal(out[0, 0], obj[0])
     np.testing.assert_array_equal(out[0, 1], np.array([[0, 31, 31, 32, 32, 0]] * 4))
@@ -117,8 +120,7 @@ def test_merge_upp_hand_built():
                   + [[5 + 12, 5 + 24, 0, 0, 0, 0]] * 2)
     np.testing.assert_array_equal(out[0, 3], tb)
     np.testing.assert_array_equal(out[0, 4], lr)
-    fixed = np.asarray(L.merge_upp(_onehot_logits(obj, 7), _onehot_logits(mat, 3), part, t,
-                                   quad_quirk=False))
+    fixed = np.asarray(merge_upp(_onehot_logits(obj, 7), _onehot_logits(mat, 3), part, t, False))
     np.testing.assert_array_equal(fixed[0, 3, 2:, 2:4], [[1 + 6, 1 + 6], [1 + 18, 1 + 18]])
     np.testing.assert_array_equal(fixed[0, 4, 2:, 2:4], [[1 + 12, 1 + 24]] * 2)
     with pytest.raises(L.LabelError, match="part scores"):
@@ -149,13 +151,13 @@ def test_color_labels_and_merge():
     color_idx = np.array([[[0, 1, 2, 3]]])  # red, white, internal (0), red
     gloss_idx = np.array([[[1, 1, 0, 0]]])  # matte, matte, shiny, shiny
     scores = np.concatenate([_onehot_logits(color_idx, 4), _onehot_logits(gloss_idx, 2)], -1)
-    out = np.asarray(L.merge_color(scores, c))
+    out = np.asarray(merge_color(scores, c))
     np.testing.assert_array_equal(out[0, 0], [[1, 2, 0, 1]])
     np.testing.assert_array_equal(out[0, 1], [[0, 4, 0, 0]])  # gloss only where white wins
     # The original's per-category softmax keeps each category's argmax.
-    soft = np.asarray(L.color_category_softmax(jnp.asarray(scores), c))
+    soft = np.asarray(jax.jit(L.color_category_softmax, static_argnums=(1,))(scores, c))
     np.testing.assert_allclose(soft[..., :4].sum(-1), 1, rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(L.merge_color(soft, c)), out)
+    np.testing.assert_array_equal(np.asarray(merge_color(soft, c)), out)
     with pytest.raises(L.LabelError, match="unknown label"):
         L.color_labels(dict(COLOR_JSON, categories=[{"name": "color", "mask": "nope"}]))
 
@@ -260,7 +262,7 @@ def test_merge_sharded_over_two_devices(tmp_path):
               "part": rng.normal(size=(4, 12, 12, 11)).astype(np.float32)}
     np.savez(tmp_path / "scores.npz", **scores)
     table = L.upp_labels(UPP_JSON, all_parts=True, quad=True)
-    expected = np.asarray(L.merge_upp(scores["obj"], scores["mat"], scores["part"], table))
+    expected = np.asarray(merge_upp(scores["obj"], scores["mat"], scores["part"], table))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = f"""
         import json, jax, numpy as np

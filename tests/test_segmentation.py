@@ -8,6 +8,7 @@ The integer label maps must be identical.
 """
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from jaxdissect.segmentation import SegmenterError, load_segmenter, segment
 from test_segment_labels import _reference_quad
 
 UPP_SIZE = 64  # the original uses 256; a smaller voting size keeps the test fast
-COLOR_SIZES = [64, 96]  # two sizes: exercises the softmax voting
+COLOR_SIZES = [32, 64]  # two sizes: exercises the softmax voting
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,7 @@ def test_segment_matches_reference(models, images):
     assert names[upp_len] == "-" and cats[upp_len] == "-"
     assert names[upp_len + 1:upp_len + 4] == ["black", "white", "red"]
     assert segmenter.categories == ["object", "part", "material", "color", "shade"]
+    assert segmenter.setting == "netpqc" and re.search(r"quad_quirk\W+True", repr(segmenter))
     assert len(names) == len(cats) == upp_len + 9
 
 

@@ -43,12 +43,15 @@ emitted; ``faithful_color_blank=True`` reproduces the original.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdissect.segmenters.quad import quad_split
 
 UPP_CATEGORIES = ("object", "part", "material")
 DEFAULT_PART_OWNERS = ("sky", "building", "person")
@@ -208,8 +211,6 @@ def merge_upp(object_scores: jax.Array, material_scores: jax.Array, part_scores:
     argmaxed within themselves). Channels: object, material, part, then with quad
     the t/b and l/r channels (``quad_quirk``: see :func:`jaxdissect.segmenters.quad.quad_split`).
     """
-    from jaxdissect.segmenters.quad import quad_split
-
     if part_scores.shape[-1] != sum(table.part_sizes):
         raise LabelError(f"part scores have {part_scores.shape[-1]} channels; labels.json's "
                          f"object_part needs {sum(table.part_sizes)}")
@@ -337,13 +338,20 @@ def merge_color(scores: jax.Array, table: ColorLabels) -> jax.Array:
 # --------------------------------------------------------------------------- merged
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class MergedLabels:
     """The label space of a whole setting: UPP labels, then (with ``c``) the colour labels."""
 
     upp: UppLabels
     color: ColorLabels | None
     faithful_color_blank: bool = False
+
+    def __repr__(self) -> str:
+        # Short but content-addressed: used in fingerprints of results computed with these labels.
+        digest = hashlib.sha256(repr((self.upp, self.color)).encode()).hexdigest()[:16]
+        return (f"MergedLabels(labels={len(self.label_names)}, channels={self.n_channels}, "
+                f"quad={self.upp.quad}, color={self.color is not None}, "
+                f"faithful_color_blank={self.faithful_color_blank}, sha256={digest})")
 
     @property
     def color_offset(self) -> int:

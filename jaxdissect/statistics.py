@@ -332,11 +332,18 @@ class _Batches:
     def __call__(self, start: int = 0, with_labels: bool = False):
         """Host batches from batch ``start`` on: ``(acts, valid, index, batch_id[, seg, image_labels])``."""
         offset = 0
+        first_device = 0  # images on device 0, the fullest (it takes the first rows of every batch)
         for i, batch in enumerate(self.batches()):
-            acts, seg, image_labels = self._unpack(batch, i)
-            b = acts.shape[0]
+            acts, seg, image_labels = self._unpack(batch, i) if i >= start else (batch[0], None, None)
+            b = len(acts)
+            padded = max(self.size, -(-b // self.multiple) * self.multiple)
+            first_device += min(b, padded // self.multiple)
+            if first_device * self.resolution[0] * self.resolution[1] > _MAX_PIXELS:
+                raise DissectionError(
+                    f"batch {i}: more than {_MAX_PIXELS} pixels per device at resolution {self.resolution}; "
+                    "the int32 counters would overflow. Dissect fewer images, lower the resolution or use "
+                    "more devices")
             if i >= start:
-                padded = max(self.size, -(-b // self.multiple) * self.multiple)
                 pad = [(0, padded - b)]
 
                 def fill(x):
@@ -424,23 +431,11 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     plan = Plan(num_units=int(units), num_labels=int(num_labels), source_hw=(int(h), int(w)),
                 resolution=resolution, quantile=float(quantile), topk=int(topk), geometry=geometry,
                 convolutions=None if convolutions is None else tuple(tuple(int(v) for v in c) for c in convolutions),
-                image_size=image_size, hist_method=hist_method, iou_method=iou_method)
+                image_size=None if image_size is None else int(image_size), hist_method=hist_method,
+                iou_method=iou_method)
     if convolutions is None:
         upsample_k.axis_taps(1, 1, geometry)  # validates the geometry name up front
-    config = {k: v for k, v in dataclasses.asdict(plan).items()}
-
-    counted = {"images": 0}
-
-    def checked(iterator_fn):
-        def gen(start):
-            for batch in iterator_fn(start):
-                counted["images"] += int(batch[1].sum())
-                if -(-counted["images"] // devices) * plan.pixels > _MAX_PIXELS:
-                    raise DissectionError(
-                        f"more than {_MAX_PIXELS} pixels per device at resolution {resolution}: the int32 "
-                        "counters would overflow; dissect fewer images, lower the resolution or use more devices")
-                yield batch
-        return gen
+    config = dataclasses.asdict(plan)
 
     def to_device(batch):
         return parallel.shard_batch(mesh, tuple(batch))
@@ -455,7 +450,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
 
     step1, step2, step3 = _steps(plan, mesh)
     state1 = run(lambda s, b: step1(s, *to_device(b)), parallel.stack_init(mesh, plan.pass1_init()),
-                 checked(lambda start: source(start)), name="pass1", check=check1)
+                 lambda start: source(start), name="pass1", check=check1)
     selection, stats = plan.pass1_finish(parallel.to_host(state1))
     del state1
 

@@ -153,7 +153,7 @@ def test_upsampled_thresholds_equal_the_quantile_of_torch_upsampled_maps():
     np.testing.assert_allclose(r.active / r.pixels, 0.05, atol=1.5 / r.pixels)
 
 
-def test_bad_inputs_name_the_unit_batch_and_fix():
+def test_bad_inputs_name_the_unit_batch_and_fix(monkeypatch):
     acts, seg, image_labels = planted()  # noqa: F821
     nan = acts.copy()
     nan[7, 3, 3, 2] = np.nan
@@ -175,6 +175,10 @@ def test_bad_inputs_name_the_unit_batch_and_fix():
         dissect_planted(changing)
     with pytest.raises(statistics.DissectionError, match="label_names has 2 entries"):
         statistics.dissect_activations(batches_of(acts, seg), L, Q, (S, S), label_names=["a", "b"])
+    monkeypatch.setattr(statistics, "_MAX_PIXELS", 7 * S * S)
+    with pytest.raises(statistics.DissectionError, match="batch 1: more than 1792 pixels per device"):
+        dissect_planted(batches_of(acts, seg))
+    monkeypatch.undo()
     with pytest.raises(statistics.DissectionError, match="num_batches"):
         statistics.dissect_activations(batches_of(acts, seg), L, Q, (S, S), workdir="/nonexistent")
 

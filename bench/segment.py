@@ -9,7 +9,8 @@ forward to object/material/part logits at 64x64 (the dissection setting for
 is the test reference (``tests/torch_segmenter_reference.py``), whose precise
 RoI pooling is a Python loop standing in for the original CUDA kernel; it is
 a small share of the time at these sizes. Figures go to the
-``## Segmenter (bench/segment.py)`` section of the results file.
+``## Segmenter (bench/segment.py)`` section of the results file (replaced on
+each run, other sections left alone).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def _timed(fn, repeats):
 
 def run(batch: int, repeats: int) -> dict:
     """Convert a fake checkpoint, then time both implementations; returns the figures."""
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         paths = R.make_upp_checkpoint(os.path.join(tmp, "published"))
         converter.convert(paths["encoder"], paths["decoder"], paths["labels"], os.path.join(tmp, "converted"))
@@ -66,11 +68,16 @@ def run(batch: int, repeats: int) -> dict:
 
     theirs = R.upp_reference_forward(encoder, decoder, xt, SEG)[1]
     torch_s = _timed(lambda: R.upp_reference_forward(encoder, decoder, xt, SEG), repeats)
+    encoder, decoder = (m.to(memory_format=torch.channels_last) for m in (encoder, decoder))
+    xt = xt.contiguous(memory_format=torch.channels_last)
+    R.upp_reference_forward(encoder, decoder, xt, SEG)
+    torch_cl_s = _timed(lambda: R.upp_reference_forward(encoder, decoder, xt, SEG), repeats)
 
     ref = R.to_nhwc(theirs["object"])
     err = float(np.abs(np.asarray(ours["object"]) - ref).max() / np.abs(ref).max())
     return {"batch": batch, "repeats": repeats, "flax_ips": batch / flax_s, "torch_ips": batch / torch_s,
-            "compile_s": compile_s, "object_rel_err": err}
+            "torch_cl_ips": batch / torch_cl_s,
+            "compile_s": compile_s, "object_rel_err": err, "load": load}
 
 
 def write_section(path: str, body: str) -> None:
@@ -93,14 +100,17 @@ def report(r: dict) -> str:
         f"Unified-parsing segmenter (ResNet-50 + UPerNet), {SIZE}x{SIZE} input, logits resized to "
         f"{SEG[0]}x{SEG[1]}, batch {r['batch']}, float32, median of {r['repeats']} runs, same random weights, "
         f"one process ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}, torch {torch.__version__}).",
+        f"jax {jax.__version__}, torch {torch.__version__}; load average {r['load']:.1f} at the start, "
+        "so absolute rates on this shared machine are low and noisy, the ratio less so).",
         "",
         "| implementation | images/s |",
         "|---|---|",
         f"| Flax, jit (this package) | {r['flax_ips']:.2f} |",
         f"| PyTorch reference (tests/torch_segmenter_reference.py) | {r['torch_ips']:.2f} |",
+        f"| PyTorch reference, channels_last | {r['torch_cl_ips']:.2f} |",
         "",
-        f"Ratio Flax / PyTorch: {r['flax_ips'] / r['torch_ips']:.2f}. Flax compile time {r['compile_s']:.1f} s. "
+        f"Ratio Flax / PyTorch: {r['flax_ips'] / r['torch_ips']:.2f} "
+        f"({r['flax_ips'] / r['torch_cl_ips']:.2f} against channels_last). Flax first call (compile + one run) {r['compile_s']:.1f} s. "
         f"Object logits agree to max relative error {r['object_rel_err']:.1e}.",
         "",
     ])

@@ -3,6 +3,8 @@
 * :class:`UnifiedParsing`: ResNet-50 + UPerNet unified perceptual parser.
 * :class:`ColorSegmenter`: dilated ResNet-18 + pyramid pooling colour segmenter.
 * Preprocessing and PyTorch-exact resizing in :mod:`jaxdissect.segmenters.preprocess`.
+* The merged label space and quadrant split in :mod:`~jaxdissect.segmenters.labels` and
+  :mod:`~jaxdissect.segmenters.quad`; the whole labelling is :func:`jaxdissect.segment`.
 
 Convert the published PyTorch checkpoints with ``python -m converters.segmenter``.
 """

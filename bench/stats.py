@@ -1,0 +1,329 @@
+"""Benchmark: the statistics pass of a dissection, streaming JAX vs in-memory NumPy, side by side.
+
+    python -m bench.stats [--images=32] [--growth=4] [--batch=16] [--results=bench/RESULTS.md]
+
+Both compute the same EXACT quantities for one layer of 512 units: the
+per-unit level ``numpy.quantile(upsampled activations, 0.99)``, integer IoU
+counts of ``upsampled > level`` against ~1,800 labels in 6 segmentation
+channels, and the top-100 images per unit by raw spatial maximum.
+
+* JAX: :func:`jaxdissect.statistics.dissect_activations` (three streaming
+  passes, exact radix-select quantiles, memory independent of the number of
+  images).
+* NumPy: the straightforward implementation: upsample with the same two-tap
+  geometry, keep every upsampled value, ``numpy.quantile``, then ``bincount``
+  IoU and ``argsort`` top-k.
+
+Shapes: VGG16 ``conv5_3`` (14x14 -> 56x56) and ProGAN ``layer4`` (8x8 ->
+64x64). Synthetic data is generated on the fly per batch (the same on both
+sides); its generation time is measured and left out. Each (implementation,
+shape, image count) runs in a fresh subprocess, so ``ru_maxrss`` is that
+run's peak memory. Throughput is marginal, between ``images`` and
+``growth * images`` images, so JAX's compile time (reported apart) does not
+count; the results of both sides are compared. Figures go to the
+``## Statistics pass (bench/stats.py)`` section of the results file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTION = "## Statistics pass (bench/stats.py)"
+UNITS, CHANNELS, QUANTILE, TOPK = 512, 6, 0.01, 100
+# (first label, last label, probability of no label) per segmentation channel; 1,801 labels with 0.
+CHANNEL_LABELS = ((1, 600, 0.0), (601, 1200, 0.3), (1201, 1500, 0.5), (1501, 1550, 0.2), (1551, 1790, 0.6),
+                  (1791, 1800, 0.0))
+NUM_LABELS = 1801
+SHAPES = {"conv5_3": {"source": 14, "size": 56, "model": "VGG16 conv5_3"},
+          "layer4": {"source": 8, "size": 64, "model": "ProGAN layer4"}}
+
+
+# --------------------------------------------------------------------------
+# Synthetic data: exponential activations, blocky segmentations, units 0-63 tied to labels 1-64.
+
+
+def make_batch(shape: str, index: int, batch: int, seed: int = 0):
+    """Batch ``index``: raw activations ``[B, h, h, 512]`` float32 and segmentations ``[B, 6, S, S]`` int32."""
+    cfg = SHAPES[shape]
+    h, s = cfg["source"], cfg["size"]
+    rng = np.random.default_rng([seed, index])
+    grid = 8
+    seg = np.zeros((batch, CHANNELS, grid, grid), np.int32)
+    for k, (lo, hi, empty) in enumerate(CHANNEL_LABELS):
+        labels = rng.integers(lo, hi + 1, (batch, grid, grid))
+        if k == 0:
+            labels = np.where(rng.random((batch, grid, grid)) < 0.5, rng.integers(1, 65, (batch, grid, grid)), labels)
+        seg[:, k] = np.where(rng.random((batch, grid, grid)) < empty, 0, labels)
+    seg = np.repeat(np.repeat(seg, s // grid, axis=2), s // grid, axis=3)
+    acts = rng.standard_exponential((batch, h, h, UNITS), dtype=np.float32)
+    # Unit u < 64 fires where channel 0 carries label u + 1 (nearest cell of the label grid).
+    cells = (np.arange(h) * grid) // h
+    coarse = seg[:, 0, :, :][:, cells * (s // grid)][:, :, cells * (s // grid)]
+    planted = coarse[..., None] == np.arange(1, 65, dtype=np.int32)
+    acts[..., :64] += 4.0 * planted
+    return acts, seg
+
+
+# --------------------------------------------------------------------------
+# The NumPy reference.
+
+
+def axis_taps(source: int, target: int):
+    """Two-tap bilinear sampling with half-pixel centres and zero padding (the original geometry)."""
+    x = (np.arange(target) + 0.5) * (source / target) - 0.5
+    i0 = np.floor(x).astype(np.int64)
+    w1 = x - i0
+    w0 = 1.0 - w1
+    i1 = i0 + 1
+    w0 = np.where((i0 >= 0) & (i0 < source), w0, 0.0).astype(np.float32)
+    w1 = np.where(i1 < source, w1, 0.0).astype(np.float32)
+    return np.clip(i0, 0, source - 1), np.clip(i1, 0, source - 1), w0, w1
+
+
+def _two_taps(a, axis: int, i0, i1, w0, w1):
+    """``fma(w0, a[i0], w1 * a[i1])`` in float32 along ``axis``.
+
+    XLA:CPU contracts the jitted two-tap sum into a fused multiply-add, so
+    this reference does too: ``w0 * a[i0]`` is exact in float64 and the sum
+    is rounded once (to float64, then float32; the double rounding never
+    showed a difference here).
+    """
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    near = np.take(a, i0, axis).astype(np.float64) * w0.astype(np.float64).reshape(shape)
+    far = (np.take(a, i1, axis) * w1.reshape(shape)).astype(np.float64)
+    return (near + far).astype(np.float32)
+
+
+def upsample(acts, size: int):
+    """``[B, h, w, U]`` -> ``[B, S, S, U]`` float32, rows then columns."""
+    taps = axis_taps(acts.shape[1], size)
+    return _two_taps(_two_taps(acts, 1, *taps), 2, *taps)
+
+
+def numpy_stats(batches, num_batches: int, size: int) -> dict:
+    """Exact level, IoU counts and top-k with everything in memory."""
+    ups, segs, scores = [], [], []
+    for acts, seg in batches(num_batches):
+        ups.append(upsample(acts, size).reshape(-1, UNITS))
+        segs.append(seg)
+        scores.append(acts.max(axis=(1, 2)))
+    values = np.concatenate(ups)
+    del ups
+    thresholds = np.quantile(values, 1 - QUANTILE, axis=0).astype(np.float32)
+    seg = np.concatenate(segs).transpose(0, 2, 3, 1).reshape(-1, CHANNELS)
+    # One (pixel, label) pair per label a pixel carries, however many channels carry it.
+    pixel = np.repeat(np.arange(len(seg)), CHANNELS)
+    pairs = np.unique(pixel * NUM_LABELS + seg.reshape(-1))
+    pairs = pairs[pairs % NUM_LABELS != 0]
+    pair_pixel, pair_label = pairs // NUM_LABELS, pairs % NUM_LABELS
+    label_pixels = np.bincount(pair_label, minlength=NUM_LABELS)
+    intersection = np.zeros((UNITS, NUM_LABELS), np.int64)
+    active = np.zeros(UNITS, np.int64)
+    chunk = 1 << 15
+    for start in range(0, len(pair_pixel), chunk):
+        p, lab = pair_pixel[start:start + chunk], pair_label[start:start + chunk]
+        on = values[p] > thresholds                                   # [pairs, U]
+        rows, units = np.nonzero(on)
+        intersection += np.bincount(units * NUM_LABELS + lab[rows], minlength=UNITS * NUM_LABELS).reshape(
+            UNITS, NUM_LABELS)
+    for start in range(0, len(values), chunk):
+        active += (values[start:start + chunk] > thresholds).sum(0)
+    # Label 0 stands for "every pixel", so IoU column 0 is the activation rate (as in the original).
+    label_pixels[0] = len(values)
+    intersection[:, 0] = active
+    union = active[:, None] + label_pixels[None, :] - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = intersection / union
+    score = np.concatenate(scores).T                                 # [U, N]
+    top_index = np.argsort(-score, axis=1, kind="stable")[:, :TOPK]
+    return {"thresholds": thresholds, "intersection": intersection, "active": active,
+            "label_pixels": label_pixels, "iou": iou, "top_index": top_index,
+            "top_values": np.take_along_axis(score, top_index, 1)}
+
+
+def jax_stats(batches, num_batches: int, size: int) -> dict:
+    from jaxdissect.statistics import dissect_activations
+
+    r = dissect_activations(lambda: batches(num_batches), NUM_LABELS, quantile=QUANTILE, resolution=size,
+                            topk=TOPK)
+    return {"thresholds": r.thresholds, "intersection": r.intersection, "active": r.active,
+            "label_pixels": r.label_pixels, "iou": r.iou, "top_index": r.top_index, "top_values": r.top_values}
+
+
+# --------------------------------------------------------------------------
+# One measured run (in a fresh process) and the side-by-side driver.
+
+
+def worker(impl: str, shape: str, images: int, batch: int, out: str) -> dict:
+    """Run one implementation over ``images`` images; returns timings and peak memory."""
+    generation = [0.0]
+    num_batches = -(-images // batch)
+
+    def batches(n):
+        for i in range(n):
+            start = time.perf_counter()
+            b = min(batch, images - i * batch)
+            data = make_batch(shape, i, b)
+            generation[0] += time.perf_counter() - start
+            yield data
+
+    fn = {"jax": jax_stats, "numpy": numpy_stats}[impl]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    result = fn(batches, num_batches, SHAPES[shape]["size"])
+    total = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
+    np.savez(out, **result)
+    # Generation is single-threaded NumPy: its wall time is its CPU time.
+    return {"seconds": total - generation[0], "cpu_s": cpu - generation[0], "generation_s": generation[0],
+            "peak_mib": after.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
+
+
+def _spawn(impl, shape, images, batch, out, devices) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, "-m", "bench.stats", f"--worker={impl}", f"--shape={shape}", f"--images={images}",
+           f"--batch={batch}", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(a: dict, b: dict) -> dict:
+    """How far the two results are apart (thresholds, counts, IoU, top-k)."""
+    iou_a, iou_b = np.nan_to_num(a["iou"]), np.nan_to_num(b["iou"])
+    k = min(a["top_index"].shape[1], b["top_index"].shape[1])
+    return {"thresholds_equal": float(np.mean(a["thresholds"] == b["thresholds"])),
+            "thresholds_max_rel": float(np.max(np.abs(a["thresholds"] - b["thresholds"]) / np.abs(b["thresholds"]))),
+            "counts_equal": bool(np.array_equal(a["intersection"], b["intersection"])
+                                 and np.array_equal(a["active"], b["active"])
+                                 and np.array_equal(a["label_pixels"], b["label_pixels"])),
+            "iou_max_abs": float(np.max(np.abs(iou_a - iou_b))),
+            "topk_equal": bool(np.array_equal(a["top_index"][:, :k], b["top_index"][:, :k])
+                               and np.array_equal(a["top_values"][:, :k], b["top_values"][:, :k]))}
+
+
+def run(images: int, growth: int, batch: int, shapes, devices: int) -> dict:
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            runs = {}
+            for n in (images, growth * images):
+                for impl in ("jax", "numpy"):
+                    out = os.path.join(tmp, f"{impl}-{shape}-{n}.npz")
+                    runs[impl, n] = _spawn(impl, shape, n, batch, out, devices)
+                    print(f"{shape} {impl} {n} images: {runs[impl, n]}", file=sys.stderr)
+            small, big = images, growth * images
+            result = {impl: {
+                "ips": (big - small) / (runs[impl, big]["seconds"] - runs[impl, small]["seconds"]),
+                "cpu_per_image": (runs[impl, big]["cpu_s"] - runs[impl, small]["cpu_s"]) / (big - small),
+                "seconds": (runs[impl, small]["seconds"], runs[impl, big]["seconds"]),
+                "peak_mib": (runs[impl, small]["peak_mib"], runs[impl, big]["peak_mib"]),
+            } for impl in ("jax", "numpy")}
+            load = {n: {impl: dict(np.load(os.path.join(tmp, f"{impl}-{shape}-{n}.npz"))) for impl in ("jax", "numpy")}
+                    for n in (small, big)}
+            result["agreement"] = compare(load[big]["jax"], load[big]["numpy"])
+            # Fixed cost: time at the small size minus what the marginal rate predicts.
+            result["jax"]["fixed_s"] = runs["jax", small]["seconds"] - small / result["jax"]["ips"]
+            figures[shape] = result
+    return {"images": images, "growth": growth, "batch": batch, "devices": devices, "shapes": figures}
+
+
+def report(r: dict) -> str:
+    import jax
+
+    small, big = r["images"], r["growth"] * r["images"]
+    lines = [
+        SECTION,
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+        f"(shared with other jobs), jax {jax.__version__}, numpy {np.__version__}, {r['devices']} JAX device(s), "
+        f"batch {r['batch']}. 512 units, 6 label channels, {NUM_LABELS - 1} labels, level = 0.99 quantile, "
+        f"top-{TOPK}. Images/s is marginal between {small} and {big} images (fixed costs such as JAX "
+        "compilation excluded; data generation excluded on both sides); peak memory is the process's "
+        "maximum resident set (JAX's includes its ~0.3 GiB runtime and its CPU 'device' buffers).",
+        "",
+        f"| layer | implementation | images/s | CPU s/image | fixed cost (s) | peak MiB, {small} images | "
+        f"peak MiB, {big} images |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for shape, f in r["shapes"].items():
+        name = SHAPES[shape]["model"] + f" ({SHAPES[shape]['source']}² → {SHAPES[shape]['size']}²)"
+        j, n = f["jax"], f["numpy"]
+        lines.append(f"| {name} | JAX streaming (dissect_activations) | {j['ips']:.2f} | {j['cpu_per_image']:.2f} | "
+                     f"{j['fixed_s']:.1f} | {j['peak_mib'][0]:.0f} | {j['peak_mib'][1]:.0f} |")
+        lines.append(f"| {name} | NumPy in memory | {n['ips']:.2f} | {n['cpu_per_image']:.2f} | | "
+                     f"{n['peak_mib'][0]:.0f} | {n['peak_mib'][1]:.0f} |")
+    lines.append("")
+    for shape, f in r["shapes"].items():
+        a = f["agreement"]
+        lines.append(
+            f"- {SHAPES[shape]['model']}: JAX / NumPy throughput {f['jax']['ips'] / f['numpy']['ips']:.2f}; peak "
+            f"memory growth from {small} to {big} images: JAX {f['jax']['peak_mib'][1] - f['jax']['peak_mib'][0]:+.0f} "
+            f"MiB, NumPy {f['numpy']['peak_mib'][1] - f['numpy']['peak_mib'][0]:+.0f} MiB. Agreement at {big} images: "
+            f"{100 * a['thresholds_equal']:.1f}% of thresholds bit-equal (max relative difference "
+            f"{a['thresholds_max_rel']:.1e}), IoU counts {'identical' if a['counts_equal'] else 'differ'} (max IoU "
+            f"difference {a['iou_max_abs']:.1e}), top-k {'identical' if a['topk_equal'] else 'differs'}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_section(path: str, body: str) -> None:
+    """Replace (or append) this benchmark's section of the results file, leaving other sections alone."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        print(json.dumps(worker(FLAGS.worker, FLAGS.shape, FLAGS.images, FLAGS.batch, FLAGS.out)))
+        return
+    r = run(FLAGS.images, FLAGS.growth, FLAGS.batch, FLAGS.shapes, FLAGS.devices)
+    body = report(r)
+    print(body)
+    if FLAGS.results:
+        write_section(FLAGS.results, body)
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("images", 32, "Images in the small run; the large run has growth times more.")
+    flags.DEFINE_integer("growth", 4, "Ratio of the large run's image count to the small run's.")
+    flags.DEFINE_integer("batch", 16, "Images per batch.")
+    flags.DEFINE_list("shapes", list(SHAPES), f"Layers to measure, from {list(SHAPES)}.")
+    flags.DEFINE_integer("devices", 1, "JAX devices (forced host devices when > 1).")
+    flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
+    flags.DEFINE_enum("worker", "", ["", "jax", "numpy"], "Internal: run one measurement in this process.")
+    flags.DEFINE_enum("shape", "conv5_3", list(SHAPES), "Internal: the worker's layer shape.")
+    flags.DEFINE_string("out", "", "Internal: where the worker writes its result arrays.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -110,7 +110,8 @@ def report(r: dict) -> str:
         f"| PyTorch reference, channels_last | {r['torch_cl_ips']:.2f} |",
         "",
         f"Ratio Flax / PyTorch: {r['flax_ips'] / r['torch_ips']:.2f} "
-        f"({r['flax_ips'] / r['torch_cl_ips']:.2f} against channels_last). Flax first call (compile + one run) {r['compile_s']:.1f} s. "
+        f"({r['flax_ips'] / r['torch_cl_ips']:.2f} against channels_last). "
+        f"Flax first call (compile + one run) {r['compile_s']:.1f} s. "
         f"Object logits agree to max relative error {r['object_rel_err']:.1e}.",
         "",
     ])

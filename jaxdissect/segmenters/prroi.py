@@ -41,5 +41,5 @@ def prroi_matrix(length: int, bins: int) -> np.ndarray:
 
 
 def prroi_pool(x: jax.Array, bins: int) -> jax.Array:
-    """Precise RoI pooling of NHWC ``x`` over the RoI ``[0, W] x [0, H]`` into ``bins x bins`` -> ``[N, bins, bins, C]``."""
+    """Precise RoI pooling of NHWC ``x`` over the whole map ``[0, W] x [0, H]`` -> ``[N, bins, bins, C]``."""
     return apply_separable(x, prroi_matrix(x.shape[1], bins), prroi_matrix(x.shape[2], bins))

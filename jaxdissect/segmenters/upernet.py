@@ -26,7 +26,7 @@ FPN_DIM = 512
 
 
 class ConvBNList(nn.Module):
-    """One :class:`ConvBN` per input, named ``'0'``, ``'1'``, ...; ``nested`` adds the extra ``'.0'`` level of ``fpn_out``."""
+    """One :class:`ConvBN` per input, named ``'0'``, ``'1'``, ...; ``nested`` adds ``fpn_out``'s extra ``'0'`` level."""
 
     features: int
     kernel: int

@@ -129,7 +129,10 @@ def load_segmenter(upp_dir: str | None = None, color_dir: str | None = None, set
     needs ``color_dir``). ``dtype`` (e.g. ``jnp.bfloat16``) sets the networks'
     compute dtype; parameters stay float32.
     """
-    parsed = L.parse_setting(setting)
+    try:
+        parsed = L.parse_setting(setting)
+    except L.LabelError as e:
+        raise SegmenterError(str(e)) from e
     if color_dir is not None and not parsed.color:
         raise SegmenterError(f"color_dir was given but setting {setting!r} has no colour segmenter; "
                              f"use {setting + 'c'!r} or drop color_dir")

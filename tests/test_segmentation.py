@@ -157,8 +157,10 @@ def test_errors(models, images):
         load_segmenter(models["upp_dir"], models["color_dir"], "netpq")
     with pytest.raises(SegmenterError, match="sky"):  # default owners absent from these labels
         load_segmenter(models["upp_dir"], None, "netq")
-    with pytest.raises(Exception, match="texture"):
+    with pytest.raises(SegmenterError, match="texture"):
         load_segmenter(models["upp_dir"], None, "netpqx")
+    with pytest.raises(SegmenterError, match="model.json"):
+        load_segmenter(models["upp"]["dir"], models["color_dir"])  # the .pth folder, not converted
     segmenter, variables = load_segmenter(models["upp_dir"], None, "netp")
     for bad, words in [(images[0], "NHWC"), (images.transpose(0, 3, 1, 2), "NHWC"),
                        (images * 127.5 + 127.5, "not \\[-1, 1\\]"), (images[:, :62], "divisible"),

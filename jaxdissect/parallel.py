@@ -42,6 +42,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "data"
@@ -53,7 +54,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
     With no arguments JAX detects the cluster (SLURM, Cloud TPU, Open MPI,
     Kubernetes); otherwise pass all three, e.g. ``("10.0.0.1:1234", 4, rank)``.
-    Must run before any other JAX call in the process.
+    Must run before any other JAX call in the process; called later without
+    arguments it logs a warning and leaves JAX as it is (single process).
     """
     if num_processes == 1:
         return
@@ -64,6 +66,10 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         except ValueError:
             # No cluster environment detected: this is a single-process run.
             return
+        except RuntimeError as e:
+            # Called once already, or after JAX started: keep whatever JAX has.
+            if jax.process_count() == 1:
+                logging.warning("initialize_distributed: %s; continuing as a single process", e)
         return
     if any(v is None for v in explicit):
         raise ValueError(

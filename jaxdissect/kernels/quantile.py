@@ -15,13 +15,14 @@ values. numpy's linear quantile needs the order statistics of rank
   the key, ``[U, 65536]`` int32. :func:`select` (host) finds, for both ranks,
   the bucket holding it and the rank inside that bucket.
 * Pass 2 (:func:`low_update`): per unit, histograms of the low 16 bits of
-  the values that fall in those (at most 2) buckets, ``[U, 2, 65536]``.
+  the values that fall in those (at most 2) buckets, ``[U, 2, 65536]``
+  (one increment per value in either bucket).
   :func:`finish` (host) reads the two exact values and interpolates exactly
   as numpy does (float32 arithmetic).
 
 Memory: 256 KiB per unit in pass 1 and 512 KiB in pass 2 (128 MiB and
 256 MiB for 512 units), per device. Cost: each pass reads every value once
-and does one (pass 1) or two (pass 2) histogram increments per value.
+and does at most one histogram increment (a scatter-add) per value.
 
 Counts are int32: at most 2**31 - 1 values per unit in total (the driver
 checks this up front). Non-finite values are not histogrammed; they are
@@ -190,10 +191,13 @@ def low_update(state: dict, values, valid=None, method: str = "scatter") -> dict
     low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
     ok = jnp.isfinite(values) & valid[:, None]
     u = values.shape[1]
-    hist = state["hist"].reshape(2 * u, NUM_BUCKETS)
-    for j in range(2):
-        rows = jnp.arange(u, dtype=jnp.int32) * 2 + j
-        hist = accumulate(hist, low, ok & (high == state["bucket"][None, :, j]), rows, method=method)
+    b0, b1 = state["bucket"][None, :, 0], state["bucket"][None, :, 1]
+    # One histogram increment per value: slot 1 only when the second bucket differs from the first
+    # (otherwise :func:`finish` reads slot 0 for both order statistics).
+    second = (high == b1) & (b1 != b0)
+    mask = ok & ((high == b0) | second)
+    slot = low + jnp.where(second, NUM_BUCKETS, 0)
+    hist = accumulate(state["hist"].reshape(u, 2 * NUM_BUCKETS), slot, mask, method=method)
     return {"bucket": state["bucket"], "hist": hist.reshape(u, 2, NUM_BUCKETS)}
 
 
@@ -224,8 +228,10 @@ def finish(selection: dict, low_state: dict) -> np.ndarray:
     hist = hist.astype(np.int64)
     u = hist.shape[0]
     values = np.zeros((u, 2), np.float32)
+    same = selection["bucket"][:, 0] == selection["bucket"][:, 1]
     for j in range(2):
-        low, _ = _locate(hist[:, j], selection["inside"][:, j : j + 1])
+        counts = np.where(same[:, None], hist[:, 0], hist[:, j])
+        low, _ = _locate(counts, selection["inside"][:, j : j + 1])
         keys = (selection["bucket"][:, j].astype(np.uint64) << 16) | low[:, 0].astype(np.uint64)
         values[:, j] = keys_to_floats(keys.astype(np.uint32))
     out = lerp(values[:, 0], values[:, 1], selection["gamma"])

@@ -1,0 +1,827 @@
+"""Classifier unit ablation (spec 3.3): what each unit of a layer does for each class.
+
+Per-class precision, recall, accuracy, true-negative rate and balanced
+accuracy (the one-vs-rest "single-class accuracy") of a classifier, clean and
+with units of one layer zeroed. Everything is computed from exact integer
+counts per class (images of the class, predictions of it, correct ones), so
+results do not depend on batch size or device count.
+
+Speed by design:
+
+* The network below the ablated layer does not depend on the ablation: each
+  batch runs it once and caches the layer's activation; every unit set is
+  then evaluated on the part above only (:func:`jaxdissect.layers.run_from`),
+  many sets per call (``vmap`` over a chunk of masks, ``lax.map`` over chunks).
+* Fast path for VGG16 ``conv5_3`` (post-ReLU), followed by a 2x2 max pool, the
+  adaptive average pool (both per channel) and the linear ``fc6``: zeroing
+  unit ``u`` zeroes only unit ``u``'s 49 pooled values, so ``fc6``'s
+  pre-activation changes by ``-pool5[:, u] @ W6[rows of u]``, a rank-49
+  update. The clean pre-activation is computed once per batch; the 512
+  single-unit sweeps cost one batched small matmul plus ``fc7``/``fc8`` on
+  ``[512, B, 4096]``. ``method='generic'`` forces the path every layer of
+  every model can use; both are tested to equal naive recomputation.
+
+Data sources are the jaxdissect ones (``len``, ``get_batch(indices)`` giving
+``image`` and ``label``, e.g. :class:`jaxdissect.data.places.PlacesFolder`) or
+a pair ``(images NHWC, labels)`` of arrays. Items a source marks invalid
+(unreadable files skipped on request) are left out of every count.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdissect import layers as layer_api
+
+log = logging.getLogger(__name__)
+
+METRICS = ("precision", "recall", "accuracy", "true_negative_rate", "balanced_accuracy")
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 20, 64, 128, 256)
+IMPORTANT_TOP = 4  # a unit is "important" for a class if among its 4 most damaging (spec 6)
+_CHUNK_BYTES = 256 << 20  # activation bytes per vmapped chunk of unit sets
+
+
+class InterventionError(ValueError):
+    """Bad arguments to an intervention: unknown class or layer, bad units, mismatched data."""
+
+
+# --------------------------------------------------------------------------
+# Counts and metrics
+
+
+def perclass_counts(labels, predictions, num_classes: int, valid=None) -> dict:
+    """Exact per-class counts from integer labels ``[N]`` and top-1 predictions ``[..., N]``.
+
+    Returns ``{'total': N, 'true': [C], 'pred': [..., C], 'correct': [..., C]}``
+    (int64); ``valid`` (bool ``[N]``) leaves items out.
+    """
+    labels = np.asarray(labels, np.int64)
+    predictions = np.asarray(predictions, np.int64)
+    keep = np.ones(labels.shape, bool) if valid is None else np.asarray(valid, bool)
+    labels, predictions = labels[keep], predictions[..., keep]
+    flat = predictions.reshape(-1, labels.shape[0])
+    pred = np.stack([np.bincount(p, minlength=num_classes) for p in flat]) if flat.size else np.zeros(
+        (flat.shape[0], num_classes), np.int64)
+    correct = np.stack([np.bincount(labels[p == labels], minlength=num_classes) for p in flat]) if flat.size else (
+        np.zeros((flat.shape[0], num_classes), np.int64))
+    shape = predictions.shape[:-1] + (num_classes,)
+    return {"total": int(labels.shape[0]), "true": np.bincount(labels, minlength=num_classes).astype(np.int64),
+            "pred": pred.reshape(shape).astype(np.int64), "correct": correct.reshape(shape).astype(np.int64)}
+
+
+def perclass_metrics(counts: dict) -> dict[str, np.ndarray]:
+    """The five per-class metrics of spec 3.3 from :func:`perclass_counts`-style counts.
+
+    ``TN = (N - true) - (pred - correct)``; precision = correct / pred; recall =
+    correct / true; accuracy = (correct + TN) / N; true_negative_rate =
+    TN / (N - true); balanced_accuracy = (recall + TNR) / 2. A ratio with a
+    zero denominator is NaN (as in the original).
+    """
+    n = float(counts["total"])
+    true = np.asarray(counts["true"], np.float64)
+    pred = np.asarray(counts["pred"], np.float64)
+    correct = np.asarray(counts["correct"], np.float64)
+    tn = (n - true) - (pred - correct)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {
+            "precision": correct / pred,
+            "recall": correct / true,
+            "accuracy": (correct + tn) / n,
+            "true_negative_rate": tn / (n - true),
+        }
+    out["balanced_accuracy"] = (out["recall"] + out["true_negative_rate"]) / 2
+    return out
+
+
+def _device_counts(logits, labels, valid, num_classes: int):
+    """``pred``/``correct`` counts ``[E, C]`` (int32) of top-1 ``logits [E, B, C]``."""
+    preds = jnp.argmax(logits, axis=-1)
+    w = valid.astype(jnp.int32)
+    rows = jnp.arange(preds.shape[0])[:, None]
+    pred = jnp.zeros((preds.shape[0], num_classes), jnp.int32).at[rows, preds].add(w[None], mode="drop")
+    hit = (preds == labels[None]).astype(jnp.int32) * w[None]
+    correct = jnp.zeros((preds.shape[0], num_classes), jnp.int32).at[rows, labels[None]].add(hit, mode="drop")
+    return pred, correct
+
+
+# --------------------------------------------------------------------------
+# Data
+
+
+class ArraySource:
+    """In-memory images ``[N, H, W, 3]`` (already preprocessed) and integer labels ``[N]`` as a data source."""
+
+    def __init__(self, images, labels, classes: Sequence[str] | None = None):
+        self.images = np.asarray(images, np.float32)
+        self.labels = np.asarray(labels, np.int32)
+        if self.images.ndim != 4 or self.labels.shape != (self.images.shape[0],):
+            raise InterventionError(
+                f"array data needs images [N, H, W, C] and labels [N], got {self.images.shape} and {self.labels.shape}"
+            )
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def get_batch(self, indices) -> dict:
+        idx = np.asarray(indices, np.int64)
+        return {"image": self.images[idx], "label": self.labels[idx], "valid": np.ones(len(idx), bool)}
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256(self.images.tobytes())
+        h.update(self.labels.tobytes())
+        return {"kind": "ArraySource", "count": len(self), "sha256": h.hexdigest()[:16]}
+
+
+def as_source(data):
+    """A data source from a source object or an ``(images, labels)`` pair."""
+    if isinstance(data, tuple) and len(data) == 2:
+        return ArraySource(*data)
+    if hasattr(data, "get_batch") and hasattr(data, "__len__"):
+        return data
+    raise InterventionError(
+        f"data must be a jaxdissect data source (e.g. jaxdissect.data.places.PlacesFolder) or a pair "
+        f"(images, labels), got {type(data).__name__}"
+    )
+
+
+def _fingerprint(source) -> dict:
+    fp = getattr(source, "fingerprint", None)
+    return fp() if callable(fp) else {"kind": type(source).__name__, "count": len(source)}
+
+
+def _batches(source, batch_size: int, num_items: int | None, start: int):
+    from jaxdissect.data.loader import batches
+
+    return batches(source, batch_size, num_items=num_items, start=start, keys=("image", "label"))
+
+
+# --------------------------------------------------------------------------
+# The evaluator: cached lower part, vmapped upper part
+
+
+def _vgg_fast_path_ok(module, variables, layer: str, shapes: dict) -> bool:
+    try:
+        from jaxdissect.models.vgg16 import VGG16
+    except ImportError:
+        return False
+    if not isinstance(module, VGG16) or layer.split(".")[-1] != "conv5_3" or "avgpool" not in shapes:
+        return False
+    kernel = variables.get("params", {}).get("fc6", {}).get("kernel")
+    pooled = shapes["avgpool"]
+    return kernel is not None and kernel.shape[0] == math.prod(pooled.shape[1:])
+
+
+class _Evaluator:
+    """Jitted pieces for one (model, layer, input shape): lower pass, generic and fast upper passes."""
+
+    def __init__(self, module, variables, layer: str, x_like, method: str = "auto", apply_kwargs=None):
+        if method not in ("auto", "fast", "generic"):
+            raise InterventionError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
+        self.module, self.layer = module, layer
+        apply_kwargs = dict(apply_kwargs or {})
+        x_aval = jax.ShapeDtypeStruct(tuple(x_like.shape), jnp.dtype(x_like.dtype))
+        shapes = layer_api.layer_shapes(module, variables, x_aval, **apply_kwargs)
+        if layer not in shapes:
+            valid = list(shapes)
+            close = difflib.get_close_matches(layer, valid, n=5, cutoff=0.5)
+            raise InterventionError(
+                f"unknown layer {layer!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+                + f"; {type(module).__name__} has layers: {', '.join(valid)}"
+            )
+        act = shapes[layer]
+        if isinstance(act, tuple) or not hasattr(act, "shape"):
+            raise InterventionError(f"layer {layer!r} is called several times or returns no array; pick another layer")
+        self.act_shape = tuple(act.shape)
+        self.num_units = int(act.shape[-1])
+        out = jax.eval_shape(lambda v, x: module.apply(v, x, **apply_kwargs), variables, x_aval)
+        if not hasattr(out, "shape") or out.ndim != 2:
+            raise InterventionError(f"{type(module).__name__} must return logits [N, classes], got {out}")
+        self.num_classes = int(out.shape[-1])
+        fast_ok = _vgg_fast_path_ok(module, variables, layer, shapes)
+        if method == "fast" and not fast_ok:
+            raise InterventionError(
+                f"the fast single-unit path needs jaxdissect's VGG16 and layer conv5_3; use method='generic' "
+                f"for layer {layer!r} of {type(module).__name__}"
+            )
+        self.fast = fast_ok and method != "generic"
+        captured = (layer, "avgpool") if self.fast else (layer,)
+        C, U = self.num_classes, self.num_units
+
+        def lower(v, x, labels, valid):
+            logits, acts = layer_api.capture(module, v, x, captured, **apply_kwargs)
+            pred, correct = _device_counts(logits[None], labels, valid, C)
+            return acts, pred[0], correct[0]
+
+        def upper(v, act):
+            return layer_api.run_from(module, v, layer, act, x_aval, **apply_kwargs)
+
+        def generic_logits(v, act, masks):
+            """Logits ``[E, B, C]`` with each mask row ``[E, U]`` ablated, from the layer's activation."""
+            return jax.vmap(lambda mask: upper(v, layer_api.Ablate(mask)(act)))(masks)
+
+        def fast_logits(v, pooled, ids):
+            """Logits ``[E, B, C]`` with each single unit ``ids [E]`` ablated, via the rank-49 fc6 update."""
+            params = v["params"]["fc6"]
+            kernel, bias = params["kernel"].astype(pooled.dtype), params["bias"].astype(pooled.dtype)
+            b = pooled.shape[0]
+            per_unit = pooled.reshape(b, -1, U)  # [B, P, U]
+            w = kernel.reshape(per_unit.shape[1], U, kernel.shape[-1])  # [P, U, O]
+            clean = pooled.reshape(b, -1) @ kernel + bias
+            delta = jnp.einsum("bpe,peo->ebo", per_unit[:, :, ids], w[:, ids, :])
+            h6 = jax.nn.relu(clean[None] - delta)
+            return jax.vmap(lambda h: layer_api.run_from(module, v, "fc6", h, x_aval, **apply_kwargs))(h6)
+
+        def counted(logits_fn):
+            def run_chunks(v, act, sets, labels, valid):
+                """``sets [chunks, E, ...]`` -> counts ``[chunks * E, C]`` (``lax.map`` over chunks)."""
+                pred, correct = jax.lax.map(
+                    lambda s: _device_counts(logits_fn(v, act, s), labels, valid, C), sets)
+                return pred.reshape(-1, C), correct.reshape(-1, C)
+
+            return jax.jit(run_chunks)
+
+        self._lower = jax.jit(lower)
+        self.generic_logits = jax.jit(generic_logits)
+        self.fast_logits = jax.jit(fast_logits)
+        self._generic = counted(generic_logits)
+        self._fast = counted(fast_logits)
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+    def chunk_size(self, num_sets: int, batch_size: int, per_set_bytes: int) -> int:
+        """Sets per vmapped call: within the memory budget, splitting ``num_sets`` into equal chunks."""
+        most = max(1, min(256, _CHUNK_BYTES // max(1, batch_size * per_set_bytes)))
+        return -(-num_sets // -(-num_sets // most)) if num_sets else 1
+
+
+_EVALUATORS: dict = {}
+
+
+def _evaluator(module, variables, layer, x_like, method, apply_kwargs) -> _Evaluator:
+    """A cached :class:`_Evaluator`, so repeated passes with one model reuse its compiled functions."""
+    leaves, treedef = jax.tree.flatten(variables)
+    try:
+        key = (module, layer, tuple(x_like.shape), str(x_like.dtype), method, treedef,
+               tuple((tuple(a.shape), str(a.dtype)) for a in leaves), tuple(sorted((apply_kwargs or {}).items())))
+        hash(key)
+    except TypeError:
+        return _Evaluator(module, variables, layer, x_like, method, apply_kwargs)
+    if key not in _EVALUATORS:
+        if len(_EVALUATORS) >= 8:
+            _EVALUATORS.pop(next(iter(_EVALUATORS)))
+        _EVALUATORS[key] = _Evaluator(module, variables, layer, x_like, method, apply_kwargs)
+    return _EVALUATORS[key]
+
+
+def _as_masks(unit_sets, num_units: int) -> np.ndarray:
+    """Unit sets (index lists or bool masks) -> bool masks ``[E, U]``, checked."""
+    if isinstance(unit_sets, np.ndarray) and unit_sets.dtype == bool:
+        masks = unit_sets.reshape(-1, unit_sets.shape[-1])
+        if masks.shape[1] != num_units:
+            raise InterventionError(f"unit masks have {masks.shape[1]} entries; the layer has {num_units} units")
+        return masks
+    masks = np.zeros((len(unit_sets), num_units), bool)
+    for i, units in enumerate(unit_sets):
+        units = np.asarray(units)
+        if units.dtype == bool:
+            if units.shape != (num_units,):
+                raise InterventionError(f"unit set {i}: mask of shape {units.shape}; the layer has {num_units} units")
+            masks[i] = units
+            continue
+        if units.size == 0:
+            raise InterventionError(f"unit set {i} is empty; give at least one unit to ablate")
+        if not np.issubdtype(units.dtype, np.integer):
+            raise InterventionError(f"unit set {i}: units must be integer indices, got {units.dtype}")
+        bad = units[(units < 0) | (units >= num_units)]
+        if bad.size:
+            raise InterventionError(
+                f"unit set {i}: unit indices {bad[:10].tolist()} out of range; the layer has units 0..{num_units - 1}"
+            )
+        masks[i, units] = True
+    return masks
+
+
+def _pad_chunks(a: np.ndarray, chunk: int) -> tuple[np.ndarray, int]:
+    n = a.shape[0]
+    total = -(-n // chunk) * chunk
+    if total > n:
+        a = np.concatenate([a, np.repeat(a[-1:], total - n, axis=0)])
+    return a.reshape((total // chunk, chunk) + a.shape[1:]), n
+
+
+def _evaluate(
+    module,
+    variables,
+    layer: str,
+    data,
+    *,
+    masks: np.ndarray | None = None,
+    single_units: np.ndarray | None = None,
+    method: str = "auto",
+    batch_size: int = 32,
+    num_items: int | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 20,
+    progress: Callable[[int, int], None] | None = None,
+    apply_kwargs=None,
+) -> dict:
+    """One pass over ``data``: clean counts plus counts for each mask row / single unit.
+
+    Returns ``{'total', 'true' [C], 'clean_pred' [C], 'clean_correct' [C],
+    'pred' [E, C], 'correct' [E, C]}`` (int64). With ``checkpoint`` (a path),
+    the partial counts are saved every ``checkpoint_every`` batches and an
+    interrupted pass resumes where it stopped.
+    """
+    source = as_source(data)
+    total_items = len(source) if num_items is None else min(int(num_items), len(source))
+    if total_items <= 0:
+        raise InterventionError("the data has no items to evaluate")
+    first = source.get_batch([0])
+    x_like = np.zeros((batch_size,) + np.asarray(first["image"]).shape[1:], np.float32)
+    ev = _evaluator(module, variables, layer, x_like, method, apply_kwargs)
+    C, U = ev.num_classes, ev.num_units
+    act_bytes = 4 * math.prod(ev.act_shape[1:])
+    use_fast = single_units is not None and ev.fast
+    if single_units is not None:
+        single_units = np.asarray(single_units, np.int32)
+        _as_masks([[u] for u in single_units.tolist()], U)  # range check
+        if not use_fast:
+            masks = np.zeros((len(single_units), U), bool)
+            masks[np.arange(len(single_units)), single_units] = True
+    if use_fast:
+        chunk = ev.chunk_size(len(single_units), batch_size, 4 * 4096 * 3)
+        sets, num_sets = _pad_chunks(single_units, chunk)
+    elif masks is not None:
+        masks = _as_masks(masks, U)
+        chunk = ev.chunk_size(len(masks), batch_size, act_bytes * 2)
+        sets, num_sets = _pad_chunks(masks, chunk)
+    else:
+        sets, num_sets = None, 0
+
+    num_batches = -(-total_items // batch_size)
+    state = {"next_batch": 0, "total": 0, "true": np.zeros(C, np.int64), "clean_pred": np.zeros(C, np.int64),
+             "clean_correct": np.zeros(C, np.int64), "pred": np.zeros((num_sets, C), np.int64),
+             "correct": np.zeros((num_sets, C), np.int64)}
+    key = _digest({"fp": _fingerprint(source), "n": total_items, "bs": batch_size, "layer": layer,
+                   "sets": None if sets is None else hashlib.sha256(np.ascontiguousarray(sets).tobytes()).hexdigest(),
+                   "fast": bool(use_fast), "model": type(module).__name__})
+    if checkpoint and os.path.exists(checkpoint):
+        saved = dict(np.load(checkpoint, allow_pickle=False))
+        if str(saved.get("key")) == key:
+            state = {k: (int(v) if v.ndim == 0 else v) for k, v in saved.items() if k != "key"}
+            log.info("resuming %s at batch %d of %d", checkpoint, state["next_batch"], num_batches)
+
+    def flush(acc, next_batch):
+        if acc is not None:
+            host = jax.device_get(acc)
+            for k, v in host.items():
+                state[k] = state[k] + np.asarray(v, np.int64)
+        state["next_batch"] = next_batch
+        if checkpoint:
+            _atomic_savez(checkpoint, key=np.asarray(key), **{k: np.asarray(v) for k, v in state.items()})
+
+    acc = None
+    start = int(state["next_batch"])
+    for b, batch in enumerate(_batches(source, batch_size, total_items, start), start=start):
+        x = jnp.asarray(batch["image"], jnp.float32)
+        labels = np.asarray(batch["label"], np.int32)
+        valid = np.asarray(batch["valid"], bool)
+        bad = labels[valid & ((labels < 0) | (labels >= C))]
+        if bad.size:
+            raise InterventionError(f"labels {sorted(set(bad.tolist()))[:10]} are outside the model's {C} classes")
+        labels_j, valid_j = jnp.asarray(labels), jnp.asarray(valid)
+        acts, pred, correct = ev._lower(variables, x, labels_j, valid_j)
+        step = {"total": valid_j.sum(dtype=jnp.int32),
+                "true": jnp.zeros(C, jnp.int32).at[labels_j].add(valid_j.astype(jnp.int32), mode="drop"),
+                "clean_pred": pred, "clean_correct": correct}
+        if use_fast:
+            step["pred"], step["correct"] = ev._fast(variables, acts["avgpool"], jnp.asarray(sets), labels_j, valid_j)
+        elif sets is not None:
+            step["pred"], step["correct"] = ev._generic(variables, acts[layer], jnp.asarray(sets), labels_j, valid_j)
+        if sets is not None:
+            step["pred"], step["correct"] = step["pred"][:num_sets], step["correct"][:num_sets]
+        acc = step if acc is None else ev._add(acc, step)
+        if progress:
+            progress(b + 1, num_batches)
+        if checkpoint and (b + 1) % checkpoint_every == 0:
+            flush(acc, b + 1)
+            acc = None
+    flush(acc, num_batches)
+    out = {k: v for k, v in state.items() if k != "next_batch"}
+    out["num_classes"] = C
+    out["num_units"] = U
+    return out
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _with_metrics(counts: dict, which: str) -> dict:
+    """Counts + metrics for the clean model (``which='clean'``) or the unit sets (``'sets'``)."""
+    if which == "clean":
+        c = {"total": counts["total"], "true": counts["true"], "pred": counts["clean_pred"],
+             "correct": counts["clean_correct"]}
+    else:
+        c = {"total": counts["total"], "true": counts["true"], "pred": counts["pred"], "correct": counts["correct"]}
+    return {**c, **perclass_metrics(c)}
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+
+def perclass_accuracy(module, variables, data, *, batch_size: int = 32, num_items: int | None = None,
+                      **apply_kwargs) -> dict:
+    """Per-class counts and the five metrics of the clean classifier on ``data``.
+
+    Returns ``{'total', 'true', 'pred', 'correct'}`` (exact int64 counts, ``[C]``)
+    plus ``precision``, ``recall``, ``accuracy``, ``true_negative_rate``,
+    ``balanced_accuracy`` (``[C]`` float64).
+    """
+    source = as_source(data)
+    layer = _any_layer(module, variables, source, apply_kwargs)
+    counts = _evaluate(module, variables, layer, source, batch_size=batch_size, num_items=num_items,
+                       apply_kwargs=apply_kwargs)
+    return _with_metrics(counts, "clean")
+
+
+def _any_layer(module, variables, source, apply_kwargs) -> str:
+    x = np.zeros((1,) + np.asarray(source.get_batch([0])["image"]).shape[1:], np.float32)
+    names = layer_api.layer_names(module, variables, x, **apply_kwargs)
+    if not names:
+        raise InterventionError(f"{type(module).__name__} has no submodules to treat as layers")
+    return names[-1]
+
+
+def ablate_units(module, variables, layer: str, units, data, *, batch_size: int = 32,
+                 num_items: int | None = None, **apply_kwargs) -> dict:
+    """Per-class counts and metrics with ``units`` of ``layer`` zeroed together (one custom set).
+
+    ``units``: unit indices or a bool mask. Returns the same keys as
+    :func:`perclass_accuracy`, plus ``baseline`` (the clean model's, from the
+    same pass).
+    """
+    counts = _evaluate(module, variables, layer, data, masks=[units], batch_size=batch_size,
+                       num_items=num_items, apply_kwargs=apply_kwargs)
+    result = {k: v[0] if isinstance(v, np.ndarray) and v.ndim == 2 else v
+              for k, v in _with_metrics(counts, "sets").items()}
+    result["baseline"] = _with_metrics(counts, "clean")
+    return result
+
+
+def ablation_sweep(module, variables, layer: str, unit_sets, data, *, batch_size: int = 32,
+                   num_items: int | None = None, checkpoint: str | None = None, checkpoint_every: int = 20,
+                   progress: Callable[[int, int], None] | None = None, **apply_kwargs) -> tuple[dict, dict]:
+    """Many ablations in one pass over ``data``: returns ``(baseline, sets)``.
+
+    ``unit_sets``: a list of unit-index lists / masks, or bool masks ``[E, U]``.
+    ``sets`` holds counts and metrics ``[E, C]``; ``baseline`` those of the
+    clean model ``[C]``.
+    """
+    counts = _evaluate(module, variables, layer, data, masks=unit_sets, batch_size=batch_size,
+                       num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                       progress=progress, apply_kwargs=apply_kwargs)
+    return _with_metrics(counts, "clean"), _with_metrics(counts, "sets")
+
+
+def single_unit_sweep(module, variables, layer: str, data, *, units=None, method: str = "auto",
+                      batch_size: int = 32, num_items: int | None = None, checkpoint: str | None = None,
+                      checkpoint_every: int = 20, progress: Callable[[int, int], None] | None = None, **apply_kwargs) -> tuple[dict, dict]:
+    """Ablate each unit of ``layer`` alone: returns ``(baseline, per_unit)``, metrics ``[len(units), C]``.
+
+    ``units`` defaults to every unit. ``method``: ``'auto'`` (the rank-49 fc6
+    update for VGG16 ``conv5_3``, else generic), ``'fast'`` or ``'generic'``.
+    """
+    if units is None:
+        x = np.zeros((1,) + np.asarray(as_source(data).get_batch([0])["image"]).shape[1:], np.float32)
+        shape = layer_api.layer_shapes(module, variables, x, **apply_kwargs).get(layer)
+        if shape is None or isinstance(shape, tuple):
+            raise InterventionError(f"unknown layer {layer!r}; layers: {layer_api.layer_names(module, variables, x)}")
+        units = np.arange(shape.shape[-1])
+    units = np.asarray(units)
+    if units.size == 0:
+        raise InterventionError("units is empty; give at least one unit (default: every unit of the layer)")
+    counts = _evaluate(module, variables, layer, data, single_units=units, method=method, batch_size=batch_size,
+                       num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                       progress=progress, apply_kwargs=apply_kwargs)
+    return _with_metrics(counts, "clean"), _with_metrics(counts, "sets")
+
+
+# --------------------------------------------------------------------------
+# Ranking and importance (spec 3.3 steps 3-4)
+
+
+def rank_units(single_ba: np.ndarray) -> np.ndarray:
+    """``[C, U]``: per class, units ordered by ascending balanced accuracy after single-unit ablation.
+
+    ``single_ba`` is ``[U, C]`` (most damaging first; ties by unit index; NaN last).
+    """
+    ba = np.asarray(single_ba, np.float64).T
+    return np.argsort(np.where(np.isnan(ba), np.inf, ba), axis=1, kind="stable")
+
+
+def unit_importance(order: np.ndarray, top: int = IMPORTANT_TOP) -> np.ndarray:
+    """``[U]``: for how many classes each unit is among the ``top`` most damaging."""
+    return np.bincount(order[:, :top].ravel(), minlength=order.shape[1])
+
+
+def class_unit_masks(order: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ablate, keep)`` bool masks ``[C, U]``: the ``n`` most important units of each class, and all others."""
+    c, u = order.shape
+    if not 0 < n < u:
+        raise InterventionError(f"n = {n} must be between 1 and {u - 1} for a layer of {u} units")
+    top = np.zeros((c, u), bool)
+    top[np.arange(c)[:, None], order[:, :n]] = True
+    return top, ~top
+
+
+def class_index(class_names: Sequence[str], name: str) -> int:
+    """Index of class ``name``; unknown names raise, listing close matches."""
+    names = list(class_names)
+    if name in names:
+        return names.index(name)
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    raise InterventionError(
+        f"unknown class {name!r}" + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+        + f" ({len(names)} classes, e.g. {', '.join(names[:5])})"
+    )
+
+
+def read_unit_iou(path: str, num_units: int) -> tuple[np.ndarray, list[str] | None]:
+    """Per-unit IoU (and labels) from a dissection ``report.json`` or an ``.npz``/``.npy`` of IoUs.
+
+    An npz needs an ``iou`` array ``[U]`` or ``[U, L]`` (best label per unit taken).
+    """
+    if not os.path.exists(path):
+        raise InterventionError(f"IoU file {path} does not exist; pass a dissection report.json or an iou npz")
+    labels = None
+    if path.endswith(".json"):
+        with open(path) as f:
+            report = json.load(f)
+        if "units" not in report:
+            raise InterventionError(f"{path} is not a dissection report.json (no 'units' list)")
+        iou = np.full(num_units, np.nan)
+        labels = [""] * num_units
+        for u in report["units"]:
+            if 0 <= int(u["unit"]) < num_units:
+                v = u.get("iou")
+                iou[int(u["unit"])] = float(v) if v not in (None, "NaN", "nan") else np.nan
+                labels[int(u["unit"])] = str(u.get("label", ""))
+    else:
+        loaded = np.load(path, allow_pickle=False)
+        iou = loaded["iou"] if hasattr(loaded, "files") else loaded
+        iou = np.asarray(iou, np.float64)
+        if iou.ndim == 2:
+            iou = iou.max(axis=1) if iou.shape[0] == num_units else iou.max(axis=0)
+    if iou.shape != (num_units,):
+        raise InterventionError(f"{path} has IoUs for {iou.shape} units; the layer has {num_units}")
+    return iou, labels
+
+
+def importance_buckets(importance: np.ndarray, iou: np.ndarray | None = None, max_bucket: int = 7) -> dict:
+    """Units per importance count ``0 .. max_bucket-1, >=max_bucket`` and their mean IoU (paper figure)."""
+    names = [str(i) for i in range(max_bucket)] + [f">={max_bucket}"]
+    bucket = np.minimum(importance, max_bucket)
+    out = {"bucket": names, "units": [int((bucket == i).sum()) for i in range(max_bucket + 1)]}
+    if iou is not None:
+        out["mean_iou"] = [float(np.nanmean(iou[bucket == i])) if (bucket == i).any() else None
+                           for i in range(max_bucket + 1)]
+    return out
+
+
+def classifier_ablation_experiment(
+    module,
+    variables,
+    layer: str,
+    val_data,
+    train_data,
+    work_dir: str,
+    *,
+    class_names: Sequence[str] | None = None,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    plot_class: str | None = None,
+    iou_path: str | None = None,
+    batch_size: int = 32,
+    val_items: int | None = None,
+    train_items: int | None = None,
+    method: str = "auto",
+    progress: Callable[[str, int, int], None] | None = None,
+    **apply_kwargs,
+) -> dict:
+    """The whole of spec 3.3, resumable: every piece is cached in ``work_dir`` and never recomputed.
+
+    1. val and train passes: clean counts plus every single-unit ablation;
+    2. per class, units ranked by train BA after single-unit ablation;
+    3. for each ``n`` in ``sizes``, on val: ablate each class's ``n`` top
+       units, and keep only them (ablate the rest);
+    4. unit importance (classes for which a unit is in the top 4) and, given
+       ``iou_path``, its relation to dissection IoU.
+
+    Writes ``summary.json``, ``results.npz`` and plots (``ice-all-classes.png``,
+    ``ice-one-class.png``, ``ice-vs-iou.png``) to ``work_dir``; returns the summary.
+    """
+    os.makedirs(work_dir, exist_ok=True)
+    val, train = as_source(val_data), as_source(train_data)
+    class_names = list(class_names if class_names is not None else (getattr(val, "classes", None) or []))
+    plot_idx = class_index(class_names, plot_class) if plot_class else None
+    sizes = sorted({int(n) for n in sizes})
+    common = dict(batch_size=batch_size, apply_kwargs=apply_kwargs)
+
+    def piece(name: str, compute: Callable[[str], dict]) -> dict:
+        path = os.path.join(work_dir, f"{name}.npz")
+        if os.path.exists(path):
+            return {k: (v.item() if v.ndim == 0 else v) for k, v in np.load(path, allow_pickle=False).items()}
+        partial = os.path.join(work_dir, f"{name}.partial.npz")
+        result = compute(partial)
+        _atomic_savez(path, **{k: np.asarray(v) for k, v in result.items()})
+        if os.path.exists(partial):
+            os.remove(partial)
+        return result
+
+    def prog(name):
+        return (lambda b, n: progress(name, b, n)) if progress else None
+
+    def singles(source, items, name):
+        return lambda ck: _evaluate(module, variables, layer, source, single_units=np.arange(num_units),
+                                    method=method, num_items=items, checkpoint=ck, progress=prog(name), **common)
+
+    x = np.zeros((1,) + np.asarray(val.get_batch([0])["image"]).shape[1:], np.float32)
+    shape = layer_api.layer_shapes(module, variables, x, **apply_kwargs).get(layer)
+    if shape is None or isinstance(shape, tuple):
+        raise InterventionError(
+            f"unknown layer {layer!r}; {type(module).__name__} has: {', '.join(layer_api.layer_names(module, variables, x))}"
+        )
+    num_units = int(shape.shape[-1])
+    bad = [n for n in sizes if not 0 < n < num_units]
+    if bad:
+        raise InterventionError(f"sizes {bad} out of range; n must be between 1 and {num_units - 1}")
+
+    val_single = piece("pra_val_single_units", singles(val, val_items, "val single units"))
+    train_single = piece("pra_train_single_units", singles(train, train_items, "train single units"))
+    num_classes = int(val_single["num_classes"])
+    if class_names and len(class_names) != num_classes:
+        raise InterventionError(f"{len(class_names)} class names for a model with {num_classes} classes")
+    if not class_names:
+        class_names = [str(i) for i in range(num_classes)]
+
+    train_ba = perclass_metrics(_sets(train_single))["balanced_accuracy"]
+    order = rank_units(train_ba)
+    val_base = perclass_metrics(_clean(val_single))
+    train_base = perclass_metrics(_clean(train_single))
+
+    per_n = {}
+    for n in sizes:
+        ablate, keep = class_unit_masks(order, n)
+        res = piece(f"pra_val_classunits_n{n}", lambda ck, a=ablate, k=keep, n=n: _evaluate(
+            module, variables, layer, val, masks=np.concatenate([a, k]), num_items=val_items, checkpoint=ck,
+            progress=prog(f"val top-{n} sets"), **common))
+        ba = perclass_metrics(_sets(res))["balanced_accuracy"]  # [2C, C]
+        idx = np.arange(num_classes)
+        per_n[n] = {"ablate": ba[idx, idx], "keep": ba[num_classes + idx, idx]}
+
+    importance = unit_importance(order)
+    iou = labels = None
+    if iou_path:
+        iou, labels = read_unit_iou(iou_path, num_units)
+    buckets = importance_buckets(importance, iou)
+
+    val_single_ba = perclass_metrics(_sets(val_single))["balanced_accuracy"]
+    summary = {
+        "layer": layer,
+        "num_units": num_units,
+        "num_classes": num_classes,
+        "val_images": int(val_single["total"]),
+        "train_images": int(train_single["total"]),
+        "mean_balanced_accuracy": {
+            "val_baseline": float(np.nanmean(val_base["balanced_accuracy"])),
+            "train_baseline": float(np.nanmean(train_base["balanced_accuracy"])),
+            "ablate_top": {str(n): float(np.nanmean(per_n[n]["ablate"])) for n in sizes},
+            "keep_only_top": {str(n): float(np.nanmean(per_n[n]["keep"])) for n in sizes},
+        },
+        "importance_histogram": buckets,
+        "classes": {},
+    }
+    for c, name in enumerate(class_names):
+        top = order[c, :IMPORTANT_TOP]
+        summary["classes"][name] = {
+            "val_baseline_ba": _f(val_base["balanced_accuracy"][c]),
+            "top_units": [
+                {"unit": int(u), "train_ba_drop": _f(train_base["balanced_accuracy"][c] - train_ba[u, c]),
+                 "val_ba_drop": _f(val_base["balanced_accuracy"][c] - val_single_ba[u, c]),
+                 **({"label": labels[u]} if labels else {}), **({"iou": _f(iou[u])} if iou is not None else {})}
+                for u in top
+            ],
+            "ablate_top_ba": {str(n): _f(per_n[n]["ablate"][c]) for n in sizes},
+            "keep_only_top_ba": {str(n): _f(per_n[n]["keep"][c]) for n in sizes},
+        }
+    arrays = {
+        "order": order, "importance": importance, "sizes": np.asarray(sizes),
+        "train_single_ba": train_ba, "val_single_ba": val_single_ba,
+        "val_baseline_ba": val_base["balanced_accuracy"], "train_baseline_ba": train_base["balanced_accuracy"],
+        "val_ablate_top_ba": np.stack([per_n[n]["ablate"] for n in sizes]),
+        "val_keep_only_top_ba": np.stack([per_n[n]["keep"] for n in sizes]),
+    }
+    if iou is not None:
+        arrays["iou"] = iou
+    _atomic_savez(os.path.join(work_dir, "results.npz"), **arrays)
+    with open(os.path.join(work_dir, "summary.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(work_dir, "summary.json.tmp"), os.path.join(work_dir, "summary.json"))
+    if plot_idx is None:
+        drops = val_base["balanced_accuracy"] - per_n[sizes[0]]["ablate"]
+        plot_idx = int(np.nanargmax(drops))
+    plot_results(work_dir, arrays, class_names, plot_idx, labels)
+    return summary
+
+
+def _f(v) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _clean(counts: dict) -> dict:
+    return {"total": counts["total"], "true": counts["true"], "pred": counts["clean_pred"],
+            "correct": counts["clean_correct"]}
+
+
+def _sets(counts: dict) -> dict:
+    return {"total": counts["total"], "true": counts["true"], "pred": counts["pred"], "correct": counts["correct"]}
+
+
+def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[str], plot_class: int,
+                 labels: Sequence[str] | None = None) -> list[str]:
+    """The paper's three plots from ``results.npz`` arrays; returns the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    sizes = arrays["sizes"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = np.nanmean(arrays["val_baseline_ba"])
+    ax.axhline(base, color="gray", ls="--", label=f"no units removed ({base:.1%})")
+    ax.plot(sizes, np.nanmean(arrays["val_ablate_top_ba"], axis=1), "o-", color="tab:red",
+            label="n most important units removed")
+    ax.plot(sizes, np.nanmean(arrays["val_keep_only_top_ba"], axis=1), "o-", color="tab:blue",
+            label="all but the n most important removed")
+    ax.set_xscale("log")
+    ax.set_xlabel("n (units)")
+    ax.set_ylabel("mean balanced single-class accuracy (val)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(_savefig(fig, os.path.join(work_dir, "ice-all-classes.png")))
+
+    c = plot_class
+    top = arrays["order"][c, :8]
+    train_drop = arrays["train_baseline_ba"][c] - arrays["train_single_ba"][top, c]
+    val_drop = arrays["val_baseline_ba"][c] - arrays["val_single_ba"][top, c]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pos = np.arange(len(top))
+    ax.bar(pos - 0.2, train_drop, 0.4, label="train")
+    ax.bar(pos + 0.2, val_drop, 0.4, label="val")
+    ax.set_xticks(pos, [f"unit {u}" + (f"\n{labels[u]}" if labels else "") for u in top], fontsize=7)
+    ax.set_ylabel(f"balanced accuracy lost ({class_names[c]})")
+    ax.set_title(f"Most important units for {class_names[c]}")
+    ax.legend()
+    fig.tight_layout()
+    written.append(_savefig(fig, os.path.join(work_dir, "ice-one-class.png")))
+
+    buckets = importance_buckets(arrays["importance"], arrays.get("iou"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(buckets["bucket"], buckets["units"], color="tab:gray")
+    ax.set_xlabel(f"number of classes for which the unit is among the top {IMPORTANT_TOP}")
+    ax.set_ylabel("units")
+    if "mean_iou" in buckets:
+        ax2 = ax.twinx()
+        ax2.plot(buckets["bucket"], [np.nan if v is None else v for v in buckets["mean_iou"]], "o-", color="tab:red")
+        ax2.set_ylabel("mean IoU of the unit's best concept", color="tab:red")
+    fig.tight_layout()
+    written.append(_savefig(fig, os.path.join(work_dir, "ice-vs-iou.png")))
+    return written
+
+
+def _savefig(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -177,3 +177,146 @@ def test_bad_inputs(model):
         dissect(module, variables, ["fc"], data, "dataset", quantile=0.2)
     with pytest.raises(DissectError, match=r"resolution \(16, 16\).*8x8"):
         dissect(module, variables, ["det"], data, "dataset", quantile=0.2, resolution=(16, 16))
+
+
+class PoolNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="fc")(Pool(name="det")(x).mean((1, 2)))
+
+
+class LabelledFolder:
+    """An image folder plus a segmentation computed from its pixels: label 1 where red dominates."""
+
+    label_names, label_categories, categories = ["-", "red"], ["-", "color"], ["color"]
+
+    def __init__(self, folder):
+        self.folder, self.name = folder, "folder"
+
+    def __len__(self):
+        return len(self.folder)
+
+    def fingerprint(self):
+        return self.folder.fingerprint()
+
+    def get_batch(self, indices):
+        batch = dict(self.folder.get_batch(indices))
+        d = batch["display"].astype(np.int32)
+        red = (d[..., 0] > d[..., 1] + 60).reshape(len(indices), 8, CELL, 8, CELL).mean((2, 4)) > 0.5
+        batch["seg"] = red[:, None].astype(np.int32)
+        return batch
+
+
+def _folder_transform(image):
+    d = np.asarray(image.resize((SIZE, SIZE)), np.uint8)
+    return d.astype(np.float32) / 255.0, d
+
+
+def _write_images(root, n):
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        cells = rng.random((8, 8)) < 0.15
+        img = np.full((8, 8, 3), 40, np.uint8)
+        img[cells] = (230, 30, 30)
+        img = img.repeat(CELL, 0).repeat(CELL, 1) + rng.integers(0, 20, (SIZE, SIZE, 3)).astype(np.uint8)
+        Image.fromarray(img).save(root / f"img{i}.png")
+
+
+def test_corrupt_image_skipped_and_counted_or_raised(tmp_path):
+    import jax
+
+    from jaxdissect.data.folders import DataSourceError, ImageFolder
+
+    module = PoolNet()
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    good, mixed = tmp_path / "good", tmp_path / "mixed"
+    _write_images(good, 6)
+    _write_images(mixed, 6)
+    (mixed / "img2b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")   # index 3, among the same good images
+    kw = dict(quantile=0.2, topk=4, thumbsize=16, batch_size=4)
+    ref = dissect(module, variables, ["det"], LabelledFolder(ImageFolder(str(good), transform=_folder_transform)),
+                  "dataset", output_dir=str(tmp_path / "ref"), **kw)
+    skip = LabelledFolder(ImageFolder(str(mixed), transform=_folder_transform, on_error="skip"))
+    got = dissect(module, variables, ["det"], skip, "dataset", output_dir=str(tmp_path / "skip"), **kw)
+    assert ref["det"].images == 6 and got["det"].images == 6
+    np.testing.assert_array_equal(got["det"].thresholds, ref["det"].thresholds)
+    np.testing.assert_array_equal(got["det"].intersection, ref["det"].intersection)
+    assert 3 not in got["det"].top_index
+    assert list(skip.folder.bad_files) == [3]
+    report = json.load(open(tmp_path / "skip" / "det" / "report.json"))
+    assert "(1 unreadable images skipped)" in report["header"]["name"]
+    assert "1 unreadable images skipped" in open(tmp_path / "skip" / "index.html").read()
+    strict = LabelledFolder(ImageFolder(str(mixed), transform=_folder_transform))
+    with pytest.raises(DataSourceError, match=r"img2b\.png"):
+        dissect(module, variables, ["det"], strict, "dataset", output_dir=str(tmp_path / "raise"), **kw)
+
+
+class PlantedGenerator(nn.Module):
+    """z -> 32x32 image: cell (y, x) is red where z[8y + x] > 1 and green where it is < -1.
+
+    Layer ``block`` unit 0 is relu(z - 1) per cell (fires on red), unit 1 relu(-z - 1) (green).
+    """
+
+    @nn.compact
+    def __call__(self, z):
+        cells = z[:, :64].reshape(-1, 8, 8)
+        block = Stack(name="block")(cells)
+        red = jnp.where(cells > 1, 1.0, -1.0)
+        green = jnp.where(cells < -1, 1.0, -1.0)
+        rgb = jnp.stack([red, green, -jnp.ones_like(red)], -1)
+        return rgb.repeat(CELL, 1).repeat(CELL, 2)
+
+
+class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, cells):
+        return jnp.stack([nn.relu(cells - 1), nn.relu(-cells - 1)], -1)
+
+
+class ColourSegmenter:
+    """Stands in for jaxdissect.segment: label 1 where the image is red, 2 where green."""
+
+    categories = ["object", "material"]
+
+
+def _fake_segment(segmenter, variables, images, downsample=4):
+    images = jnp.asarray(images)
+    n, h, w, _ = images.shape
+    centre = images[:, downsample // 2::downsample, downsample // 2::downsample]
+    labels = jnp.where(centre[..., 0] > 0, 1, jnp.where(centre[..., 1] > 0, 2, 0)).astype(jnp.int32)
+    return labels[:, None], ["-", "redthing", "greenthing"], ["-", "object", "material"]
+
+
+def test_generator_output_is_segmented_and_shown(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import jaxdissect.segmentation
+    from jaxdissect.data.folders import LatentSource
+
+    monkeypatch.setattr(jaxdissect.segmentation, "segment", _fake_segment)
+    results = dissect(PlantedGenerator(), {}, ["block"], LatentSource(24), (ColourSegmenter(), {}),
+                      quantile=0.2, topk=5, thumbsize=32, batch_size=8, output_dir=str(tmp_path))
+    report = json.load(open(tmp_path / "block" / "report.json"))
+    assert [(u["label"], u["cat"]) for u in report["units"]] == [("redthing", "object"), ("greenthing", "material")]
+    assert results["block"].label_iou == pytest.approx([1.0, 1.0])
+    strip = np.asarray(Image.open(tmp_path / "block" / "image" / "unit0.jpg"), np.int32)
+    red = (strip[..., 0] > 200) & (strip[..., 1] < 70) & (strip[..., 2] < 70)
+    assert red.mean() > 0.05      # rendered (x + 1) / 2: red cells show at full brightness
+
+
+def test_segmenter_resolution_mismatch(model, monkeypatch):
+    import jaxdissect.segmentation
+
+    def half(segmenter, variables, images, downsample=4):
+        labels, names, cats = _fake_segment(segmenter, variables, images, downsample * 2)
+        return labels, names, cats
+
+    monkeypatch.setattr(jaxdissect.segmentation, "segment", half)
+    from jaxdissect.data.folders import LatentSource
+
+    with pytest.raises(DissectError, match=r"segmenter returns 4x4 label maps for 32x32 images.*8x8"):
+        dissect(PlantedGenerator(), {}, ["block"], LatentSource(8), (ColourSegmenter(), {}), quantile=0.2)

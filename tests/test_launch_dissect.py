@@ -40,12 +40,16 @@ def numpy_init(module, shape, seed=1):
 
 def _command(model_dir, output_dir):
     return [sys.executable, "-m", "launch.dissect", f"--model={model_dir}", "--data=synthetic:48",
-            "--segmenter=dataset", "--layers=conv3..conv4", "--batch_size=4", "--checkpoint_every=1",
+            "--segmenter=dataset", "--layers=conv3..conv4", "--batch_size=4", "--checkpoint_every=3",
             "--topk=5", "--thumbsize=20", f"--output_dir={output_dir}"]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+def _env(cache=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    if cache:  # the three runs of the resume test share compiled programs
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
 
 
 def _checkpoints(output_dir, name):
@@ -55,12 +59,13 @@ def _checkpoints(output_dir, name):
 
 def test_kill_during_iou_pass_then_resume(model_dir, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    done = subprocess.run(_command(model_dir, full), cwd=REPO, env=_env(), capture_output=True, text=True,
+    env = _env(cache=str(tmp_path / "jax_cache"))
+    done = subprocess.run(_command(model_dir, full), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"report: {os.path.join(full, 'index.html')}" in done.stdout
 
-    proc = subprocess.Popen(_command(model_dir, killed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(model_dir, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -75,7 +80,7 @@ def test_kill_during_iou_pass_then_resume(model_dir, tmp_path):
     assert _checkpoints(killed, "pass3"), "the run was not killed during the IoU pass"
     assert not os.path.exists(os.path.join(killed, "work", "results.done"))
 
-    again = subprocess.run(_command(model_dir, killed), cwd=REPO, env=_env(), capture_output=True, text=True,
+    again = subprocess.run(_command(model_dir, killed), cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming at batch" in again.stderr

@@ -73,8 +73,10 @@ def run(mesh):
 """
 
 
-def test_toy_kernels_identical_on_1_and_8_devices():
-    out = run_with_devices(TOY + """
+@pytest.fixture(scope="module")
+def eight_devices():
+    """One 8-device subprocess for the toy-kernel and layout checks (saves a JAX start-up)."""
+    return run_with_devices(TOY + """
 devices = jax.devices()
 assert len(devices) == 8, devices
 one = run(parallel.make_mesh(devices[:1]))
@@ -87,8 +89,20 @@ for x, w in data:
     (x, w), valid = parallel.pad_batch((x, w), 8)
     state = step(state, *parallel.shard_batch(mesh, (x, w, valid)))
 host_padded = merge(parallel.to_host(state))
-print(json.dumps({"one": one, "eight": eight, "host_padded": host_padded}))
+
+# Layout: stacked, sharded state; donation; which items each device saw.
+state = parallel.stack_init(mesh, {"a": np.arange(4, dtype=np.int32)})
+shards = sorted(s.device.id for s in state["a"].addressable_shards)
+step = parallel.per_device(lambda s, x: {"a": s["a"] + x.sum()}, mesh)
+new = step(state, jnp.arange(16, dtype=jnp.int32).reshape(16, 1))
+layout = {"shape": list(state["a"].shape), "spec": list(new["a"].sharding.spec), "devices": shards,
+          "donated": state["a"].is_deleted(), "per_device": np.asarray(new["a"][:, 0]).tolist()}
+print(json.dumps({"one": one, "eight": eight, "host_padded": host_padded, "layout": layout}))
 """)
+
+
+def test_toy_kernels_identical_on_1_and_8_devices(eight_devices):
+    out = eight_devices
     # Independent NumPy reference (same random data).
     rng = np.random.RandomState(0)
     hist, n, wsum, mx = np.zeros((3, 50), np.int64), 0, 0, np.full(3, -1)
@@ -105,20 +119,8 @@ print(json.dumps({"one": one, "eight": eight, "host_padded": host_padded}))
     assert out["host_padded"] == expected
 
 
-def test_state_layout_and_donation():
-    out = run_with_devices("""
-import json
-import jax, jax.numpy as jnp, numpy as np
-from jaxdissect import parallel
-mesh = parallel.make_mesh()
-state = parallel.stack_init(mesh, {"a": np.arange(4, dtype=np.int32)})
-shards = sorted(s.device.id for s in state["a"].addressable_shards)
-step = parallel.per_device(lambda s, x: {"a": s["a"] + x.sum()}, mesh)
-new = step(state, jnp.arange(16, dtype=jnp.int32).reshape(16, 1))
-print(json.dumps({"shape": list(state["a"].shape), "spec": list(new["a"].sharding.spec),
-                  "devices": shards, "donated": state["a"].is_deleted(),
-                  "per_device": np.asarray(new["a"][:, 0]).tolist()}))
-""")
+def test_state_layout_and_donation(eight_devices):
+    out = eight_devices["layout"]
     assert out["shape"] == [8, 4]
     assert out["devices"] == list(range(8))
     assert out["spec"] == ["data"]

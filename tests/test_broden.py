@@ -129,6 +129,15 @@ def test_reader_layout_and_values(broden):
     mean = np.array([0.485, 0.456, 0.406], np.float32)
     std = np.array([0.229, 0.224, 0.225], np.float32)
     np.testing.assert_allclose(fine["image"][0], (planted[1][0] / 255.0 - mean) / std, rtol=1e-5)
+    # A subset of categories, images resized.
+    sub = B.BrodenSource(root, split="val", categories=["object", "scene"], image_size=8)
+    assert sub.seg_channels == [("object", 0), ("object", 1)] and sub.label_slots == [("scene", 0),
+                                                                                     ("scene", 1)]
+    small = sub.get_batch([0])
+    assert small["display"].shape == (1, 8, 8, 3) and small["seg"].shape == (1, 2, S, S)
+    np.testing.assert_array_equal(small["seg"][0], _expected(planted, 0, sub.seg_channels))
+    with pytest.raises(B.BrodenError, match="not in"):
+        B.BrodenSource(root, categories=["shape"])
 
 
 def test_bad_files(broden, tmp_path):

@@ -33,6 +33,7 @@ in ``output_dir/<layer>/``: ``report.json`` (spec 3.1), ``arrays.npz``,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -296,18 +297,10 @@ class _Run:
     # -- compute -----------------------------------------------------------
     def forward_fn(self):
         """Jitted ``(variables, x) -> (output, {layer: float32 activation})``: one pass, every layer."""
-        if getattr(self, "_forward", None) is None:
-            from jaxdissect.layers import capture
-
-            module, layers = self.module, list(self.layers)
-
-            @jax.jit
-            def forward(variables, x):
-                out, acts = capture(module, variables, x, layers)
-                return out, {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
-
-            self._forward = forward
-        return self._forward
+        try:
+            return _forward(self.module, tuple(self.layers))
+        except TypeError:  # an unhashable module: compile for this run only
+            return _forward.__wrapped__(self.module, tuple(self.layers))
 
     def replicated_variables(self):
         if getattr(self, "_params", None) is None:
@@ -315,10 +308,10 @@ class _Run:
                 self.mesh, jax.sharding.PartitionSpec()))
         return self._params
 
-    def run_pass(self, wd, name, init, update, keys, extra_config=None):
-        """One resumable pass; ``update(state, acts, batch) -> state`` runs per device."""
+    def run_pass(self, wd, name, init, keys, extra_config=None):
+        """One resumable pass of the per-device update of pass ``name`` over every layer."""
         forward, params = self.forward_fn(), self.replicated_variables()
-        step_update = parallel.per_device(update, self.mesh)
+        step_update = _update(name, tuple(self.plans.items()), self.mesh)
         need_output = self.generator and name == "pass3" and not isinstance(self.segmentation, str)
 
         def step(state, batch):
@@ -346,13 +339,7 @@ class _Run:
         from jaxdissect.statistics import DissectionError
 
         plans = self.plans
-
-        def update(state, acts, b):
-            return {n: plans[n].pass1_update(state[n], acts[n], b["valid"], b["index"], b["batch_id"])
-                    for n in plans}
-
-        state = self.run_pass(wd, "pass1", {n: p.pass1_init() for n, p in plans.items()}, update,
-                              self.model_keys())
+        state = self.run_pass(wd, "pass1", {n: p.pass1_init() for n, p in plans.items()}, self.model_keys())
         state = parallel.to_host(state)
         out = {}
         for n, p in plans.items():
@@ -365,12 +352,8 @@ class _Run:
     def pass2(self, wd, selections):
         """Exact thresholds ``{layer: [U]}``."""
         plans = self.plans
-
-        def update(state, acts, b):
-            return {n: plans[n].pass2_update(state[n], acts[n], b["valid"]) for n in plans}
-
         init = {n: p.pass2_init(selections[n]) for n, p in plans.items()}
-        state = parallel.to_host(self.run_pass(wd, "pass2", init, update, self.model_keys()))
+        state = parallel.to_host(self.run_pass(wd, "pass2", init, self.model_keys()))
         return {n: p.pass2_finish(selections[n], state[n]) for n, p in plans.items()}
 
     def pass3(self, wd, thresholds):
@@ -378,17 +361,12 @@ class _Run:
         from jaxdissect.statistics import DissectionError
 
         plans = self.plans
-
-        def update(state, acts, b):
-            return {n: plans[n].pass3_update(state[n], acts[n], b["seg"], b["valid"], b["batch_id"],
-                                             b.get("image_labels")) for n in plans}
-
         if isinstance(self.segmentation, str):
             keys = self.model_keys() + ("seg", "image_labels")
         else:
             keys = self.model_keys() + (() if self.generator else ("display",))
         init = {n: p.pass3_init(thresholds[n]) for n, p in plans.items()}
-        state = self.run_pass(wd, "pass3", init, update, keys,
+        state = self.run_pass(wd, "pass3", init, keys,
                               extra_config={"thresholds": {n: _hash_array(t) for n, t in thresholds.items()}})
         state = parallel.to_host(state)
         try:
@@ -488,6 +466,36 @@ class _Run:
                                        "unique concepts": row["unique_concepts"],
                                        "images": self.num_images - skipped, "skipped images": skipped}})
         return html.write_run_report(self.output_dir, self.header_name(skipped), layers)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward(module, layers: tuple[str, ...]):
+    """Jitted forward pass capturing ``layers`` (cached, so repeated dissections compile once)."""
+    from jaxdissect.layers import capture
+
+    @jax.jit
+    def forward(variables, x):
+        out, acts = capture(module, variables, x, layers)
+        return out, {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
+
+    return forward
+
+
+@functools.lru_cache(maxsize=32)
+def _update(name: str, plans: tuple, mesh):
+    """The per-device step of pass ``name`` for every ``(layer, Plan)`` in ``plans`` (cached)."""
+    plans = dict(plans)
+
+    def update(state, acts, b):
+        if name == "pass1":
+            return {n: p.pass1_update(state[n], acts[n], b["valid"], b["index"], b["batch_id"])
+                    for n, p in plans.items()}
+        if name == "pass2":
+            return {n: p.pass2_update(state[n], acts[n], b["valid"]) for n, p in plans.items()}
+        return {n: p.pass3_update(state[n], acts[n], b["seg"], b["valid"], b["batch_id"], b.get("image_labels"))
+                for n, p in plans.items()}
+
+    return parallel.per_device(update, mesh)
 
 
 def report_units(result) -> list[dict]:

@@ -39,6 +39,10 @@ class StreamError(RuntimeError):
     """A work directory cannot be used for this stream (other arguments, damaged, locked)."""
 
 
+class WorkdirLocked(StreamError):
+    """Another live worker holds the directory's lock (a job list can skip to its next item)."""
+
+
 def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -68,7 +72,7 @@ class Workdir:
     ``with Workdir(path) as wd:`` takes the lock ``lock.pid`` (content
     ``pid@host``) for the duration; a lock left by a dead process on this host
     is taken over, one held by a live process (or by another host) raises
-    :class:`StreamError` naming its owner and the file to delete.
+    :class:`WorkdirLocked` naming its owner and the file to delete.
     """
 
     def __init__(self, directory: str):
@@ -99,7 +103,7 @@ class Workdir:
         return self._locked
 
     def lock(self) -> "Workdir":
-        """Take ``lock.pid``; raises :class:`StreamError` if another live worker holds it."""
+        """Take ``lock.pid``; raises :class:`WorkdirLocked` if another live worker holds it."""
         if self._locked:
             return self
         path = os.path.join(self.directory, _LOCK)
@@ -120,7 +124,7 @@ class Workdir:
                     except FileNotFoundError:
                         pass
                     continue
-                raise StreamError(
+                raise WorkdirLocked(
                     f"{self.directory} is in use by {holder or 'an unknown process'} ({path}); wait "
                     f"for it to finish, or delete {path} if that worker is gone"
                 ) from None

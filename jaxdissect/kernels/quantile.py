@@ -24,8 +24,8 @@ Memory: 256 KiB per unit in pass 1 and 512 KiB in pass 2 (128 MiB and
 256 MiB for 512 units), per device. Cost: each pass reads every value once
 and does at most one histogram increment (a scatter-add) per value.
 
-Counts are int32: at most 2**31 - 1 values per unit in total (the driver
-checks this up front). Non-finite values are not histogrammed; they are
+Counts are int32 per device state: at most 2**31 - 1 values per unit and
+device (the driver checks this up front); merges on the host use int64. Non-finite values are not histogrammed; they are
 counted per unit, with the first batch id they occurred in, so the driver can
 name the unit and the batch instead of returning a silently wrong level.
 
@@ -140,17 +140,21 @@ def _ranks(n: np.ndarray, level: float):
 
 
 def _locate(counts: np.ndarray, ranks: np.ndarray):
-    """For rows of ``counts [U, B]`` and ``ranks [U, R]``: bucket of each rank and rank inside it."""
+    """For histograms ``counts [D, U, B]`` (summed over D) and ``ranks [U, R]``: bucket and rank inside it.
+
+    Works on 64 units at a time, so the int64 copy stays small.
+    """
     buckets = np.zeros(ranks.shape, np.int64)
     inside = np.zeros(ranks.shape, np.int64)
-    for start in range(0, counts.shape[0], 64):
+    for start in range(0, counts.shape[1], 64):
         part = slice(start, start + 64)
-        cum = np.cumsum(counts[part], axis=1, dtype=np.int64)
+        c = counts[:, part].sum(0, dtype=np.int64)
+        cum = np.cumsum(c, axis=1)
         r = ranks[part]
-        b = np.stack([np.searchsorted(c, rr, side="right") for c, rr in zip(cum, r)])
-        b = np.minimum(b, counts.shape[1] - 1)
+        b = np.stack([np.searchsorted(row, rr, side="right") for row, rr in zip(cum, r)])
+        b = np.minimum(b, counts.shape[2] - 1)
         buckets[part] = b
-        inside[part] = r - np.take_along_axis(cum, b, 1) + np.take_along_axis(counts[part], b, 1)
+        inside[part] = r - np.take_along_axis(cum, b, 1) + np.take_along_axis(c, b, 1)
     return buckets, inside
 
 
@@ -161,16 +165,13 @@ def select(high_state: dict, level: float) -> dict:
     summed). Returns NumPy arrays: ``count [U]`` (finite values), ``gamma [U]``
     (interpolation weight), ``bucket [U, 2]``, ``inside [U, 2]``.
     """
-    hist = np.asarray(high_state["hist"])
-    if hist.ndim == 3:
-        hist = hist.astype(np.int64).sum(0)
-    hist = hist.astype(np.int64)
-    count = hist.sum(1)
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"quantile level must lie in [0, 1], got {level}")
+    hist = np.asarray(high_state["hist"])
+    hist = hist[None] if hist.ndim == 2 else hist
+    count = hist.sum(axis=(0, 2), dtype=np.int64)
     prev, nxt, gamma = _ranks(count, level)
-    ranks = np.stack([prev, nxt], 1)
-    bucket, inside = _locate(hist, np.maximum(ranks, 0))
+    bucket, inside = _locate(hist, np.maximum(np.stack([prev, nxt], 1), 0))
     return {"count": count, "gamma": gamma, "bucket": bucket, "inside": inside}
 
 
@@ -223,14 +224,12 @@ def finish(selection: dict, low_state: dict) -> np.ndarray:
     Units without any finite value get NaN.
     """
     hist = np.asarray(low_state["hist"])
-    if hist.ndim == 4:
-        hist = hist.astype(np.int64).sum(0)
-    hist = hist.astype(np.int64)
-    u = hist.shape[0]
+    hist = hist[None] if hist.ndim == 3 else hist
+    u = hist.shape[1]
     values = np.zeros((u, 2), np.float32)
     same = selection["bucket"][:, 0] == selection["bucket"][:, 1]
     for j in range(2):
-        counts = np.where(same[:, None], hist[:, 0], hist[:, j])
+        counts = np.where(same[None, :, None], hist[:, :, 0], hist[:, :, j])
         low, _ = _locate(counts, selection["inside"][:, j : j + 1])
         keys = (selection["bucket"][:, j].astype(np.uint64) << 16) | low[:, 0].astype(np.uint64)
         values[:, j] = keys_to_floats(keys.astype(np.uint32))

@@ -98,6 +98,10 @@ def convert_state_dict(state) -> tuple[proggan.ProgressiveGenerator, dict]:
 
 def convert(input_path: str, output_dir: str) -> dict:
     """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise common.ConversionError(
+            f"output directory {output_dir} is not empty; choose a new directory or remove it first"
+        )
     state = common.load_state_dict(input_path)
     module, variables = convert_state_dict(state)
     r = module.resolution

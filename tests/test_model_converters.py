@@ -162,3 +162,12 @@ def test_check_model_on_a_generator(generator, cli_converted, tmp_path):
     assert Image.open(tmp_path / "grid.png").size == (2 * 256, 2 * 256)
     with pytest.raises(ValueError, match="--image is for classifiers"):
         check(cli_converted, images=["x.jpg"], log=lines.append)
+
+
+def test_non_empty_output_is_refused_before_reading(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("results")
+    for converter in (proggan_converter, vgg_converter):
+        with pytest.raises(ConversionError, match="is not empty"):
+            converter.convert(str(tmp_path / "missing.pth"), str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]

@@ -41,7 +41,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def z():
-    return np.random.RandomState(7).standard_normal((2, 512)).astype(np.float32)
+    return np.random.RandomState(7).standard_normal((1, 512)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_image_and_every_layer_match_pytorch(models, z, reference):
     f = jax.jit(lambda v, z: module.apply(v, z, capture_intermediates=True, mutable=["intermediates"]))
     out, state = f(variables, z)
     ref_out, ref = reference
-    assert out.shape == (2, 256, 256, 3)
+    assert out.shape == (1, 256, 256, 3)
     assert rel_err(out, ref_out) < 1e-4
     assert module.layers == torch_model.layer_names
     for name in torch_model.layer_names:
@@ -79,17 +79,17 @@ def test_zeroing_units_of_a_block_matches_pytorch(models, z, reference):
         return out
 
     with nn.intercept_methods(zero):
-        out = jax.jit(module.apply)(variables, z[:1])
-    ref_out, _ = run_torch(torch_model, z[:1], zero_units={"layer4": [1, 50, 300, 511]})
+        out = jax.jit(module.apply)(variables, z)
+    ref_out, _ = run_torch(torch_model, z, zero_units={"layer4": [1, 50, 300, 511]})
     assert rel_err(out, ref_out) < 1e-4
-    assert rel_err(ref_out, reference[0][:1]) > 1e-3
+    assert rel_err(ref_out, reference[0]) > 1e-3
 
 
 def test_z_with_trailing_unit_axes_and_bfloat16(models, z, reference):
     _, module, variables, _ = models
-    out = jax.jit(module.clone(dtype=jnp.bfloat16).apply)(variables, z[:1].reshape(1, 512, 1, 1))
+    out = jax.jit(module.clone(dtype=jnp.bfloat16).apply)(variables, z.reshape(1, 512, 1, 1))
     assert out.dtype == jnp.bfloat16 and out.shape == (1, 256, 256, 3)
-    assert rel_err(np.asarray(out, np.float32), reference[0][:1]) < 0.1
+    assert rel_err(np.asarray(out, np.float32), reference[0]) < 0.1
 
 
 @pytest.mark.parametrize("shape", [(2, 511), (2, 512, 2, 2), (512,), (2, 1, 1, 512)])

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import os
 from typing import Callable, Iterable, Sequence

@@ -1,4 +1,4 @@
-"""dissect_activations end to end: planted concepts, exact thresholds, errors, save/load, 1 vs 4 devices."""
+"""dissect_activations end to end: planted concepts, exact thresholds, errors, save/load, 1 vs 8 devices."""
 
 import os
 import subprocess
@@ -194,7 +194,7 @@ def test_kernel_flags_catch_what_bypasses_the_host_checks():
         plan.pass1_finish({k: {kk: np.asarray(vv)[None] for kk, vv in v.items()} for k, v in state.items()})
 
 
-def test_one_and_four_devices_give_bit_identical_results(planted_result, tmp_path):
+def test_one_and_eight_devices_give_bit_identical_results(planted_result, tmp_path):
     code = PLANTED + textwrap.dedent(f'''
         from jaxdissect import statistics
         acts, seg, image_labels = planted()
@@ -203,14 +203,14 @@ def test_one_and_four_devices_give_bit_identical_results(planted_result, tmp_pat
                 yield acts[i:i + 5], seg[i:i + 5], image_labels[i:i + 5]
         statistics.dissect_activations(batches, 7, 1 / 64, 16, topk=5).save({str(tmp_path)!r})
     ''')
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    four = statistics.DissectionResult.load(str(tmp_path))
+    eight = statistics.DissectionResult.load(str(tmp_path))
     one = planted_result[3]
-    assert four.config["devices"] == 4 and one.config["devices"] == 1
+    assert eight.config["devices"] == 8 and one.config["devices"] == 1
     for field in ("thresholds", "iou", "label", "intersection", "active", "label_pixels", "top_index",
                   "top_values", "act_mean", "act_max"):
-        np.testing.assert_array_equal(getattr(four, field), getattr(one, field), err_msg=field)
+        np.testing.assert_array_equal(getattr(eight, field), getattr(one, field), err_msg=field)

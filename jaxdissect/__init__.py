@@ -35,6 +35,7 @@ _EXPORTS = {
     "segment": "jaxdissect.segmentation",
     # The whole dissection of a model.
     "dissect": "jaxdissect.pipelines.dissect",
+    "SyntheticScenes": "jaxdissect.data.synthetic",
 }
 
 __all__ = sorted(_EXPORTS) + ["interventions", "kernels"]

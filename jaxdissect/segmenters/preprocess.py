@@ -25,7 +25,9 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``[n_out, n_in]`` weights of PyTorch 1-D linear interpolation with ``align_corners=False``.
 
     Source coordinate ``(dst + 0.5) * n_in / n_out - 0.5``, clamped below at 0;
-    the upper neighbour is clamped to ``n_in - 1``. No antialiasing.
+    the upper neighbour is clamped to ``n_in - 1``. No antialiasing. Computed in
+    float64 (PyTorch rounds coordinates to float32, a relative difference of
+    about 1e-5 at most).
     """
     dst = np.arange(n_out, dtype=np.float64)
     src = np.maximum((dst + 0.5) * (n_in / n_out) - 0.5, 0.0)

@@ -409,9 +409,15 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     ``label_names``/``categories`` (one per label) name the result;
     ``row0_competes`` reproduces the original's label-0 quirk. ``mesh``
     (default: all devices) splits each batch over devices; ``workdir`` makes
-    every pass resumable and then needs ``num_batches``.
+    every pass resumable and then needs ``num_batches``. It runs in one
+    process (any number of local devices); multi-host jobs build the passes
+    from :class:`Plan` and :mod:`jaxdissect.parallel` directly.
     """
     from jaxdissect import parallel
+
+    if jax.process_count() > 1:
+        raise DissectionError("dissect_activations runs in a single process; for a multi-host job build the "
+                              "three passes from statistics.Plan with jaxdissect.parallel (see its docstring)")
 
     resolution = _pair(resolution)
     if not 0.0 < quantile < 1.0:

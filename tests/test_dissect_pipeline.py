@@ -320,3 +320,35 @@ def test_segmenter_resolution_mismatch(model, monkeypatch):
 
     with pytest.raises(DissectError, match=r"segmenter returns 4x4 label maps for 32x32 images.*8x8"):
         dissect(PlantedGenerator(), {}, ["block"], LatentSource(8), (ColourSegmenter(), {}), quantile=0.2)
+
+
+_TWO_DEVICES = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import jax, jax.numpy as jnp, numpy as np
+from test_dissect_pipeline import Planted, PlantedScenes, SIZE
+from jaxdissect import parallel
+from jaxdissect.pipelines.dissect import dissect
+m = Planted()
+shapes = jax.eval_shape(m.init, jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 5)))
+rng = np.random.default_rng(0)
+v = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+r = [dissect(m, v, ["det", "mix"], PlantedScenes(20), "dataset", quantile=0.2, topk=6, batch_size=6,
+             mesh=parallel.make_mesh(d)) for d in (jax.devices()[:1], jax.devices())]
+same = all(np.array_equal(getattr(r[0][n], k), getattr(r[1][n], k))
+           for k in ("thresholds", "intersection", "top_index", "top_values", "act_mean") for n in ("det", "mix"))
+print("devices", len(jax.devices()), "same", same)
+"""
+
+
+def test_one_and_two_devices_give_identical_results():
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.path.dirname(tests))
+    out = subprocess.run([sys.executable, "-c", _TWO_DEVICES.format(tests=tests)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "devices 2 same True" in out.stdout

@@ -29,6 +29,7 @@ _EXPORTS = {
     "run_from": "jaxdissect.layers",
     # Streaming statistics over activations (functional API).
     "dissect_activations": "jaxdissect.statistics",
+    "run_stream": "jaxdissect.streaming",
     "DissectionResult": "jaxdissect.statistics",
     # Segmenters.
     "load_segmenter": "jaxdissect.segmentation",

@@ -55,7 +55,7 @@ def _accuracy(predict, variables, images, labels, chunk: int = 512) -> float:
 
 def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_size: int = 64,
           learning_rate: float = 3e-3, seed: int = 0, widths: tuple[int, ...] = (16, 32, 64, 64),
-          global_pool: str = "max", log=print):
+          global_pool: str = "max", image_size: int = 64, log=print):
     """Train a :class:`~jaxdissect.models.small_cnn.SmallCNN`; returns ``(module, variables, info)``."""
     import jax
     import jax.numpy as jnp
@@ -64,8 +64,8 @@ def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_si
     from jaxdissect.models.small_cnn import SmallCNN
 
     start = time.time()
-    train_x, train_y = _arrays(SyntheticScenes(num_train, seed=TRAIN_SEED + seed))
-    test_x, test_y = _arrays(SyntheticScenes(num_test, seed=TEST_SEED + seed))
+    train_x, train_y = _arrays(SyntheticScenes(num_train, seed=TRAIN_SEED + seed, size=image_size))
+    test_x, test_y = _arrays(SyntheticScenes(num_test, seed=TEST_SEED + seed, size=image_size))
     module = SmallCNN(num_classes=len(SyntheticScenes.class_names), widths=tuple(widths), global_pool=global_pool)
     variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + train_x.shape[1:], jnp.float32))
     params = variables["params"]
@@ -104,7 +104,8 @@ def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_si
         final_loss=loss,
         seconds=round(time.time() - start, 2),
         settings=dict(num_train=num_train, num_test=num_test, steps=steps, batch_size=batch_size,
-                      learning_rate=learning_rate, seed=seed, widths=list(widths), global_pool=global_pool),
+                      learning_rate=learning_rate, seed=seed, widths=list(widths), global_pool=global_pool,
+                      image_size=image_size),
         train_seed=TRAIN_SEED + seed, test_seed=TEST_SEED + seed,
         class_names=list(SyntheticScenes.class_names),
         chance=1.0 / len(SyntheticScenes.class_names),

@@ -8,11 +8,12 @@ reference (``tests/torch_reference.py``) with its default thread count; VGG
 also in channels_last. The Flax side is ``jax.jit(module.apply)`` on weights
 converted from the same PyTorch modules, in several XLA CPU configurations;
 each runs in its own subprocess because ``XLA_FLAGS`` must be set before JAX
-starts. PyTorch is timed again after every Flax configuration, so drift in a
-shared machine's load shows up as spread in the PyTorch figures; each figure
+starts. PyTorch is timed before and after the Flax configurations, so drift in
+a shared machine's load shows up as spread in the PyTorch figures; each figure
 is the best (minimum) per-batch time of its runs, the least load-sensitive
-statistic. ``cpu`` is the process's CPU time over wall time (2.0 = both cores
-busy). Figures go to the ``## Forward pass (bench/forward.py)`` section of the
+statistic. "CPU-s per image" is the process's CPU time (all threads) per
+image, which another job's load changes much less than wall time; ``cpu/wall``
+is CPU time over wall time (2.0 = both cores busy). Figures go to the ``## Forward pass (bench/forward.py)`` section of the
 results file.
 """
 
@@ -30,21 +31,25 @@ import time
 import numpy as np
 from absl import app, flags
 
+from jaxdissect.models import CPU_XLA_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Forward pass (bench/forward.py)"
 
-# name -> (XLA_FLAGS, number of CPU devices the batch is split over)
+# name -> (XLA_FLAGS, number of CPU devices the batch is split over). CPU_XLA_FLAGS
+# (jaxdissect.models.set_cpu_xla_flags) runs each conv/dot as its own YNNPACK call.
 VARIANTS = {
     "jit": ("", 1),
+    "jit, YNNPACK per op (CPU_XLA_FLAGS)": (CPU_XLA_FLAGS, 1),
+    "jit, YNNPACK per op, batch split over 2 host devices": (
+        CPU_XLA_FLAGS + " --xla_force_host_platform_device_count=2", 2),
     "jit, oneDNN (--xla_cpu_use_onednn)": ("--xla_cpu_use_onednn=true", 1),
-    "jit, XNNPACK (--xla_cpu_use_xnnpack)": ("--xla_cpu_use_xnnpack=true", 1),
-    "jit, batch split over 2 host devices": ("--xla_force_host_platform_device_count=2", 2),
     "jit, batch split over 8 host devices": ("--xla_force_host_platform_device_count=8", 8),
 }
 
 
 def _timed(fn, repeats: int) -> dict:
-    """Best wall time of ``repeats`` calls (after one warm-up) and CPU/wall over all of them."""
+    """Best wall time of ``repeats`` calls (after one warm-up), mean CPU time per call, CPU/wall."""
     fn()
     walls = []
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -52,7 +57,8 @@ def _timed(fn, repeats: int) -> dict:
         start = time.perf_counter()
         fn()
         walls.append(time.perf_counter() - start)
-    return {"best_s": min(walls), "cpu": (time.process_time() - cpu0) / (time.perf_counter() - wall0)}
+    cpu = time.process_time() - cpu0
+    return {"best_s": min(walls), "cpu_s": cpu / repeats, "cpu": cpu / (time.perf_counter() - wall0)}
 
 
 def _inputs(model: str, batch: int) -> np.ndarray:
@@ -136,7 +142,7 @@ def run(batch: int, repeats: int, models=("vgg16", "proggan"), log=print) -> dic
                     with torch.no_grad():
                         r = _timed(lambda: m(inp), repeats)
                     rows.setdefault(name, []).append(r)
-                    log(f"{model} {name}: {batch / r['best_s']:.2f} img/s (cpu {r['cpu']:.2f})")
+                    log(f"{model} {name}: {batch / r['best_s']:.2f} img/s ({r['cpu_s'] / batch:.3f} CPU-s/img)")
 
             rows = {}
             time_torch(rows)
@@ -148,12 +154,12 @@ def run(batch: int, repeats: int, models=("vgg16", "proggan"), log=print) -> dic
                 if "error" not in r:
                     out = np.load(os.path.join(model_dir, f"out{devices}.npy"))
                     r["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
-                    log(f"{model} {name}: {batch / r['best_s']:.2f} img/s (cpu {r['cpu']:.2f}, "
+                    log(f"{model} {name}: {batch / r['best_s']:.2f} img/s ({r['cpu_s'] / batch:.3f} CPU-s/img, "
                         f"compile {r['compile_s']:.1f} s, rel err {r['rel_err']:.1e})")
                 else:
                     log(f"{model} {name}: failed: {r['error']}")
                 rows[name] = [r]
-                time_torch(rows)
+            time_torch(rows)
             results[model] = rows
             del contenders, torch_model
     return results
@@ -186,21 +192,23 @@ def report(results: dict, batch: int, repeats: int, load: tuple) -> str:
     ]
     titles = {"vgg16": "VGG16-Places365, 224x224 -> 365 logits", "proggan": "Progressive GAN, z -> 256x256 image"}
     for model, rows in results.items():
-        lines += [f"**{titles[model]}**", "", "| implementation | images/s | cpu/wall | note |", "|---|---|---|---|"]
+        lines += [f"**{titles[model]}**", "", "| implementation | images/s | CPU-s per image | cpu/wall | note |",
+                  "|---|---|---|---|---|"]
         for name, runs in rows.items():
             good = [r for r in runs if "error" not in r]
             if not good:
-                lines.append(f"| {name} | failed | | {runs[0]['error']} |")
+                lines.append(f"| {name} | failed | | | {runs[0]['error']} |")
                 continue
             ips = sorted(batch / r["best_s"] for r in good)
             cpu = np.mean([r["cpu"] for r in good])
+            cpu_per_image = min(r["cpu_s"] for r in good) / batch
             if name.startswith("torch"):
                 fig = f"{ips[-1]:.2f}" + (f" (range {ips[0]:.2f}-{ips[-1]:.2f} over {len(ips)} runs)" if len(ips) > 1 else "")
                 note = ""
             else:
                 fig = f"{ips[-1]:.2f}"
                 note = f"compile {good[0]['compile_s']:.1f} s, rel err {good[0]['rel_err']:.0e}"
-            lines.append(f"| {name} | {fig} | {cpu:.2f} | {note} |")
+            lines.append(f"| {name} | {fig} | {cpu_per_image:.3f} | {cpu:.2f} | {note} |")
         lines.append("")
     return "\n".join(lines)
 

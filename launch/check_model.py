@@ -134,6 +134,9 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
     from jaxdissect.checkpoint import CheckpointError
 
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # before the first JAX computation
     f = flags.FLAGS
     if f.num_samples < 1:
         sys.exit("error: --num_samples must be at least 1")

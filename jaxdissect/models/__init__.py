@@ -8,9 +8,41 @@
   ``output_RxR`` is the RGB image (zc, unclamped).
 
 Load converted weights with :func:`jaxdissect.load_model`.
+
+On CPU, call :func:`set_cpu_xla_flags` before JAX's first computation: with
+jaxlib 0.10 XLA hands a whole VGG16 (13 convs, pools, fc6, fc7) to YNNPACK as
+one fused subgraph, which costs about 3x the CPU time of running each conv and
+dot as its own YNNPACK call (bench/RESULTS.md, "Forward pass").
 """
+
+import os
 
 from jaxdissect.models.proggan import ProgressiveGenerator
 from jaxdissect.models.vgg16 import VGG16
 
-__all__ = ["VGG16", "ProgressiveGenerator"]
+__all__ = ["VGG16", "ProgressiveGenerator", "CPU_XLA_FLAGS", "set_cpu_xla_flags"]
+
+# Offload convolutions and dots to YNNPACK one by one instead of as fused subgraphs.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+# jaxlib versions where the flag exists and was measured (XLA aborts on unknown flags).
+_CPU_FLAG_JAXLIB = ("0.10.",)
+
+
+def set_cpu_xla_flags() -> str:
+    """Append :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` (unless set already); returns the value.
+
+    Must run before JAX creates its CPU backend (its first computation) to
+    take effect; does nothing on jaxlib versions other than those measured,
+    and leaves an explicit ``--xla_cpu_experimental_ynn_fusion_type`` alone.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    try:
+        jaxlib_version = version("jaxlib")
+    except PackageNotFoundError:
+        return flags
+    if jaxlib_version.startswith(_CPU_FLAG_JAXLIB) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+        flags = f"{flags} {CPU_XLA_FLAGS}".strip()
+        os.environ["XLA_FLAGS"] = flags
+    return flags

@@ -210,7 +210,40 @@ def report(results: dict, batch: int, repeats: int, load: tuple) -> str:
                 note = f"compile {good[0]['compile_s']:.1f} s, rel err {good[0]['rel_err']:.0e}"
             lines.append(f"| {name} | {fig} | {cpu_per_image:.3f} | {cpu:.2f} | {note} |")
         lines.append("")
+        ratio = _ratios(rows, batch)
+        if ratio:
+            lines += [ratio, ""]
+    lines += [
+        "Why default `jit` is slow on VGG16 (jaxlib 0.10.2 XLA:CPU): XLA offloads convolutions and dots",
+        "to YNNPACK, and by default it turns the whole VGG16 body (13 convs with bias and ReLU, the max",
+        "pools, fc6, fc7) into ONE YNNPACK fusion (`__ynn_fusion` in the optimized HLO); in a batch-4",
+        "probe that took about 3x the CPU time of the same network with each conv run as its own call.",
+        "Each conv layer jitted alone used no more CPU time than PyTorch's; max pooling (reduce-window)",
+        "was cheap, and an im2col (patches @ matrix) conv was slower than XLA's. The flag",
+        "`--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution` gives every conv",
+        "and dot its own YNNPACK call; `jaxdissect.models.set_cpu_xla_flags()` sets it (it must run",
+        "before JAX's first computation, so launchers and test set-ups on CPU should call it early). The",
+        "ProGAN's convolutions are separated by pixel norms and upsampling and gain less. The rel err",
+        "column is each configuration's max relative difference from PyTorch's output.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _ratios(rows: dict, batch: int) -> str:
+    """One line: default and best Flax images/s over the best PyTorch images/s, and CPU time ratio."""
+    def best(names):
+        runs = [r for n in names for r in rows[n] if "error" not in r]
+        return (batch / min(r["best_s"] for r in runs), min(r["cpu_s"] for r in runs) / batch) if runs else None
+
+    torch_best = best([n for n in rows if n.startswith("torch")])
+    flax_names = [n for n in rows if not n.startswith("torch")]
+    flax_best, flax_default = best(flax_names), best(["jit"]) if "jit" in rows else None
+    if not (torch_best and flax_best and flax_default):
+        return ""
+    return (f"Flax / PyTorch images/s: default jit {flax_default[0] / torch_best[0]:.2f}, best configuration "
+            f"{flax_best[0] / torch_best[0]:.2f}; PyTorch / Flax CPU-s per image: default "
+            f"{torch_best[1] / flax_default[1]:.2f}, best {torch_best[1] / flax_best[1]:.2f} (above 1 = Flax cheaper).")
 
 
 def write_section(path: str, body: str) -> None:
@@ -235,6 +268,7 @@ def main(argv):
     load0 = os.getloadavg()[0]
     results = run(f.batch, f.repeats, tuple(f.models))
     body = report(results, f.batch, f.repeats, (load0, os.getloadavg()[0]))
+    print(json.dumps(results))
     print(body)
     if f.results:
         write_section(f.results, body)

@@ -200,3 +200,17 @@ def test_renormalize_table():
                                atol=1e-6)
     with pytest.raises(ValueError, match="unknown image convention"):
         renormalize(pt, "pt", "caffe")
+
+
+def test_set_cpu_xla_flags(monkeypatch):
+    from importlib.metadata import version
+
+    from jaxdissect.models import CPU_XLA_FLAGS, set_cpu_xla_flags
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    got = set_cpu_xla_flags()
+    if version("jaxlib").startswith("0.10."):
+        assert got == "--xla_force_host_platform_device_count=2 " + CPU_XLA_FLAGS == os.environ["XLA_FLAGS"]
+    assert set_cpu_xla_flags() == got  # idempotent
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert set_cpu_xla_flags() == "--xla_cpu_experimental_ynn_fusion_type=dot"  # an explicit choice wins

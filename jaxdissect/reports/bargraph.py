@@ -9,6 +9,7 @@ matches the original's geometry and stays small.
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable, Mapping, Sequence
 from xml.sax.saxutils import escape, quoteattr
 
@@ -116,7 +117,8 @@ def make_svg_bargraph(labels: Sequence[str], heights: Sequence[int],
     return (FILE_HEADER if file_header else "") + "".join(parts)
 
 
-def _fields(unit) -> tuple[str, str, float]:
+def unit_fields(unit) -> tuple[str, str, float]:
+    """``(label, category, iou)`` of a unit given as a ``report.json``-style dict or a tuple."""
     if isinstance(unit, Mapping):
         return str(unit["label"]), str(unit["cat"]), float(unit["iou"])
     label, cat, iou = unit
@@ -132,7 +134,7 @@ def concept_counts(unit_labels: Iterable, miniou: float = 0.04) -> list[tuple[st
     """
     counts: dict[tuple[str, str], int] = {}
     for unit in unit_labels:
-        label, cat, iou = _fields(unit)
+        label, cat, iou = unit_fields(unit)
         if math.isnan(iou) or not iou > miniou:
             continue
         counts[(label, cat)] = counts.get((label, cat), 0) + 1
@@ -160,8 +162,6 @@ def concept_bargraph(unit_labels: Iterable, miniou: float = 0.04, barheight: int
 
 def write_concept_bargraph(path: str, unit_labels: Iterable, miniou: float = 0.04) -> str:
     """Write :func:`concept_bargraph` to ``path`` (e.g. ``concepts_99.svg``); returns the path."""
-    import os
-
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(concept_bargraph(unit_labels, miniou))

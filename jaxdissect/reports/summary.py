@@ -13,7 +13,7 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
-from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, _fields
+from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, unit_fields
 from jaxdissect.reports.report_json import dump_json
 
 
@@ -38,7 +38,7 @@ def layer_summary(per_layer_units: Mapping[str, Iterable] | Sequence[tuple[str, 
         by_units: dict[str, int] = {}
         concepts: dict[str, set] = {}
         for unit in units:
-            label, cat, iou = _fields(unit)
+            label, cat, iou = unit_fields(unit)
             if math.isnan(iou) or not iou > miniou:
                 continue
             by_units[cat] = by_units.get(cat, 0) + 1

@@ -122,8 +122,12 @@ def _layers_tag(spec: str | None, layers: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", (spec or "conv").replace(",", "+"))
 
 
-def make_data(spec: str, *, kind: str, crop: int, on_bad_image: str):
-    """A data source from ``--data``: returns ``(source, short name for the results directory)``."""
+def make_data(spec: str, *, kind: str, crop: int, on_bad_image: str, normalization: str = "imagenet"):
+    """A data source from ``--data``: returns ``(source, short name for the results directory)``.
+
+    ``normalization`` is the model's input convention (``imagenet`` classifiers,
+    ``zc`` the demo CNN); the folder sources always serve the classifier pipeline.
+    """
     from jaxdissect.data import folders, places
 
     scheme, _, arg = spec.partition(":")
@@ -139,9 +143,10 @@ def make_data(spec: str, *, kind: str, crop: int, on_bad_image: str):
             raise LaunchError(f"--data={spec}: only tfds:places365_small is supported")
         return places.Places365TFDS(split or "validation", crop=crop), "places365_small"
     if scheme == "broden":
-        from jaxdissect.data.broden import BrodenSource
+        from jaxdissect.data import broden
 
-        return BrodenSource(arg), "broden"
+        preprocess = broden.imagenet_normalize if normalization == "imagenet" else broden.to_zc
+        return broden.BrodenSource(arg, preprocess=preprocess, on_error=on_bad_image), "broden"
     if scheme == "z":
         if kind != "generator":
             raise LaunchError(f"--data={spec} feeds z vectors, but the model is a classifier; give images")
@@ -222,7 +227,8 @@ def build(config: dict) -> dict:
             raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
         seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden:", "synthetic"))
                                                else None)
-    data, data_name = make_data(data_spec, kind=kind, crop=crop, on_bad_image=config.get("on_bad_image", "raise"))
+    data, data_name = make_data(data_spec, kind=kind, crop=crop, on_bad_image=config.get("on_bad_image", "raise"),
+                                normalization="zc" if demo else "imagenet")
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "
                           "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
@@ -281,10 +287,14 @@ def main(argv):
     from jaxdissect.checkpoint import CheckpointError
     from jaxdissect.data.folders import DataSourceError
     from jaxdissect.pipelines.dissect import DissectError
+    from jaxdissect.segmentation import SegmenterError
+    from jaxdissect.statistics import DissectionError
+    from jaxdissect.streaming import StreamError
 
     try:
         results, output_dir = run(get_config())
-    except (LaunchError, DataSourceError, DissectError, CheckpointError) as e:
+    except (LaunchError, DataSourceError, DissectError, DissectionError, CheckpointError, SegmenterError,
+            StreamError) as e:
         sys.exit(f"error: {e}")
     index = os.path.join(os.path.abspath(output_dir), "index.html")
     for layer, r in results.items():

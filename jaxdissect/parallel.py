@@ -26,12 +26,19 @@ Multi-host recipe (e.g. a TPU pod slice, or several GPU hosts):
 2. ``mesh = make_mesh()`` spans all devices of all hosts;
 3. every process reads ITS OWN slice of each global batch (e.g. process p of
    P reads items ``[p*b, (p+1)*b)`` of a global batch of ``P*b`` items), pads
-   it with :func:`pad_batch` to a multiple of its local device count, and
-   places it with :func:`shard_batch`, which assembles the global array;
+   it with ``pad_batch(slice, local_device_count, size=b)`` (the same ``b``
+   on every process) and places it, mask included, with
+   :func:`shard_batch`, which assembles the global arrays;
 4. step as above; :func:`to_host` gathers the per-device states on every
    process, and the merged result is identical to a single-host run over
    the same items, because each item lands in exactly one per-device state
    and the merges are exact (integer counts) or order-independent.
+   :func:`jaxdissect.streaming.run_stream` checkpoints such global states
+   (all processes write their shards to one shared directory) and resumes
+   them the same way.
+
+On CPU the same recipe runs as several local processes (tests do this) with
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")``.
 """
 
 from __future__ import annotations
@@ -111,17 +118,22 @@ def stack_init(mesh: Mesh, state) -> Any:
     return jax.tree.map(stack, state)
 
 
-def pad_batch(tree, multiple: int):
-    """Zero-pad every array of ``tree`` along axis 0 to a multiple of ``multiple``.
+def pad_batch(tree, multiple: int, size: int | None = None):
+    """Zero-pad every array of ``tree`` along axis 0 to a multiple of ``multiple`` (or to ``size``).
 
     Returns ``(padded_tree, valid)`` with ``valid`` a boolean ``[B_padded]``
-    NumPy array, True for the real items. Host-side (NumPy) helper.
+    NumPy array, True for the real items. In a multi-process job every
+    process must contribute the same number of rows: pass the same ``size``
+    (e.g. the per-process batch size) everywhere. Host-side (NumPy) helper.
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError("pad_batch got an empty batch")
     n = _batch_size(leaves)
-    padded_n = -(-n // multiple) * multiple
+    padded_n = -(-n // multiple) * multiple if size is None else int(size)
+    if padded_n < n or padded_n % multiple:
+        raise ValueError(f"cannot pad a batch of {n} items to {padded_n}: the size must be at least the batch "
+                         f"size and a multiple of {multiple}")
     valid = np.arange(padded_n) < n
 
     def pad(x):

@@ -276,3 +276,37 @@ def test_bad_arguments_are_reported(toy):
         ci.single_unit_sweep(model, variables, "conv2", data, method="fast")
     with pytest.raises(ci.InterventionError, match=r"labels \[7\] are outside the model's 5 classes"):
         ci.ablate_units(model, variables, "conv2", [1], (images, np.where(labels == 0, 7, labels)))
+
+
+# ---- launcher ----------------------------------------------------------------------
+
+
+def test_launcher_on_a_places_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from jaxdissect.checkpoint import save_model
+    from jaxdissect.models.small_cnn import SmallCNN
+    from launch import ablate_classifier as launcher
+
+    rng = np.random.default_rng(0)
+    for split in ("val", "train"):
+        for c, name in enumerate(["bedroom", "kitchen", "ski_resort"]):
+            os.makedirs(tmp_path / split / name)
+            for i in range(2):
+                pixels = rng.integers(0, 256, size=(24, 32, 3)).astype(np.uint8)
+                pixels[..., c] = 255
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{split}_{c}_{i}.png")
+    model = SmallCNN(num_classes=3, widths=(4, 4, 4, 8))
+    save_model(str(tmp_path / "model"), model, model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    summary = launcher.run(str(tmp_path / "model"), f"places:{tmp_path / 'val'}", str(tmp_path / "train"),
+                           str(tmp_path / "out"), layer="conv4", sizes=["1", "3"], plot_class="kitchen",
+                           batch_size=4)
+    assert summary["val_images"] == summary["train_images"] == 6
+    assert set(summary["classes"]) == {"bedroom", "kitchen", "ski_resort"}
+    assert "n = 3: top n removed" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "out" / "ice-one-class.png")
+    with pytest.raises(launcher.LaunchError, match="no such folder"):
+        launcher.run(str(tmp_path / "model"), str(tmp_path / "nope"), str(tmp_path / "train"), str(tmp_path / "o2"))
+    with pytest.raises(ci.InterventionError, match="unknown class 'kitchn'; did you mean 'kitchen'"):
+        launcher.run(str(tmp_path / "model"), str(tmp_path / "val"), str(tmp_path / "train"), str(tmp_path / "o3"),
+                     layer="conv4", plot_class="kitchn")

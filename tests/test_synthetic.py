@@ -114,24 +114,42 @@ def test_pixel_colours_match_labels(data):
         assert (scale < 0.7).mean() > 0.1 and (scale > 0.9).mean() > 0.1
 
 
-def test_small_cnn_layers():
+def test_small_cnn_matches_torch_reference():
+    """Parameters laid out by hand (the names a converter or checkpoint relies on), forward vs PyTorch."""
+    torch = pytest.importorskip("torch")
     from jaxdissect.models.small_cnn import SmallCNN
 
-    module = SmallCNN(widths=(4, 5, 6, 7))
-    x = jnp.asarray(SyntheticScenes(2).get_batch([0, 1])["image"])
-    variables = jax.jit(module.init)(jax.random.PRNGKey(0), x)
+    widths = (4, 5, 6, 7)
+    module = SmallCNN(widths=widths)
+    rng = np.random.default_rng(0)
+    params, cin = {}, 3
+    for i, w in enumerate(widths):
+        params[f"conv{i + 1}"] = {"conv": {"kernel": rng.normal(0, 0.3, (3, 3, cin, w)).astype(np.float32),
+                                           "bias": rng.normal(0, 0.1, (w,)).astype(np.float32)}}
+        cin = w
+    params["fc"] = {"kernel": rng.normal(size=(cin, 6)).astype(np.float32),
+                    "bias": rng.normal(size=(6,)).astype(np.float32)}
+    x = SyntheticScenes(2).get_batch([0, 1])["image"]
     logits, state = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True,
-                                                      mutable=["intermediates"]))(variables, x)
+                                                      mutable=["intermediates"]))({"params": params}, x)
     assert logits.shape == (2, 6)
+
+    t = torch.tensor(x).permute(0, 3, 1, 2).double()
+    acts = []
+    for i in range(len(widths)):
+        p = params[f"conv{i + 1}"]["conv"]
+        weight = torch.tensor(p["kernel"]).permute(3, 2, 0, 1).double()
+        t = torch.relu(torch.nn.functional.conv2d(t, weight, torch.tensor(p["bias"]).double(), padding=1))
+        acts.append(t.permute(0, 2, 3, 1).numpy())
+        if i < len(widths) - 1:
+            t = torch.nn.functional.max_pool2d(t, 2)
+    ref = t.amax(dim=(2, 3)).numpy() @ params["fc"]["kernel"] + params["fc"]["bias"]
     inter = state["intermediates"]
-    for name, (size, width) in zip(module.layer_names, [(64, 4), (32, 5), (16, 6), (8, 7)]):
-        act = inter[name]["__call__"][0]
-        assert act.shape == (2, size, size, width)
-        assert float(act.min()) >= 0  # post-ReLU
-    # The head is global max pooling of conv4 then fc.
-    pooled = inter["conv4"]["__call__"][0].max(axis=(1, 2))
-    fc = variables["params"]["fc"]
-    np.testing.assert_allclose(logits, pooled @ fc["kernel"] + fc["bias"], rtol=1e-5, atol=1e-5)
+    for name, want, size in zip(module.layer_names, acts, (64, 32, 16, 8)):
+        got = np.asarray(inter[name]["__call__"][0])
+        assert got.shape == (2, size, size, want.shape[-1])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_train_or_load_learns_and_caches(tmp_path):

@@ -27,7 +27,7 @@ from jaxdissect.data.synthetic import SyntheticScenes
 
 TRAIN_SEED = 1000
 TEST_SEED = 2000
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 
 
 def settings_key(settings: dict) -> str:
@@ -53,6 +53,27 @@ def _accuracy(predict, variables, images, labels, chunk: int = 512) -> float:
     return correct / max(len(images), 1)
 
 
+def init_params(module, image_shape, seed: int) -> dict:
+    """LeCun-normal kernels and zero biases drawn with NumPy for ``module``'s parameter shapes.
+
+    Same distribution as Flax's defaults (without truncation), but XLA compiles
+    its random-number kernels slowly on CPU, which would dominate short runs.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+    rng = np.random.default_rng([seed, 7])
+
+    def draw(path, leaf):
+        if path[-1].key == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return rng.normal(0.0, 1.0 / np.sqrt(fan_in), leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+
+
 def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_size: int = 64,
           learning_rate: float = 3e-3, seed: int = 0, widths: tuple[int, ...] = (16, 32, 64, 64),
           global_pool: str = "max", image_size: int = 64, log=print):
@@ -67,8 +88,7 @@ def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_si
     train_x, train_y = _arrays(SyntheticScenes(num_train, seed=TRAIN_SEED + seed, size=image_size))
     test_x, test_y = _arrays(SyntheticScenes(num_test, seed=TEST_SEED + seed, size=image_size))
     module = SmallCNN(num_classes=len(SyntheticScenes.class_names), widths=tuple(widths), global_pool=global_pool)
-    variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1,) + train_x.shape[1:], jnp.float32))
-    params = variables["params"]
+    params = init_params(module, train_x.shape[1:], seed)
     schedule = optax.cosine_decay_schedule(learning_rate, steps)
     tx = optax.adam(schedule)
     opt_state = tx.init(params)

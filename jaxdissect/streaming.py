@@ -8,7 +8,10 @@ the same arguments, it restores the latest checkpoint and continues with the
 next batch, giving the identical final state; a finished stream is not
 recomputed. The arguments that determine the result are described by the
 caller as a JSON-able ``config``; a work directory written with a different
-config is refused, naming the differing keys.
+config is refused, naming the differing keys. In a multi-process job every
+process calls :func:`run_stream` with the same arguments on a shared
+directory: process 0 takes the lock and writes ``stream.json``, and orbax
+writes every process's shards of the (global) state.
 
 :class:`Workdir` is a small resumable work directory in the style of the
 original's ``pidfile.exclusive_dirfn``: ``path(name)``, ``done(name)`` /

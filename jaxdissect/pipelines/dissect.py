@@ -84,7 +84,9 @@ def _segmenter_fingerprint(segmentation) -> Any:
     if isinstance(segmentation, str):
         return segmentation
     seg, seg_vars = segmentation
-    return {"segmenter": repr(seg)[:2000], "variables": _fingerprint_variables(seg_vars)}
+    names = [str(n) for n in getattr(seg, "label_names", ())]
+    return {"class": type(seg).__name__, "variables": _fingerprint_variables(seg_vars),
+            "labels": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}
 
 
 def _resolve_layers(module, variables, x, layers: Sequence[str]):
@@ -107,7 +109,7 @@ def _resolve_layers(module, variables, x, layers: Sequence[str]):
         raise DissectError(f"layer(s) {', '.join(flat)} do not output a [N, H, W, units] feature map "
                            f"(shapes {[getattr(shapes[n], 'shape', shapes[n]) for n in flat]}); "
                            f"dissectable layers: {', '.join(valid)}")
-    return {n: shapes[n].shape for n in layers}, valid
+    return {n: shapes[n].shape for n in layers}
 
 
 # --------------------------------------------------------------------------
@@ -170,7 +172,7 @@ class _Run:
             raise DissectError("no layers to dissect")
         if len(set(self.layers)) != len(self.layers):
             raise DissectError(f"layers listed twice: {self.layers}")
-        self.shapes, self.valid_layers = _resolve_layers(module, variables, x0[:1], self.layers)
+        self.shapes = _resolve_layers(module, variables, x0[:1], self.layers)
         out = jax.eval_shape(lambda v, x: module.apply(v, x), variables, x0[:1])
         if self.generator:
             if not (isinstance(out, jax.ShapeDtypeStruct) and len(out.shape) == 4 and out.shape[-1] == 3):
@@ -249,14 +251,16 @@ class _Run:
                 raise DissectError(f"the data source's segmentation is {tuple(seg.shape[-2:])} in one batch, "
                                    f"{self.resolution} in the first; it must have one resolution")
             return seg, batch.get("image_labels")
-        from jaxdissect.segmentation import segment
-
         seg, seg_vars = self.segmentation
         if self.generator:
-            zc = output
+            zc = output  # unclamped, as the original segments it
         else:
             zc = jnp.asarray(batch["display"], jnp.float32) / 127.5 - 1.0
-        labels, _, _ = segment(seg, seg_vars, zc, downsample=4)
+        try:
+            fn = _segmenter_fn(seg)
+        except TypeError:  # an unhashable segmenter: compile for this call only
+            fn = _segmenter_fn.__wrapped__(seg)
+        labels = fn(seg_vars, zc)
         if tuple(labels.shape[-2:]) != self.resolution:
             raise DissectError(f"the segmenter returned {tuple(labels.shape[-2:])} label maps, expected "
                                f"{self.resolution}")
@@ -479,6 +483,19 @@ def _forward(module, layers: tuple[str, ...]):
         return out, {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
 
     return forward
+
+
+@functools.lru_cache(maxsize=8)
+def _segmenter_fn(segmenter):
+    """Jitted ``(variables, images in [-1, 1]) -> labels [N, K, H/4, W/4]``.
+
+    Under ``jit`` ``segment`` skips its host-side range check, so a generator
+    output that overshoots [-1, 1] a little is segmented as it is (as the
+    original does) instead of stopping the run.
+    """
+    from jaxdissect.segmentation import segment
+
+    return jax.jit(lambda variables, images: segment(segmenter, variables, images, downsample=4)[0])
 
 
 @functools.lru_cache(maxsize=32)

@@ -1,4 +1,4 @@
-"""Image folders as data sources (see the data-source contract in ``jaxdissect.data``).
+"""Image folders as data sources (the contract is in ``jaxdissect.pipelines.dissect``).
 
 ``ImageFolder(root)`` serves every ``.jpg/.jpeg/.png`` file under ``root`` (any
 case, sorted walk, so index ``i`` always names the same file) preprocessed for a

@@ -29,6 +29,17 @@ finished passes and per-layer outputs are never recomputed. Outputs per layer
 in ``output_dir/<layer>/``: ``report.json`` (spec 3.1), ``arrays.npz``,
 ``image/unit<u>.jpg`` strips (top 5 images, region above ``T_u`` highlighted),
 ``concepts_99.svg``; for the run: ``index.html`` and ``summary.*``.
+
+Data sources (``jaxdissect.data.places``, ``.folders``, ``.broden``,
+``.synthetic``, or your own) have ``__len__``, ``name``, ``fingerprint()``
+(JSON-able, changes when the data does) and ``get_batch(indices)`` returning
+``'image'`` (float32 ``[B, H, W, 3]`` model input) or ``'z'`` (``[B, 512]``),
+``'display'`` (uint8 RGB of what the model sees; not for ``z``), optionally
+``'seg'`` (int32 ``[B, K, S, S]``, 0 = no label) and ``'image_labels'``
+(``[B, J]``) with ``label_names``, ``label_categories`` and ``categories``
+attributes, and ``'valid'`` (bool ``[B]``: False for an item that could not be
+read, which is then left out of every statistic and counted in the report).
+Index ``i`` must always mean the same item.
 """
 
 from __future__ import annotations

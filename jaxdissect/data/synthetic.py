@@ -129,8 +129,8 @@ class SyntheticScenes:
                  third_object: float = 0.5, noise: float = 6.0):
         if n < 0:
             raise ValueError(f"dataset size must be >= 0, got {n}")
-        if size % 8 or size % downsample or size < 32:
-            raise ValueError(f"image size {size} must be a multiple of 8 and of downsample={downsample}, >= 32")
+        if size % (2 * downsample) or size < 32:
+            raise ValueError(f"image size {size} must be >= 32 and a multiple of 2 * downsample = {2 * downsample}")
         self.n, self.seed, self.size, self.downsample = int(n), int(seed), int(size), int(downsample)
         self.third_object, self.noise = float(third_object), float(noise)
         self.name = f"synthetic-{self.seed}"
@@ -190,17 +190,17 @@ class SyntheticScenes:
         # Pixel centres at integer coordinates.
         u, v = (lx - cx) / radius, (ly - cy) / radius
         inside = np.zeros((n, half, half), bool)
-        for k, fn in enumerate(SHAPES.values()):
+        for k, name in enumerate(OBJECTS):
             sel = shape == k
-            inside[sel] = fn(u[sel], v[sel])
+            inside[sel] = SHAPES[name](u[sel], v[sel])
         noise = np.stack([np.random.default_rng([self.seed, int(i), 1]).random((s, s)) < 0.5
                           for i in indices]) if b else np.zeros((0, s, s), bool)
         gy = (ly.astype(np.int64) + oy)
         gx = (lx.astype(np.int64) + ox)
         bright = np.zeros((n, half, half), np.float32)
-        for k, fn in enumerate(TEXTURES.values()):
+        for k, name in enumerate(MATERIALS):
             sel = material == k
-            pattern = fn(gy[sel] + phase[sel], gx[sel] + phase[sel], noise[img_of[sel, None, None], gy[sel], gx[sel]])
+            pattern = TEXTURES[name](gy[sel] + phase[sel], gx[sel] + phase[sel], noise[img_of[sel, None, None], gy[sel], gx[sel]])
             bright[sel] = 0.55 + 0.45 * np.asarray(pattern, np.float32)
         palette = np.array(list(COLORS.values()), np.float32)
         rgb = palette[color][:, None, None, :] * bright[..., None]

@@ -149,7 +149,9 @@ def _unit_mask(units, n_units: int, what: str):
 
 def _check_array(x, what: str):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise LayerError(f"{what}: the layer's output is a {type(x).__name__}, not an array; edits need an array output")
+        raise LayerError(
+            f"{what}: the layer's output is a {type(x).__name__}, not an array; edits need an array output"
+        )
     if x.ndim < 1:
         raise LayerError(f"{what}: the layer's output is a scalar; edits need a units axis (the last axis)")
 

@@ -46,7 +46,8 @@ def image_source(spec: str, crop: int, on_bad_image: str):
 
 
 def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str = "conv5_3",
-        sizes=(1, 2, 3, 4, 5, 20, 64, 128, 256), plot_class: str | None = None, iou: str | None = None,
+        sizes=(1, 2, 3, 4, 5, 20, 64, 128, 256), plot_class: str | None = None, full_classes=(),
+        iou: str | None = None,
         batch_size: int = 32, num_images: int | None = None, train_images: int | None = None,
         method: str = "auto", on_bad_image: str = "raise") -> dict:
     """Load the model and data, run the experiment, print the headline numbers, return the summary."""
@@ -72,8 +73,8 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
 
     summary = ci.classifier_ablation_experiment(
         module, variables, layer, val, train, output_dir, class_names=classes, sizes=sizes,
-        plot_class=plot_class, iou_path=iou, batch_size=batch_size, val_items=num_images,
-        train_items=train_images, method=method, progress=progress)
+        plot_class=plot_class, full_classes=full_classes, iou_path=iou, batch_size=batch_size,
+        val_items=num_images, train_items=train_images, method=method, progress=progress)
     mba = summary["mean_balanced_accuracy"]
     print(f"mean balanced single-class accuracy on val: {mba['val_baseline']:.3f} with all units")
     for n in sizes:
@@ -93,11 +94,14 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", None, "Results and cache directory (created; reused to resume).")
     flags.DEFINE_list("sizes", ["1", "2", "3", "4", "5", "20", "64", "128", "256"], "Numbers n of top units per class.")
     flags.DEFINE_string("plot_class", None, "Class shown in ice-one-class.png (default: the most damaged by one unit).")
+    flags.DEFINE_list("full_classes", [], "Classes for which every n = 1 .. units-1 is evaluated (the paper: "
+                      "computer_room,hangar-indoor,ski_resort,volleyball_court-outdoor).")
     flags.DEFINE_string("iou", None, "Dissection report.json (or npz with 'iou') of the layer, for ice-vs-iou.")
     flags.DEFINE_integer("batch_size", 32, "Images per step.")
     flags.DEFINE_integer("num_images", None, "Use only the first N evaluation images.")
     flags.DEFINE_integer("train_images", None, "Use only the first N training images (the notebook used len(val)).")
-    flags.DEFINE_enum("method", "auto", ["auto", "fast", "generic"], "Single-unit sweep path (auto: fast when possible).")
+    flags.DEFINE_enum("method", "auto", ["auto", "fast", "generic"],
+                      "Single-unit sweep path (auto: fast when possible).")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out of counts.")
     flags.mark_flags_as_required(["model", "data", "train_data", "output_dir"])
 
@@ -110,8 +114,9 @@ def main(argv):
 
     try:
         run(FLAGS.model, FLAGS.data, FLAGS.train_data, FLAGS.output_dir, layer=FLAGS.layer, sizes=FLAGS.sizes,
-            plot_class=FLAGS.plot_class, iou=FLAGS.iou, batch_size=FLAGS.batch_size, num_images=FLAGS.num_images,
-            train_images=FLAGS.train_images, method=FLAGS.method, on_bad_image=FLAGS.on_bad_image)
+            plot_class=FLAGS.plot_class, full_classes=FLAGS.full_classes, iou=FLAGS.iou,
+            batch_size=FLAGS.batch_size, num_images=FLAGS.num_images, train_images=FLAGS.train_images,
+            method=FLAGS.method, on_bad_image=FLAGS.on_bad_image)
     except (LaunchError, CheckpointError, DataSourceError, InterventionError) as e:
         sys.exit(f"error: {e}")
 

@@ -130,8 +130,8 @@ def test_cached_single_unit_sweep_equals_naive_recomputation(toy):
         true, pred, correct = ref_counts(labels, preds, CLASSES)
         np.testing.assert_array_equal(per_unit["pred"][u], pred)
         np.testing.assert_array_equal(per_unit["correct"][u], correct)
-    np.testing.assert_array_equal(base["pred"], ref_counts(labels, np.asarray(model.apply(variables, images)).argmax(-1),
-                                                           CLASSES)[1])
+    clean_preds = np.asarray(model.apply(variables, images)).argmax(-1)
+    np.testing.assert_array_equal(base["pred"], ref_counts(labels, clean_preds, CLASSES)[1])
 
 
 # ---- planted: unit k carries class k ---------------------------------------------
@@ -184,7 +184,7 @@ def test_experiment_outputs_and_resumes(tmp_path, monkeypatch):
         {"unit": u, "iou": 0.1 * u, "label": f"concept{u}", "cat": "object"} for u in range(6)]}
     (tmp_path / "report.json").write_text(json.dumps(report))
     names = ["bedroom", "kitchen", "ski_resort", "church-outdoor"]
-    kwargs = dict(class_names=names, sizes=(1, 2, 5), plot_class="ski_resort",
+    kwargs = dict(class_names=names, sizes=(1, 2, 5), plot_class="ski_resort", full_classes=["ski_resort"],
                   iou_path=str(tmp_path / "report.json"), batch_size=8)
     summary = ci.classifier_ablation_experiment(model, variables, "feat", val, train, str(tmp_path / "w"), **kwargs)
     ski = summary["classes"]["ski_resort"]
@@ -194,6 +194,11 @@ def test_experiment_outputs_and_resumes(tmp_path, monkeypatch):
     assert ski["keep_only_top_ba"]["1"] == 0.5 and ski["keep_only_top_ba"]["2"] > 0.5
     assert summary["mean_balanced_accuracy"]["val_baseline"] == 1.0
     assert summary["importance_histogram"]["units"][:2] == [2, 0]
+    curve = summary["all_n"]["ski_resort"]
+    assert len(curve["ablate_top_ba"]) == 5 and curve["ablate_top_ba"][0] == 0.5
+    for n in (1, 2, 5):  # the n = 1..5 curve agrees with the per-size pieces
+        assert curve["ablate_top_ba"][n - 1] == ski["ablate_top_ba"][str(n)]
+        assert curve["keep_only_top_ba"][n - 1] == ski["keep_only_top_ba"][str(n)]
     for f in ("summary.json", "results.npz", "ice-all-classes.png", "ice-one-class.png", "ice-vs-iou.png",
               "pra_val_single_units.npz", "pra_train_single_units.npz", "pra_val_classunits_n5.npz"):
         assert os.path.getsize(tmp_path / "w" / f) > 0, f

@@ -504,7 +504,8 @@ def ablation_sweep(module, variables, layer: str, unit_sets, data, *, batch_size
 
 def single_unit_sweep(module, variables, layer: str, data, *, units=None, method: str = "auto",
                       batch_size: int = 32, num_items: int | None = None, checkpoint: str | None = None,
-                      checkpoint_every: int = 20, progress: Callable[[int, int], None] | None = None, **apply_kwargs) -> tuple[dict, dict]:
+                      checkpoint_every: int = 20, progress: Callable[[int, int], None] | None = None,
+                      **apply_kwargs) -> tuple[dict, dict]:
     """Ablate each unit of ``layer`` alone: returns ``(baseline, per_unit)``, metrics ``[len(units), C]``.
 
     ``units`` defaults to every unit. ``method``: ``'auto'`` (the rank-49 fc6
@@ -618,6 +619,7 @@ def classifier_ablation_experiment(
     class_names: Sequence[str] | None = None,
     sizes: Sequence[int] = DEFAULT_SIZES,
     plot_class: str | None = None,
+    full_classes: Sequence[str] = (),
     iou_path: str | None = None,
     batch_size: int = 32,
     val_items: int | None = None,
@@ -633,7 +635,9 @@ def classifier_ablation_experiment(
     3. for each ``n`` in ``sizes``, on val: ablate each class's ``n`` top
        units, and keep only them (ablate the rest);
     4. unit importance (classes for which a unit is in the top 4) and, given
-       ``iou_path``, its relation to dissection IoU.
+       ``iou_path``, its relation to dissection IoU;
+    5. for each class in ``full_classes`` (the paper used computer_room,
+       hangar-indoor, ski_resort, volleyball_court-outdoor), every n = 1 .. U-1.
 
     Writes ``summary.json``, ``results.npz`` and plots (``ice-all-classes.png``,
     ``ice-one-class.png``, ``ice-vs-iou.png``) to ``work_dir``; returns the summary.
@@ -642,6 +646,7 @@ def classifier_ablation_experiment(
     val, train = as_source(val_data), as_source(train_data)
     class_names = list(class_names if class_names is not None else (getattr(val, "classes", None) or []))
     plot_idx = class_index(class_names, plot_class) if plot_class else None
+    full_idx = [class_index(class_names, name) for name in full_classes]
     sizes = sorted({int(n) for n in sizes})
     common = dict(batch_size=batch_size, apply_kwargs=apply_kwargs)
 
@@ -667,7 +672,8 @@ def classifier_ablation_experiment(
     shape = layer_api.layer_shapes(module, variables, x, **apply_kwargs).get(layer)
     if shape is None or isinstance(shape, tuple):
         raise InterventionError(
-            f"unknown layer {layer!r}; {type(module).__name__} has: {', '.join(layer_api.layer_names(module, variables, x))}"
+            f"unknown layer {layer!r}; {type(module).__name__} has: "
+            + ", ".join(layer_api.layer_names(module, variables, x, **apply_kwargs))
         )
     num_units = int(shape.shape[-1])
     bad = [n for n in sizes if not 0 < n < num_units]
@@ -697,6 +703,18 @@ def classifier_ablation_experiment(
         idx = np.arange(num_classes)
         per_n[n] = {"ablate": ba[idx, idx], "keep": ba[num_classes + idx, idx]}
 
+    full_curves = {}
+    for name, c in zip(full_classes, full_idx):
+        ns = np.arange(1, num_units)
+        top = np.zeros((len(ns), num_units), bool)
+        for i, n in enumerate(ns):
+            top[i, order[c, :n]] = True
+        res = piece(f"pra_val_class_{_safe(name)}_all_n", lambda ck, t=top, name=name: _evaluate(
+            module, variables, layer, val, masks=np.concatenate([t, ~t]), num_items=val_items, checkpoint=ck,
+            progress=prog(f"val {name} n=1..{num_units - 1}"), **common))
+        ba = perclass_metrics(_sets(res))["balanced_accuracy"][:, c]
+        full_curves[name] = {"ablate": ba[: len(ns)], "keep": ba[len(ns):]}
+
     importance = unit_importance(order)
     iou = labels = None
     if iou_path:
@@ -718,6 +736,8 @@ def classifier_ablation_experiment(
         },
         "importance_histogram": buckets,
         "classes": {},
+        "all_n": {name: {"ablate_top_ba": [_f(v) for v in curve["ablate"]],
+                         "keep_only_top_ba": [_f(v) for v in curve["keep"]]} for name, curve in full_curves.items()},
     }
     for c, name in enumerate(class_names):
         top = order[c, :IMPORTANT_TOP]
@@ -750,6 +770,10 @@ def classifier_ablation_experiment(
         plot_idx = int(np.nanargmax(drops))
     plot_results(work_dir, arrays, class_names, plot_idx, labels)
     return summary
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def _f(v) -> float | None:

@@ -11,7 +11,7 @@ Load converted weights with :func:`jaxdissect.load_model`.
 
 On CPU, call :func:`set_cpu_xla_flags` before JAX's first computation: with
 jaxlib 0.10 XLA hands a whole VGG16 (13 convs, pools, fc6, fc7) to YNNPACK as
-one fused subgraph, which costs about 3x the CPU time of running each conv and
+one fused subgraph, which costs 2-3x the CPU time of running each conv and
 dot as its own YNNPACK call (bench/RESULTS.md, "Forward pass").
 """
 

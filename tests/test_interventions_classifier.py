@@ -254,6 +254,18 @@ def test_vgg16_fast_conv5_3_path_equals_generic_path():
     scale = np.abs(generic).max()
     np.testing.assert_allclose(fast, generic, atol=1e-5 * scale)
     assert np.abs(generic - np.asarray(clean)[None]).max() > 1e-4 * scale  # the ablations matter
+    # Multi-unit sets (top-n style and their complements) through the fc6 contribution matrix.
+    sets = np.zeros((4, 512), bool)
+    sets[0, units[:3]] = True
+    sets[1, rng.permutation(512)[:100]] = True
+    sets[2], sets[3] = ~sets[0], ~sets[1]
+    fast_sets = np.asarray(ev.fast_mask_logits(variables, acts["avgpool"], jnp.asarray(sets)))
+    generic_sets = np.asarray(ev.generic_logits(variables, acts["conv5_3"], jnp.asarray(sets)))
+    np.testing.assert_allclose(fast_sets, generic_sets, atol=1e-5 * np.abs(generic_sets).max())
+    _, set_counts = ci.ablation_sweep(model, variables, "conv5_3", sets, (x, np.array([3, 7], np.int32)),
+                                      batch_size=2)
+    for e in range(len(sets)):
+        np.testing.assert_array_equal(set_counts["pred"][e], ref_counts([3, 7], generic_sets[e].argmax(-1), 10)[1])
     labels = np.array([3, 7], np.int32)
     _, counts = ci.single_unit_sweep(model, variables, "conv5_3", (x, labels), units=units, method="fast",
                                      batch_size=2)

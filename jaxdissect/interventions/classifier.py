@@ -18,8 +18,12 @@ Speed by design:
   pre-activation changes by ``-pool5[:, u] @ W6[rows of u]``, a rank-49
   update. The clean pre-activation is computed once per batch; the 512
   single-unit sweeps cost one batched small matmul plus ``fc7``/``fc8`` on
-  ``[512, B, 4096]``. ``method='generic'`` forces the path every layer of
-  every model can use; both are tested to equal naive recomputation.
+  ``[512, B, 4096]``. Multi-unit sets (the per-class top-n rankings) use the
+  same linearity: with every unit's contribution ``D [U, B, 4096]`` computed
+  once per batch (one fc6 pass of work), a set's pre-activation is
+  ``clean - mask @ D``, 1/49 of an fc6 pass per set. ``method='generic'``
+  forces the path every layer of every model can use; all are tested to
+  equal naive recomputation.
 
 Data sources are the jaxdissect ones (``len``, ``get_batch(indices)`` giving
 ``image`` and ``label``, e.g. :class:`jaxdissect.data.places.PlacesFolder`) or
@@ -216,6 +220,7 @@ class _Evaluator:
                 f"for layer {layer!r} of {type(module).__name__}"
             )
         self.fast = fast_ok and method != "generic"
+        self.fc6_width = int(variables["params"]["fc6"]["kernel"].shape[-1]) if self.fast else 0
         captured = (layer, "avgpool") if self.fast else (layer,)
         C, U = self.num_classes, self.num_units
 
@@ -231,17 +236,40 @@ class _Evaluator:
             """Logits ``[E, B, C]`` with each mask row ``[E, U]`` ablated, from the layer's activation."""
             return jax.vmap(lambda mask: upper(v, layer_api.Ablate(mask)(act)))(masks)
 
-        def fast_logits(v, pooled, ids):
-            """Logits ``[E, B, C]`` with each single unit ``ids [E]`` ablated, via the rank-49 fc6 update."""
+        def fc6_parts(v, pooled):
+            """Clean fc6 pre-activation ``[B, O]``, pooled units ``[B, P, U]``, fc6 rows per unit ``[P, U, O]``."""
             params = v["params"]["fc6"]
             kernel, bias = params["kernel"].astype(pooled.dtype), params["bias"].astype(pooled.dtype)
             b = pooled.shape[0]
-            per_unit = pooled.reshape(b, -1, U)  # [B, P, U]
-            w = kernel.reshape(per_unit.shape[1], U, kernel.shape[-1])  # [P, U, O]
-            clean = pooled.reshape(b, -1) @ kernel + bias
-            delta = jnp.einsum("bpe,peo->ebo", per_unit[:, :, ids], w[:, ids, :])
-            h6 = jax.nn.relu(clean[None] - delta)
-            return jax.vmap(lambda h: layer_api.run_from(module, v, "fc6", h, x_aval, **apply_kwargs))(h6)
+            per_unit = pooled.reshape(b, -1, U)
+            w = kernel.reshape(per_unit.shape[1], U, kernel.shape[-1])
+            return pooled.reshape(b, -1) @ kernel + bias, per_unit, w
+
+        def above_fc6(v, pre):
+            """Logits ``[E, B, C]`` from fc6 pre-activations ``[E, B, O]`` (fc6's ReLU, then the model's own top)."""
+            return jax.vmap(lambda h: layer_api.run_from(module, v, "fc6", h, x_aval, **apply_kwargs))(
+                jax.nn.relu(pre))
+
+        def unit_logits(v, parts, ids):
+            clean, per_unit, w = parts
+            return above_fc6(v, clean[None] - jnp.einsum("bpe,peo->ebo", per_unit[:, :, ids], w[:, ids, :]))
+
+        def unit_deltas(parts):
+            """``[U, B, O]``: what each unit adds to fc6's pre-activation (one fc6 pass of work)."""
+            _, per_unit, w = parts
+            return jnp.einsum("bpu,puo->ubo", per_unit, w)
+
+        def mask_logits(v, parts, deltas, masks):
+            return above_fc6(v, parts[0][None] - jnp.einsum("eu,ubo->ebo", masks.astype(deltas.dtype), deltas))
+
+        def fast_logits(v, pooled, ids):
+            """Logits ``[E, B, C]`` with each single unit ``ids [E]`` ablated, via the rank-49 fc6 update."""
+            return unit_logits(v, fc6_parts(v, pooled), ids)
+
+        def fast_mask_logits(v, pooled, masks):
+            """Logits ``[E, B, C]`` for unit masks ``[E, U]``: fc6 minus the masked units' contributions."""
+            parts = fc6_parts(v, pooled)
+            return mask_logits(v, parts, unit_deltas(parts), masks)
 
         def counted(logits_fn):
             def run_chunks(v, act, sets, labels, valid):
@@ -252,11 +280,27 @@ class _Evaluator:
 
             return jax.jit(run_chunks)
 
+        def counted_fast(masks: bool):
+            def run_chunks(v, pooled, sets, labels, valid):
+                """Like ``counted``, with the clean fc6 pass (and unit contributions) computed once per batch."""
+                parts = fc6_parts(v, pooled)
+                if masks:
+                    deltas = unit_deltas(parts)
+                    fn = lambda s: mask_logits(v, parts, deltas, s)  # noqa: E731
+                else:
+                    fn = lambda s: unit_logits(v, parts, s)  # noqa: E731
+                pred, correct = jax.lax.map(lambda s: _device_counts(fn(s), labels, valid, C), sets)
+                return pred.reshape(-1, C), correct.reshape(-1, C)
+
+            return jax.jit(run_chunks)
+
         self._lower = jax.jit(lower)
         self.generic_logits = jax.jit(generic_logits)
         self.fast_logits = jax.jit(fast_logits)
+        self.fast_mask_logits = jax.jit(fast_mask_logits)
         self._generic = counted(generic_logits)
-        self._fast = counted(fast_logits)
+        self._fast = counted_fast(masks=False)
+        self._fast_masks = counted_fast(masks=True)
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
     def chunk_size(self, num_sets: int, batch_size: int, per_set_bytes: int) -> int:
@@ -352,20 +396,20 @@ def _evaluate(
     ev = _evaluator(module, variables, layer, x_like, method, apply_kwargs)
     C, U = ev.num_classes, ev.num_units
     act_bytes = 4 * math.prod(ev.act_shape[1:])
-    use_fast = single_units is not None and ev.fast
+    use_fast = ev.fast and (single_units is not None or masks is not None)
+    fast_bytes = 3 * 4 * ev.fc6_width if ev.fast else 0
     if single_units is not None:
         single_units = np.asarray(single_units, np.int32)
         _as_masks([[u] for u in single_units.tolist()], U)  # range check
         if not use_fast:
             masks = np.zeros((len(single_units), U), bool)
             masks[np.arange(len(single_units)), single_units] = True
-    if use_fast:
-        chunk = ev.chunk_size(len(single_units), batch_size, 4 * 4096 * 3)
-        sets, num_sets = _pad_chunks(single_units, chunk)
+    if use_fast and single_units is not None:
+        sets, num_sets = _pad_chunks(single_units, ev.chunk_size(len(single_units), batch_size, fast_bytes))
     elif masks is not None:
         masks = _as_masks(masks, U)
-        chunk = ev.chunk_size(len(masks), batch_size, act_bytes * 2)
-        sets, num_sets = _pad_chunks(masks, chunk)
+        per_set = fast_bytes if use_fast else act_bytes * 2
+        sets, num_sets = _pad_chunks(masks, ev.chunk_size(len(masks), batch_size, per_set))
     else:
         sets, num_sets = None, 0
 
@@ -406,7 +450,8 @@ def _evaluate(
                 "true": jnp.zeros(C, jnp.int32).at[labels_j].add(valid_j.astype(jnp.int32), mode="drop"),
                 "clean_pred": pred, "clean_correct": correct}
         if use_fast:
-            step["pred"], step["correct"] = ev._fast(variables, acts["avgpool"], jnp.asarray(sets), labels_j, valid_j)
+            fast = ev._fast if single_units is not None else ev._fast_masks
+            step["pred"], step["correct"] = fast(variables, acts["avgpool"], jnp.asarray(sets), labels_j, valid_j)
         elif sets is not None:
             step["pred"], step["correct"] = ev._generic(variables, acts[layer], jnp.asarray(sets), labels_j, valid_j)
         if sets is not None:

@@ -65,6 +65,11 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
     module, variables = load_model(checkpoint)
     meta = load_metadata(checkpoint)
     generator = isinstance(module, ProgressiveGenerator)
+    if not generator and "crop" not in meta.get("preprocessing", {}):
+        raise ValueError(
+            f"check_model runs image classifiers (with a 'preprocessing' crop in their metadata) and "
+            f"ProgressiveGenerator models; {checkpoint} holds a {type(module).__name__}"
+        )
     log(f"{checkpoint}: {type(module).__name__} from {meta.get('source_file', '?')} "
         f"(sha256 {str(meta.get('source_sha256', '?'))[:12]})")
     if generator:
@@ -73,12 +78,10 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
         x = standard_z_sample(num_samples, depth=module.sizes[0], seed=1)
         log(f"input: {num_samples} z from standard_z_sample(seed=1), shape {x.shape}")
     elif images:
-        crop = int(meta.get("preprocessing", {}).get("crop", 224))
-        x = np.stack([vgg_preprocess(p, crop=crop) for p in images])
+        x = np.stack([vgg_preprocess(p, crop=int(meta["preprocessing"]["crop"])) for p in images])
         log(f"input: {len(images)} image(s), preprocessed to {x.shape}")
     else:
-        size = int(meta.get("preprocessing", {}).get("crop", 224))
-        x = _synthetic_images(num_samples, size)
+        x = _synthetic_images(num_samples, int(meta["preprocessing"]["crop"]))
         log(f"input: {num_samples} deterministic synthetic images {x.shape}")
 
     f = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"]))

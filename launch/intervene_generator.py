@@ -16,46 +16,59 @@ Outputs (JSON, npz, plots, image grids) are listed in
 resumes.
 """
 
+import sys
+
 from absl import app, flags
 
-flags.DEFINE_string("model", None, "Converted generator directory (python -m converters.proggan ...).")
-flags.DEFINE_string("layer", "layer4", "Layer to intervene on.")
-flags.DEFINE_string("segmenter", None, "upp=<dir>[,color=<dir>][,setting=netpqc]: the dissection's segmenter.")
-flags.DEFINE_string("dissection", None, "Output directory of launch.dissect for this model and layer.")
-flags.DEFINE_string("remove", "tree", "Concept to remove by ablating its top units ('' to skip).")
-flags.DEFINE_integer("remove_units", 30, "Ablate the top 1..N units of the removed concept.")
-flags.DEFINE_string("insert", "door", "Concept to insert by switching its top units on ('' to skip).")
-flags.DEFINE_integer("insert_units", 20, "Number of top units switched on for the inserted concept.")
-flags.DEFINE_float("insert_quantile", 0.995, "Units are set to this quantile of their activations.")
-flags.DEFINE_bool("single_units", False, "Also ablate every single unit of the layer.")
-flags.DEFINE_integer("num_samples", 10000, "Number of z samples (the original's seed-1 samples).")
-flags.DEFINE_integer("seed", 1, "Seed of the z samples.")
-flags.DEFINE_integer("batch_size", 25, "Samples per step.")
-flags.DEFINE_integer("min_samples", 1000, "Contexts seen fewer times are left out of the insertion report.")
-flags.DEFINE_string("output_dir", None, "Where the results go.")
-for _name in ("model", "segmenter", "dissection", "output_dir"):
-    flags.mark_flag_as_required(_name)
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module is free)."""
+    flags.DEFINE_string("model", None, "Converted generator directory (python -m converters.proggan ...).")
+    flags.DEFINE_string("layer", "layer4", "Layer to intervene on.")
+    flags.DEFINE_string("segmenter", None, "upp=<dir>[,color=<dir>][,setting=netpqc]: the dissection's segmenter.")
+    flags.DEFINE_string("dissection", None, "Output directory of launch.dissect for this model and layer.")
+    flags.DEFINE_string("remove", "tree", "Concept to remove by ablating its top units ('' to skip).")
+    flags.DEFINE_integer("remove_units", 30, "Ablate the top 1..N units of the removed concept.")
+    flags.DEFINE_string("insert", "door", "Concept to insert by switching its top units on ('' to skip).")
+    flags.DEFINE_integer("insert_units", 20, "Number of top units switched on for the inserted concept.")
+    flags.DEFINE_float("insert_quantile", 0.995, "Units are set to this quantile of their activations.")
+    flags.DEFINE_bool("single_units", False, "Also ablate every single unit of the layer.")
+    flags.DEFINE_integer("num_samples", 10000, "Number of z samples (the original's seed-1 samples).")
+    flags.DEFINE_integer("seed", 1, "Seed of the z samples.")
+    flags.DEFINE_integer("batch_size", 25, "Samples per step.")
+    flags.DEFINE_integer("min_samples", 1000, "Contexts seen fewer times are left out of the insertion report.")
+    flags.DEFINE_string("output_dir", None, "Where the results go.")
+    flags.mark_flags_as_required(["model", "segmenter", "dissection", "output_dir"])
 
 
 def main(argv):
     del argv
-    from jaxdissect.checkpoint import load_model
-    from jaxdissect.data.latents import standard_z_sample
-    from jaxdissect.pipelines import intervene_generator as experiment
-    from jaxdissect.segmentation import segmenter_from_spec
+    from jaxdissect.models import set_cpu_xla_flags
 
-    module, variables = load_model(FLAGS.model)
-    segmenter, segmenter_variables = segmenter_from_spec(FLAGS.segmenter)
-    dissection = experiment.load_dissection(FLAGS.dissection, FLAGS.layer)
-    z = standard_z_sample(FLAGS.num_samples, seed=FLAGS.seed)
-    summaries = experiment.run_experiment(
-        module, variables, FLAGS.layer, segmenter, segmenter_variables, dissection, z,
-        output_dir=FLAGS.output_dir, remove=FLAGS.remove or None, remove_units=FLAGS.remove_units,
-        insert=FLAGS.insert or None, insert_units=FLAGS.insert_units, insert_quantile=FLAGS.insert_quantile,
-        single_units=FLAGS.single_units, batch_size=FLAGS.batch_size, min_samples=FLAGS.min_samples)
+    set_cpu_xla_flags()
+    from jaxdissect.checkpoint import CheckpointError, load_model
+    from jaxdissect.data.latents import standard_z_sample
+    from jaxdissect.interventions.generator import InterventionError
+    from jaxdissect.pipelines import intervene_generator as experiment
+    from jaxdissect.segmentation import SegmenterError, segmenter_from_spec
+
+    try:
+        module, variables = load_model(FLAGS.model)
+        segmenter, segmenter_variables = segmenter_from_spec(FLAGS.segmenter)
+        dissection = experiment.load_dissection(FLAGS.dissection, FLAGS.layer)
+        z = standard_z_sample(FLAGS.num_samples, seed=FLAGS.seed)
+        summaries = experiment.run_experiment(
+            module, variables, FLAGS.layer, segmenter, segmenter_variables, dissection, z,
+            output_dir=FLAGS.output_dir, remove=FLAGS.remove or None, remove_units=FLAGS.remove_units,
+            insert=FLAGS.insert or None, insert_units=FLAGS.insert_units, insert_quantile=FLAGS.insert_quantile,
+            single_units=FLAGS.single_units, batch_size=FLAGS.batch_size, min_samples=FLAGS.min_samples)
+    except (CheckpointError, SegmenterError, InterventionError, experiment.ExperimentError) as e:
+        sys.exit(f"error: {e}")
     print(f"results in {FLAGS.output_dir}: " + ", ".join(sorted(summaries)))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

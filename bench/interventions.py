@@ -1,6 +1,6 @@
 """Benchmark: classifier single-unit ablation sweep cost, relative to one clean evaluation pass.
 
-    python -m bench.interventions [--images=4] [--repeats=5] [--generic_units=32] [--results=bench/RESULTS.md]
+    python -m bench.interventions [--images=4] [--repeats=5] [--generic_units=16] [--set_masks=64]
 
 VGG16 (365 classes, random He-normal weights) on ``--images`` random 224x224
 inputs, float32, CPU. Measured side by side in one process, alternating, the
@@ -13,7 +13,11 @@ threads), which other jobs on a shared machine disturb far less than wall time:
   ``fc6`` update (the lower network once, then ``fc7``/``fc8`` on
   ``[512, B, 4096]``), including its own lower pass and the clean counts;
 * generic sweep: cached ``conv5_3`` activations and ``run_from`` with vmapped
-  ``Ablate`` for ``--generic_units`` units, scaled linearly to 512.
+  ``Ablate`` for ``--generic_units`` units, scaled linearly to 512;
+* ranking sets (spec 3.3 step 4: per class, the top-20 units ablated, and all
+  but them): ``--set_masks`` random 20-unit sets and their complements through
+  the fast mask path (``clean fc6 - mask @ D``) and ``--generic_units`` of them
+  through the generic path, both scaled to the 730 sets of one ``n``.
 
 The goal (issue 6): the full 512-unit sweep costs at most 2x one clean pass.
 Figures go to the ``## Interventions (bench/interventions.py)`` section of the
@@ -48,7 +52,7 @@ def random_vgg16(x):
     return model, jax.device_put(variables)
 
 
-def run(images: int, repeats: int, generic_units: int) -> dict:
+def run(images: int, repeats: int, generic_units: int, set_masks: int) -> dict:
     load = os.getloadavg()[0]
     x = jnp.asarray(np.random.default_rng(1).normal(size=(images, 224, 224, 3)).astype(np.float32))
     model, variables = random_vgg16(x)
@@ -62,17 +66,34 @@ def run(images: int, repeats: int, generic_units: int) -> dict:
 
     all_units = np.arange(512, dtype=np.int32)
     chunk = ev.chunk_size(512, images, 4 * 4096 * 3)
-    fast_sets = jnp.asarray(ci._pad_chunks(all_units, chunk)[0])
+    unit_batches = jnp.asarray(ci._pad_chunks(all_units, chunk)[0])
     masks = np.arange(512)[None, :] == all_units[:generic_units, None]
-    generic_sets = jnp.asarray(ci._pad_chunks(masks, ev.chunk_size(generic_units, images, 2 * 4 * 14 * 14 * 512))[0])
+    unit_masks = jnp.asarray(ci._pad_chunks(masks, ev.chunk_size(generic_units, images, 2 * 4 * 14 * 14 * 512))[0])
+
+    top20 = np.zeros((set_masks, 512), bool)
+    rng = np.random.default_rng(2)
+    for i in range(set_masks // 2):
+        top20[i, rng.permutation(512)[:20]] = True
+    top20[set_masks // 2:] = ~top20[: set_masks - set_masks // 2]
+    fast_set_batches = jnp.asarray(ci._pad_chunks(top20, ev.chunk_size(set_masks, images, 3 * 4 * 4096))[0])
+    generic_set_batches = jnp.asarray(
+        ci._pad_chunks(top20[:generic_units], ev.chunk_size(generic_units, images, 2 * 4 * 14 * 14 * 512))[0])
+
+    def fast_sets():
+        acts, pred, correct = ev._lower(variables, x, labels, valid)
+        return pred, ev._fast_masks(variables, acts["avgpool"], fast_set_batches, labels, valid)
+
+    def generic_sets():
+        acts, pred, correct = ev._lower(variables, x, labels, valid)
+        return pred, ev._generic(variables, acts["conv5_3"], generic_set_batches, labels, valid)
 
     def fast_sweep():
         acts, pred, correct = ev._lower(variables, x, labels, valid)
-        return pred, ev._fast(variables, acts["avgpool"], fast_sets, labels, valid)
+        return pred, ev._fast(variables, acts["avgpool"], unit_batches, labels, valid)
 
     def generic_sweep():
         acts, pred, correct = ev._lower(variables, x, labels, valid)
-        return pred, ev._generic(variables, acts["conv5_3"], generic_sets, labels, valid)
+        return pred, ev._generic(variables, acts["conv5_3"], unit_masks, labels, valid)
 
     def timed(fn):
         """CPU seconds of this process (all threads): robust to other jobs sharing the machine."""
@@ -81,24 +102,33 @@ def run(images: int, repeats: int, generic_units: int) -> dict:
         return time.process_time() - t
 
     t0 = time.perf_counter()
-    for fn in (lambda: clean(variables, x), fast_sweep, generic_sweep):
+    for fn in (lambda: clean(variables, x), fast_sweep, generic_sweep, fast_sets, generic_sets):
         timed(fn)  # compile + warm-up
     compile_s = time.perf_counter() - t0
-    times = {"clean": [], "lower": [], "fast": [], "generic": []}
+    times = {"clean": [], "lower": [], "fast": [], "generic": [], "fast_sets": [], "generic_sets": []}
     for _ in range(repeats):
         times["clean"].append(timed(lambda: clean(variables, x)))
         times["lower"].append(timed(lambda: ev._lower(variables, x, labels, valid)))
         times["fast"].append(timed(fast_sweep))
         times["generic"].append(timed(generic_sweep))
+        times["fast_sets"].append(timed(fast_sets))
+        times["generic_sets"].append(timed(generic_sets))
     med = {k: min(v) for k, v in times.items()}
     # Same predictions from both paths on the units they share.
     _, (fast_pred, _) = fast_sweep()
     _, (gen_pred, _) = generic_sweep()
     agree = bool(np.array_equal(np.asarray(fast_pred)[:generic_units], np.asarray(gen_pred)[:generic_units]))
     generic_512 = med["lower"] + (med["generic"] - med["lower"]) * 512 / generic_units
+    per_set_fast = (med["fast_sets"] - med["lower"]) / set_masks
+    per_set_generic = (med["generic_sets"] - med["lower"]) / generic_units
+    _, (fs_pred, _) = fast_sets()
+    _, (gs_pred, _) = generic_sets()
+    agree = agree and bool(np.array_equal(np.asarray(fs_pred)[:generic_units], np.asarray(gs_pred)[:generic_units]))
     return dict(images=images, repeats=repeats, load=load, compile_s=compile_s, generic_units=generic_units,
                 clean_s=med["clean"], lower_s=med["lower"], fast_s=med["fast"], generic_s=med["generic"],
-                generic_512_s=generic_512, agree=agree)
+                generic_512_s=generic_512, agree=agree, set_masks=set_masks,
+                sets_fast_730_s=med["lower"] + 730 * per_set_fast,
+                sets_generic_730_s=med["lower"] + 730 * per_set_generic)
 
 
 def report(r: dict) -> str:
@@ -124,10 +154,15 @@ def report(r: dict) -> str:
         f"| all 512, generic path (cached conv5_3 + run_from + vmapped Ablate; {r['generic_units']} units "
         f"timed, scaled) | {r['generic_512_s']:.2f} | {r['generic_512_s'] / base:.2f} |",
         "| all 512, naive (a full forward pass per unit) | | 512 |",
+        f"| 730 ranking sets of one n (365 x top-20 removed / kept), fast mask path ({r['set_masks']} timed, "
+        "scaled with the once-per-batch contribution matrix counted per set: an upper bound) | "
+        f"{r['sets_fast_730_s']:.2f} | {r['sets_fast_730_s'] / base:.2f} |",
+        f"| 730 ranking sets, generic path ({r['generic_units']} timed, scaled) | {r['sets_generic_730_s']:.2f} | "
+        f"{r['sets_generic_730_s'] / base:.2f} |",
         "",
         f"Goal: the 512-unit sweep costs at most 2x one clean pass: {'met' if ratio <= 2 else 'NOT met'} "
         f"({ratio:.2f}x). Fast and generic paths give identical predictions on the {r['generic_units']} shared "
-        f"units: {'yes' if r['agree'] else 'NO'}. Compile + first runs: {r['compile_s']:.1f} s. Ratios are "
+        f"units and sets: {'yes' if r['agree'] else 'NO'}. Compile + first runs: {r['compile_s']:.1f} s. Ratios are "
         "against the cheaper of the two clean passes (same FLOPs; XLA compiles them differently, and "
         "on this CPU the one that also outputs conv5_3 has run faster).",
         "",
@@ -142,7 +177,7 @@ def write_section(path: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + body
     else:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + body + ("\n" + text[end + 1:] if end >= 0 else "")
     with open(path, "w") as f:
         f.write(text)
 
@@ -152,7 +187,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    r = run(FLAGS.images, FLAGS.repeats, FLAGS.generic_units)
+    r = run(FLAGS.images, FLAGS.repeats, FLAGS.generic_units, FLAGS.set_masks)
     body = report(r)
     print(body)
     if FLAGS.results:
@@ -162,7 +197,8 @@ def main(argv):
 def define_flags() -> None:
     flags.DEFINE_integer("images", 4, "Images per pass (one batch).")
     flags.DEFINE_integer("repeats", 5, "Timed runs of each computation (after one warm-up).")
-    flags.DEFINE_integer("generic_units", 32, "Units timed on the generic path (scaled to 512).")
+    flags.DEFINE_integer("generic_units", 16, "Units timed on the generic path (scaled to 512).")
+    flags.DEFINE_integer("set_masks", 64, "Ranking-style unit sets timed on the fast mask path (scaled to 730).")
     flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
 
 

@@ -76,7 +76,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(experiment.ExperimentError, match="2 labels|3 labels"):
         experiment.run_experiment(ToyGenerator(), {}, "layer1", ToySegmenter(), {}, {"iou": np.zeros((3, 2))}, z,
                                   output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="close matches: red"):
+    with pytest.raises(ValueError, match="did you mean 'red'"):
         experiment.run_experiment(ToyGenerator(), {}, "layer1", ToySegmenter(), {}, {"iou": np.zeros((3, 3))}, z,
                                   output_dir=str(tmp_path), remove="reed", insert=None)
     with pytest.raises(experiment.ExperimentError, match="dissect the layer first"):

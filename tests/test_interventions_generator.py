@@ -107,7 +107,7 @@ def test_unit_selection_and_bad_input():
     names = ["-", "tree", "door", "window"]
     iou = np.array([[0, 0.1, 0.0, 0], [0, 0.3, 0.2, 0], [0, 0.2, 0.5, 0]])
     np.testing.assert_array_equal(gi.top_units(iou, names, "tree", 2), [1, 2])
-    with pytest.raises(gi.InterventionError, match="close matches: door"):
+    with pytest.raises(gi.InterventionError, match="did you mean 'door'"):
         gi.top_units(iou, names, "dor", 2)
     with pytest.raises(gi.InterventionError, match="top 5 units of a layer with 3"):
         gi.top_units(iou, names, "tree", 5)

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import layers as layer_api
+from jaxdissect.interventions.common import InterventionError, lookup
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ METRICS = ("precision", "recall", "accuracy", "true_negative_rate", "balanced_ac
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 20, 64, 128, 256)
 IMPORTANT_TOP = 4  # a unit is "important" for a class if among its 4 most damaging (spec 6)
 _CHUNK_BYTES = 256 << 20  # activation bytes per vmapped chunk of unit sets
-
-
-class InterventionError(ValueError):
-    """Bad arguments to an intervention: unknown class or layer, bad units, mismatched data."""
 
 
 # --------------------------------------------------------------------------
@@ -601,14 +598,7 @@ def class_unit_masks(order: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
 
 def class_index(class_names: Sequence[str], name: str) -> int:
     """Index of class ``name``; unknown names raise, listing close matches."""
-    names = list(class_names)
-    if name in names:
-        return names.index(name)
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    raise InterventionError(
-        f"unknown class {name!r}" + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
-        + f" ({len(names)} classes, e.g. {', '.join(names[:5])})"
-    )
+    return lookup(class_names, name, "class")
 
 
 def read_unit_iou(path: str, num_units: int) -> tuple[np.ndarray, list[str] | None]:

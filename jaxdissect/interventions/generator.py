@@ -25,7 +25,6 @@ Accumulation is on the host in float64 (one small transfer per batch), so
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Iterable, Sequence
 
 import jax
@@ -33,10 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import layers as layer_api
-
-
-class InterventionError(ValueError):
-    """An intervention's arguments do not fit the model, the labels or each other."""
+from jaxdissect.interventions.common import InterventionError, lookup
 
 
 # --------------------------------------------------------------------------
@@ -45,12 +41,7 @@ class InterventionError(ValueError):
 
 def find_label(label_names: Sequence[str], concept: str) -> int:
     """Index of ``concept`` in ``label_names``; an unknown name lists the close matches."""
-    names = list(label_names)
-    if concept in names:
-        return names.index(concept)
-    close = difflib.get_close_matches(concept, names, n=5, cutoff=0.5)
-    hint = f"; close matches: {', '.join(close)}" if close else "; no close match among the segmenter's labels"
-    raise InterventionError(f"unknown concept {concept!r}{hint}")
+    return lookup(label_names, concept, "concept")
 
 
 def top_units(iou: np.ndarray, label_names: Sequence[str], concept: str, n: int) -> np.ndarray:

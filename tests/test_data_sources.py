@@ -154,3 +154,11 @@ def test_loader_order_padding_and_errors():
 def test_tfds_places_not_prepared_is_a_clear_error(tmp_path):
     with pytest.raises(DataSourceError, match="places365_small.*not prepared"):
         Places365TFDS(data_dir=str(tmp_path))
+
+
+def test_batch_of_only_bad_images_keeps_the_image_size(tmp_path):
+    _write_image(tmp_path / "a.jpg", 0)
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    ds = ImageFolder(str(tmp_path), transform=_tiny_transform, on_error="skip")
+    batch = ds.get_batch([1])
+    assert batch["image"].shape == (1, 8, 8, 3) and not batch["valid"].any()

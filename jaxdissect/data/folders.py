@@ -128,6 +128,7 @@ class ImageFolder:
         self._num_threads = num_threads or min(8, os.cpu_count() or 1)
         self._pool = None
         self._lock = threading.Lock()
+        self._shape = None
         self.bad_files: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -154,6 +155,8 @@ class ImageFolder:
             return None
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
         indices = [int(i) for i in indices]
         for i in indices:
             if not 0 <= i < len(self):
@@ -162,8 +165,9 @@ class ImageFolder:
             self._pool = ThreadPoolExecutor(self._num_threads)
         loaded = list(self._pool.map(self._load, indices))
         shape = next((x.shape for x, _ in (l for l in loaded if l is not None)), None)
-        if shape is None:
-            shape = (self.crop, self.crop, 3)
+        if shape is None:  # every image of the batch was unreadable: the size of earlier ones
+            shape = self._shape or self.transform(Image.new("RGB", (256, 256)))[0].shape
+        self._shape = shape
         image = np.zeros((len(indices),) + shape, np.float32)
         display = np.zeros((len(indices),) + shape, np.uint8)
         valid = np.zeros(len(indices), bool)

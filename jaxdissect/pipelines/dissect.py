@@ -608,49 +608,58 @@ def _say(run, message):
 
 
 def _dissect(run: _Run, write: bool) -> dict:
+    primary = jax.process_index() == 0
+    wd = streaming.Workdir(os.path.join(run.output_dir, WORK))
+    if primary:  # one worker per work directory (the others of a multi-host job share it)
+        wd.lock()
+    try:
+        return _dissect_locked(run, wd, write, primary)
+    finally:
+        wd.unlock()
+
+
+def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
     from jaxdissect.statistics import DissectionResult
 
-    primary = jax.process_index() == 0
-    with streaming.Workdir(os.path.join(run.output_dir, WORK)) as wd:
-        _check_config(wd, run.config)
-        results_dir = os.path.join(wd.directory, "results")
-        if wd.done("results"):
-            results = {n: DissectionResult.load(os.path.join(results_dir, n)) for n in run.layers}
-            _say(run, f"statistics of {', '.join(run.layers)} loaded from {results_dir}")
-        else:
-            t0 = time.perf_counter()
-            _say(run, f"pass 1/3 over {run.num_images} items: quantile histograms, top-{run.topk} images")
-            pass1 = run.pass1(wd)
-            _say(run, "pass 2/3: exact thresholds")
-            thresholds = run.pass2(wd, {n: sel for n, (sel, _) in pass1.items()})
-            _say(run, "pass 3/3: IoU against the segmentation")
-            counts = run.pass3(wd, thresholds)
-            results = {n: run.result(n, pass1[n], thresholds[n], counts[n]) for n in run.layers}
-            if primary:
-                for n, r in results.items():
-                    r.save(os.path.join(results_dir, n))
-                _write_json(os.path.join(results_dir, "run.json"), {"seconds": time.perf_counter() - t0})
-                wd.mark_done("results")
-        skipped = run.num_images - int(results[run.layers[0]].images)
-        if skipped:
-            names = sorted(getattr(run.data, "bad_files", {}).values())
-            logging.warning("%d of %d images could not be read and were left out%s", skipped,
-                            run.num_images, ":\n  " + "\n  ".join(names) if names else "")
-        if not write or not primary:
-            return results
-        todo = [n for n in run.layers if not wd.done(f"layer-{n}")]
-        if todo:
-            _say(run, f"unit strips and reports for {', '.join(todo)}")
-            strips = run.strips({n: results[n] for n in todo})
-            for n in todo:
-                run.write_layer(n, results[n], strips[n], skipped)
-                wd.mark_done(f"layer-{n}")
-        index = run.write_run(results, skipped)
-        _say(run, f"report: {index}")
+    _check_config(wd, run.config, primary)
+    results_dir = os.path.join(wd.directory, "results")
+    if wd.done("results"):
+        results = {n: DissectionResult.load(os.path.join(results_dir, n)) for n in run.layers}
+        _say(run, f"statistics of {', '.join(run.layers)} loaded from {results_dir}")
+    else:
+        t0 = time.perf_counter()
+        _say(run, f"pass 1/3 over {run.num_images} items: quantile histograms, top-{run.topk} images")
+        pass1 = run.pass1(wd)
+        _say(run, "pass 2/3: exact thresholds")
+        thresholds = run.pass2(wd, {n: sel for n, (sel, _) in pass1.items()})
+        _say(run, "pass 3/3: IoU against the segmentation")
+        counts = run.pass3(wd, thresholds)
+        results = {n: run.result(n, pass1[n], thresholds[n], counts[n]) for n in run.layers}
+        if primary:
+            for n, r in results.items():
+                r.save(os.path.join(results_dir, n))
+            _write_json(os.path.join(results_dir, "run.json"), {"seconds": time.perf_counter() - t0})
+            wd.mark_done("results")
+    skipped = run.num_images - int(results[run.layers[0]].images)
+    if skipped:
+        names = sorted(getattr(run.data, "bad_files", {}).values())
+        logging.warning("%d of %d images could not be read and were left out%s", skipped,
+                        run.num_images, ":\n  " + "\n  ".join(names) if names else "")
+    if not write or not primary:
+        return results
+    todo = [n for n in run.layers if not wd.done(f"layer-{n}")]
+    if todo:
+        _say(run, f"unit strips and reports for {', '.join(todo)}")
+        strips = run.strips({n: results[n] for n in todo})
+        for n in todo:
+            run.write_layer(n, results[n], strips[n], skipped)
+            wd.mark_done(f"layer-{n}")
+    index = run.write_run(results, skipped)
+    _say(run, f"report: {index}")
     return results
 
 
-def _check_config(wd, config):
+def _check_config(wd, config, primary=True):
     path = os.path.join(wd.directory, "config.json")
     normalized = json.loads(json.dumps(config, sort_keys=True, default=_json_default))
     if os.path.exists(path):
@@ -661,5 +670,5 @@ def _check_config(wd, config):
             raise DissectError(
                 f"{os.path.dirname(wd.directory)} holds a dissection with other settings (differing: "
                 f"{', '.join(diff)}); choose another output_dir or delete {wd.directory} to recompute")
-    else:
+    elif primary:
         _write_json(path, normalized)

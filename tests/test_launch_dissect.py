@@ -163,3 +163,26 @@ def test_main_prints_clear_error(tmp_path):
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "error: --model=" in out.stderr and "no such directory" in out.stderr
+
+
+def test_broden_data_with_image_level_labels(model_dir, tmp_path):
+    """--data=broden:<dir> (labels from the dataset, incl. image-level scene/texture labels) end to end."""
+    try:
+        from test_broden import _write_broden
+    except ImportError:
+        pytest.skip("the Broden test helper is not available")
+    root = str(tmp_path / "broden")
+    _write_broden(root)
+    out = str(tmp_path / "out")
+    results, output_dir = launcher.run(_config(model=model_dir, data=f"broden:{root}", layers="conv1,conv2",
+                                               batch_size=2, topk=3, thumbsize=16, output_dir=out))
+    assert output_dir == out
+    for layer, units in (("conv1", 8), ("conv2", 16)):
+        report = json.load(open(os.path.join(out, layer, "report.json")))
+        assert len(report["units"]) == units
+        assert report["header"]["name"] == "tiny_cnn broden dataset"
+        assert results[layer].images == 3                     # the val split
+        assert results[layer].iou.shape[1] == len(results[layer].label_names)
+        kitchen = results[layer].label_names.index("kitchen")   # scene label of val images 0 and 2
+        assert results[layer].label_pixels[kitchen] == 2 * 8 * 8
+    assert os.path.exists(os.path.join(out, "index.html"))

@@ -36,6 +36,9 @@ _EXPORTS = {
     "segment": "jaxdissect.segmentation",
     # The whole dissection of a model.
     "dissect": "jaxdissect.pipelines.dissect",
+    "PlacesFolder": "jaxdissect.data.places",
+    "ImageFolder": "jaxdissect.data.folders",
+    "LatentSource": "jaxdissect.data.folders",
     "SyntheticScenes": "jaxdissect.data.synthetic",
 }
 

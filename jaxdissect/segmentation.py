@@ -183,9 +183,8 @@ def _check_images(images, downsample: int, check_range: bool):
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise SegmenterError(f"images must be floating point in [-1, 1], got {images.dtype} "
                              "(for uint8 bytes use x / 127.5 - 1)")
-    if shape[1] % downsample or shape[2] % downsample:
-        raise SegmenterError(f"image size {shape[1]}x{shape[2]} is not divisible by "
-                             f"downsample={downsample}; crop or resize the images, or change downsample")
+    if shape[1] < downsample or shape[2] < downsample:
+        raise SegmenterError(f"image size {shape[1]}x{shape[2]} is smaller than downsample={downsample}")
     if check_range and not isinstance(images, jax.core.Tracer):
         xp = np if isinstance(images, np.ndarray) else jnp
         lo, hi = float(xp.min(images)), float(xp.max(images))
@@ -200,8 +199,8 @@ def _check_images(images, downsample: int, check_range: bool):
 def segment(segmenter: Segmenter, variables, images, downsample: int = 4, *, check_range: bool = True):
     """Label maps of ``images``: ``(labels int32 [N, K, H/ds, W/ds], label_names, label_categories)``.
 
-    ``images``: RGB in [-1, 1], NHWC ``[N, H, W, 3]``, H and W divisible by
-    ``downsample``. ``label_names[n]`` / ``label_categories[n]`` describe label
+    ``images``: RGB in [-1, 1], NHWC ``[N, H, W, 3]``; the label maps are
+    ``H // downsample`` by ``W // downsample`` (as the original: 227 -> 56). ``label_names[n]`` / ``label_categories[n]`` describe label
     number ``n``; ``segmenter.categories`` lists the categories in the original's
     order. Compiled once per input shape; a batch sharded over devices stays sharded.
     ``check_range`` checks that values are finite and within [-1.5, 1.5] (one
@@ -214,3 +213,18 @@ def segment(segmenter: Segmenter, variables, images, downsample: int = 4, *, che
     _check_images(images, downsample, check_range)
     labels = _segment(segmenter, variables, images, downsample)
     return labels, segmenter.label_names, segmenter.label_categories
+
+
+def segmenter_from_spec(spec: str):
+    """``(segmenter, variables)`` from a command-line spec ``upp=<dir>[,color=<dir>][,setting=netpqc]``."""
+    fields = {}
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in ("upp", "color", "setting"):
+            raise SegmenterError(f"segmenter spec {spec!r}: expected comma-separated upp=<dir>, color=<dir>, "
+                                 f"setting=<netpqc...>; cannot read {item!r}")
+        fields[key.strip()] = value.strip()
+    for key in ("upp", "color"):
+        if key in fields and not os.path.isdir(fields[key]):
+            raise SegmenterError(f"segmenter spec: {key} directory {fields[key]} does not exist; {_CONVERT_HINT}")
+    return load_segmenter(fields.get("upp"), fields.get("color"), setting=fields.get("setting", "netpqc"))

@@ -35,31 +35,6 @@ import sys
 from absl import app, flags
 
 SYNTHETIC_IMAGES = 512
-
-flags.DEFINE_string("model", None, "Converted model directory (jaxdissect.load_model); "
-                    "absent: the embedded synthetic demo.")
-flags.DEFINE_string("layers", None, "Comma list of layer names, ranges like layer1..layer14, "
-                    "'conv' (all conv layers) or 'all'. Default: 'conv'.")
-flags.DEFINE_string("data", None, "places:<dir>, folder:<dir>, tfds:places365_small[:split], "
-                    "broden:<dir>, z:<count> or synthetic:<count>. Default: z:10000 for "
-                    "generators, synthetic for the demo; required for classifiers.")
-flags.DEFINE_string("segmenter", None, "'upp=<dir>,color=<dir>,setting=netpqc' or 'dataset' "
-                    "(labels from the data). Default: dataset for the demo and Broden.")
-flags.DEFINE_float("quantile", 0.01, "Top fraction of activations that counts as on.")
-flags.DEFINE_float("miniou", 0.04, "IoU above which a unit counts as interpretable.")
-flags.DEFINE_integer("topk", 100, "Top images tracked per unit.")
-flags.DEFINE_integer("thumbsize", 100, "Thumbnail size of the unit strips.")
-flags.DEFINE_integer("batch_size", None, "Images per step (default 16 classifiers, 10 generators).")
-flags.DEFINE_string("output_dir", None, "Results directory (default results/<model>-<data>-<seg>-<layers>-<q>).")
-flags.DEFINE_string("cache_dir", None, "Where the demo model is cached (default <output_dir>/../cache).")
-flags.DEFINE_integer("num_images", None, "Dissect only the first N items of the data.")
-flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"],
-                  "An unreadable image stops the run (raise) or is left out and counted (skip).")
-flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-
 FLAGS = flags.FLAGS
 
 
@@ -167,21 +142,10 @@ def make_segmentation(spec: str):
     """``'dataset'`` or ``(segmenter, variables)`` from ``--segmenter``; and its short name."""
     if spec == "dataset":
         return "dataset", "dataset"
-    fields = {}
-    for item in spec.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or key.strip() not in ("upp", "color", "setting"):
-            raise LaunchError(f"--segmenter={spec}: expected 'dataset' or comma-separated upp=<dir>, "
-                              f"color=<dir>, setting=<netpqc...>; cannot read {item!r}")
-        fields[key.strip()] = value.strip()
-    for key in ("upp", "color"):
-        if key in fields and not os.path.isdir(fields[key]):
-            raise LaunchError(f"--segmenter: {key} directory {fields[key]} does not exist; convert the "
-                              "segmenter first (python -m converters.segmenter ...)")
-    from jaxdissect.segmentation import load_segmenter
+    from jaxdissect.segmentation import segmenter_from_spec
 
-    setting = fields.get("setting", "netpqc")
-    return load_segmenter(fields.get("upp"), fields.get("color"), setting=setting), setting
+    segmenter, variables = segmenter_from_spec(spec)
+    return (segmenter, variables), segmenter.setting
 
 
 def _model_kind(metadata: dict, module) -> tuple[str, int]:
@@ -280,9 +244,39 @@ def _quiet_orbax() -> None:
     std_logging.getLogger("absl").addFilter(Filter())
 
 
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module is free)."""
+    flags.DEFINE_string("model", None, "Converted model directory (jaxdissect.load_model); "
+                        "absent: the embedded synthetic demo.")
+    flags.DEFINE_string("layers", None, "Comma list of layer names, ranges like layer1..layer14, "
+                        "'conv' (all conv layers) or 'all'. Default: 'conv'.")
+    flags.DEFINE_string("data", None, "places:<dir>, folder:<dir>, tfds:places365_small[:split], "
+                        "broden:<dir>, z:<count> or synthetic:<count>. Default: z:10000 for "
+                        "generators, synthetic for the demo; required for classifiers.")
+    flags.DEFINE_string("segmenter", None, "'upp=<dir>,color=<dir>,setting=netpqc' or 'dataset' "
+                        "(labels from the data). Default: dataset for the demo and Broden.")
+    flags.DEFINE_float("quantile", 0.01, "Top fraction of activations that counts as on.")
+    flags.DEFINE_float("miniou", 0.04, "IoU above which a unit counts as interpretable.")
+    flags.DEFINE_integer("topk", 100, "Top images tracked per unit.")
+    flags.DEFINE_integer("thumbsize", 100, "Thumbnail size of the unit strips.")
+    flags.DEFINE_integer("batch_size", None, "Images per step (default 16 classifiers, 10 generators).")
+    flags.DEFINE_string("output_dir", None, "Results directory (default results/<model>-<data>-<seg>-<layers>-<q>).")
+    flags.DEFINE_string("cache_dir", None, "Where the demo model is cached (default <output_dir>/../cache).")
+    flags.DEFINE_integer("num_images", None, "Dissect only the first N items of the data.")
+    flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"],
+                      "An unreadable image stops the run (raise) or is left out and counted (skip).")
+    flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
     _quiet_orbax()
     from jaxdissect.checkpoint import CheckpointError
     from jaxdissect.data.folders import DataSourceError
@@ -303,4 +297,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

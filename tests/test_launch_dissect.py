@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdissect.segmentation import SegmenterError
 from launch import dissect as launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,9 +153,9 @@ def test_bad_inputs(model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataSourceError, match="not a directory"):
         launcher.build(_config(model=model_dir, data=f"places:{tmp_path / 'file'}", segmenter="dataset"))
-    with pytest.raises(launcher.LaunchError, match="upp directory .* does not exist"):
+    with pytest.raises(SegmenterError, match="upp directory .* does not exist"):
         launcher.build(_config(model=model_dir, data="synthetic:8", segmenter=f"upp={tmp_path / 'nope'}"))
-    with pytest.raises(launcher.LaunchError, match="cannot read 'colour"):
+    with pytest.raises(SegmenterError, match="cannot read 'colour"):
         launcher.build(_config(model=model_dir, data="synthetic:8", segmenter="colour=x"))
 
 

@@ -10,6 +10,7 @@ The integer label maps must be identical.
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -163,8 +164,16 @@ def test_errors(models, images):
         load_segmenter(models["upp"]["dir"], models["color_dir"])  # the .pth folder, not converted
     segmenter, variables = load_segmenter(models["upp_dir"], None, "netp")
     for bad, words in [(images[0], "NHWC"), (images.transpose(0, 3, 1, 2), "NHWC"),
-                       (images * 127.5 + 127.5, "not \\[-1, 1\\]"), (images[:, :62], "divisible"),
+                       (images * 127.5 + 127.5, "not \\[-1, 1\\]"), (images[:, :3], "smaller than downsample"),
                        ((images > 0).astype(np.uint8), "floating"),
                        (np.full_like(images, np.nan), "NaN")]:
         with pytest.raises(SegmenterError, match=words):
             segment(segmenter, variables, bad)
+
+
+def test_segmentation_size_is_floor_of_image_size(models):
+    """As the original: a 227-pixel AlexNet crop is segmented at 227 // 4 = 56."""
+    segmenter, variables = load_segmenter(models["upp_dir"], models["color_dir"], "netpqc")
+    out = jax.eval_shape(lambda v, x: segmenter.apply(v, x, 4), variables,
+                         jax.ShapeDtypeStruct((2, 227, 227, 3), jnp.float32))
+    assert out.shape[0] == 2 and out.shape[2:] == (56, 56)

@@ -35,6 +35,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.results import write_section
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Dissection pipeline (bench/dissect.py)"
 CONV = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
@@ -214,19 +217,6 @@ def report(a, b) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section of the results file, leaving the others alone."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 FLAGS = flags.FLAGS
 
 
@@ -241,7 +231,7 @@ def main(argv):
     body = report(a, b)
     print(body)
     if FLAGS.results:
-        write_section(FLAGS.results, body)
+        write_section(FLAGS.results, SECTION, body)
 
 
 def define_flags() -> None:

@@ -31,7 +31,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.results import write_section
 from jaxdissect.models import CPU_XLA_FLAGS
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Forward pass (bench/forward.py)"
@@ -161,7 +163,7 @@ def run(batch: int, repeats: int, models=("vgg16", "proggan"), log=print) -> dic
                 rows[name] = [r]
             time_torch(rows)
             results[model] = rows
-            del contenders, torch_model
+            del torch_model
     return results
 
 
@@ -246,19 +248,6 @@ def _ratios(rows: dict, batch: int) -> str:
             f"{torch_best[1] / flax_default[1]:.2f}, best {torch_best[1] / flax_best[1]:.2f} (above 1 = Flax cheaper).")
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section of the results file, leaving other sections alone."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -271,7 +260,7 @@ def main(argv):
     print(json.dumps(results))
     print(body)
     if f.results:
-        write_section(f.results, body)
+        write_section(f.results, SECTION, body)
 
 
 def define_flags() -> None:

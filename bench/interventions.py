@@ -43,10 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from bench.results import write_section
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import classifier as ci
 from jaxdissect.models.proggan import ProgressiveGenerator
 from jaxdissect.models.vgg16 import VGG16
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Interventions (bench/interventions.py)"
@@ -239,19 +241,6 @@ def report(r: dict) -> str:
     ])
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section of the results file, leaving other sections alone."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + ("\n" + text[end + 1:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 FLAGS = flags.FLAGS
 
 
@@ -265,7 +254,7 @@ def main(argv):
     body = report(r) + report_generator(g)
     print(body)
     if FLAGS.results:
-        write_section(FLAGS.results, body)
+        write_section(FLAGS.results, SECTION, body)
 
 
 def define_flags() -> None:

@@ -29,10 +29,12 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from bench.results import write_section  # noqa: E402
 import torch_segmenter_reference as R  # noqa: E402
 
 from converters import segmenter as converter  # noqa: E402
 from jaxdissect.checkpoint import load_model  # noqa: E402
+
 
 SECTION = "## Segmenter (bench/segment.py)"
 SIZE, SEG = 256, (64, 64)
@@ -80,19 +82,6 @@ def run(batch: int, repeats: int) -> dict:
             "compile_s": compile_s, "object_rel_err": err, "load": load}
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section of the results file, leaving other sections alone."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def report(r: dict) -> str:
     return "\n".join([
         SECTION,
@@ -125,7 +114,7 @@ def main(argv):
     r = run(FLAGS.batch, FLAGS.repeats)
     body = report(r)
     print(body)
-    write_section(FLAGS.results, body)
+    write_section(FLAGS.results, SECTION, body)
 
 
 def define_flags() -> None:

@@ -38,6 +38,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.results import write_section
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Statistics pass (bench/stats.py)"
 UNITS, CHANNELS, QUANTILE, TOPK = 512, 6, 0.01, 100
@@ -308,19 +311,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, body: str) -> None:
-    """Replace (or append) this benchmark's section of the results file, leaving other sections alone."""
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 FLAGS = flags.FLAGS
 
 
@@ -333,7 +323,7 @@ def main(argv):
     body = report(r)
     print(body)
     if FLAGS.results:
-        write_section(FLAGS.results, body)
+        write_section(FLAGS.results, SECTION, body)
 
 
 def define_flags() -> None:

@@ -264,7 +264,7 @@ class PlantedGenerator(nn.Module):
     @nn.compact
     def __call__(self, z):
         cells = z[:, :64].reshape(-1, 8, 8)
-        block = Stack(name="block")(cells)
+        Stack(name="block")(cells)
         red = jnp.where(cells > 1, 1.0, -1.0)
         green = jnp.where(cells < -1, 1.0, -1.0)
         rgb = jnp.stack([red, green, -jnp.ones_like(red)], -1)

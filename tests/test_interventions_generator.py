@@ -8,7 +8,6 @@ green pixels 2, so what each intervention must do is known exactly.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

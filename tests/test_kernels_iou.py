@@ -56,7 +56,6 @@ def test_counts_equal_explicit_masks(method):
 def test_iou_is_the_ratio_of_dataset_sums():
     rng = np.random.default_rng(2)
     act, thr, seg, img = _batch(rng)
-    valid = np.ones(B, bool)
     halves = [_UPDATE(ik.init(U, L), act, thr, seg, np.arange(B) // 2 == i, np.full(B, i), img, method="segment")
               for i in (0, 1)]                      # two partial states, as on two devices
     merged = ik.merge(jax.tree.map(lambda *s: np.stack([np.asarray(v) for v in s]), *halves))

@@ -227,7 +227,7 @@ print(json.dumps({{"ok": True}}))
     ns = {}
     exec(DISSECT_DATA, ns)
     acts, seg = ns["make_data"]()
-    s, units, labels = ns["S"], ns["UNITS"], ns["LABELS"]
+    s, units = ns["S"], ns["UNITS"]
     # Top-5 images by raw spatial maximum (stable order: value descending, index ascending).
     score = acts.max(axis=(1, 2))                               # [N, U]
     order = np.lexsort((np.broadcast_to(np.arange(len(acts))[:, None], score.shape), -score), axis=0)[:5].T

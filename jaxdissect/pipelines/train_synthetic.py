@@ -79,7 +79,6 @@ def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_si
           global_pool: str = "max", image_size: int = 64, log=print):
     """Train a :class:`~jaxdissect.models.small_cnn.SmallCNN`; returns ``(module, variables, info)``."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     from jaxdissect.models.small_cnn import SmallCNN

@@ -13,32 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import test_interventions_generator as interventions_test
 from jaxdissect.pipelines import intervene_generator as experiment
 
 
-class _Layer1(nn.Module):
-    @nn.compact
-    def __call__(self, z):
-        top = jnp.zeros((4, 4)).at[0].set(1.0)
-        bottom = jnp.zeros((4, 4)).at[3].set(1.0)
-        red = nn.relu(z[:, 0])[:, None, None] * top
-        green = nn.relu(z[:, 1])[:, None, None] * bottom
-        noise = jnp.broadcast_to(z[:, 2, None, None], red.shape)
-        return jnp.stack([red, noise, green], axis=-1)
-
-
-class _Output(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 16, axis=1), 16, axis=2)
-        r, g = jnp.tanh(4 * x[..., 0]), jnp.tanh(4 * x[..., 2])
-        return jnp.stack([r, g, -jnp.ones_like(r)], axis=-1)
-
-
-class ToyGenerator(nn.Module):
-    @nn.compact
-    def __call__(self, z):
-        return _Output(name="output")(_Layer1(name="layer1")(z))
+GEN = interventions_test.ToyGenerator(scale=16)  # 64x64 images, segmented at 16x16
 
 
 class ToySegmenter(nn.Module):
@@ -55,14 +34,14 @@ def test_experiment_outputs(tmp_path):
     iou = np.array([[0, 0.5, 0], [0, 0.01, 0.02], [0, 0, 0.6]])
     out = str(tmp_path / "out")
     summaries = experiment.run_experiment(
-        ToyGenerator(), {}, "layer1", ToySegmenter(), {}, {"iou": iou}, z, output_dir=out, remove="red",
+        GEN, {}, "layer1", ToySegmenter(), {}, {"iou": iou}, z, output_dir=out, remove="red",
         remove_units=2, insert="red", insert_units=1, insert_quantile=0.995, batch_size=16, min_samples=1)
     removed = {r["n"]: r["removed_fraction"] for r in summaries["remove"]["removed"]}
     assert removed == {1: pytest.approx(1.0), 2: pytest.approx(1.0)}
     assert summaries["remove"]["units"] == [0, 1]
     contexts = {r["context"]: r for r in summaries["insert"]["contexts"]}
     # A red block is 4x4 = 16 segmentation pixels; on green it is all new.
-    baseline_red = (np.asarray(ToySegmenter().apply({}, ToyGenerator().apply({}, z))) == 1).sum((1, 2, 3)).mean()
+    baseline_red = (np.asarray(ToySegmenter().apply({}, GEN.apply({}, z))) == 1).sum((1, 2, 3)).mean()
     assert contexts["green"]["added_fraction"] == pytest.approx(16 / baseline_red)
     for name in ("remove_red.json", "remove_red.npz", "remove_red.png", "remove_red_grid.png",
                  "insert_red.json", "insert_red.npz", "insert_red.png", "insert_red_grid.png", "summary.json"):
@@ -74,10 +53,10 @@ def test_experiment_outputs(tmp_path):
 def test_bad_inputs(tmp_path):
     z = np.zeros((4, 3), np.float32)
     with pytest.raises(experiment.ExperimentError, match="2 labels|3 labels"):
-        experiment.run_experiment(ToyGenerator(), {}, "layer1", ToySegmenter(), {}, {"iou": np.zeros((3, 2))}, z,
+        experiment.run_experiment(GEN, {}, "layer1", ToySegmenter(), {}, {"iou": np.zeros((3, 2))}, z,
                                   output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="did you mean 'red'"):
-        experiment.run_experiment(ToyGenerator(), {}, "layer1", ToySegmenter(), {}, {"iou": np.zeros((3, 3))}, z,
+        experiment.run_experiment(GEN, {}, "layer1", ToySegmenter(), {}, {"iou": np.zeros((3, 3))}, z,
                                   output_dir=str(tmp_path), remove="reed", insert=None)
     with pytest.raises(experiment.ExperimentError, match="dissect the layer first"):
         experiment.load_dissection(str(tmp_path), "layer1")

@@ -29,17 +29,21 @@ class _Layer1(nn.Module):
 
 
 class _Output(nn.Module):
+    scale: int = 4
+
     @nn.compact
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 4, axis=1), 4, axis=2)
+        x = jnp.repeat(jnp.repeat(x, self.scale, axis=1), self.scale, axis=2)
         r, g = jnp.tanh(4 * x[..., 0]), jnp.tanh(4 * x[..., 2])
         return jnp.stack([r, g, -jnp.ones_like(r)], axis=-1)
 
 
 class ToyGenerator(nn.Module):
+    scale: int = 4  # image pixels per layer1 cell
+
     @nn.compact
     def __call__(self, z):
-        return _Output(name="output")(_Layer1(name="layer1")(z))
+        return _Output(self.scale, name="output")(_Layer1(name="layer1")(z))
 
 
 def segment(images):
@@ -112,7 +116,7 @@ def test_unit_selection_and_bad_input():
         gi.top_units(iou, names, "tree", 5)
     with pytest.raises(gi.InterventionError, match="empty"):
         gi.ablation_segstats(GEN, VARS, "layer1", [[]], Z, segment, 3, batch_size=8)
-    with pytest.raises(gi.InterventionError, match=r"out of range for a layer of 3 units"):
+    with pytest.raises(gi.InterventionError, match=r"unit indices \[7\] out of range; the layer has units 0..2"):
         gi.ablation_segstats(GEN, VARS, "layer1", [[0, 7]], Z, segment, 3, batch_size=8)
     with pytest.raises(gi.InterventionError, match="unknown layer 'layer9'.*layer1"):
         gi.ablation_segstats(GEN, VARS, "layer9", [[0]], Z, segment, 3, batch_size=8)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import layers as layer_api
-from jaxdissect.interventions.common import InterventionError, lookup
+from jaxdissect.interventions.common import InterventionError, lookup, unit_masks
 
 log = logging.getLogger(__name__)
 
@@ -325,34 +325,6 @@ def _evaluator(module, variables, layer, x_like, method, apply_kwargs) -> _Evalu
     return _EVALUATORS[key]
 
 
-def _as_masks(unit_sets, num_units: int) -> np.ndarray:
-    """Unit sets (index lists or bool masks) -> bool masks ``[E, U]``, checked."""
-    if isinstance(unit_sets, np.ndarray) and unit_sets.dtype == bool:
-        masks = unit_sets.reshape(-1, unit_sets.shape[-1])
-        if masks.shape[1] != num_units:
-            raise InterventionError(f"unit masks have {masks.shape[1]} entries; the layer has {num_units} units")
-        return masks
-    masks = np.zeros((len(unit_sets), num_units), bool)
-    for i, units in enumerate(unit_sets):
-        units = np.asarray(units)
-        if units.dtype == bool:
-            if units.shape != (num_units,):
-                raise InterventionError(f"unit set {i}: mask of shape {units.shape}; the layer has {num_units} units")
-            masks[i] = units
-            continue
-        if units.size == 0:
-            raise InterventionError(f"unit set {i} is empty; give at least one unit to ablate")
-        if not np.issubdtype(units.dtype, np.integer):
-            raise InterventionError(f"unit set {i}: units must be integer indices, got {units.dtype}")
-        bad = units[(units < 0) | (units >= num_units)]
-        if bad.size:
-            raise InterventionError(
-                f"unit set {i}: unit indices {bad[:10].tolist()} out of range; the layer has units 0..{num_units - 1}"
-            )
-        masks[i, units] = True
-    return masks
-
-
 def _pad_chunks(a: np.ndarray, chunk: int) -> tuple[np.ndarray, int]:
     n = a.shape[0]
     total = -(-n // chunk) * chunk
@@ -397,14 +369,14 @@ def _evaluate(
     fast_bytes = 3 * 4 * ev.fc6_width if ev.fast else 0
     if single_units is not None:
         single_units = np.asarray(single_units, np.int32)
-        _as_masks([[u] for u in single_units.tolist()], U)  # range check
+        unit_masks([[u] for u in single_units.tolist()], U)  # range check
         if not use_fast:
             masks = np.zeros((len(single_units), U), bool)
             masks[np.arange(len(single_units)), single_units] = True
     if use_fast and single_units is not None:
         sets, num_sets = _pad_chunks(single_units, ev.chunk_size(len(single_units), batch_size, fast_bytes))
     elif masks is not None:
-        masks = _as_masks(masks, U)
+        masks = unit_masks(masks, U)
         per_set = fast_bytes if use_fast else act_bytes * 2
         sets, num_sets = _pad_chunks(masks, ev.chunk_size(len(masks), batch_size, per_set))
     else:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import layers as layer_api
-from jaxdissect.interventions.common import InterventionError, lookup
+from jaxdissect.interventions.common import InterventionError, lookup, unit_masks
 
 
 # --------------------------------------------------------------------------
@@ -55,24 +55,6 @@ def top_units(iou: np.ndarray, label_names: Sequence[str], concept: str, n: int)
         raise InterventionError(f"asked for the top {n} units of a layer with {iou.shape[0]} units")
     column = iou[:, find_label(label_names, concept)]
     return np.argsort(-column, kind="stable")[:n]
-
-
-def unit_masks(unit_sets: Iterable[Sequence[int]], num_units: int) -> np.ndarray:
-    """Boolean ``[M, U]`` masks from lists of unit indices; empty or out-of-range sets are errors."""
-    sets = [np.asarray(list(s), dtype=np.int64) for s in unit_sets]
-    if not sets:
-        raise InterventionError("no unit sets given")
-    masks = np.zeros((len(sets), num_units), bool)
-    for i, units in enumerate(sets):
-        if units.size == 0:
-            raise InterventionError(f"unit set {i} is empty; give at least one unit")
-        bad = units[(units < 0) | (units >= num_units)]
-        if bad.size:
-            raise InterventionError(
-                f"unit set {i} has indices {bad.tolist()} out of range for a layer of {num_units} units"
-            )
-        masks[i, units] = True
-    return masks
 
 
 # --------------------------------------------------------------------------

@@ -222,6 +222,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # as the launchers do, before JAX's first computation
     workdir = tempfile.mkdtemp(prefix="bench-dissect-")
     try:
         a = parts_vs_pipeline(FLAGS.images, FLAGS.batch, workdir) if FLAGS.images else None

@@ -111,6 +111,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()  # as the launchers do, before JAX's first computation
     r = run(FLAGS.batch, FLAGS.repeats)
     body = report(r)
     print(body)

@@ -11,13 +11,37 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from jaxdissect.checkpoint import CheckpointError, require_new_directory
 
 
 class ConversionError(ValueError):
     """The input checkpoint cannot be converted; the message says why and what to do."""
+
+
+def require_empty_output(output_dir: str) -> None:
+    """Refuse a non-empty output directory before any file is read (the checkpoint writer's own rule)."""
+    try:
+        require_new_directory(output_dir)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+
+def run_cli(convert: Callable[[], dict], summary: Callable[[dict], str]) -> None:
+    """Body of a converter's absl ``main``: orbax's per-step INFO logs off, one-line errors, a summary."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        metadata = convert()
+    except (ConversionError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    print(summary(metadata))
 
 
 def sha256(path: str) -> str:

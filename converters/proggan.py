@@ -15,14 +15,13 @@ architecture. Re-layout: ``conv.weight`` ``[out, in, kh, kw]`` -> ``kernel``
 from __future__ import annotations
 
 import os
-import sys
 import re
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from converters import common
-from jaxdissect.checkpoint import CheckpointError, save_model
+from jaxdissect.checkpoint import save_model
 from jaxdissect.models import proggan
 
 WHAT = "a Progressive GAN generator (experiment/proggan.py)"
@@ -98,10 +97,7 @@ def convert_state_dict(state) -> tuple[proggan.ProgressiveGenerator, dict]:
 
 def convert(input_path: str, output_dir: str) -> dict:
     """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise common.ConversionError(
-            f"output directory {output_dir} is not empty; choose a new directory or remove it first"
-        )
+    common.require_empty_output(output_dir)
     state = common.load_state_dict(input_path)
     module, variables = convert_state_dict(state)
     r = module.resolution
@@ -123,14 +119,10 @@ def convert(input_path: str, output_dir: str) -> dict:
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    try:
-        meta = convert(flags.FLAGS.input, flags.FLAGS.output)
-    except (common.ConversionError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {flags.FLAGS.output}: Progressive GAN {meta['resolution']}x{meta['resolution']}, "
-          f"sizes {meta['sizes']}, sha256 {meta['source_sha256'][:12]}")
+    f = flags.FLAGS
+    common.run_cli(lambda: convert(f.input, f.output),
+                   lambda m: f"wrote {f.output}: Progressive GAN {m['resolution']}x{m['resolution']}, "
+                             f"sizes {m['sizes']}, sha256 {m['source_sha256'][:12]}")
 
 
 def define_flags() -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Mapping
 
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from converters import common
-from jaxdissect.checkpoint import CheckpointError, save_model
+from jaxdissect.checkpoint import save_model
 
 KINDS = ("upp", "color")
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -259,9 +258,7 @@ def convert_state_dicts(kind: str, encoder_state: Mapping, decoder_state: Mappin
 
 def convert(encoder_path: str, decoder_path: str, labels_path: str, output_dir: str, kind: str | None = None) -> dict:
     """Convert one published segmenter into the model directory ``output_dir``; returns the metadata written."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise common.ConversionError(
-            f"output directory {output_dir} is not empty; choose a new directory or remove it first")
+    common.require_empty_output(output_dir)
     labels = read_labels(labels_path)
     encoder_state = common.load_state_dict(encoder_path)
     decoder_state = common.load_state_dict(decoder_path)
@@ -294,12 +291,9 @@ def convert(encoder_path: str, decoder_path: str, labels_path: str, output_dir: 
 def main(argv):
     del argv
     f = flags.FLAGS
-    try:
-        meta = convert(f.encoder, f.decoder, f.labels, f.output, kind=f.kind)
-    except (common.ConversionError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {f.output}: {meta['kind']} segmenter, encoder sha256 {meta['source']['encoder_sha256'][:12]}, "
-          f"decoder sha256 {meta['source']['decoder_sha256'][:12]}")
+    common.run_cli(lambda: convert(f.encoder, f.decoder, f.labels, f.output, kind=f.kind),
+                   lambda m: f"wrote {f.output}: {m['kind']} segmenter, encoder sha256 "
+                             f"{m['source']['encoder_sha256'][:12]}, decoder sha256 {m['source']['decoder_sha256'][:12]}")
 
 
 def define_flags() -> None:

@@ -12,13 +12,12 @@ permuted from PyTorch's channel-major flatten (c, h, w) to the NHWC flatten
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from converters import common
-from jaxdissect.checkpoint import CheckpointError, save_model
+from jaxdissect.checkpoint import save_model
 from jaxdissect.models.vgg16 import CONV_LAYERS, CONV_WIDTHS, VGG16
 
 WHAT = "VGG16-Places365 (experiment/oldvgg16.py)"
@@ -78,10 +77,7 @@ def convert_state_dict(state) -> tuple[VGG16, dict]:
 
 def convert(input_path: str, output_dir: str) -> dict:
     """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        raise common.ConversionError(
-            f"output directory {output_dir} is not empty; choose a new directory or remove it first"
-        )
+    common.require_empty_output(output_dir)
     state = common.load_state_dict(input_path)
     module, variables = convert_state_dict(state)
     metadata = {
@@ -101,13 +97,9 @@ def convert(input_path: str, output_dir: str) -> dict:
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    try:
-        meta = convert(flags.FLAGS.input, flags.FLAGS.output)
-    except (common.ConversionError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {flags.FLAGS.output}: VGG16, {meta['num_classes']} classes, sha256 {meta['source_sha256'][:12]}")
+    f = flags.FLAGS
+    common.run_cli(lambda: convert(f.input, f.output),
+                   lambda m: f"wrote {f.output}: VGG16, {m['num_classes']} classes, sha256 {m['source_sha256'][:12]}")
 
 
 def define_flags() -> None:

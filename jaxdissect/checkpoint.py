@@ -73,15 +73,20 @@ def module_config(module) -> dict[str, Any]:
     }
 
 
+def require_new_directory(directory: str) -> None:
+    """Raise :class:`CheckpointError` unless ``directory`` is absent or empty (outputs never overwrite)."""
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise CheckpointError(
+            f"output directory {directory} is not empty; choose a new directory or remove it first"
+        )
+
+
 def save_model(directory: str, module, variables, metadata: dict | None = None) -> None:
     """Write ``module``'s architecture and ``variables`` to ``directory`` (created, must be new or empty)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
-    if os.path.isdir(directory) and os.listdir(directory):
-        raise CheckpointError(
-            f"output directory {directory} is not empty; choose a new directory or remove it first"
-        )
+    require_new_directory(directory)
     os.makedirs(directory, exist_ok=True)
     cls = type(module)
     record = {

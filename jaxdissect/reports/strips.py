@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from jaxdissect.kernels.upsample import axis_taps
+
 BORDER_COLOR = (255, 255, 0)
 GAP = 5
 JPEG_QUALITY = 95
@@ -24,18 +26,11 @@ JPEG_QUALITY = 95
 def interpolation_matrix(source: int, target: int) -> np.ndarray:
     """``[target, source]`` bilinear weights of the default upsampling geometry (spec 2.2).
 
-    Target pixel ``t`` samples the source at ``u = (t + 0.5) * source / target - 0.5``;
-    neighbours outside ``[0, source - 1]`` count as zero (zero padding), so border
-    pixels are attenuated exactly as in the original ``grid_sample`` call.
+    The dense form of :func:`jaxdissect.kernels.upsample.axis_taps` (zero padding,
+    borders attenuated as in the original ``grid_sample`` call), so thumbnails and
+    statistics threshold the same upsampled maps.
     """
-    t = np.arange(target, dtype=np.float64)
-    u = (t + 0.5) * source / target - 0.5
-    lo = np.floor(u).astype(np.int64)
-    frac = u - lo
-    m = np.zeros((target, source), np.float64)
-    for idx, w in ((lo, 1.0 - frac), (lo + 1, frac)):
-        ok = (idx >= 0) & (idx < source)
-        np.add.at(m, (t[ok].astype(np.int64), idx[ok]), w[ok])
+    m = axis_taps(source, target, "original").matrix(source)
     m.setflags(write=False)
     return m
 

@@ -215,8 +215,11 @@ def segment(segmenter: Segmenter, variables, images, downsample: int = 4, *, che
     return labels, segmenter.label_names, segmenter.label_categories
 
 
-def segmenter_from_spec(spec: str):
-    """``(segmenter, variables)`` from a command-line spec ``upp=<dir>[,color=<dir>][,setting=netpqc]``."""
+def segmenter_from_spec(spec: str, **options):
+    """``(segmenter, variables)`` from a command-line spec ``upp=<dir>[,color=<dir>][,setting=netpqc]``.
+
+    ``options`` (``quad_quirk``, ``faithful_color_blank``) go to :func:`load_segmenter`.
+    """
     fields = {}
     for item in spec.split(","):
         key, eq, value = item.partition("=")
@@ -227,4 +230,5 @@ def segmenter_from_spec(spec: str):
     for key in ("upp", "color"):
         if key in fields and not os.path.isdir(fields[key]):
             raise SegmenterError(f"segmenter spec: {key} directory {fields[key]} does not exist; {_CONVERT_HINT}")
-    return load_segmenter(fields.get("upp"), fields.get("color"), setting=fields.get("setting", "netpqc"))
+    return load_segmenter(fields.get("upp"), fields.get("color"), setting=fields.get("setting", "netpqc"),
+                          **options)

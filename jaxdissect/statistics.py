@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 from typing import Callable, Iterable, Sequence
@@ -270,20 +271,46 @@ class _Batches:
 
     def __init__(self, batches: Callable[[], Iterable], resolution, num_labels, multiple):
         self.batches = batches
-        self.resolution = resolution
+        self.resolution = resolution  # None: the first segmentation's
         self.num_labels = num_labels
         self.multiple = multiple
         self.signature = None
         self.size = multiple
+        self.items = None  # items in one full pass, counted on the first
+        self.passes = 0
+        self._pending = None  # the probed iterator and its first batch, reused by the first pass
 
     def first(self):
-        """Shapes of the first batch; later batches are padded to its size (one compilation per pass)."""
+        """Shapes of the first batch; later batches are padded to its size (one compilation per pass).
+
+        The probed batch is not lost: the first pass continues that iterator.
+        """
+        iterator = iter(self.batches())
         try:
-            acts, seg, image_labels = self._unpack(next(iter(self.batches())), 0)
+            batch = next(iterator)
         except StopIteration:
             raise DissectionError("batches() yielded no batch; nothing to dissect") from None
+        acts, seg, image_labels = self._unpack(batch, 0)
+        self._pending = (iterator, batch)
         self.size = -(-acts.shape[0] // self.multiple) * self.multiple
         return acts.shape[1:], seg.shape[1], None if image_labels is None else image_labels.shape[1]
+
+    def _iterate(self, start: int):
+        pending, self._pending = self._pending, None
+        if pending is not None and start == 0:
+            return itertools.chain([pending[1]], pending[0])
+        return iter(self.batches())
+
+    def _counted(self, items: int, start: int) -> None:
+        """Every full pass must see the items of the first; a reused one-shot iterator would not."""
+        self.passes += 1
+        if self.items is None:
+            self.items = items
+        elif items != self.items:
+            raise DissectionError(
+                f"pass {self.passes} over batches() saw {items} items, the first pass {self.items}: "
+                "batches must be a callable that returns a FRESH iterator over the same data on every call "
+                "(e.g. a generator function, or lambda: iter(list_of_batches)), not one generator object")
 
     def _unpack(self, batch, index):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
@@ -294,11 +321,15 @@ class _Batches:
         image_labels = np.asarray(batch[2]) if len(batch) == 3 and batch[2] is not None else None
         if acts.ndim != 4:
             raise DissectionError(f"batch {index}: activations must be NHWC [B, h, w, U], got shape {acts.shape}")
+        if seg.ndim == 3:  # [B, S, S]: one label channel
+            seg = seg[:, None]
+        if self.resolution is None and seg.ndim == 4:
+            self.resolution = tuple(int(s) for s in seg.shape[2:])
         if seg.ndim != 4 or seg.shape[0] != acts.shape[0] or tuple(seg.shape[2:]) != self.resolution:
             raise DissectionError(
                 f"batch {index}: segmentation shape {seg.shape} must be [B, K, {self.resolution[0]}, "
-                f"{self.resolution[1]}] with B = {acts.shape[0]} (activations {acts.shape}); pass "
-                "resolution= matching the segmentations")
+                f"{self.resolution[1]}] (or [B, S, S]) with B = {acts.shape[0]} (activations {acts.shape}); "
+                "every batch's segmentation must have the first one's size")
         if not np.issubdtype(seg.dtype, np.integer):
             raise DissectionError(f"batch {index}: segmentations must be integer labels, got {seg.dtype}")
         if image_labels is not None and (image_labels.ndim != 2 or image_labels.shape[0] != acts.shape[0]):
@@ -332,7 +363,7 @@ class _Batches:
         """Host batches from batch ``start`` on: ``(acts, valid, index, batch_id[, seg, image_labels])``."""
         offset = 0
         first_device = 0  # images on device 0, the fullest (it takes the first rows of every batch)
-        for i, batch in enumerate(self.batches()):
+        for i, batch in enumerate(self._iterate(start)):
             acts, seg, image_labels = self._unpack(batch, i) if i >= start else (batch[0], None, None)
             b = len(acts)
             padded = max(self.size, -(-b // self.multiple) * self.multiple)
@@ -358,6 +389,7 @@ class _Batches:
                         out += (fill(image_labels.astype(np.int32)),)
                 yield out
             offset += b
+        self._counted(offset, start)
 
 
 @functools.lru_cache(maxsize=16)
@@ -374,42 +406,55 @@ def _steps(plan: Plan, mesh) -> tuple:
     return tuple(parallel.per_device(f, mesh) for f in (plan.pass1_update, update2, update3))
 
 
-def _run(step, state, batches, *, num_batches, workdir, name, config, checkpoint_every, check):
-    """One pass: over all batches, resumable when ``workdir`` is set."""
+def _run(step, state, batches, *, num_batches, workdir, name, config, checkpoint_every, check, progress):
+    """One pass: over all batches, resumable when ``workdir`` is set; a progress bar unless ``progress=False``."""
+    from jaxdissect import progress as progress_lib
+
+    show = None if progress else False
     if workdir is not None:
         from jaxdissect import streaming
 
         return streaming.run_stream(step, state, batches, num_batches=num_batches,
                                     workdir=os.path.join(workdir, name), config={**config, "pass": name},
                                     checkpoint_every=checkpoint_every, desc=f"dissect {name}",
-                                    check=check)
-    for i, batch in enumerate(batches(0)):
-        state = step(state, batch)
-        if check is not None and (i + 1) % checkpoint_every == 0:
-            check(state, i)
+                                    check=check, progress=show)
+    bar = progress_lib.progress(total=num_batches, desc=f"dissect {name}", unit="batch", enabled=show)
+    try:
+        for i, batch in enumerate(batches(0)):
+            state = step(state, batch)
+            bar.update(1)
+            if check is not None and (i + 1) % checkpoint_every == 0:
+                check(state, i)
+    finally:
+        bar.close()
     return state
 
 
 def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quantile: float = 0.01,
-                        resolution=(56, 56), *, label_names: Sequence[str] | None = None,
+                        resolution=None, *, label_names: Sequence[str] | None = None,
                         categories: Sequence[str] | None = None, topk: int = 100, miniou: float = 0.04,
                         geometry: str = "original", convolutions=None, image_size: int | None = None,
                         row0_competes: bool = False, workdir: str | None = None, mesh=None,
                         num_batches: int | None = None, checkpoint_every: int = 50,
-                        iou_method: str = "auto", hist_method: str = "scatter") -> DissectionResult:
+                        iou_method: str = "auto", hist_method: str = "scatter",
+                        progress: bool = True) -> DissectionResult:
     """Dissect one layer from streamed activations and segmentations (three passes; see the module doc).
 
     ``batches()`` must return a FRESH iterator over the same data each time,
     yielding ``(acts [B, h, w, U], seg [B, K, S, S])`` or
-    ``(acts, seg, image_labels [B, J])``; labels lie in ``[0, num_labels)``
-    (0 = none; image-level -1 = none). ``quantile`` is the top fraction
+    ``(acts, seg, image_labels [B, J])``; a ``[B, S, S]`` segmentation is
+    one label channel (K = 1). Labels lie in ``[0, num_labels)`` (0 = none;
+    image-level -1 = none). Every pass must see the same items (a pass that
+    sees another count is an error). ``resolution`` (S, S) is the
+    segmentation's, inferred from the first batch when not given. ``quantile`` is the top fraction
     (level = ``1 - quantile`` quantile of the upsampled activations).
     ``geometry`` is ``'original'`` (zero-padded borders) or ``'clamped'``;
     ``convolutions``/``image_size`` select the receptive-field mapping.
     ``label_names``/``categories`` (one per label) name the result;
     ``row0_competes`` reproduces the original's label-0 quirk. ``mesh``
     (default: all devices) splits each batch over devices; ``workdir`` makes
-    every pass resumable and then needs ``num_batches``. It runs in one
+    every pass resumable and then needs ``num_batches``; ``progress=False``
+    hides the progress bars (rate, ETA) of the passes. It runs in one
     process (any number of local devices); multi-host jobs build the passes
     from :class:`Plan` and :mod:`jaxdissect.parallel` directly.
     """
@@ -419,7 +464,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
         raise DissectionError("dissect_activations runs in a single process; for a multi-host job build the "
                               "three passes from statistics.Plan with jaxdissect.parallel (see its docstring)")
 
-    resolution = _pair(resolution)
+    resolution = None if resolution is None else _pair(resolution)
     if not 0.0 < quantile < 1.0:
         raise DissectionError(f"quantile must lie in (0, 1), got {quantile}")
     if num_labels < 1:
@@ -433,6 +478,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     devices = mesh.size
     source = _Batches(batches, resolution, num_labels, devices)
     (h, w, units), _, has_image_labels = source.first()
+    resolution = source.resolution
     plan = Plan(num_units=int(units), num_labels=int(num_labels), source_hw=(int(h), int(w)),
                 resolution=resolution, quantile=float(quantile), topk=int(topk), geometry=geometry,
                 convolutions=None if convolutions is None else tuple(tuple(int(v) for v in c) for c in convolutions),
@@ -451,7 +497,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
             plan.pass1_finish(parallel.to_host(state))
 
     run = functools.partial(_run, num_batches=num_batches, workdir=workdir, config=config,
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every, progress=progress)
 
     step1, step2, step3 = _steps(plan, mesh)
     state1 = run(lambda s, b: step1(s, *to_device(b)), parallel.stack_init(mesh, plan.pass1_init()),

@@ -24,13 +24,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 from absl import logging
+
+from jaxdissect import progress as progress_lib
 
 _STREAM_JSON = "stream.json"
 _CHECKPOINTS = "checkpoints"
@@ -157,61 +158,26 @@ class Workdir:
         self.unlock()
 
 
-def _format_seconds(s: float) -> str:
-    if not np.isfinite(s):
-        return "?"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+_RUNNING = 0  # run_stream loops in progress in this process
+_STOP_REQUESTED = False
 
 
-class Progress:
-    """A small progress bar on stderr: count, items/s, batches/s, elapsed, ETA.
+class Interrupted(KeyboardInterrupt):
+    """A stream stopped on request (Ctrl-C) after checkpointing; the message says where it resumes."""
 
-    On a terminal it redraws one line (at most 10 times a second); otherwise
-    it logs a line through absl logging every ``log_every_s`` seconds.
+
+def request_stop() -> bool:
+    """Ask the running stream to stop after its current batch, checkpointed (for a SIGINT handler).
+
+    Returns True when a stream is running and will stop (it then raises
+    :class:`Interrupted`); False when none is running or a stop was already
+    requested, so the caller should interrupt at once.
     """
-
-    def __init__(self, total: int, desc: str = "", initial: int = 0, log_every_s: float = 60.0,
-                 stream=None):
-        self.total, self.desc, self.n = total, desc, initial
-        self.initial = initial
-        self.items = 0
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.start = self._last = time.perf_counter()
-        self.log_every_s = log_every_s
-
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        done = self.n - self.initial
-        bps = done / elapsed if elapsed > 0 else 0.0
-        ips = self.items / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.n) / bps if bps > 0 else float("inf")
-        pct = 100.0 * self.n / self.total if self.total else 100.0
-        prefix = f"{self.desc}: " if self.desc else ""
-        return (f"{prefix}{self.n}/{self.total} batches ({pct:.0f}%) | {ips:.1f} items/s, "
-                f"{bps:.2f} batches/s | elapsed {_format_seconds(elapsed)}, ETA {_format_seconds(eta)}")
-
-    def update(self, batches: int = 1, items: int = 0) -> None:
-        self.n += batches
-        self.items += items
-        now = time.perf_counter()
-        if self.tty and (now - self._last >= 0.1 or self.n == self.total):
-            self.stream.write("\r" + self.line() + "\x1b[K")
-            self.stream.flush()
-            self._last = now
-        elif not self.tty and now - self._last >= self.log_every_s:
-            logging.info("%s", self.line())
-            self._last = now
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\x1b[K\n")
-            self.stream.flush()
-        else:
-            logging.info("%s", self.line())
+    global _STOP_REQUESTED
+    if _RUNNING and not _STOP_REQUESTED:
+        _STOP_REQUESTED = True
+        return True
+    return False
 
 
 def _normalize(config) -> Any:
@@ -254,7 +220,7 @@ def _batch_items(batch) -> int:
 
 def run_stream(step: Callable, state, batches: Callable[[int], Iterable], *, num_batches: int,
                workdir, config: dict, checkpoint_every: int = 50, desc: str = "",
-               check: Callable[[Any, int], None] | None = None, keep: int = 2):
+               check: Callable[[Any, int], None] | None = None, keep: int = 2, progress: bool | None = None):
     """Fold ``num_batches`` batches into ``state`` with ``step``, resumably; returns the final state.
 
     ``batches(start)`` returns an iterator over the batches from index
@@ -269,6 +235,12 @@ def run_stream(step: Callable, state, batches: Callable[[int], Iterable], *, num
     host before each checkpoint, ``batch_index`` being the last batch folded
     in; it may raise to stop the run (e.g. NaNs found in batches after the
     previous checkpoint), and the previous checkpoint stays intact.
+
+    A progress bar (:mod:`jaxdissect.progress`: rate, ETA) shows unless
+    ``progress=False`` (None: the global setting). After :func:`request_stop`
+    the stream checkpoints after its current batch and raises
+    :class:`Interrupted`; a plain ``KeyboardInterrupt`` also saves the state
+    reached before it propagates.
     """
     import orbax.checkpoint as ocp
 
@@ -302,7 +274,8 @@ def run_stream(step: Callable, state, batches: Callable[[int], Iterable], *, num
                                                enable_async_checkpointing=True)
         manager = ocp.CheckpointManager(wd.path(_CHECKPOINTS), options=options)
         try:
-            return _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, check, wd)
+            return _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, check, wd,
+                          progress)
         finally:
             manager.wait_until_finished()
             manager.close()
@@ -311,7 +284,7 @@ def run_stream(step: Callable, state, batches: Callable[[int], Iterable], *, num
             wd.unlock()
 
 
-def _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, check, wd):
+def _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, check, wd, show_progress):
     import orbax.checkpoint as ocp
 
     start = manager.latest_step() or 0
@@ -336,11 +309,21 @@ def _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, c
             check(current, index - 1)
         manager.save(index, args=ocp.args.StandardSave(current))
 
-    progress = Progress(num_batches, desc, initial=start)
+    global _RUNNING, _STOP_REQUESTED
+    bar = progress_lib.progress(total=num_batches, desc=desc or "stream", unit="batch", initial=start,
+                                enabled=show_progress)
     done = start
     iterator: Iterator = iter(batches(start))
+    _RUNNING += 1
     try:
         for index in range(start, num_batches):
+            if _STOP_REQUESTED:
+                _STOP_REQUESTED = False
+                if done > (manager.latest_step() or 0):
+                    manager.save(done, args=ocp.args.StandardSave(state), force=True)
+                manager.wait_until_finished()
+                raise Interrupted(f"{desc or 'stream'} checkpointed after batch {done} of {num_batches} "
+                                  f"in {wd.directory}")
             try:
                 batch = next(iterator)
             except StopIteration:
@@ -348,9 +331,12 @@ def _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, c
                                   "expected. Check num_batches against the data") from None
             state = step(state, batch)
             done = index + 1
-            progress.update(1, _batch_items(batch))
+            bar.update(1)
+            bar.set_postfix_str(f"{_batch_items(batch)} items/batch", refresh=False)
             if done % checkpoint_every == 0 or done == num_batches:
                 save(done, state)
+    except Interrupted:
+        raise
     except KeyboardInterrupt:
         if done > (manager.latest_step() or 0):
             logging.warning("Interrupted: saving the state after batch %d to %s", done - 1, wd.directory)
@@ -360,5 +346,6 @@ def _drive(manager, step, state, batches, num_batches, checkpoint_every, desc, c
                 logging.warning("could not save the interrupted state: %s", e)
         raise
     finally:
-        progress.close()
+        _RUNNING -= 1
+        bar.close()
     return state

@@ -1,7 +1,7 @@
 r"""Smoke-check a converted model: load it, run a small sample, print what every named layer produced.
 
-    python -m launch.check_model --checkpoint=models/vgg16_places365 [--image=a.jpg --image=b.jpg]
-    python -m launch.check_model --checkpoint=models/proggan_church --num_samples=8 --output=grid.png
+    python -m launch.check_model --model=models/vgg16_places365 [--image=a.jpg --image=b.jpg]
+    python -m launch.check_model --model=models/proggan_church --num_samples=8 --output=grid.png
 
 Classifiers (VGG16) run on ``--image`` files (preprocessed as in spec 1.2) or,
 without them, on a deterministic synthetic batch, and print logit statistics
@@ -17,7 +17,9 @@ import math
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
+
+from launch import common
 
 
 def _stats_line(name: str, a) -> str:
@@ -124,31 +126,21 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
 
 def define_flags() -> None:
     """Command-line flags (defined only when run as a script, so importing this module is side-effect free)."""
-    flags.DEFINE_string("checkpoint", None, "Converted model directory (python -m converters.<model> ...).")
+    common.define_model_flag()
     flags.DEFINE_integer("num_samples", 8, "Number of z samples (generators) or synthetic images (classifiers).")
     flags.DEFINE_multi_string("image", [], "Image file(s) for a classifier; repeat the flag for several.")
     flags.DEFINE_string("output", "grid.png", "PNG grid of the generated (or input) images; '' to skip.")
-    flags.mark_flag_as_required("checkpoint")
 
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-    from jaxdissect.checkpoint import CheckpointError
-
-    from jaxdissect.models import set_cpu_xla_flags
-
-    set_cpu_xla_flags()  # before the first JAX computation
     f = flags.FLAGS
-    if f.num_samples < 1:
-        sys.exit("error: --num_samples must be at least 1")
-    try:
-        check(f.checkpoint, f.num_samples, f.image, f.output or None)
-    except (CheckpointError, ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    if not f.model:
+        raise common.LaunchError("--model is required: a converted model directory (python -m converters.<model> ...)")
+    common.positive("num_samples", f.num_samples, allow_none=False)
+    check(f.model, f.num_samples, f.image, f.output or None)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main, extra_errors=(ValueError, FloatingPointError))

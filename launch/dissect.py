@@ -12,16 +12,18 @@ A Progressive GAN (default data: the original's 10,000 z vectors, seed 1)::
   python -m launch.dissect --model=models/proggan_church --layers=layer1..layer14 \
       --segmenter=upp=models/upp,color=models/color
 
-With no ``--model`` a small CNN trained on synthetic scenes (cached under
-``--cache_dir``) is dissected against the scenes' known labels: a two-minute
-demo that needs no downloads::
+With no ``--model`` a small CNN trained on synthetic scenes (cached in the
+per-user ``--cache_dir``, default ``~/.cache/jaxdissect``) is dissected against
+the scenes' known labels: a two-minute demo that needs no downloads::
 
   python -m launch.dissect
 
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
-``index.html`` and ``summary.*``. Interrupted, the same command resumes.
+``index.html`` and ``summary.*``. A non-empty ``--output_dir`` is refused unless
+it holds a run of the same settings (which resumes) or ``--overwrite`` is given.
+Interrupted (Ctrl-C, or killed), the same command resumes.
 Multi-host: run the same command on every host with ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (or none of them on a managed cluster).
 """
@@ -32,22 +34,43 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 
-SYNTHETIC_IMAGES = 512
+from launch import common
+from launch.common import SYNTHETIC_IMAGES, LaunchError, make_data  # noqa: F401 (re-exported)
+
 FLAGS = flags.FLAGS
-
-
-class LaunchError(ValueError):
-    """A flag value that cannot be used; the message says which and how to fix it."""
+CONFIG_NAMES = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize", "batch_size",
+                "output_dir", "overwrite", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
+                "geometry", "row0_competes", "quad_quirk", "faithful_color_blank", "coordinator_address",
+                "num_processes", "process_id"]
+# Settings that do not change the results (left out of the output directory's identity).
+_NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "coordinator_address",
+                "num_processes", "process_id")
+DEFAULTS = dict(quantile=0.01, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
+                geometry="original", row0_competes=False, quad_quirk=True, faithful_color_blank=False,
+                overwrite=False)
 
 
 def get_config() -> dict:
     """The run's settings from the flags (a plain dict, so scripts can build one too)."""
-    names = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize",
-             "batch_size", "output_dir", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
-             "coordinator_address", "num_processes", "process_id"]
-    return {n: getattr(FLAGS, n) for n in names}
+    return {n: getattr(FLAGS, n) for n in CONFIG_NAMES}
+
+
+def validate(config: dict) -> None:
+    """Check every setting that can be checked without reading data or models (before any work)."""
+    for name in ("topk", "thumbsize", "checkpoint_every"):
+        common.positive(name, config.get(name, DEFAULTS[name]), allow_none=False)
+    for name in ("batch_size", "num_images"):
+        common.positive(name, config.get(name))
+    common.in_range("quantile", config.get("quantile", DEFAULTS["quantile"]), 0.0, 1.0)
+    common.in_range("miniou", config.get("miniou", DEFAULTS["miniou"]), 0.0, 1.0, low_open=False)
+    if config.get("geometry", "original") not in ("original", "clamped"):
+        raise LaunchError(f"--geometry={config['geometry']}: use original or clamped")
+    if config.get("on_bad_image", "raise") not in ("raise", "skip"):
+        raise LaunchError(f"--on_bad_image={config['on_bad_image']}: use raise or skip")
+    if config.get("data"):
+        common.parse_data_spec(config["data"])
 
 
 def _range(spec: str, candidates: list[str]) -> list[str]:
@@ -97,80 +120,52 @@ def _layers_tag(spec: str | None, layers: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", (spec or "conv").replace(",", "+"))
 
 
-def make_data(spec: str, *, kind: str, crop: int, on_bad_image: str, normalization: str = "imagenet"):
-    """A data source from ``--data``: returns ``(source, short name for the results directory)``.
+def make_segmentation(spec: str, **options):
+    """``'dataset'`` or ``(segmenter, variables)`` from ``--segmenter``; and its short name.
 
-    ``normalization`` is the model's input convention (``imagenet`` classifiers,
-    ``zc`` the demo CNN); the folder sources always serve the classifier pipeline.
+    ``options`` (``quad_quirk``, ``faithful_color_blank``) go to ``jaxdissect.load_segmenter``.
     """
-    from jaxdissect.data import folders, places
-
-    scheme, _, arg = spec.partition(":")
-    if scheme in ("places", "folder", "broden") and not arg:
-        raise LaunchError(f"--data={spec}: give the folder, e.g. --data={scheme}:/path/to/images")
-    if scheme == "places":
-        return places.PlacesFolder(arg, crop=crop, on_error=on_bad_image), "places"
-    if scheme == "folder":
-        return folders.ImageFolder(arg, crop=crop, on_error=on_bad_image), os.path.basename(os.path.normpath(arg))
-    if scheme == "tfds":
-        name, _, split = arg.partition(":")
-        if name != "places365_small":
-            raise LaunchError(f"--data={spec}: only tfds:places365_small is supported")
-        return places.Places365TFDS(split or "validation", crop=crop), "places365_small"
-    if scheme == "broden":
-        from jaxdissect.data import broden
-
-        preprocess = broden.imagenet_normalize if normalization == "imagenet" else broden.to_zc
-        return broden.BrodenSource(arg, preprocess=preprocess, on_error=on_bad_image), "broden"
-    if scheme == "z":
-        if kind != "generator":
-            raise LaunchError(f"--data={spec} feeds z vectors, but the model is a classifier; give images")
-        try:
-            n = int(arg or 10000)
-        except ValueError:
-            raise LaunchError(f"--data={spec}: the count after z: must be an integer") from None
-        return folders.LatentSource(n), f"z{n}" if n != 10000 else "z"
-    if scheme == "synthetic":
-        from jaxdissect.data.synthetic import SyntheticScenes
-
-        return SyntheticScenes(int(arg or SYNTHETIC_IMAGES), seed=0), "synthetic"
-    raise LaunchError(f"--data={spec}: unknown kind {scheme!r}; use places:<dir>, folder:<dir>, "
-                      "tfds:places365_small, broden:<dir>, z:<count> or synthetic:<count>")
-
-
-def make_segmentation(spec: str):
-    """``'dataset'`` or ``(segmenter, variables)`` from ``--segmenter``; and its short name."""
     if spec == "dataset":
         return "dataset", "dataset"
     from jaxdissect.segmentation import segmenter_from_spec
 
-    segmenter, variables = segmenter_from_spec(spec)
+    segmenter, variables = segmenter_from_spec(spec, **options)
     return (segmenter, variables), segmenter.setting
 
 
-def _model_kind(metadata: dict, module) -> tuple[str, int]:
+def _model_kind(metadata: dict, module) -> str:
     inp = metadata.get("input") or {}
     if inp.get("name") == "z" or type(module).__name__ == "ProgressiveGenerator":
-        return "generator", 0
-    crop = (metadata.get("preprocessing") or {}).get("crop", 224)
-    return "classifier", int(crop)
+        return "generator"
+    return "classifier"
+
+
+def _preprocessing(metadata: dict, model_dir: str, data_spec: str) -> dict | None:
+    """The classifier's input pipeline from model.json; required when the data are images to preprocess."""
+    if data_spec.partition(":")[0] in ("synthetic", "z"):
+        return None
+    return common.model_preprocessing(metadata, path=model_dir)
 
 
 def build(config: dict) -> dict:
-    """Everything ``jaxdissect.dissect`` needs, from a config (see :func:`get_config`)."""
+    """Everything ``jaxdissect.dissect`` needs, from a config (see :func:`get_config`).
+
+    Order matters to the user: every check (flags, model, data, layers, output
+    directory, segmenter) comes before the demo model is trained.
+    """
     from jaxdissect.layers import layer_shapes
 
+    validate(config)
     demo = not config.get("model")
     if demo:
-        from jaxdissect.pipelines.train_synthetic import train_or_load
+        from jaxdissect.pipelines import train_synthetic
 
-        results_root = os.path.dirname(os.path.abspath(config["output_dir"])) if config.get("output_dir") \
-            else os.path.abspath("results")
-        cache = config.get("cache_dir") or os.path.join(results_root, "cache")
-        module, variables, _ = train_or_load(cache, log=lambda *a: print(*a, file=sys.stderr))
-        kind, crop, model_name = "classifier", 0, "synthetic"
+        settings = dict(config.get("demo_settings") or {})
+        module, variables = train_synthetic.abstract_model(**settings)
+        kind, model_name, preprocessing = "classifier", "demo", train_synthetic.preprocessing(**settings)
         data_spec = config.get("data") or f"synthetic:{SYNTHETIC_IMAGES}"
-        seg_spec = config.get("segmenter") or "dataset"
+        seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden:", "synthetic"))
+                                               else None)
     else:
         from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
 
@@ -184,15 +179,16 @@ def build(config: dict) -> dict:
             metadata = load_metadata(model_dir) or {}
         except CheckpointError as e:
             raise LaunchError(f"--model={model_dir}: {e}") from e
-        kind, crop = _model_kind(metadata, module)
+        kind = _model_kind(metadata, module)
         model_name = metadata.get("model") or os.path.basename(os.path.normpath(model_dir))
         data_spec = config.get("data") or ("z:10000" if kind == "generator" else None)
         if data_spec is None:
             raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
+        preprocessing = _preprocessing(metadata, model_dir, data_spec) if kind == "classifier" else None
         seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden:", "synthetic"))
                                                else None)
-    data, data_name = make_data(data_spec, kind=kind, crop=crop, on_bad_image=config.get("on_bad_image", "raise"),
-                                normalization="zc" if demo else "imagenet")
+    data, data_name = make_data(data_spec, kind=kind, on_bad_image=config.get("on_bad_image", "raise"),
+                                preprocessing=preprocessing)
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "
                           "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
@@ -201,8 +197,13 @@ def build(config: dict) -> dict:
     shapes = layer_shapes(module, variables, x)
     dissectable = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
     layers = parse_layers(config.get("layers"), dissectable)
-    segmentation, seg_name = make_segmentation(seg_spec)
-    q = float(config.get("quantile", 0.01))
+    q = float(config.get("quantile", DEFAULTS["quantile"]))
+    seg_name = "dataset" if seg_spec == "dataset" else None
+    if seg_name is None:
+        segmentation, seg_name = make_segmentation(seg_spec, quad_quirk=config.get("quad_quirk", True),
+                                                   faithful_color_blank=config.get("faithful_color_blank", False))
+    else:
+        segmentation = "dataset"
     output_dir = config.get("output_dir")
     if not output_dir:
         name = f"{model_name}-{data_name}-{seg_name}-{_layers_tag(config.get('layers'), layers)}"
@@ -211,14 +212,31 @@ def build(config: dict) -> dict:
         if config.get("thumbsize", 100) != 100:
             name += f"-t{config['thumbsize']}"
         output_dir = os.path.join("results", name)
+    identity = {k: config.get(k, DEFAULTS.get(k)) for k in CONFIG_NAMES if k not in _NOT_RESULTS}
+    identity["layers"] = layers
+    if config.get("demo_settings"):
+        identity["demo_settings"] = config["demo_settings"]
+    import jax
+
+    if jax.process_index() == 0:
+        common.check_output_dir(output_dir, identity, overwrite=bool(config.get("overwrite")))
+    common.set_resume_hint(f"run the same command to resume ({os.path.abspath(output_dir)})")
+    if demo:
+        module, variables, _ = train_synthetic.train_or_load(common.cache_dir(config.get("cache_dir")),
+                                                             log=_stderr, **settings)
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
-                output_dir=output_dir, name=f"{model_name} {data_name} {seg_name}")
+                output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels")
+
+
+def _stderr(*args) -> None:
+    print(*args, file=sys.stderr)
 
 
 def run(config: dict):
     """Build and dissect; returns ``(results, output_dir)``."""
     from jaxdissect import parallel
 
+    validate(config)
     parallel.initialize_distributed(config.get("coordinator_address"), config.get("num_processes"),
                                     config.get("process_id"))
     from jaxdissect.pipelines.dissect import dissect
@@ -229,67 +247,48 @@ def run(config: dict):
                       topk=config.get("topk", 100), thumbsize=config.get("thumbsize", 100),
                       batch_size=config.get("batch_size"), output_dir=b["output_dir"],
                       num_images=config.get("num_images"), name=b["name"],
-                      checkpoint_every=config.get("checkpoint_every", 50))
+                      checkpoint_every=config.get("checkpoint_every", 50),
+                      geometry=config.get("geometry", "original"),
+                      row0_competes=bool(config.get("row0_competes", False)),
+                      settings={"model": config.get("model") or "demo (synthetic scenes CNN)",
+                                "segmenter": config.get("segmenter") or "dataset labels"})
     return results, b["output_dir"]
-
-
-def _quiet_orbax() -> None:
-    """Keep orbax's per-checkpoint INFO lines out of the progress output (warnings still show)."""
-    import logging as std_logging
-
-    class Filter(std_logging.Filter):
-        def filter(self, record):
-            return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-    std_logging.getLogger("absl").addFilter(Filter())
 
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing this module is free)."""
-    flags.DEFINE_string("model", None, "Converted model directory (jaxdissect.load_model); "
-                        "absent: the embedded synthetic demo.")
+    common.define_model_flag("Converted model directory (jaxdissect.load_model); absent: the embedded "
+                             "synthetic demo.")
     flags.DEFINE_string("layers", None, "Comma list of layer names, ranges like layer1..layer14, "
                         "'conv' (all conv layers) or 'all'. Default: 'conv'.")
-    flags.DEFINE_string("data", None, "places:<dir>, folder:<dir>, tfds:places365_small[:split], "
-                        "broden:<dir>, z:<count> or synthetic:<count>. Default: z:10000 for "
-                        "generators, synthetic for the demo; required for classifiers.")
+    common.define_data_flag(f"{common.DATA_HELP}. Default: z:10000 for generators, synthetic for the demo; "
+                            "required for classifiers.")
     flags.DEFINE_string("segmenter", None, "'upp=<dir>,color=<dir>,setting=netpqc' or 'dataset' "
                         "(labels from the data). Default: dataset for the demo and Broden.")
-    flags.DEFINE_float("quantile", 0.01, "Top fraction of activations that counts as on.")
-    flags.DEFINE_float("miniou", 0.04, "IoU above which a unit counts as interpretable.")
+    flags.DEFINE_float("quantile", 0.01, "Top fraction of activations that counts as on, in (0, 1).")
+    flags.DEFINE_float("miniou", 0.04, "IoU above which a unit counts as interpretable, in [0, 1).")
     flags.DEFINE_integer("topk", 100, "Top images tracked per unit.")
     flags.DEFINE_integer("thumbsize", 100, "Thumbnail size of the unit strips.")
     flags.DEFINE_integer("batch_size", None, "Images per step (default 16 classifiers, 10 generators).")
-    flags.DEFINE_string("output_dir", None, "Results directory (default results/<model>-<data>-<seg>-<layers>-<q>).")
-    flags.DEFINE_string("cache_dir", None, "Where the demo model is cached (default <output_dir>/../cache).")
+    common.define_output_flags("Results directory (default results/<model>-<data>-<seg>-<layers>-<q>).")
+    common.define_cache_dir_flag()
     flags.DEFINE_integer("num_images", None, "Dissect only the first N items of the data.")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"],
                       "An unreadable image stops the run (raise) or is left out and counted (skip).")
     flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
+    flags.DEFINE_enum("geometry", "original", ["original", "clamped"], "Activation upsampling: the original's "
+                      "zero-padded borders, or clamped (jaxdissect.kernels.upsample).")
+    flags.DEFINE_bool("row0_competes", False, "Original quirk: label 0 (no label) competes for a unit's best label.")
+    flags.DEFINE_bool("quad_quirk", True, "Original quirk of the UPP segmenter's last quadrant component.")
+    flags.DEFINE_bool("faithful_color_blank", False, "Original quirk: the colour segmenter's blank label emitted.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from jaxdissect.models import set_cpu_xla_flags
-
-    set_cpu_xla_flags()
-    _quiet_orbax()
-    from jaxdissect.checkpoint import CheckpointError
-    from jaxdissect.data.folders import DataSourceError
-    from jaxdissect.pipelines.dissect import DissectError
-    from jaxdissect.segmentation import SegmenterError
-    from jaxdissect.statistics import DissectionError
-    from jaxdissect.streaming import StreamError
-
-    try:
-        results, output_dir = run(get_config())
-    except (LaunchError, DataSourceError, DissectError, DissectionError, CheckpointError, SegmenterError,
-            StreamError) as e:
-        sys.exit(f"error: {e}")
+    del argv
+    results, output_dir = run(get_config())
     index = os.path.join(os.path.abspath(output_dir), "index.html")
     for layer, r in results.items():
         print(f"{layer}: {int(r.interpretable.sum())} of {len(r.thresholds)} units with IoU > {FLAGS.miniou}")
@@ -298,4 +297,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

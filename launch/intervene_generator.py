@@ -16,16 +16,16 @@ Outputs (JSON, npz, plots, image grids) are listed in
 resumes.
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from launch import common
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing this module is free)."""
-    flags.DEFINE_string("model", None, "Converted generator directory (python -m converters.proggan ...).")
+    common.define_model_flag("Converted generator directory (python -m converters.proggan ...).")
     flags.DEFINE_string("layer", "layer4", "Layer to intervene on.")
     flags.DEFINE_string("segmenter", None, "upp=<dir>[,color=<dir>][,setting=netpqc]: the dissection's segmenter.")
     flags.DEFINE_string("dissection", None, "Output directory of launch.dissect for this model and layer.")
@@ -40,35 +40,34 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 25, "Samples per step.")
     flags.DEFINE_integer("min_samples", 1000, "Contexts seen fewer times are left out of the insertion report.")
     flags.DEFINE_string("output_dir", None, "Where the results go.")
-    flags.mark_flags_as_required(["model", "segmenter", "dissection", "output_dir"])
 
 
 def main(argv):
     del argv
-    from jaxdissect.models import set_cpu_xla_flags
-
-    set_cpu_xla_flags()
-    from jaxdissect.checkpoint import CheckpointError, load_model
+    missing = [n for n in ("model", "segmenter", "dissection", "output_dir") if not getattr(FLAGS, n)]
+    if missing:
+        raise common.LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
+    for name in ("remove_units", "insert_units", "num_samples", "batch_size", "min_samples"):
+        common.positive(name, getattr(FLAGS, name), allow_none=False)
+    common.in_range("insert_quantile", FLAGS.insert_quantile, 0.0, 1.0)
+    common.set_resume_hint(f"run the same command to resume ({FLAGS.output_dir})")
+    from jaxdissect.checkpoint import load_model
     from jaxdissect.data.latents import standard_z_sample
-    from jaxdissect.interventions.generator import InterventionError
     from jaxdissect.pipelines import intervene_generator as experiment
-    from jaxdissect.segmentation import SegmenterError, segmenter_from_spec
+    from jaxdissect.segmentation import segmenter_from_spec
 
-    try:
-        module, variables = load_model(FLAGS.model)
-        segmenter, segmenter_variables = segmenter_from_spec(FLAGS.segmenter)
-        dissection = experiment.load_dissection(FLAGS.dissection, FLAGS.layer)
-        z = standard_z_sample(FLAGS.num_samples, seed=FLAGS.seed)
-        summaries = experiment.run_experiment(
-            module, variables, FLAGS.layer, segmenter, segmenter_variables, dissection, z,
-            output_dir=FLAGS.output_dir, remove=FLAGS.remove or None, remove_units=FLAGS.remove_units,
-            insert=FLAGS.insert or None, insert_units=FLAGS.insert_units, insert_quantile=FLAGS.insert_quantile,
-            single_units=FLAGS.single_units, batch_size=FLAGS.batch_size, min_samples=FLAGS.min_samples)
-    except (CheckpointError, SegmenterError, InterventionError, experiment.ExperimentError) as e:
-        sys.exit(f"error: {e}")
+    module, variables = load_model(FLAGS.model)
+    segmenter, segmenter_variables = segmenter_from_spec(FLAGS.segmenter)
+    dissection = experiment.load_dissection(FLAGS.dissection, FLAGS.layer)
+    z = standard_z_sample(FLAGS.num_samples, seed=FLAGS.seed)
+    summaries = experiment.run_experiment(
+        module, variables, FLAGS.layer, segmenter, segmenter_variables, dissection, z,
+        output_dir=FLAGS.output_dir, remove=FLAGS.remove or None, remove_units=FLAGS.remove_units,
+        insert=FLAGS.insert or None, insert_units=FLAGS.insert_units, insert_quantile=FLAGS.insert_quantile,
+        single_units=FLAGS.single_units, batch_size=FLAGS.batch_size, min_samples=FLAGS.min_samples)
     print(f"results in {FLAGS.output_dir}: " + ", ".join(sorted(summaries)))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -27,7 +27,8 @@ def model_dir(tmp_path_factory):
     module = SmallCNN(widths=(8, 16, 16, 16))
     variables = numpy_init(module, (1, 64, 64, 3))
     path = str(tmp_path_factory.mktemp("models") / "tiny_cnn")
-    save_model(path, module, variables, metadata={"model": "tiny_cnn"})
+    save_model(path, module, variables, metadata={"model": "tiny_cnn", "preprocessing": {
+        "normalization": "zc", "resize": 64, "crop": 64}})
     return path
 
 
@@ -121,7 +122,8 @@ def _config(**kw):
     return base
 
 
-def test_default_results_name(model_dir):
+def test_default_results_name(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # build() claims the default results directory
     built = launcher.build(_config(model=model_dir, data="synthetic:8", segmenter="dataset", layers="conv4"))
     assert built["output_dir"] == os.path.join("results", "tiny_cnn-synthetic-dataset-conv4-10")
     assert built["layers"] == ["conv4"]
@@ -151,7 +153,7 @@ def test_bad_inputs(model_dir, tmp_path):
     with pytest.raises(DataSourceError, match="no .jpg/.jpeg/.png images"):
         launcher.build(_config(model=model_dir, data=f"folder:{tmp_path / 'empty'}", segmenter="dataset"))
     (tmp_path / "file").write_text("x")
-    with pytest.raises(DataSourceError, match="not a directory"):
+    with pytest.raises((DataSourceError, launcher.LaunchError), match="not a directory"):
         launcher.build(_config(model=model_dir, data=f"places:{tmp_path / 'file'}", segmenter="dataset"))
     with pytest.raises(SegmenterError, match="upp directory .* does not exist"):
         launcher.build(_config(model=model_dir, data="synthetic:8", segmenter=f"upp={tmp_path / 'nope'}"))
@@ -181,7 +183,7 @@ def test_broden_data_with_image_level_labels(model_dir, tmp_path):
     for layer, units in (("conv1", 8), ("conv2", 16)):
         report = json.load(open(os.path.join(out, layer, "report.json")))
         assert len(report["units"]) == units
-        assert report["header"]["name"] == "tiny_cnn broden dataset"
+        assert report["header"]["name"] == "tiny_cnn on broden, dataset labels"
         assert results[layer].images == 3                     # the val split
         assert results[layer].iou.shape[1] == len(results[layer].label_names)
         kitchen = results[layer].label_names.index("kitchen")   # scene label of val images 0 and 2

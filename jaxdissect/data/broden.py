@@ -66,6 +66,11 @@ the folder that holds index.csv (e.g. .../broden1_224) as the manual directory:
 """
 
 
+FOLDER_HINT = ("Download broden1_224 (1.2 GB, e.g. http://netdissect.csail.mit.edu/data/broden1_224.zip), "
+               "unzip it and give the folder that holds index.csv: --data=broden:/data/broden1_224 on the "
+               "command line (BrodenSource('/data/broden1_224') in Python)")
+
+
 class BrodenError(DataSourceError):
     """A Broden folder is incomplete or holds a file that cannot be read."""
 
@@ -83,8 +88,7 @@ def imagenet_normalize(display: np.ndarray) -> np.ndarray:
 def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
     if not os.path.isfile(path):
         raise BrodenError(
-            f"{path} is missing: this is not a complete Broden folder. "
-            + DOWNLOAD_INSTRUCTIONS.splitlines()[0].replace("Download", "Download and unzip"))
+            f"{path} is missing: this is not a complete Broden folder. {FOLDER_HINT}")
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -144,7 +148,7 @@ class BrodenIndex:
     def __init__(self, root: str, categories: Sequence[str] | None = None):
         self.root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(self.root):
-            raise BrodenError(f"Broden folder {self.root} does not exist. " + DOWNLOAD_INSTRUCTIONS)
+            raise BrodenError(f"Broden folder {self.root} does not exist. {FOLDER_HINT}")
         index_rows = _read_csv(os.path.join(self.root, "index.csv"), _META)
         if not index_rows:
             raise BrodenError(f"{self.root}/index.csv lists no images")
@@ -305,8 +309,8 @@ class BrodenSource:
             seg, image_labels = self.index.labels_of(row, self.resolution)
         except BrodenError as e:
             if self.on_error == "raise":
-                raise BrodenError(f"{e} (item {i} of split {self.split!r}; pass on_error='skip' "
-                                  "to leave it out and count it)") from e
+                raise BrodenError(f"{e} (item {i} of split {self.split!r}; pass --on_bad_image=skip "
+                                  "(on_error='skip' in the API) to leave it out and count it)") from e
             self.bad_files[i] = str(e)
             return None
         return image, seg, image_labels

@@ -89,6 +89,45 @@ def vgg_transform(crop: int = 224) -> Callable:
     return transform
 
 
+def transform_for(preprocessing: dict) -> Callable:
+    """The input pipeline a model records in its ``model.json`` ``preprocessing`` entry.
+
+    ``{"normalization": <jaxdissect.preprocess convention>, "resize": R, "crop": C}``:
+    RGB, Pillow bilinear resize to ``R x R``, centre crop ``C`` (offset
+    ``round((R - C) / 2)``), bytes -> the convention. Returns ``PIL image ->
+    (float32 [C, C, 3] input, uint8 [C, C, 3] display)``; the classic VGG
+    pipeline (imagenet, 256, 224) is exactly :func:`vgg_transform`.
+    """
+    from jaxdissect.preprocess import OFFSET_SCALE, RESIZE, renormalize
+
+    norm = str(preprocessing.get("normalization", "imagenet"))
+    resize, crop = int(preprocessing.get("resize", RESIZE)), int(preprocessing.get("crop", 224))
+    if norm not in OFFSET_SCALE:
+        raise DataSourceError(f"unknown normalization {norm!r} in the model's preprocessing; one of "
+                              f"{sorted(OFFSET_SCALE)}")
+    if not 1 <= crop <= resize:
+        raise DataSourceError(f"the model's preprocessing crops {crop} pixels from a {resize}-pixel resize; "
+                              "the crop must be between 1 and the resize")
+    if norm == "imagenet" and resize == RESIZE:
+        return vgg_transform(crop)
+    from PIL import Image
+
+    off = int(round((resize - crop) / 2))
+
+    def transform(image):
+        image = image.convert("RGB")
+        if image.size != (resize, resize):
+            image = image.resize((resize, resize), Image.BILINEAR)
+        display = np.asarray(image, np.uint8)[off:off + crop, off:off + crop]
+        if norm == "zc":  # written as the synthetic scenes compute it, to the last bit
+            x = display.astype(np.float32) / 127.5 - 1.0
+        else:
+            x = renormalize(display.astype(np.float32) / 255.0, "pt", norm).astype(np.float32)
+        return x, np.ascontiguousarray(display)
+
+    return transform
+
+
 def _open_rgb(path: str):
     from PIL import Image
 

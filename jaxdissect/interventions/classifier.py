@@ -735,6 +735,7 @@ def classifier_ablation_experiment(
         "num_classes": num_classes,
         "val_images": int(val_single["total"]),
         "train_images": int(train_single["total"]),
+        "val_accuracy": float(np.sum(val_single["clean_correct"]) / max(int(val_single["total"]), 1)),
         "mean_balanced_accuracy": {
             "val_baseline": float(np.nanmean(val_base["balanced_accuracy"])),
             "train_baseline": float(np.nanmean(train_base["balanced_accuracy"])),

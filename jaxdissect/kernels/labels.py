@@ -32,10 +32,10 @@ def best_labels(iou, miniou: float = 0.04, row0_competes: bool = False):
 
 
 def describe(label, label_names=None, categories=None) -> list[tuple[str, str]]:
-    """Host helper: ``(name, category)`` per unit; ``'-'`` for label 0 or missing names."""
+    """Host helper: ``(name, category)`` per unit; ``'-'`` for label 0, the label index when names are missing."""
     out = []
     for c in np.asarray(label).tolist():
-        name = label_names[c] if label_names is not None and c > 0 else "-"
+        name = "-" if c <= 0 else (label_names[c] if label_names is not None else str(c))
         cat = categories[c] if categories is not None and c > 0 else "-"
         out.append((str(name), str(cat)))
     return out

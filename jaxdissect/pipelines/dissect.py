@@ -156,13 +156,14 @@ class _Run:
 
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
-                 checkpoint_every, resolution):
+                 checkpoint_every, resolution, row0_competes=False, settings=None):
         from jaxdissect.statistics import Plan
 
         self.module, self.variables, self.data = module, variables, data
         self.segmentation = segmentation
         self.quantile, self.miniou, self.topk, self.thumbsize = quantile, miniou, topk, thumbsize
         self.geometry, self.progress, self.checkpoint_every = geometry, progress, checkpoint_every
+        self.row0_competes, self.settings = bool(row0_competes), dict(settings or {})
         if not 0 < quantile < 1:
             raise DissectError(f"quantile must be in (0, 1), got {quantile}")
         if geometry not in ("original", "clamped"):
@@ -344,7 +345,8 @@ class _Run:
         return streaming.run_stream(
             step, parallel.stack_init(self.mesh, init), self.batches(keys), num_batches=self.num_batches,
             workdir=os.path.join(wd.directory, name), config=config,
-            checkpoint_every=self.checkpoint_every, desc=f"dissect {name}")
+            checkpoint_every=self.checkpoint_every, desc=f"dissect {name}",
+            progress=None if self.progress else False)
 
     def model_keys(self):
         return (self.input_key,)
@@ -396,7 +398,8 @@ class _Run:
 
         _, stats = selection_stats
         iou = iou_k.iou(counts["intersection"], counts["active"], counts["label_pixels"])
-        label, label_iou, interpretable = (np.asarray(x) for x in labels_k.best_labels(iou, miniou=self.miniou))
+        label, label_iou, interpretable = (np.asarray(x) for x in labels_k.best_labels(
+            iou, miniou=self.miniou, row0_competes=self.row0_competes))
         return DissectionResult(
             thresholds=np.asarray(thresholds, np.float32), iou=iou, label=label.astype(np.int64),
             label_iou=label_iou.astype(np.float64), interpretable=interpretable.astype(bool),
@@ -405,6 +408,7 @@ class _Run:
             act_mean=stats["mean"], act_max=stats["max"], images=int(stats["images"]),
             label_names=self.label_names, categories=self.label_categories,
             config={"layer": name, "quantile": self.quantile, "miniou": self.miniou, "topk": self.topk,
+                    "row0_competes": self.row0_competes,
                     "geometry": self.geometry, "resolution": list(self.resolution),
                     "num_images": self.num_images})
 
@@ -560,7 +564,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             quantile: float = 0.01, miniou: float = 0.04, topk: int = 100, thumbsize: int = 100,
             batch_size: int | None = None, output_dir: str | None = None, num_images: int | None = None,
             mesh=None, geometry: str = "original", progress: bool = True, name: str | None = None,
-            checkpoint_every: int = 50, resolution: tuple[int, int] | None = None) -> dict:
+            checkpoint_every: int = 50, resolution: tuple[int, int] | None = None,
+            row0_competes: bool = False, settings: Mapping[str, Any] | None = None) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -582,17 +587,21 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
       mesh: a ``jaxdissect.parallel.make_mesh`` mesh (default: all devices).
       geometry: activation upsampling, ``'original'`` (zero-padded borders, spec
         2.2) or ``'clamped'`` (see ``jaxdissect.kernels.upsample``).
-      progress: log each step and where the report is.
+      progress: show each pass's progress bar (rate, ETA) and log each step;
+        False silences it (``jaxdissect.progress.set_enabled`` for everything).
       name: report header (default ``"<Model> <data> <segmentation>"``).
       checkpoint_every: batches between checkpoints of the streaming passes.
       resolution: the expected comparison resolution; an error if the
         segmentation's differs (by default it is the segmentation's).
+      row0_competes: the original's quirk: label 0 (no label) competes for a unit's label.
+      settings: extra ``{name: value}`` shown in the report's header (e.g. model, segmenter).
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = _Run(module, variables, layers, data, segmentation, quantile=quantile, miniou=miniou,
                topk=topk, thumbsize=thumbsize, batch_size=batch_size, output_dir=output_dir,
                num_images=num_images, mesh=mesh, geometry=geometry, progress=progress, name=name,
-               checkpoint_every=checkpoint_every, resolution=resolution)
+               checkpoint_every=checkpoint_every, resolution=resolution, row0_competes=row0_competes,
+               settings=settings)
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")
@@ -654,8 +663,7 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
         for n in todo:
             run.write_layer(n, results[n], strips[n], skipped)
             wd.mark_done(f"layer-{n}")
-    index = run.write_run(results, skipped)
-    _say(run, f"report: {index}")
+    run.write_run(results, skipped)
     return results
 
 

@@ -2,7 +2,11 @@
 
 This is the model dissected when no ``--model`` is given: it trains with
 optax's Adam on two CPU cores in well under two minutes, and is cached as a
-jaxdissect model directory keyed by its settings, so later runs load it. The
+jaxdissect model directory keyed by its settings, so later runs load it.
+Training runs through ``jaxdissect.streaming.run_stream`` (progress bar with
+rate and ETA, checkpoints): interrupted, it resumes where it stopped. The saved
+``model.json`` records the model's ``preprocessing`` and ``classes``, so
+launchers read its images as it was trained. The
 scene classes depend only on which objects are present, so its upper layers
 grow object detectors, which dissection against the synthetic labels finds.
 
@@ -27,7 +31,7 @@ from jaxdissect.data.synthetic import SyntheticScenes
 
 TRAIN_SEED = 1000
 TEST_SEED = 2000
-MODEL_VERSION = 2
+MODEL_VERSION = 3
 
 
 def settings_key(settings: dict) -> str:
@@ -74,76 +78,129 @@ def init_params(module, image_shape, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes["params"])
 
 
+def _module(num_classes: int, widths, global_pool: str):
+    from jaxdissect.models.small_cnn import SmallCNN
+
+    return SmallCNN(num_classes=num_classes, widths=tuple(widths), global_pool=global_pool)
+
+
+def _train_defaults() -> dict:
+    return {k: p.default for k, p in inspect.signature(train).parameters.items()
+            if k not in ("log", "workdir", "progress")}
+
+
+def abstract_model(widths: tuple[int, ...] | None = None, global_pool: str | None = None,
+                   image_size: int | None = None, **_):
+    """``(module, variable shapes)`` of the model :func:`train` builds: layer names are known before training."""
+    import jax
+    import jax.numpy as jnp
+
+    d = _train_defaults()
+    module = _module(len(SyntheticScenes.class_names), widths or d["widths"], global_pool or d["global_pool"])
+    size = image_size or d["image_size"]
+    return module, jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
+
+
+def preprocessing(image_size: int | None = None, **_) -> dict:
+    """The demo model's input pipeline, as recorded in its ``model.json``: bytes -> [-1, 1] (``zc``)."""
+    size = int(image_size or _train_defaults()["image_size"])
+    return {"normalization": "zc", "resize": size, "crop": size}
+
+
 def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_size: int = 64,
           learning_rate: float = 3e-3, seed: int = 0, widths: tuple[int, ...] = (16, 32, 64, 64),
-          global_pool: str = "max", image_size: int = 64, log=print):
-    """Train a :class:`~jaxdissect.models.small_cnn.SmallCNN`; returns ``(module, variables, info)``."""
+          global_pool: str = "max", image_size: int = 64, log=print, workdir: str | None = None,
+          progress: bool | None = None):
+    """Train a :class:`~jaxdissect.models.small_cnn.SmallCNN`; returns ``(module, variables, info)``.
+
+    With ``workdir`` the optimisation is checkpointed there every 50 steps and
+    resumes after an interruption (bit-identical to an uninterrupted run).
+    """
     import jax
     import optax
 
-    from jaxdissect.models.small_cnn import SmallCNN
+    from jaxdissect import streaming
 
     start = time.time()
     train_x, train_y = _arrays(SyntheticScenes(num_train, seed=TRAIN_SEED + seed, size=image_size))
     test_x, test_y = _arrays(SyntheticScenes(num_test, seed=TEST_SEED + seed, size=image_size))
-    module = SmallCNN(num_classes=len(SyntheticScenes.class_names), widths=tuple(widths), global_pool=global_pool)
+    module = _module(len(SyntheticScenes.class_names), widths, global_pool)
     params = init_params(module, train_x.shape[1:], seed)
     schedule = optax.cosine_decay_schedule(learning_rate, steps)
     tx = optax.adam(schedule)
-    opt_state = tx.init(params)
+    settings = dict(num_train=num_train, num_test=num_test, steps=steps, batch_size=batch_size,
+                    learning_rate=learning_rate, seed=seed, widths=list(widths), global_pool=global_pool,
+                    image_size=image_size)
 
     def loss_fn(p, x, y):
         logits = module.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     @jax.jit
-    def step(p, state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, state = tx.update(grads, state, p)
-        return optax.apply_updates(p, updates), state, loss
+    def update(state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], x, y)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt": opt, "loss": loss}
 
-    predict = jax.jit(module.apply)
+    # Every step's examples are fixed up front, so a resumed run sees the same batches.
     rng = np.random.default_rng(seed)
-    order = np.zeros((0,), np.int64)
-    loss = float("nan")
-    for i in range(steps):
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(num_train)])
-        idx, order = order[:batch_size], order[batch_size:]
-        params, opt_state, loss = step(params, opt_state, train_x[idx], train_y[idx])
-        if log and (i + 1) % max(steps // 4, 1) == 0:
-            log(f"train_synthetic: step {i + 1}/{steps} loss {float(loss):.4f}")
-    loss = float(loss)
+    epochs = -(-steps * batch_size // num_train)
+    order = np.concatenate([rng.permutation(num_train) for _ in range(epochs)])[:steps * batch_size]
+    order = order.reshape(steps, batch_size)
+
+    def batches(first):
+        for i in range(first, steps):
+            yield train_x[order[i]], train_y[order[i]]
+
+    state = {"params": params, "opt": tx.init(params), "loss": np.float32(np.nan)}
+    step = lambda st, b: update(st, *b)  # noqa: E731
+    if workdir is not None:
+        state = streaming.run_stream(step, state, batches, num_batches=steps, workdir=workdir,
+                                     config={"train_synthetic": settings, "model_version": MODEL_VERSION,
+                                             "data_version": DATA_VERSION},
+                                     checkpoint_every=50, desc="train demo model", progress=progress)
+    else:
+        from jaxdissect.progress import progress as bar
+
+        for b in bar(batches(0), total=steps, desc="train demo model", unit="step", enabled=progress):
+            state = step(state, b)
+    loss = float(state["loss"])
+    if log:
+        log(f"train_synthetic: {steps} steps, final loss {loss:.4f}")
     if not np.isfinite(loss):
         raise FloatingPointError(f"training diverged (loss {loss}); lower learning_rate (now {learning_rate})")
-    variables = {"params": jax.tree.map(np.asarray, params)}
+    predict = jax.jit(module.apply)
+    variables = {"params": jax.tree.map(np.asarray, state["params"])}
     info = dict(
+        model="demo",
         train_accuracy=_accuracy(predict, variables, train_x, train_y),
         test_accuracy=_accuracy(predict, variables, test_x, test_y),
         final_loss=loss,
         seconds=round(time.time() - start, 2),
-        settings=dict(num_train=num_train, num_test=num_test, steps=steps, batch_size=batch_size,
-                      learning_rate=learning_rate, seed=seed, widths=list(widths), global_pool=global_pool,
-                      image_size=image_size),
+        settings=settings,
         train_seed=TRAIN_SEED + seed, test_seed=TEST_SEED + seed,
         class_names=list(SyntheticScenes.class_names),
+        classes=list(SyntheticScenes.class_names),
         chance=1.0 / len(SyntheticScenes.class_names),
-        preprocess="synthetic: bytes / 127.5 - 1",
+        preprocessing=preprocessing(image_size),
+        input={"layout": "NHWC", "shape": [None, image_size, image_size, 3], "dtype": "float32"},
     )
     return module, variables, info
 
 
-def train_or_load(cache_dir: str, num_train: int = 2048, steps: int = 300, seed: int = 0, log=print, **kwargs):
+def train_or_load(cache_dir: str, num_train: int = 2048, steps: int = 300, seed: int = 0, log=print,
+                  progress: bool | None = None, **kwargs):
     """The synthetic default model: ``(module, variables, info)``, trained once per settings.
 
     The model directory ``cache_dir/small_cnn-<hash of settings>`` is written
     atomically (a finished directory is complete), and a later call with the
     same settings loads it; ``info['cached']`` says which happened. Extra
-    keyword arguments go to :func:`train` and are part of the key.
+    keyword arguments go to :func:`train` and are part of the key. Training
+    checkpoints to ``cache_dir/.small_cnn-<hash>.train`` and resumes from there.
     """
     from jaxdissect.checkpoint import load_metadata, load_model, save_model
 
-    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items() if k != "log"}
+    defaults = _train_defaults()
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise TypeError(f"train_or_load got unknown settings {unknown}; known: {sorted(defaults)}")
@@ -158,8 +215,9 @@ def train_or_load(cache_dir: str, num_train: int = 2048, steps: int = 300, seed:
         return module, variables, info
     if os.path.exists(path):
         raise RuntimeError(f"{path} exists but holds no model.json (not a finished model); remove it and run again")
-    module, variables, info = train(**settings, log=log)
     os.makedirs(cache_dir, exist_ok=True)
+    workdir = os.path.join(cache_dir, f".small_cnn-{settings_key(settings)}.train")
+    module, variables, info = train(**settings, log=log, workdir=workdir, progress=progress)
     tmp = tempfile.mkdtemp(prefix=".small_cnn-", dir=cache_dir)
     try:
         save_model(os.path.join(tmp, "model"), module, variables, metadata=info)
@@ -171,6 +229,7 @@ def train_or_load(cache_dir: str, num_train: int = 2048, steps: int = 300, seed:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(workdir, ignore_errors=True)
     if log:
         log(f"train_synthetic: train accuracy {info['train_accuracy']:.3f}, test accuracy "
             f"{info['test_accuracy']:.3f} in {info['seconds']} s; saved {path}")

@@ -1,0 +1,390 @@
+"""What every launcher shares: the ``--data`` grammar, common flags, validation, errors, Ctrl-C, quiet logs.
+
+A launcher defines its flags in ``define_flags()`` (with the helpers below for
+the shared ones), checks them at the top of ``main`` with :func:`positive`,
+:func:`in_range` and :func:`parse_data_spec` (before any model is loaded or
+trained), and runs through :func:`run`::
+
+    def main(argv):
+        common.positive("topk", FLAGS.topk)
+        ...
+
+    if __name__ == "__main__":
+        define_flags()
+        common.run(main)
+
+:func:`run` gives every launcher the same behaviour: ``--help`` prints the
+module docstring and the flags and exits 0; a bad flag or a known error
+(:data:`KNOWN_ERRORS`, :class:`LaunchError`) prints one line ``error: ...``
+(exit 2 for flag errors, 1 otherwise); Ctrl-C lets a running streaming pass
+(``jaxdissect.streaming.run_stream``) finish its batch and checkpoint, prints
+one line saying where the same command resumes, and exits 130 (a second
+Ctrl-C stops at once; the checkpoints are written atomically either way).
+Log lines lose absl's prefixes; orbax's INFO chatter and JAX's "Unable to
+initialize backend" note are dropped; without an accelerator JAX is told to
+use the CPU (``JAX_PLATFORMS=cpu`` unless set).
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import signal
+import sys
+from typing import Callable
+
+SYNTHETIC_IMAGES = 512
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DATA_SCHEMES = ("places", "folder", "broden", "tfds", "z", "synthetic")
+DATA_HELP = ("places:<dir>, folder:<dir>, broden:<dir>, tfds:places365_small[:split], z:<count> or "
+             "synthetic:<count>")
+
+
+class LaunchError(ValueError):
+    """A flag value that cannot be used; the message says which and how to fix it."""
+
+
+# --------------------------------------------------------------------------
+# Flags
+
+
+def define_model_flag(help: str = "Converted model directory (python -m converters.<model> ...).") -> None:
+    """``--model``: the one name of the converted-model flag in every launcher."""
+    from absl import flags
+
+    flags.DEFINE_string("model", None, help)
+
+
+def define_data_flag(help: str | None = None, name: str = "data") -> None:
+    """``--data`` in the shared spec grammar (see :func:`make_data`)."""
+    from absl import flags
+
+    flags.DEFINE_string(name, None, help or f"Data: {DATA_HELP}.")
+
+
+def define_output_flags(help: str = "Results directory.") -> None:
+    """``--output_dir`` and ``--overwrite`` (see :func:`check_output_dir`)."""
+    from absl import flags
+
+    flags.DEFINE_string("output_dir", None, help + " A non-empty directory is refused unless it holds a run "
+                        "of the same configuration (which then resumes) or --overwrite is given.")
+    flags.DEFINE_bool("overwrite", False, "Replace the results of another configuration in --output_dir.")
+
+
+def define_cache_dir_flag() -> None:
+    """``--cache_dir`` (default :func:`default_cache_dir`)."""
+    from absl import flags
+
+    flags.DEFINE_string("cache_dir", None, "Per-user cache (trained demo model, ...); default "
+                        "$XDG_CACHE_HOME/jaxdissect or ~/.cache/jaxdissect.")
+
+
+def default_cache_dir() -> str:
+    """The one per-user cache directory: ``$JAXDISSECT_CACHE``, ``$XDG_CACHE_HOME/jaxdissect`` or ``~/.cache/jaxdissect``."""
+    if os.environ.get("JAXDISSECT_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["JAXDISSECT_CACHE"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "jaxdissect")
+
+
+def cache_dir(value: str | None) -> str:
+    """``--cache_dir`` if given, else :func:`default_cache_dir`."""
+    return os.path.abspath(os.path.expanduser(value)) if value else default_cache_dir()
+
+
+# --------------------------------------------------------------------------
+# Validation (call before any work)
+
+
+def positive(name: str, value, *, allow_none: bool = True) -> None:
+    """``--name`` must be an integer >= 1 (or absent when ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LaunchError(f"--{name}={value}: must be a positive integer")
+
+
+def in_range(name: str, value, low: float, high: float, *, low_open: bool = True, high_open: bool = True) -> None:
+    """``--name`` must lie in the interval from ``low`` to ``high`` (open ends by default)."""
+    if value is None:
+        return
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise LaunchError(f"--{name}={value}: must lie in {interval}")
+
+
+def parse_data_spec(spec: str, flag: str = "data") -> tuple[str, str]:
+    """``(scheme, argument)`` of a ``--data`` spec, checked without reading any data.
+
+    Folder schemes need a path; ``z:`` and ``synthetic:`` counts must be
+    positive integers; only ``tfds:places365_small[:split]`` is supported.
+    """
+    scheme, sep, arg = str(spec).partition(":")
+    if scheme not in DATA_SCHEMES:
+        raise LaunchError(f"--{flag}={spec}: unknown kind {scheme!r}; use {DATA_HELP}")
+    if scheme in ("places", "folder", "broden") and not arg:
+        raise LaunchError(f"--{flag}={spec}: give the folder, e.g. --{flag}={scheme}:/path/to/images")
+    if scheme in ("z", "synthetic") and arg:
+        try:
+            count = int(arg)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise LaunchError(f"--{flag}={spec}: the count after {scheme}: must be a positive integer, "
+                              f"e.g. --{flag}={scheme}:512")
+    if scheme == "tfds" and arg.partition(":")[0] != "places365_small":
+        raise LaunchError(f"--{flag}={spec}: only tfds:places365_small[:split] is supported")
+    return scheme, arg
+
+
+# --------------------------------------------------------------------------
+# Data
+
+
+def make_data(spec: str, *, kind: str = "classifier", crop: int = 224, on_bad_image: str = "raise",
+              normalization: str = "imagenet", preprocessing: dict | None = None, flag: str = "data"):
+    """A data source from a ``--data`` spec: returns ``(source, short name for the results directory)``.
+
+    ``preprocessing`` is the model's own input pipeline from its ``model.json``
+    (``{"normalization", "resize", "crop"}``); image folders are read with
+    it. Without it, ``crop`` and ``normalization`` describe the classic
+    classifier pipeline (resize 256, centre crop, ImageNet normalisation).
+    ``kind`` is ``'classifier'`` or ``'generator'`` (``z:`` is for generators only).
+    """
+    from jaxdissect.data import folders, places
+
+    scheme, arg = parse_data_spec(spec, flag)
+    if kind == "generator" and scheme != "z":
+        raise LaunchError(f"--{flag}={spec}: a generator is dissected on z vectors (--{flag}=z:<count>)")
+    pre = dict(preprocessing or {"normalization": normalization, "resize": 256, "crop": crop})
+    transform = folders.transform_for(pre) if preprocessing else None
+    crop = int(pre.get("crop", crop) or crop)
+    if scheme in ("places", "folder"):
+        root = os.path.expanduser(arg)
+        if not os.path.isdir(root):
+            raise LaunchError(f"--{flag}={spec}: {root} is not a directory; give a folder of images")
+        if scheme == "places":
+            return places.PlacesFolder(root, crop=crop, transform=transform, on_error=on_bad_image), "places"
+        return (folders.ImageFolder(root, crop=crop, transform=transform, on_error=on_bad_image),
+                os.path.basename(os.path.normpath(root)))
+    if scheme == "tfds":
+        split = arg.partition(":")[2]
+        return places.Places365TFDS(split or "validation", crop=crop, transform=transform), "places365_small"
+    if scheme == "broden":
+        from jaxdissect.data import broden
+
+        norm = pre.get("normalization", "imagenet")
+        preprocess = broden.imagenet_normalize if norm == "imagenet" else broden.to_zc
+        return broden.BrodenSource(os.path.expanduser(arg), preprocess=preprocess, on_error=on_bad_image), "broden"
+    if scheme == "z":
+        if kind != "generator":
+            raise LaunchError(f"--{flag}={spec} feeds z vectors, but the model is a classifier; give images")
+        n = int(arg or 10000)
+        return folders.LatentSource(n), f"z{n}" if n != 10000 else "z"
+    from jaxdissect.data.synthetic import SyntheticScenes
+
+    return SyntheticScenes(int(arg or SYNTHETIC_IMAGES), seed=0), "synthetic"
+
+
+def model_preprocessing(metadata: dict, flag: str = "model", path: str = "") -> dict:
+    """The ``preprocessing`` record of a classifier's ``model.json``; an error naming the fix if absent."""
+    pre = (metadata or {}).get("preprocessing")
+    if not isinstance(pre, dict) or not {"normalization", "crop"} <= set(pre):
+        raise LaunchError(
+            f"--{flag}={path}: model.json records no input preprocessing ('preprocessing': "
+            "{'normalization': ..., 'resize': R, 'crop': C}); convert the model again with a current "
+            "converter, or add that entry to model.json")
+    return {"normalization": str(pre["normalization"]), "resize": int(pre.get("resize", 256)),
+            "crop": int(pre["crop"])}
+
+
+# --------------------------------------------------------------------------
+# Output directories
+
+
+def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, record: str = "launch.json") -> None:
+    """Refuse a non-empty ``output_dir`` unless it holds a run of this ``config`` or ``overwrite`` is set.
+
+    The configuration is written to ``output_dir/record`` so a rerun of the
+    same command (which resumes) is recognised. With ``overwrite`` the
+    directory's earlier work of another configuration is removed.
+    """
+    import json
+    import shutil
+
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    path = os.path.join(output_dir, record)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        stored = None
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    stored = json.load(f)
+            except (OSError, ValueError):
+                stored = None
+        if stored != config:
+            if not overwrite:
+                what = "a run of other settings" if stored is not None else "files of its own"
+                diff = ""
+                if isinstance(stored, dict):
+                    keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+                    diff = f" (differing: {', '.join(keys)})"
+                raise LaunchError(f"--output_dir={output_dir} is not empty: it holds {what}{diff}; choose "
+                                  "another --output_dir, or pass --overwrite to replace its contents")
+            for name in os.listdir(output_dir):
+                full = os.path.join(output_dir, name)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full)
+                else:
+                    os.remove(full)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# Environment, logs
+
+
+def _accelerator_present() -> bool:
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/accel0", "/dev/vfio/0",
+                                           "/dev/kfd"))
+
+
+class _QuietFilter(std_logging.Filter):
+    """Drops orbax's INFO lines and JAX's notes about backends it could not start."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        msg = record.getMessage() if record.args else str(record.msg)
+        if "Unable to initialize backend" in msg or "An NVIDIA GPU may be present" in msg:
+            return False
+        if record.levelno < std_logging.WARNING and (f"{os.sep}orbax{os.sep}" in record.pathname
+                                                     or record.name.startswith("orbax")):
+            return False
+        return True
+
+
+def setup_environment() -> None:
+    """CPU unless an accelerator is present, XLA:CPU flags, quiet TF/XLA C++ logs (before JAX starts)."""
+    if "JAX_PLATFORMS" not in os.environ and not _accelerator_present():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
+
+
+def quiet_logs() -> None:
+    """Plain ``message`` log lines (no absl prefix); orbax INFO and backend-probe notes dropped."""
+    from absl import logging
+
+    handler = logging.get_absl_handler()
+    handler.setFormatter(std_logging.Formatter("%(message)s"))
+    quiet = _QuietFilter()
+    handler.addFilter(quiet)
+    for name in ("absl", "jax._src.xla_bridge", "orbax", ""):
+        std_logging.getLogger(name).addFilter(quiet)
+    for h in std_logging.getLogger().handlers:
+        h.addFilter(quiet)
+
+
+# --------------------------------------------------------------------------
+# Errors, Ctrl-C, the main wrapper
+
+_RESUME_HINT: list[str] = []
+
+
+def set_resume_hint(text: str) -> None:
+    """What the Ctrl-C line says about resuming, e.g. ``"run the same command to resume (results/x)"``."""
+    _RESUME_HINT[:] = [text]
+
+
+def known_errors() -> tuple[type, ...]:
+    """The library's error types whose message is the whole story (printed as ``error: ...``)."""
+    import importlib
+
+    found: list[type] = [LaunchError]
+    for module, name in (("jaxdissect.checkpoint", "CheckpointError"), ("jaxdissect.data.folders", "DataSourceError"),
+                         ("jaxdissect.pipelines.dissect", "DissectError"), ("jaxdissect.statistics", "DissectionError"),
+                         ("jaxdissect.segmentation", "SegmenterError"), ("jaxdissect.streaming", "StreamError"),
+                         ("jaxdissect.interventions.classifier", "InterventionError"),
+                         ("jaxdissect.interventions.generator", "InterventionError"),
+                         ("jaxdissect.pipelines.intervene_generator", "ExperimentError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _sigint(signum, frame) -> None:
+    from jaxdissect import streaming
+
+    if streaming.request_stop():  # a pass is running: it stops after its batch, checkpointed
+        sys.stderr.write("\nstopping after the current batch (Ctrl-C again to stop at once)\n")
+        sys.stderr.flush()
+        return
+    raise KeyboardInterrupt
+
+
+def _interrupted(e: BaseException) -> int:
+    where = str(e).strip()
+    hint = _RESUME_HINT[0] if _RESUME_HINT else "run the same command again to resume"
+    sys.stderr.write(f"\ninterrupted{': ' + where if where else ''}; {hint}\n")
+    sys.stderr.flush()
+    return EXIT_INTERRUPTED
+
+
+def _help_text(main_module) -> str:
+    from absl import flags
+
+    doc = (getattr(main_module, "__doc__", None) or "").strip()
+    own = flags.FLAGS.get_key_flags_for_module(sys.argv[0]) or flags.FLAGS.get_key_flags_for_module(main_module)
+    lines = [doc, "", "flags:"] if doc else ["flags:"]
+    for flag in sorted(own, key=lambda f: f.name):
+        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+        lines.append(f"  --{flag.name}: {flag.help}{default}")
+    return "\n".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?") for a in argv[1:]):
+        sys.stdout.write(_help_text(sys.modules.get("__main__")) + "\n")
+        sys.exit(0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def run(main: Callable[[list[str]], object], extra_errors: tuple[type, ...] = ()) -> None:
+    """Run a launcher's ``main`` with the shared behaviour (see the module docstring); never returns."""
+    from absl import app
+
+    setup_environment()
+
+    def wrapped(argv):
+        quiet_logs()
+        previous = signal.signal(signal.SIGINT, _sigint)
+        try:
+            if len(argv) > 1:
+                raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            main(argv)
+        except KeyboardInterrupt as e:
+            sys.exit(_interrupted(e))
+        except app.UsageError as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(EXIT_USAGE)
+        except known_errors() + tuple(extra_errors) as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(EXIT_ERROR)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    app.run(wrapped, flags_parser=_parse_flags)

@@ -147,7 +147,7 @@ def test_ctrl_c_exits_130_in_one_line_and_resumes_to_the_same_bytes(tmp_path):
     save_model(model, module, variables, metadata={"model": "tiny", "preprocessing": train_synthetic.preprocessing()})
 
     def command(out):
-        return [sys.executable, "-m", "launch.dissect", f"--model={model}", "--data=synthetic:40",
+        return [sys.executable, "-m", "launch.dissect", f"--model={model}", "--data=synthetic:24",
                 "--layers=conv3,conv4", "--batch_size=2", "--checkpoint_every=1", "--topk=3", "--thumbsize=16",
                 f"--output_dir={out}"]
 
@@ -183,3 +183,52 @@ def test_ctrl_c_exits_130_in_one_line_and_resumes_to_the_same_bytes(tmp_path):
             with open(os.path.join(full, layer, name), "rb") as a, open(os.path.join(stopped, layer, name), "rb") as b:
                 assert a.read() == b.read(), (layer, name)
     assert json.load(open(os.path.join(stopped, "launch.json")))["layers"] == ["conv3", "conv4"]
+    # The page marks units that never fire (no pixel above threshold) and those below the IoU cut-off.
+    page = open(os.path.join(full, "index.html"), encoding="utf-8").read()
+    data = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    for layer in data["layers"]:
+        with np.load(os.path.join(full, layer["name"], "arrays.npz")) as arrays:
+            assert [u["dead"] for u in layer["units"]] == (arrays["active"] == 0).tolist()
+            assert [u["interpretable"] for u in layer["units"]] == arrays["interpretable"].tolist()
+        assert all(u["label"] == "" for u in layer["units"] if u["dead"])
+
+
+def test_demo_training_resumes_after_a_stop_to_the_same_weights(tmp_path):
+    """Stopped mid-training (as Ctrl-C does), the demo's training resumes and ends where a straight run does."""
+    import jax
+
+    from jaxdissect import streaming
+    from jaxdissect.pipelines import train_synthetic
+
+    settings = dict(num_train=64, num_test=16, steps=12, batch_size=16, widths=(4, 4, 4, 4), image_size=32)
+    _, straight, _ = train_synthetic.train(**settings, log=None, workdir=str(tmp_path / "a"), progress=False)
+    original_run_stream = streaming.run_stream
+
+    def stop_after_five(step, state, batches, **kw):
+        def stepping(st, b):
+            if stepping.n == 5:
+                streaming.request_stop()
+            stepping.n += 1
+            return step(st, b)
+        stepping.n = 0
+        return original_run_stream(stepping, state, batches, **kw)
+
+    streaming.run_stream = stop_after_five
+    try:
+        with pytest.raises(streaming.Interrupted, match="checkpointed after batch 6 of 12"):
+            train_synthetic.train(**settings, log=None, workdir=str(tmp_path / "b"), progress=False)
+    finally:
+        streaming.run_stream = original_run_stream
+    _, resumed, _ = train_synthetic.train(**settings, log=None, workdir=str(tmp_path / "b"), progress=False)
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+def test_demo_does_not_import_torch(tmp_path):
+    code = ("import sys; from launch import dissect as d; "
+            f"d.build(dict(data='synthetic:4', segmenter='dataset', layers='conv4', output_dir={str(tmp_path / 'o')!r}, "
+            f"cache_dir={str(tmp_path / 'c')!r}, demo_settings=dict(num_train=16, num_test=8, steps=2, batch_size=8, "
+            "widths=[4, 4, 4, 4], image_size=32))); "
+            "assert 'torch' not in sys.modules, 'the demo imported torch'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(JAX_PLATFORMS="cpu"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -479,12 +479,26 @@ class _Run:
         summary.write_summary(self.output_dir, rows, title=self.header_name(skipped))
         layers = []
         for n, row in zip(self.layers, rows):
-            layers.append({"name": n, "dir": os.path.basename(self.layer_dir(n)), "units": units[n],
+            r = results[n]
+            shown = [dict(u, interpretable=bool(r.interpretable[i]), dead=bool(np.asarray(r.active)[i] == 0))
+                     for i, u in enumerate(units[n])]
+            layers.append({"name": n, "dir": os.path.basename(self.layer_dir(n)), "units": shown,
                            "svg": "concepts_99.svg",
                            "summary": {"units": row["units"], "interpretable": row["interpretable"],
+                                       "never fire": sum(u["dead"] for u in shown),
                                        "unique concepts": row["unique_concepts"],
                                        "images": self.num_images - skipped, "skipped images": skipped}})
-        return html.write_run_report(self.output_dir, self.header_name(skipped), layers)
+        settings = {"model": type(self.module).__name__, "data": f"{self.data.name} ({self.num_images} items)",
+                    "segmenter": self.seg_name}
+        settings.update(self.settings)
+        settings.update({"images read": self.num_images - skipped,
+                         "quantile": f"{self.quantile:g} (threshold: each unit's top {self.quantile:.2%} of "
+                                     "activations)",
+                         "IoU cut-off": f"{self.miniou:g} (a unit is a detector when its best IoU exceeds it)",
+                         "geometry": self.geometry})
+        skipped_files = sorted(str(v) for v in getattr(self.data, "bad_files", {}).values())
+        return html.write_run_report(self.output_dir, self.header_name(skipped), layers, settings=settings,
+                                     skipped_files=skipped_files)
 
 
 @functools.lru_cache(maxsize=16)

@@ -3,7 +3,10 @@
 One bar per concept, its height the number of units labelled with it, bars
 grouped on light background rectangles per category and coloured with the
 category's dark colour. Written by hand (no plotting library) so the file
-matches the original's geometry and stays small.
+keeps the original's bar geometry and stays small. Category captions sit
+above the bars (staggered onto a second row when they would overlap), a top
+margin keeps the highest tick inside the picture, the height leaves room for
+the longest rotated label, and a ``viewBox`` lets a page scale it up sharply.
 """
 
 from __future__ import annotations
@@ -79,16 +82,39 @@ def make_svg_bargraph(labels: Sequence[str], heights: Sequence[int],
     unit = barheight / top
     textsize = BAR_WIDTH + GAP / 2
     textmargin = BAR_WIDTH * 2 / 3
-    width = len(heights) * (BAR_WIDTH + GAP) + 2 * LEFT_MARGIN + RIGHT_MARGIN
-    height = 2 * barheight
-    base = height - barheight
+    char = 0.6 * BAR_WIDTH  # average glyph advance of the label font, for the layout estimate
+
+    # Category captions above the bars: left-aligned on their group, on the first row where they fit.
+    captions, row_ends = [], []
+    x = LEFT_MARGIN
+    for cat, count in categories:
+        if not count:
+            continue
+        caption = f"{count} {cat}{'' if count == 1 else 's'}"
+        end = x + len(caption) * 0.6 * textsize
+        row = next((i for i, e in enumerate(row_ends) if x >= e + GAP), len(row_ends))
+        if row == len(row_ends):
+            row_ends.append(end)
+        else:
+            row_ends[row] = end
+        captions.append((x, row, caption))
+        x += (BAR_WIDTH + GAP) * count
+    top_margin = textsize * (max(len(row_ends), 1) + 0.5)
+    longest = max((len(label) for label in labels), default=0)
+    label_room = textmargin + longest * char * 0.71 + BAR_WIDTH
+    width = max(len(heights) * (BAR_WIDTH + GAP) + 2 * LEFT_MARGIN + RIGHT_MARGIN,
+                max(row_ends, default=0) + RIGHT_MARGIN,
+                LEFT_MARGIN + len(heights) * (BAR_WIDTH + GAP) + longest * char * 0.71 + RIGHT_MARGIN)
+    width = int(math.ceil(width))
+    base = top_margin + barheight
+    height = int(math.ceil(base + max(label_room, barheight / 2)))
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" version="1.1" '
-             f'width="{_num(width)}" height="{_num(height)}">']
+             f'width="{_num(width)}" height="{_num(height)}" viewBox="0 0 {_num(width)} {_num(height)}">']
     x = LEFT_MARGIN
     if heights:
-        for tick in (1, (top + 1) // 2, top):
+        for tick in sorted({1, (top + 1) // 2, top}):
             parts.append(_text(x - GAP, base - tick * unit, textsize, "end", "",
-                               str(tick), "alignment-baseline:hanging;"))
+                               str(tick), "dominant-baseline:middle;"))
         parts.append(_text(x - GAP - textsize, base - top * unit / 2, textsize, "middle",
                            " rotate(-90deg)", "units"))
     colours = []
@@ -104,15 +130,8 @@ def make_svg_bargraph(labels: Sequence[str], heights: Sequence[int],
         x += BAR_WIDTH
         parts.append(_text(x, base + textmargin, BAR_WIDTH, "end", " rotate(-45deg)", label))
         x += GAP
-    x = LEFT_MARGIN
-    for cat, count in categories:
-        if not count:
-            continue
-        span = (BAR_WIDTH + GAP) * count
-        caption = f"{count} {cat}{'' if count == 1 else 's'}"
-        parts.append(_text(x + span - GAP, base - top * unit + GAP, textsize, "end",
-                           " rotate(-90deg)", caption))
-        x += span
+    for cx, row, caption in captions:
+        parts.append(_text(cx, textsize * (row + 1), textsize, "start", "", caption))
     parts.append("</svg>")
     return (FILE_HEADER if file_header else "") + "".join(parts)
 

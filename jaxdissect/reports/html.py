@@ -11,6 +11,12 @@ view can be bookmarked. Every string that comes from data is escaped: HTML
 escaping in the markup, and ``<``, ``>``, ``&`` as ``\\u003c``-style JSON
 escapes inside the data block, and the script inserts text with
 ``textContent`` only.
+
+Units below the IoU cut-off (``interpretable: false``) are greyed out, as
+NetDissect showed them, and a unit that never fires (``dead: true``: no pixel
+above its threshold) shows no label. The header lists the run's settings,
+explains the strips, links the cross-layer ``summary.svg`` and lists the
+images that could not be read.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Mapping, Sequence
 from urllib.parse import quote
 
 from jaxdissect.reports.bargraph import CATEGORIES
-from jaxdissect.reports.strips import strip_path
+from jaxdissect.reports.strips import BORDER_COLOR, strip_path
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em 2em; color: #222; }
@@ -38,6 +44,16 @@ table.units td, table.units th { padding: 2px 8px; border-bottom: 1px solid #ddd
 table.units td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.units img { display: block; height: 100px; }
 .count { color: #555; }
+table.units tr.below td, table.units tr.dead td { color: #9a9a9a; }
+table.units tr.below img, table.units tr.dead img { opacity: 0.35; }
+table.units tr.dead td.label { font-style: italic; }
+dl.settings { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; margin: 0.5em 0; }
+dl.settings dt { font-weight: bold; }
+dl.settings dd { margin: 0; }
+img.bargraph { max-width: 100%; height: auto; }
+img.summary { max-width: 100%; height: auto; }
+.legend { max-width: 60em; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 2px solid rgb(255, 255, 0); background: #777; vertical-align: middle; }
 """
 
 _SCRIPT = r"""
@@ -91,11 +107,13 @@ _SCRIPT = r"""
       var body = document.createElement("tbody");
       shown.forEach(function (u) {
         var row = document.createElement("tr");
-        row.className = "unit-row";
+        row.className = "unit-row" + (u.dead ? " dead" : (u.interpretable === false ? " below" : ""));
         row.setAttribute("data-unit", String(u.unit));
+        if (u.dead) row.title = "never fires: no pixel above the unit's threshold";
+        else if (u.interpretable === false) row.title = "best IoU below the cut-off: not a detector";
         cell(row, String(u.unit), "num");
-        cell(row, u.label, "label");
-        cell(row, u.cat, "cat");
+        cell(row, u.dead ? "(never fires)" : u.label, "label");
+        cell(row, u.dead ? "" : u.cat, "cat");
         cell(row, typeof u.iou === "number" ? u.iou.toFixed(4) : "NaN", "num");
         var td = document.createElement("td");
         var img = document.createElement("img");
@@ -154,7 +172,37 @@ def _format(value) -> str:
     return str(value)
 
 
-def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str = ".") -> str:
+def _header(settings: Mapping | None, skipped_files: Sequence[str], output_dir: str) -> str:
+    esc = html.escape
+    parts = []
+    if settings:
+        rows = "".join(f"<dt>{esc(str(k))}</dt><dd>{esc(_format(v))}</dd>" for k, v in settings.items())
+        parts.append(f'<dl class="settings">{rows}</dl>')
+    colour = "rgb({}, {}, {})".format(*BORDER_COLOR)
+    parts.append(
+        '<p class="legend">Each unit\'s strip shows its top images; the <span class="swatch" '
+        f'style="border-color: {colour}"></span> yellow outline surrounds the region where the unit\'s '
+        "activation, upsampled to the image, is above its threshold (the top quantile of all its "
+        "activations); the rest of the image is dimmed. Units whose best IoU is not above the cut-off "
+        "are greyed out: they are not counted as detectors. A unit that never exceeds its threshold "
+        "(it never fires) has no label.</p>")
+    links = [f'<a href="{esc(_url(n))}">{esc(n)}</a>' for n in ("summary.svg", "summary.md", "summary.csv")
+             if os.path.exists(os.path.join(output_dir, n))]
+    if links:
+        parts.append(f'<p class="summary-links">Cross-layer summary: {" · ".join(links)}</p>')
+    if os.path.exists(os.path.join(output_dir, "summary.svg")):
+        parts.append('<p><img class="summary" src="summary.svg" alt="interpretable units and unique '
+                     'concepts per layer"></p>')
+    if skipped_files:
+        items = "".join(f"<li>{esc(str(f))}</li>" for f in skipped_files)
+        parts.append(f'<details class="skipped"><summary>{len(skipped_files)} unreadable image'
+                     f'{"" if len(skipped_files) == 1 else "s"} left out of every statistic</summary>'
+                     f"<ul>{items}</ul></details>")
+    return "\n".join(parts)
+
+
+def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str = ".",
+                      settings: Mapping | None = None, skipped_files: Sequence[str] = ()) -> str:
     """The HTML text of :func:`write_run_report`."""
     esc = html.escape
     data = {"run": str(run_name), "layers": []}
@@ -169,8 +217,14 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
         units = []
         for u in layer["units"]:
             unit = int(u["unit"])
-            units.append(dict(unit=unit, label=str(u["label"]), cat=str(u["cat"]), iou=_iou(u["iou"]),
-                              image=_url(ldir, str(u.get("image", strip_path(unit))))))
+            entry = dict(unit=unit, label=str(u["label"]), cat=str(u["cat"]), iou=_iou(u["iou"]),
+                         image=_url(ldir, str(u.get("image", strip_path(unit)))))
+            for flag in ("interpretable", "dead"):
+                if flag in u:
+                    entry[flag] = bool(u[flag])
+            if entry.get("dead"):
+                entry["label"] = ""
+            units.append(entry)
             if units[-1]["cat"] not in categories:
                 categories.append(units[-1]["cat"])
         data["layers"].append(dict(name=name, units=units))
@@ -202,6 +256,7 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
 </head>
 <body>
 <h1>{title}</h1>
+{_header(settings, skipped_files, output_dir)}
 <nav>Layers: {' '.join(nav)}</nav>
 <div id="controls">
 <label>Sort by <select id="sort"><option value="iou">IoU</option><option value="label">label</option><option value="unit">unit</option></select></label>
@@ -218,7 +273,8 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
 """
 
 
-def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping]) -> str:
+def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], settings: Mapping | None = None,
+                     skipped_files: Sequence[str] = ()) -> str:
     """Write ``output_dir/index.html`` for a run; returns its path.
 
     ``layers`` holds one dict per dissected layer: ``name``, ``dir`` (the layer's
@@ -226,11 +282,14 @@ def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping]) 
     ``label``, ``cat``, ``iou`` and optionally ``image``, relative to ``dir``,
     default ``image/unit<u>.jpg``), optionally ``svg`` (the bar graph, relative
     to ``dir``) and summary numbers, either as a ``summary`` dict or as further
-    scalar entries (e.g. ``interpretable=12``).
+    scalar entries (e.g. ``interpretable=12``). A unit may carry
+    ``interpretable`` (False: greyed out) and ``dead`` (True: never fires, no
+    label shown). ``settings`` (name -> value) are listed in the header, and
+    ``skipped_files`` (unreadable images) below it.
     """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "index.html")
-    text = render_run_report(run_name, layers, output_dir)
+    text = render_run_report(run_name, layers, output_dir, settings=settings, skipped_files=skipped_files)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)

@@ -118,7 +118,10 @@ def plot_summary(path: str, rows: Sequence[Mapping], title: str = "") -> str:
         fig.suptitle(title).set_parse_math(False)
     fig.tight_layout()
     tmp = path + ".tmp"
-    fig.savefig(tmp, format=os.path.splitext(path)[1].lstrip(".") or "svg")
+    fmt = os.path.splitext(path)[1].lstrip(".") or "svg"
+    # Fixed ids and no date: the same rows give the same file, byte for byte.
+    with matplotlib.rc_context({"svg.hashsalt": "jaxdissect"}):
+        fig.savefig(tmp, format=fmt, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -97,7 +97,8 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
         sizes=(1, 2, 3, 4, 5, 20, 64, 128, 256), plot_class: str | None = None, full_classes=(),
         iou: str | None = None,
         batch_size: int = 32, num_images: int | None = None, train_images: int | None = None,
-        method: str = "auto", on_bad_image: str = "raise", class_order: str = "metadata") -> dict:
+        method: str = "auto", on_bad_image: str = "raise", class_order: str = "metadata",
+        overwrite: bool = False) -> dict:
     """Load the model and data, run the experiment, print the headline numbers, return the summary."""
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.interventions import classifier as ci
@@ -109,6 +110,11 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
     if not os.path.isdir(model):
         raise LaunchError(f"--model={model}: no such directory; convert the classifier first "
                           "(python -m converters.vgg16_places365 ...)")
+    # The cached pieces are named, not keyed by the data: a directory of other settings is refused.
+    common.check_output_dir(output_dir, {"model": os.path.abspath(model), "layer": layer, "data": data,
+                                         "train_data": train_data, "num_images": num_images,
+                                         "train_images": train_images, "on_bad_image": on_bad_image,
+                                         "class_order": class_order}, overwrite=overwrite)
     module, variables = load_model(model)
     meta = load_metadata(model) or {}
     preprocessing = common.model_preprocessing(meta, path=model)
@@ -157,7 +163,7 @@ def define_flags() -> None:
     common.define_data_flag("Evaluation images: places:<dir> with class folders <dir>/<class>/<image> "
                             "(a bare <dir> too) or tfds:places365_small[:split].")
     flags.DEFINE_string("train_data", None, "Images the units are ranked on (same forms as --data).")
-    flags.DEFINE_string("output_dir", None, "Results and cache directory (created; reused to resume).")
+    common.define_output_flags("Results and cache directory (created; reused to resume).")
     flags.DEFINE_list("sizes", ["1", "2", "3", "4", "5", "20", "64", "128", "256"], "Numbers n of top units per class.")
     flags.DEFINE_string("plot_class", None, "Class shown in ice-one-class.png (default: the most damaged by one unit).")
     flags.DEFINE_list("full_classes", [], "Classes for which every n = 1 .. units-1 is evaluated (the paper: "
@@ -186,7 +192,8 @@ def main(argv):
     run(FLAGS.model, FLAGS.data, FLAGS.train_data, FLAGS.output_dir, layer=FLAGS.layer, sizes=FLAGS.sizes,
         plot_class=FLAGS.plot_class, full_classes=FLAGS.full_classes, iou=FLAGS.iou,
         batch_size=FLAGS.batch_size, num_images=FLAGS.num_images, train_images=FLAGS.train_images,
-        method=FLAGS.method, on_bad_image=FLAGS.on_bad_image, class_order=FLAGS.class_order)
+        method=FLAGS.method, on_bad_image=FLAGS.on_bad_image, class_order=FLAGS.class_order,
+        overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ def _stats_line(name: str, a) -> str:
     return f"  {name:<16s} {str(tuple(a.shape)):<22s} mean {a.mean():+.4g}  max {a.max():+.4g}"
 
 
-def _synthetic_images(n: int, size: int) -> np.ndarray:
-    """Deterministic smooth colour fields plus noise in [0, 1], ImageNet-normalised (NHWC)."""
+def _synthetic_images(n: int, size: int, normalization: str = "imagenet") -> np.ndarray:
+    """Deterministic smooth colour fields plus noise in [0, 1], in the model's ``normalization`` (NHWC)."""
     from jaxdissect.preprocess import renormalize
 
     rng = np.random.RandomState(0)
@@ -38,7 +38,7 @@ def _synthetic_images(n: int, size: int) -> np.ndarray:
         a, b, c = rng.uniform(0.5, 4, 3)
         base = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
         images.append(np.clip(0.5 + 0.4 * base + 0.05 * rng.standard_normal(base.shape), 0, 1))
-    return renormalize(np.asarray(images, np.float32), "pt", "imagenet")
+    return renormalize(np.asarray(images, np.float32), "pt", normalization)
 
 
 def save_grid(images_uint8: np.ndarray, path: str) -> None:
@@ -62,7 +62,8 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.data.latents import standard_z_sample
     from jaxdissect.models import ProgressiveGenerator
-    from jaxdissect.preprocess import renormalize, vgg_preprocess
+    from jaxdissect.data.folders import transform_for
+    from jaxdissect.preprocess import renormalize
 
     module, variables = load_model(checkpoint)
     meta = load_metadata(checkpoint)
@@ -80,10 +81,23 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
         x = standard_z_sample(num_samples, depth=module.sizes[0], seed=1)
         log(f"input: {num_samples} z from standard_z_sample(seed=1), shape {x.shape}")
     elif images:
-        x = np.stack([vgg_preprocess(p, crop=int(meta["preprocessing"]["crop"])) for p in images])
+        from PIL import Image
+
+        transform = transform_for(meta["preprocessing"])  # the model's own input pipeline (model.json)
+
+        def read(path):
+            try:
+                with Image.open(path) as f:
+                    return transform(f.convert("RGB"))[0]
+            except OSError as e:
+                raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}; give a readable "
+                                 ".jpg/.png file") from e
+
+        x = np.stack([read(p) for p in images])
         log(f"input: {len(images)} image(s), preprocessed to {x.shape}")
     else:
-        x = _synthetic_images(num_samples, int(meta["preprocessing"]["crop"]))
+        x = _synthetic_images(num_samples, int(meta["preprocessing"]["crop"]),
+                              meta["preprocessing"].get("normalization", "imagenet"))
         log(f"input: {num_samples} deterministic synthetic images {x.shape}")
 
     f = jax.jit(lambda v, x: module.apply(v, x, capture_intermediates=True, mutable=["intermediates"]))
@@ -119,7 +133,7 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
             top = np.argsort(-row)[:5]
             log(f"  sample {i}: top-5 classes " + ", ".join(f"{k} ({row[k]:.3f})" for k in top))
         if output:
-            save_grid(renormalize(x, "imagenet", "byte"), output)
+            save_grid(renormalize(x, meta["preprocessing"].get("normalization", "imagenet"), "byte"), output)
             log(f"wrote {output} (the inputs)")
     return {"output": out, "layers": layers}
 

@@ -323,9 +323,7 @@ def known_errors() -> tuple[type, ...]:
 def _sigint(signum, frame) -> None:
     from jaxdissect import streaming
 
-    if streaming.request_stop():  # a pass is running: it stops after its batch, checkpointed
-        sys.stderr.write("\nstopping after the current batch (Ctrl-C again to stop at once)\n")
-        sys.stderr.flush()
+    if streaming.request_stop():  # a pass is running: it stops after its batch, checkpointed (again: at once)
         return
     raise KeyboardInterrupt
 

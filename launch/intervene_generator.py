@@ -39,7 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 1, "Seed of the z samples.")
     flags.DEFINE_integer("batch_size", 25, "Samples per step.")
     flags.DEFINE_integer("min_samples", 1000, "Contexts seen fewer times are left out of the insertion report.")
-    flags.DEFINE_string("output_dir", None, "Where the results go.")
+    common.define_output_flags("Where the results go.")
 
 
 def main(argv):
@@ -51,6 +51,10 @@ def main(argv):
         common.positive(name, getattr(FLAGS, name), allow_none=False)
     common.in_range("insert_quantile", FLAGS.insert_quantile, 0.0, 1.0)
     common.set_resume_hint(f"run the same command to resume ({FLAGS.output_dir})")
+    identity = {n: getattr(FLAGS, n) for n in ("model", "layer", "segmenter", "dissection", "remove", "remove_units",
+                                               "insert", "insert_units", "insert_quantile", "single_units",
+                                               "num_samples", "seed", "min_samples")}
+    common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite)
     from jaxdissect.checkpoint import load_model
     from jaxdissect.data.latents import standard_z_sample
     from jaxdissect.pipelines import intervene_generator as experiment

@@ -172,6 +172,22 @@ def _format(value) -> str:
     return str(value)
 
 
+def _doubled_size(output_dir: str, ldir: str, svg: str) -> str:
+    """``width``/``height`` attributes showing a bar graph at twice its drawn size (readable labels)."""
+    import re
+
+    try:
+        with open(os.path.join(output_dir, ldir, svg), encoding="utf-8") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    found = re.search(r'<svg[^>]*width="([\d.]+)"[^>]*height="([\d.]+)"', head)
+    if not found:
+        return ""
+    w, h = (int(round(2 * float(v))) for v in found.groups())
+    return f' width="{w}" height="{h}"'
+
+
 def _header(settings: Mapping | None, skipped_files: Sequence[str], output_dir: str) -> str:
     esc = html.escape
     parts = []
@@ -234,7 +250,8 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
         links = []
         if layer.get("svg"):
             svg = _url(ldir, str(layer["svg"]))
-            links.append(f'<p><img class="bargraph" src="{esc(svg)}" alt="concepts of {esc(name)}"></p>')
+            links.append(f'<p><img class="bargraph" src="{esc(svg)}"{_doubled_size(output_dir, ldir, layer["svg"])} '
+                         f'alt="concepts of {esc(name)}"></p>')
         report = posixpath.join(ldir, "report.json") if ldir else "report.json"
         if os.path.exists(os.path.join(output_dir, report)):
             links.append(f'<p><a href="{esc(_url(report))}">report.json</a></p>')

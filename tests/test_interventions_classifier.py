@@ -314,7 +314,9 @@ def test_launcher_on_a_places_folder(tmp_path, capsys):
                 pixels[..., c] = 255
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{split}_{c}_{i}.png")
     model = SmallCNN(num_classes=3, widths=(4, 4, 4, 8))
-    save_model(str(tmp_path / "model"), model, model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+    save_model(str(tmp_path / "model"), model, model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))),
+               metadata={"preprocessing": {"normalization": "imagenet", "resize": 256, "crop": 224},
+                         "classes": ["bedroom", "kitchen", "ski_resort"]})
     summary = launcher.run(str(tmp_path / "model"), f"places:{tmp_path / 'val'}", str(tmp_path / "train"),
                            str(tmp_path / "out"), layer="conv4", sizes=["1", "3"], plot_class="kitchen",
                            batch_size=4)
@@ -322,7 +324,7 @@ def test_launcher_on_a_places_folder(tmp_path, capsys):
     assert set(summary["classes"]) == {"bedroom", "kitchen", "ski_resort"}
     assert "n = 3: top n removed" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "out" / "ice-one-class.png")
-    with pytest.raises(launcher.LaunchError, match="no such folder"):
+    with pytest.raises(launcher.LaunchError, match="not a directory"):
         launcher.run(str(tmp_path / "model"), str(tmp_path / "nope"), str(tmp_path / "train"), str(tmp_path / "o2"))
     with pytest.raises(ci.InterventionError, match="unknown class 'kitchn'; did you mean 'kitchen'"):
         launcher.run(str(tmp_path / "model"), str(tmp_path / "val"), str(tmp_path / "train"), str(tmp_path / "o3"),

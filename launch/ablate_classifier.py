@@ -114,7 +114,8 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
     common.check_output_dir(output_dir, {"model": os.path.abspath(model), "layer": layer, "data": data,
                                          "train_data": train_data, "num_images": num_images,
                                          "train_images": train_images, "on_bad_image": on_bad_image,
-                                         "class_order": class_order}, overwrite=overwrite)
+                                         "class_order": class_order}, overwrite=overwrite,
+                            remove=("pra_*.npz", "summary.json", "results.npz"))
     module, variables = load_model(model)
     meta = load_metadata(model) or {}
     preprocessing = common.model_preprocessing(meta, path=model)

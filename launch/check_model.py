@@ -14,7 +14,6 @@ fail clearly if any output is not finite.
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 from absl import flags

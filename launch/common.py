@@ -31,7 +31,7 @@ import logging as std_logging
 import os
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 SYNTHETIC_IMAGES = 512
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -203,13 +203,17 @@ def model_preprocessing(metadata: dict, flag: str = "model", path: str = "") -> 
 # Output directories
 
 
-def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, record: str = "launch.json") -> None:
+def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, record: str = "launch.json",
+                     remove: Sequence[str] = ("work",)) -> None:
     """Refuse a non-empty ``output_dir`` unless it holds a run of this ``config`` or ``overwrite`` is set.
 
     The configuration is written to ``output_dir/record`` so a rerun of the
-    same command (which resumes) is recognised. With ``overwrite`` the
-    directory's earlier work of another configuration is removed.
+    same command (which resumes) is recognised. With ``overwrite`` only the
+    run's own resumable state (``remove``: names or glob patterns, e.g. the
+    ``work`` directory and cached pieces) is deleted, so it is recomputed;
+    the outputs are then rewritten in place and nothing else is touched.
     """
+    import glob
     import json
     import shutil
 
@@ -231,13 +235,13 @@ def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, 
                     keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
                     diff = f" (differing: {', '.join(keys)})"
                 raise LaunchError(f"--output_dir={output_dir} is not empty: it holds {what}{diff}; choose "
-                                  "another --output_dir, or pass --overwrite to replace its contents")
-            for name in os.listdir(output_dir):
-                full = os.path.join(output_dir, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full)
-                else:
-                    os.remove(full)
+                                  "another --output_dir, or pass --overwrite to replace its results")
+            for pattern in list(remove) + [record]:
+                for full in glob.glob(os.path.join(glob.escape(output_dir), pattern)):
+                    if os.path.isdir(full) and not os.path.islink(full):
+                        shutil.rmtree(full)
+                    else:
+                        os.remove(full)
     os.makedirs(output_dir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -258,7 +262,10 @@ class _QuietFilter(std_logging.Filter):
     """Drops orbax's INFO lines and JAX's notes about backends it could not start."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        msg = record.getMessage() if record.args else str(record.msg)
+        try:
+            msg = record.getMessage()
+        except (TypeError, ValueError):
+            msg = str(record.msg)
         if "Unable to initialize backend" in msg or "An NVIDIA GPU may be present" in msg:
             return False
         if record.levelno < std_logging.WARNING and (f"{os.sep}orbax{os.sep}" in record.pathname

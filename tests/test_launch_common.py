@@ -91,7 +91,9 @@ def test_output_dir_refused_unless_same_run_or_overwrite(tmp_path, cache):
     with pytest.raises(common.LaunchError, match="not empty.*--overwrite"):
         launcher.build(config)
     assert (out / "conv1" / "report.json").read_text() == "my own file"
-    launcher.build(dict(config, overwrite=True))          # the user asked for it
+    (out / "work").mkdir()
+    launcher.build(dict(config, overwrite=True))          # the user asked for it: the old run's state goes
+    assert not (out / "work").exists() and (out / "conv1" / "report.json").exists()   # the rest is rewritten
     launcher.build(config)                                 # the same configuration again: resumes
     with pytest.raises(common.LaunchError, match="differing: quantile"):
         launcher.build(dict(config, quantile=0.02))

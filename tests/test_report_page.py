@@ -1,6 +1,5 @@
 """The report page as a reader sees it: dead and sub-threshold units marked, settings, legend, links, skipped files."""
 
-import os
 import re
 import time
 import xml.etree.ElementTree as ET

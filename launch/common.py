@@ -158,7 +158,7 @@ def make_data(spec: str, *, kind: str = "classifier", crop: int = 224, on_bad_im
     if kind == "generator" and scheme != "z":
         raise LaunchError(f"--{flag}={spec}: a generator is dissected on z vectors (--{flag}=z:<count>)")
     pre = dict(preprocessing or {"normalization": normalization, "resize": 256, "crop": crop})
-    transform = folders.transform_for(pre) if preprocessing else None
+    transform = folders.transform_for(pre) if preprocessing or normalization != "imagenet" else None
     crop = int(pre.get("crop", crop) or crop)
     if scheme in ("places", "folder"):
         root = os.path.expanduser(arg)
@@ -347,7 +347,8 @@ def _help_text(main_module) -> str:
     from absl import flags
 
     doc = (getattr(main_module, "__doc__", None) or "").strip()
-    own = flags.FLAGS.get_key_flags_for_module(sys.argv[0]) or flags.FLAGS.get_key_flags_for_module(main_module)
+    own = list(flags.FLAGS.get_key_flags_for_module(sys.argv[0]) or flags.FLAGS.get_key_flags_for_module(main_module))
+    own += flags.FLAGS.get_key_flags_for_module(__name__)  # the shared flags defined through this module
     lines = [doc, "", "flags:"] if doc else ["flags:"]
     for flag in sorted(own, key=lambda f: f.name):
         default = "" if flag.default is None else f" (default: {flag.default_as_str})"

@@ -202,8 +202,8 @@ def test_demo_training_resumes_after_a_stop_to_the_same_weights(tmp_path):
     from jaxdissect import streaming
     from jaxdissect.pipelines import train_synthetic
 
-    settings = dict(num_train=64, num_test=16, steps=12, batch_size=16, widths=(4, 4, 4, 4), image_size=32)
-    _, straight, _ = train_synthetic.train(**settings, log=None, workdir=str(tmp_path / "a"), progress=False)
+    settings = dict(num_train=32, num_test=8, steps=12, batch_size=8, widths=(4, 4, 4, 4), image_size=32)
+    _, straight, _ = train_synthetic.train(**settings, log=None, progress=False)   # no checkpoints at all
     original_run_stream = streaming.run_stream
 
     def stop_after_five(step, state, batches, **kw):

@@ -46,6 +46,9 @@ _EXPORTS = {
     "apply_strokes": "jaxdissect.editing.strokes",
     "paint": "jaxdissect.editing.strokes",
     "erase": "jaxdissect.editing.strokes",
+    # The GANPaint-style painting app (python -m launch.ganpaint).
+    "build_painter": "jaxdissect.app",
+    "create_app": "jaxdissect.app",
 }
 
 __all__ = sorted(_EXPORTS) + ["editing", "interventions", "kernels"]

@@ -1,0 +1,59 @@
+r"""GANPaint-style painting app: paint and erase dissected concepts in generated images (and photos).
+
+With no ``--model`` it serves the embedded planted toy generator and its
+dissection (computed once, cached under ``~/.cache/jaxdissect``; nothing is
+downloaded)::
+
+  python -m launch.ganpaint --port=8080
+
+then open http://127.0.0.1:8080/. A converted ProGAN and its dissection::
+
+  python -m launch.ganpaint --model=models/proggan_church \
+      --dissection=results/progan-church-netpqc --layer=layer4 --port=8080
+
+The server binds 127.0.0.1; ``--host=0.0.0.0`` must be given to listen beyond
+this machine. The JSON API is described in :mod:`jaxdissect.app.server`
+and the README.
+"""
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module is free)."""
+    flags.DEFINE_string("model", None, "Converted generator directory; absent: the embedded toy generator.")
+    flags.DEFINE_string("dissection", None, "launch.dissect output directory for --model (required with it).")
+    flags.DEFINE_string("layer", None, "Layer the brushes edit (default layer4).")
+    flags.DEFINE_integer("num_images", 16, "Generated images offered (ids 0..N-1, the RandomState(1) latents).")
+    flags.DEFINE_string("cache_dir", None, "Where the embedded default's dissection is cached "
+                        "(default $JAXDISSECT_CACHE or ~/.cache/jaxdissect).")
+    flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on; give 0.0.0.0 explicitly to serve the network.")
+    flags.DEFINE_integer("port", 8080, "Port to listen on.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
+    import uvicorn
+
+    from jaxdissect.app import AppError, build_painter, create_app
+
+    try:
+        painter = build_painter(FLAGS.model, FLAGS.dissection, layer=FLAGS.layer, num_images=FLAGS.num_images,
+                                cache_dir=FLAGS.cache_dir)
+    except (AppError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"ganpaint: {len(painter.concepts())} brushes on {painter.layer}; open http://{FLAGS.host}:{FLAGS.port}/")
+    uvicorn.run(create_app(painter), host=FLAGS.host, port=FLAGS.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

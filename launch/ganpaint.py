@@ -18,7 +18,7 @@ and the README.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
@@ -28,6 +28,10 @@ def define_flags() -> None:
     flags.DEFINE_string("model", None, "Converted generator directory; absent: the embedded toy generator.")
     flags.DEFINE_string("dissection", None, "launch.dissect output directory for --model (required with it).")
     flags.DEFINE_string("layer", None, "Layer the brushes edit (default layer4).")
+    flags.DEFINE_string("encoder", None, "Converted inversion encoder dir (converters.proggan_encoder) to start "
+                        "photo inversions from; absent: the nearest served sample.")
+    flags.DEFINE_integer("invert_steps", 300, "Adam steps inverting an uploaded photo into the layer.")
+    flags.DEFINE_integer("adapt_steps", 200, "Adam steps adapting the generator to an uploaded photo.")
     flags.DEFINE_integer("num_images", 16, "Generated images offered (ids 0..N-1, the RandomState(1) latents).")
     flags.DEFINE_string("cache_dir", None, "Where the embedded default's dissection is cached "
                         "(default $JAXDISSECT_CACHE or ~/.cache/jaxdissect).")
@@ -41,13 +45,15 @@ def main(argv):
     from jaxdissect.models import set_cpu_xla_flags
 
     set_cpu_xla_flags()
+    logging.set_verbosity(logging.WARNING)  # the first run's dissection would log every orbax checkpoint
     import uvicorn
 
     from jaxdissect.app import AppError, build_painter, create_app
 
     try:
-        painter = build_painter(FLAGS.model, FLAGS.dissection, layer=FLAGS.layer, num_images=FLAGS.num_images,
-                                cache_dir=FLAGS.cache_dir)
+        painter = build_painter(FLAGS.model, FLAGS.dissection, layer=FLAGS.layer, encoder=FLAGS.encoder,
+                                num_images=FLAGS.num_images, cache_dir=FLAGS.cache_dir,
+                                invert_steps=FLAGS.invert_steps, adapt_steps=FLAGS.adapt_steps)
     except (AppError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"ganpaint: {len(painter.concepts())} brushes on {painter.layer}; open http://{FLAGS.host}:{FLAGS.port}/")

@@ -42,9 +42,8 @@ def _latent_size(module, metadata: dict) -> int:
     shape = (metadata.get("input") or {}).get("shape")
     if shape and len(shape) == 2 and isinstance(shape[1], int):
         return shape[1]
-    for attr in ("latent",):
-        if isinstance(getattr(module, attr, None), int):
-            return getattr(module, attr)
+    if isinstance(getattr(module, "latent", None), int):
+        return module.latent
     sizes = getattr(module, "sizes", None)
     if sizes:
         return int(sizes[0])
@@ -63,29 +62,30 @@ def mask_size_for(module, variables, layer: str, z: np.ndarray) -> tuple[int, in
         spatial = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
         raise AppError(f"--layer={layer}: not a spatial layer of this generator; choose one of {', '.join(spatial)}")
     _, h, w, _ = shapes[layer].shape
-    out = jax_output_shape(module, variables, z)
+    import jax
+
+    out = jax.eval_shape(lambda v, x: module.apply(v, x), variables, z[:1]).shape
     return min(4 * h, out[1]), min(4 * w, out[2])
 
 
-def jax_output_shape(module, variables, z) -> tuple[int, ...]:
-    import jax
-
-    return tuple(jax.eval_shape(lambda v, x: module.apply(v, x), variables, z[:1]).shape)
-
-
 def build_painter(model: str | None = None, dissection: str | None = None, *, layer: str | None = None,
-                  num_images: int = DEFAULT_NUM_IMAGES, cache_dir: str | None = None, seed: int = 1,
-                  invert=None) -> Painter:
+                  encoder: str | None = None, num_images: int = DEFAULT_NUM_IMAGES, cache_dir: str | None = None,
+                  seed: int = 1, invert_steps: int = 300, adapt_steps: int = 200) -> Painter:
     """A :class:`Painter` for a converted generator dir + its ``launch.dissect`` output (or the embedded toy).
 
     Image id ``k`` is row ``k`` of the ``RandomState(seed)`` latents, as in the
-    original. ``invert`` overrides the photo inversion (default: the editing
-    module's invert + adapt when available).
+    original. Uploaded photos are inverted (``invert_steps``, starting from the
+    converted ``encoder`` dir's estimate, or else the nearest served sample) and
+    the generator adapted to them (``adapt_steps``); generators other than the
+    toy and ProGAN (whose adapted layers are not known) get no uploads.
     """
     from jaxdissect.editing import Brushes
 
     if num_images < 1:
         raise AppError(f"--num_images={num_images}: serve at least one image")
+    if invert_steps < 1 or adapt_steps < 0:
+        raise AppError(f"--invert_steps={invert_steps}, --adapt_steps={adapt_steps}: give at least 1 inversion "
+                       "step and 0 or more adaptation steps")
     if model is None:
         from jaxdissect.models import toy_generator as toy
 
@@ -96,6 +96,7 @@ def build_painter(model: str | None = None, dissection: str | None = None, *, la
         dissection = toy_dissection(cache_dir)
         z = toy.sample_z(num_images, seed)
         strength = "low"  # 4 of the layer's 16 units: the planted red, green or blue ones
+        adapt_layers = toy.ADAPT_LAYERS
     else:
         from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
         from jaxdissect.data.latents import standard_z_sample
@@ -113,22 +114,79 @@ def build_painter(model: str | None = None, dissection: str | None = None, *, la
             raise AppError(f"--model={model}: {e}") from None
         layer = layer or "layer4"
         strength = "high"
+        adapt_layers = None
+        if type(module).__name__ == "ProgressiveGenerator":
+            from jaxdissect.editing.adaptation import PROGGAN_ADAPT_LAYERS as adapt_layers
         z = standard_z_sample(num_images, _latent_size(module, metadata), seed=seed)
     if not os.path.isdir(os.path.join(dissection, layer)):
         raise AppError(f"--dissection={dissection}: no dissection of {layer!r} there; run python -m launch.dissect "
                        f"--model=... --layers={layer} --output_dir={dissection}")
     brushes = Brushes.from_dissection(dissection, layer)
+    encoder_model = None
+    if encoder is not None:
+        from jaxdissect.checkpoint import CheckpointError, load_model
+
+        if not os.path.isdir(encoder):
+            raise AppError(f"--encoder={encoder}: no such directory; convert the ganseeing encoder with "
+                           f"python -m converters.proggan_encoder --input=church_invert_hybrid_cse-43e52428.pth "
+                           f"--output={encoder}")
+        try:
+            encoder_model = load_model(encoder)
+        except CheckpointError as e:
+            raise AppError(f"--encoder={encoder}: {e}") from None
+    from jaxdissect import editing
+
+    invert = None
+    if adapt_layers is not None and hasattr(editing, "invert") and hasattr(editing, "adapt"):
+        invert = PhotoInversion(module, variables, layer, z, adapt_layers=adapt_layers, encoder=encoder_model,
+                                invert_steps=invert_steps, adapt_steps=adapt_steps)
+    elif encoder is not None:
+        raise AppError(f"--encoder: photo uploads need a ProGAN or the toy generator, not {type(module).__name__}")
     return Painter(module, variables, layer, brushes, z, mask_size=mask_size_for(module, variables, layer, z),
-                   default_strength=strength,
-                   invert=invert if invert is not None else default_invert(module, variables, layer))
+                   default_strength=strength, invert=invert)
 
 
-def default_invert(module, variables, layer):
-    """The photo inversion the app uses: ``jaxdissect.editing.invert`` then ``adapt``; None if unavailable."""
-    try:
-        from jaxdissect import editing
-    except ImportError:
-        return None
-    if not (hasattr(editing, "invert") and hasattr(editing, "adapt")):
-        return None
-    return None  # wired to editing.invert/adapt once their signatures are settled
+class PhotoInversion:
+    """The app's photo inversion: ``jaxdissect.editing.invert`` into the edit layer, then ``adapt``.
+
+    Called by the painter's worker as ``(image [1, R, R, 3], report(fraction)) -> (representation, adaptation)``;
+    the two optimisations' progress bars are heard through ``jaxdissect.progress.listen`` and reported as one
+    fraction, weighted by their step counts. The starting latent is the encoder's estimate when an
+    ``encoder`` ``(module, variables)`` is given, else the served sample whose image is nearest the photo (L1).
+    """
+
+    def __init__(self, module, variables, layer: str, z: np.ndarray, *, adapt_layers, encoder=None,
+                 invert_steps: int = 300, adapt_steps: int = 200):
+        import jax
+
+        self.module, self.variables, self.layer, self.z = module, variables, layer, z
+        self.adapt_layers, self.encoder = tuple(adapt_layers), encoder
+        self.invert_steps, self.adapt_steps = int(invert_steps), int(adapt_steps)
+        self._images = jax.jit(lambda v, x: module.apply(v, x))
+
+    def start(self, image: np.ndarray):
+        """``(z [1, D] or None, encoder or None)``: where the inversion starts."""
+        if self.encoder is not None:
+            return None, self.encoder
+        samples = np.asarray(self._images(self.variables, self.z))
+        best = int(np.argmin(np.abs(samples - image).mean(axis=(1, 2, 3))))
+        return self.z[best:best + 1], None
+
+    def __call__(self, image: np.ndarray, report):
+        from jaxdissect import editing, progress
+
+        total = max(self.invert_steps + self.adapt_steps, 1)
+        offset = [0]
+
+        def heard(desc, done, steps):
+            if steps:
+                report((offset[0] + done) / total)
+
+        z, encoder = self.start(image)
+        with progress.listen(heard):
+            inverted = editing.invert(self.module, self.variables, image, z=z, encoder=encoder, layer=self.layer,
+                                      steps=self.invert_steps, progress=False)
+            offset[0] = self.invert_steps
+            adaptation = editing.adapt(self.module, self.variables, inverted.representation, image, layer=self.layer,
+                                       adapt_layers=self.adapt_layers, steps=self.adapt_steps, progress=False)
+        return inverted.representation, adaptation

@@ -31,7 +31,7 @@ def define_flags() -> None:
     flags.DEFINE_string("encoder", None, "Converted inversion encoder dir (converters.proggan_encoder) to start "
                         "photo inversions from; absent: the nearest served sample.")
     flags.DEFINE_integer("invert_steps", 300, "Adam steps inverting an uploaded photo into the layer.")
-    flags.DEFINE_integer("adapt_steps", 200, "Adam steps adapting the generator to an uploaded photo.")
+    flags.DEFINE_integer("adapt_steps", 100, "Adam steps adapting the generator to an uploaded photo (0: none).")
     flags.DEFINE_integer("num_images", 16, "Generated images offered (ids 0..N-1, the RandomState(1) latents).")
     flags.DEFINE_string("cache_dir", None, "Where the embedded default's dissection is cached "
                         "(default $JAXDISSECT_CACHE or ~/.cache/jaxdissect).")

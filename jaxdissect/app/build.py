@@ -70,7 +70,7 @@ def mask_size_for(module, variables, layer: str, z: np.ndarray) -> tuple[int, in
 
 def build_painter(model: str | None = None, dissection: str | None = None, *, layer: str | None = None,
                   encoder: str | None = None, num_images: int = DEFAULT_NUM_IMAGES, cache_dir: str | None = None,
-                  seed: int = 1, invert_steps: int = 300, adapt_steps: int = 200) -> Painter:
+                  seed: int = 1, invert_steps: int = 300, adapt_steps: int = 100) -> Painter:
     """A :class:`Painter` for a converted generator dir + its ``launch.dissect`` output (or the embedded toy).
 
     Image id ``k`` is row ``k`` of the ``RandomState(seed)`` latents, as in the
@@ -153,10 +153,11 @@ class PhotoInversion:
     the two optimisations' progress bars are heard through ``jaxdissect.progress.listen`` and reported as one
     fraction, weighted by their step counts. The starting latent is the encoder's estimate when an
     ``encoder`` ``(module, variables)`` is given, else the served sample whose image is nearest the photo (L1).
+    ``adapt_steps=0`` skips the adaptation (the edit then renders through the plain generator).
     """
 
     def __init__(self, module, variables, layer: str, z: np.ndarray, *, adapt_layers, encoder=None,
-                 invert_steps: int = 300, adapt_steps: int = 200):
+                 invert_steps: int = 300, adapt_steps: int = 100):
         import jax
 
         self.module, self.variables, self.layer, self.z = module, variables, layer, z
@@ -185,8 +186,16 @@ class PhotoInversion:
         z, encoder = self.start(image)
         with progress.listen(heard):
             inverted = editing.invert(self.module, self.variables, image, z=z, encoder=encoder, layer=self.layer,
-                                      steps=self.invert_steps, progress=False)
+                                      steps=self.invert_steps, chunk=_chunk(self.invert_steps), progress=False)
             offset[0] = self.invert_steps
-            adaptation = editing.adapt(self.module, self.variables, inverted.representation, image, layer=self.layer,
-                                       adapt_layers=self.adapt_layers, steps=self.adapt_steps, progress=False)
+            adaptation = None
+            if self.adapt_steps:
+                adaptation = editing.adapt(self.module, self.variables, inverted.representation, image,
+                                           layer=self.layer, adapt_layers=self.adapt_layers, steps=self.adapt_steps,
+                                           chunk=_chunk(self.adapt_steps), progress=False)
         return inverted.representation, adaptation
+
+
+def _chunk(steps: int) -> int:
+    """Steps per jitted call: about 20 progress reports per optimisation, one compile when it divides evenly."""
+    return max(1, steps // 20)

@@ -162,10 +162,13 @@ class Painter:
             if not strokes and adaptation is None and np.ndim(x) == 2:
                 out = self._generate(self.variables, x)
             else:
-                from jaxdissect.editing import apply_strokes
+                from jaxdissect.editing import EditError, apply_strokes
 
-                out = apply_strokes(self.module, self.variables, x, list(strokes), self.brushes,
-                                    layer=self.layer, pool=self.pool, adaptation=adaptation)
+                try:
+                    out = apply_strokes(self.module, self.variables, x, list(strokes), self.brushes,
+                                        layer=self.layer, pool=self.pool, adaptation=adaptation)
+                except EditError as e:
+                    raise ApiError(422, str(e).splitlines()[0]) from None
             return render(jax.device_get(out))[0]
 
     # ----- uploads ----------------------------------------------------------------------------
@@ -215,4 +218,5 @@ class Painter:
                 job.reconstruction = self.generate(latent, [], adaptation)
                 job.progress, job.status = 1.0, "done"
             except Exception as e:  # the worker reports every failure to the client, then continues
-                job.status, job.message = "error", f"inversion failed: {type(e).__name__}: {e}"
+                first = (str(e).splitlines() or [""])[0][:300]
+                job.status, job.message = "error", f"inversion failed: {type(e).__name__}: {first}"

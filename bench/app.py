@@ -128,9 +128,10 @@ def progan_painter():
 
 def run_gpu(edits: int = 30, stroke_counts=(1, 4)) -> dict:
     """Edit latency through the API with a ProGAN-sized generator on the default JAX device (a GPU)."""
+    load0 = os.getloadavg()[0]
     painter = progan_painter()
     rows = measure(painter, edits, stroke_counts)
-    return {"rows": rows, "load": (os.getloadavg()[0],) * 2, "edits": edits,
+    return {"rows": rows, "load": (load0, os.getloadavg()[0]), "edits": edits,
             "device": str(jax.devices()[0].device_kind), "image": painter.resolution, "units": painter.num_units}
 
 
@@ -138,8 +139,10 @@ def report(r: dict, section: str, what: str) -> str:
     lines = [
         section, "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {r['device']}, jax {jax.__version__}; "
-        f"load average {r['load'][0]:.1f} at the start, {r['load'][1]:.1f} at the end "
-        "(the machine was shared with other jobs, so wall times are noisy; the ratio less so). "
+        f"load average {r['load'][0]:.1f} at the start, {r['load'][1]:.1f} at the end"
+        + (" (the machine was shared with other jobs, so wall times are noisy; the ratio less so). "
+           if r["load"][0] > (os.cpu_count() or 1) / 2 else ". ")
+        +
         f"{what}, {r['image']}x{r['image']} images, {r['units']} units at the edited layer; {r['edits']} edits "
         "per row, API and direct calls alternating after a warm-up (compile) call; median and fastest "
         "(interference from other jobs only adds time).",

@@ -57,7 +57,9 @@ def main(argv):
     except (AppError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"ganpaint: {len(painter.concepts())} brushes on {painter.layer}; open http://{FLAGS.host}:{FLAGS.port}/")
-    uvicorn.run(create_app(painter), host=FLAGS.host, port=FLAGS.port, log_level="warning")
+    local = FLAGS.host in ("127.0.0.1", "localhost", "::1")
+    hosts = ["127.0.0.1", "localhost", "[::1]"] if local else None  # no DNS rebinding onto a local server
+    uvicorn.run(create_app(painter, allowed_hosts=hosts), host=FLAGS.host, port=FLAGS.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,12 @@ async def _json_body(request: Request, limit: int = MAX_JSON_BYTES) -> dict:
     return body
 
 
-def create_app(painter, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Starlette:
-    """The ASGI app serving ``painter``; run it with uvicorn on 127.0.0.1 (see ``launch.ganpaint``)."""
+def create_app(painter, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, allowed_hosts=None) -> Starlette:
+    """The ASGI app serving ``painter``; run it with uvicorn on 127.0.0.1 (see ``launch.ganpaint``).
+
+    ``allowed_hosts``: Host header values accepted (others get a 400), which keeps a web page from
+    reaching a localhost server through DNS rebinding; None accepts any.
+    """
 
     async def page(request):
         return Response(_static("index.html"), media_type=_STATIC["index.html"],
@@ -154,8 +158,14 @@ def create_app(painter, *, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Starlett
         Route("/api/upload", upload, methods=["POST"]),
         Route("/api/upload/{uid}", upload_status),
     ]
-    return Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
-                                                        Exception: server_error})
+    middleware = []
+    if allowed_hosts is not None:
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
 
 
 __all__ = ["create_app", "MAX_UPLOAD_BYTES"]

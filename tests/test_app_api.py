@@ -304,3 +304,125 @@ def test_two_sessions_do_not_mix(painter):
         for got in results[k]:
             np.testing.assert_array_equal(got, expected[k])
     assert not np.array_equal(expected["a"], expected["b"])
+
+
+def test_real_photo_inversion_and_edit(client, painter):
+    """The app's inversion (editing.invert) of a photo no sample matches: progress, a better fit, edits."""
+    from jaxdissect import editing
+    from jaxdissect.app.build import PhotoInversion
+    from jaxdissect.models import toy_generator as toy
+
+    module, variables = toy.toy_generator()
+    photo = to_uint8(module.apply(variables, toy.sample_z(6, seed=1)[2:3]))[0, :, ::-1]  # mirrored sample
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(photo)).save(buf, format="PNG")
+    saved = painter.invert_fn
+    painter.invert_fn = PhotoInversion(module, variables, "layer4", painter.z, adapt_layers=toy.ADAPT_LAYERS,
+                                       invert_steps=40, adapt_steps=0)
+    try:
+        r = client.post("/api/upload", content=buf.getvalue(), headers={"content-type": "image/png"})
+        assert r.status_code == 202, r.text
+        job, seen = wait_done(client, r.json()["id"], timeout=300)
+    finally:
+        painter.invert_fn = saved
+    assert job["status"] == "done", job["message"]
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    target = photo.astype(float)
+    errors = [np.abs(to_uint8(module.apply(variables, painter.z[i:i + 1]))[0] - target).mean()
+              for i in range(len(painter.z))]
+    assert np.abs(decode(job["image"]) - target).mean() < 0.8 * min(errors)  # better than the best start
+    upload = painter.uploads[job["id"]]
+    assert upload.latent.shape == (1, 8, 8, 16) and upload.adaptation is None
+    mask = block_mask((32, 32), 8, 24, 8, 24)
+    r = client.post("/api/generate", json={"upload": job["id"], "strokes": [{"concept": "green", "mask": mask_url(mask)}]})
+    direct = editing.apply_strokes(module, variables, upload.latent, [editing.Stroke("green", mask, strength=4)],
+                                   painter.brushes, layer="layer4")
+    np.testing.assert_array_equal(decode(r.json()["image"]), to_uint8(direct)[0])
+
+
+def test_adapt_called_with_its_signature(monkeypatch, painter):
+    """PhotoInversion's call of editing.adapt binds to adapt's real signature, and its result is what edits use."""
+    import inspect
+
+    from jaxdissect import editing
+    from jaxdissect.app.build import PhotoInversion
+    from jaxdissect.models import toy_generator as toy
+
+    calls = []
+    real = inspect.signature(editing.adapt)
+
+    def fake_adapt(*args, **kwargs):
+        calls.append(real.bind(*args, **kwargs).arguments)
+        return "adapted"
+
+    monkeypatch.setattr(editing, "adapt", fake_adapt)
+    inv = PhotoInversion(painter.module, painter.variables, "layer4", painter.z, adapt_layers=toy.ADAPT_LAYERS,
+                         invert_steps=40, adapt_steps=3)  # 40: the chunk size compiled above
+    reports = []
+    image = to_uint8(painter.module.apply(painter.variables, painter.z[:1])).astype(np.float32) / 127.5 - 1
+    representation, adaptation = inv(image, reports.append)
+    assert adaptation == "adapted" and representation.shape == (1, 8, 8, 16)
+    (args,) = calls
+    assert args["adapt_layers"] == toy.ADAPT_LAYERS and args["steps"] == 3 and args["layer"] == "layer4"
+    assert reports[-1] == 40 / 43  # the adaptation's own reports were faked away
+
+
+class FakeAdaptation:
+    """Stands in for editing.adapt's result: multiplicative maps on the toy's adapted layers."""
+
+    def __init__(self):
+        rng = np.random.RandomState(0)
+        self.maps = {"layer6": rng.uniform(-0.3, 0.3, (1, 16, 16, 16)).astype(np.float32),
+                     "layer8": rng.uniform(-0.3, 0.3, (1, 32, 32, 16)).astype(np.float32)}
+
+
+def test_adapted_upload_edits_equal_direct_call(client, painter):
+    """An upload's adaptation reaches apply_strokes: API reconstruction and edit equal the direct calls."""
+    from jaxdissect import editing
+    from jaxdissect.layers import capture
+
+    _, acts = capture(painter.module, painter.variables, painter.z[4:5], ["layer4"])
+    adaptation = FakeAdaptation()
+    saved = painter.invert_fn
+    painter.invert_fn = lambda image, progress: (np.asarray(acts["layer4"]), adaptation)
+    try:
+        r = client.post("/api/upload", content=photo_bytes(), headers={"content-type": "image/png"})
+        job, _ = wait_done(client, r.json()["id"])
+    finally:
+        painter.invert_fn = saved
+    rec = editing.apply_strokes(painter.module, painter.variables, acts["layer4"], [], painter.brushes,
+                                layer="layer4", adaptation=adaptation)
+    np.testing.assert_array_equal(decode(job["image"]), to_uint8(rec)[0])
+    plain = to_uint8(painter.module.apply(painter.variables, painter.z[4:5]))[0]
+    assert not np.array_equal(decode(job["image"]), plain)
+    mask = block_mask((32, 32), 0, 16, 16, 32)
+    r = client.post("/api/generate", json={"upload": job["id"], "strokes": [
+        {"concept": "red", "mask": mask_url(mask), "erase": True}]})
+    direct = editing.apply_strokes(painter.module, painter.variables, acts["layer4"],
+                                   [editing.Stroke("red", mask, erase=True, strength=4)], painter.brushes,
+                                   layer="layer4", adaptation=adaptation)
+    np.testing.assert_array_equal(decode(r.json()["image"]), to_uint8(direct)[0])
+
+
+def test_failed_inversion_is_reported_and_the_worker_goes_on(client, painter):
+    def broken(image, progress):
+        progress(0.5)
+        raise RuntimeError("diverged\nsecond line")
+
+    saved = painter.invert_fn
+    painter.invert_fn = broken
+    try:
+        r = client.post("/api/upload", content=photo_bytes(), headers={"content-type": "image/png"})
+        job, _ = wait_done(client, r.json()["id"])
+    finally:
+        painter.invert_fn = saved
+    assert job["status"] == "error" and job["message"] == "inversion failed: RuntimeError: diverged"
+    check_error(client.post("/api/generate", json={"upload": job["id"]}), 409, "error")
+    r = client.post("/api/upload", content=photo_bytes(), headers={"content-type": "image/png"})
+    assert wait_done(client, r.json()["id"])[0]["status"] == "done"
+
+
+def test_allowed_hosts_refuse_other_host_headers(painter):
+    with TestClient(create_app(painter, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1") as c:
+        assert c.get("/api/images").status_code == 200
+        assert c.get("/api/images", headers={"host": "evil.example:8080"}).status_code == 400

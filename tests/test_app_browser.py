@@ -51,14 +51,7 @@ def server(tmp_path_factory):
 
     from jaxdissect.app import build_painter, create_app
 
-    painter = build_painter(cache_dir=shared_cache(tmp_path_factory), num_images=4)
-    if painter.invert_fn is None:  # the test needs an inversion; stand in with a fixed latent
-        def invert(image, progress):
-            for i in range(4):
-                time.sleep(0.05)
-                progress((i + 1) / 4)
-            return painter.z[3:4], None
-        painter.invert_fn = invert
+    painter = build_painter(cache_dir=shared_cache(tmp_path_factory), num_images=4, invert_steps=20, adapt_steps=0)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(painter), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -175,6 +175,10 @@ def main(argv):
 
         set_cpu_xla_flags()
         body = report(run_cpu(FLAGS.edits, counts), SECTION, "Embedded default (planted toy generator)")
+        body += ("\nThe API adds JSON and PNG decoding, validation and PNG encoding to the jitted edit. GPU: "
+                 "`python -m bench.app --gpu` (or `run_gpu` from bench/gpu.py) times a ProGAN of the LSUN "
+                 "layout (256x256, random weights) the same way, goal under 100 ms per edit; no GPU was lent "
+                 "to this task, so there is no GPU figure yet.\n")
         section = SECTION
     print(body)
     if FLAGS.results:

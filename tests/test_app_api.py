@@ -148,6 +148,25 @@ def test_edit_equals_editing_called_directly(client, painter):
     assert changed[4:12, 16:28].mean() > 0.5 and not changed[20:, :10].any()
 
 
+def test_padded_stacks_equal_the_direct_call(client, painter):
+    """Stacks of 3 and 5 strokes (padded to 4 and 8 by the server) give the unpadded direct call's pixels."""
+    from jaxdissect import editing
+
+    rng = np.random.RandomState(3)
+    masks = [rng.uniform(0, 1, (32, 32)).astype(np.float32) * (rng.uniform(0, 1, (32, 32)) < 0.3) for _ in range(5)]
+    concepts = ["red", "green", "blue", "green", "red"]
+    for n in (3, 5):
+        body = {"image": 3, "strokes": [{"concept": c, "mask": m.tolist(), "erase": i == 1, "strength": 4}
+                                        for i, (c, m) in enumerate(zip(concepts[:n], masks))]}
+        got = decode(client.post("/api/generate", json=body).json()["image"])
+        direct = editing.apply_strokes(painter.module, painter.variables, painter.z[3:4],
+                                       [editing.Stroke(c, m, erase=i == 1, strength=4)
+                                        for i, (c, m) in enumerate(zip(concepts[:n], masks))],
+                                       painter.brushes, layer="layer4")
+        np.testing.assert_array_equal(got, to_uint8(direct)[0])
+    assert [len(painter.padded([None] * k)) for k in (0, 1, 2, 3, 5, 9, 64)] == [0, 1, 2, 4, 8, 16, 64]
+
+
 @pytest.mark.parametrize("body,status,words", [
     ({"image": 99}, 404, ["unknown image id 99"]),
     ({"image": -1}, 404, ["unknown image id"]),

@@ -153,6 +153,23 @@ class Painter:
         return job.latent, job.adaptation
 
     # ----- generation -------------------------------------------------------------------------
+    def padded(self, strokes: Sequence) -> list:
+        """``strokes`` led by empty strokes up to the next of 1, 2, 4, ... strokes.
+
+        ``apply_strokes`` compiles once per stroke count; padding bounds the compiles to
+        log2(MAX_STROKES) + 1 instead of one per new stroke while a user paints (seconds each
+        for a ProGAN). Leading empty strokes keep the composition's accumulators exactly zero,
+        so the image is the same as without them.
+        """
+        from jaxdissect.editing import Stroke
+
+        strokes = list(strokes)
+        if not strokes:
+            return strokes
+        size = 1 << (len(strokes) - 1).bit_length()
+        empty = Stroke(self.concepts()[0], np.zeros(self.mask_size, np.float32), strength=1)
+        return [empty] * (size - len(strokes)) + strokes
+
     def generate(self, x, strokes: Sequence, adaptation=None) -> np.ndarray:
         """uint8 ``[R, R, 3]``: the plain generator output for latents, else ``apply_strokes``.
 
@@ -165,7 +182,7 @@ class Painter:
                 from jaxdissect.editing import EditError, apply_strokes
 
                 try:
-                    out = apply_strokes(self.module, self.variables, x, list(strokes), self.brushes,
+                    out = apply_strokes(self.module, self.variables, x, self.padded(strokes), self.brushes,
                                         layer=self.layer, pool=self.pool, adaptation=adaptation)
                 except EditError as e:
                     raise ApiError(422, str(e).splitlines()[0]) from None

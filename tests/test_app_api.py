@@ -10,7 +10,6 @@ import io
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -244,7 +243,8 @@ def test_upload_progress_and_edit(client, painter):
     job, seen = wait_done(client, uid)
     assert job["status"] == "done" and job["progress"] == 1.0 and seen == sorted(seen)
     # The fake inversion returns image 5's latent, so the reconstruction and edits equal image 5's.
-    np.testing.assert_array_equal(decode(job["image"]), decode(client.post("/api/generate", json={"image": 5}).json()["image"]))
+    sample = client.post("/api/generate", json={"image": 5}).json()["image"]
+    np.testing.assert_array_equal(decode(job["image"]), decode(sample))
     stroke = [{"concept": "blue", "mask": mask_url(block_mask((32, 32), 0, 16, 0, 16))}]
     a = client.post("/api/generate", json={"upload": uid, "strokes": stroke}).json()["image"]
     b = client.post("/api/generate", json={"image": 5, "strokes": stroke}).json()["image"]
@@ -307,7 +307,8 @@ def test_two_sessions_do_not_mix(painter):
         try:
             with TestClient(create_app(painter)) as c:
                 for _ in range(4):
-                    r = c.post("/api/generate", json={"image": i, "strokes": [{"concept": concept, "mask": mask_url(mask)}]})
+                    stroke = {"concept": concept, "mask": mask_url(mask)}
+                    r = c.post("/api/generate", json={"image": i, "strokes": [stroke]})
                     results[key].append(decode(r.json()["image"]))
         except Exception as e:  # reported below
             errors.append(e)
@@ -353,7 +354,8 @@ def test_real_photo_inversion_and_edit(client, painter):
     upload = painter.uploads[job["id"]]
     assert upload.latent.shape == (1, 8, 8, 16) and upload.adaptation is None
     mask = block_mask((32, 32), 8, 24, 8, 24)
-    r = client.post("/api/generate", json={"upload": job["id"], "strokes": [{"concept": "green", "mask": mask_url(mask)}]})
+    stroke = {"concept": "green", "mask": mask_url(mask)}
+    r = client.post("/api/generate", json={"upload": job["id"], "strokes": [stroke]})
     direct = editing.apply_strokes(module, variables, upload.latent, [editing.Stroke("green", mask, strength=4)],
                                    painter.brushes, layer="layer4")
     np.testing.assert_array_equal(decode(r.json()["image"]), to_uint8(direct)[0])

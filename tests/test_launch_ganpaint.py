@@ -1,4 +1,4 @@
-"""``python -m launch.ganpaint``: the one-command embedded default serves the page on localhost; bad flags fail in one line."""
+"""``python -m launch.ganpaint``: the embedded default serves the page on localhost; bad flags fail in one line."""
 
 import json
 import os

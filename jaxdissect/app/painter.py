@@ -66,7 +66,8 @@ class Painter:
     """
 
     def __init__(self, module, variables, layer: str, brushes, z: np.ndarray, *, mask_size: tuple[int, int],
-                 invert=None, pool: str = "max", default_strength: str = "high", max_uploads: int = 32, max_pending: int = 4):
+                 invert=None, pool: str = "max", default_strength: str = "high", max_uploads: int = 32,
+                 max_pending: int = 4):
         self.module, self.variables, self.layer, self.brushes = module, variables, layer, brushes
         self.z = np.asarray(z, np.float32)
         self.mask_size = tuple(int(s) for s in mask_size)

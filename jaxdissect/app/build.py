@@ -34,7 +34,9 @@ def toy_dissection(cache_dir: str | None = None) -> str:
 
     directory = os.path.join(cache_dir or default_cache_dir(), "ganpaint-toy-dissection")
     if not os.path.exists(os.path.join(directory, toy.EDIT_LAYER, "arrays.npz")):
-        toy.dissect_toy(directory, toy.EDIT_LAYER)
+        from jaxdissect import progress
+
+        toy.dissect_toy(directory, toy.EDIT_LAYER, progress=progress.enabled())
     return directory
 
 

@@ -214,7 +214,7 @@
       if (!state.info.uploads) $("upload-label").hidden = true;
       const ids = (await api("/api/images")).images;
       let first = null;
-      for (const id of ids.slice(0, 12)) {
+      for (const id of ids) {
         const source = {image: id};
         const reply = await api("/api/generate", Object.assign({strokes: []}, source));
         const thumb = addThumb(source, reply.image, `image ${id}`);

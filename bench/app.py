@@ -10,7 +10,7 @@ same loop, ``jaxdissect.editing.apply_strokes`` is called directly with the
 same strokes, so the API's overhead is a ratio measured under the same load.
 
 CPU: the embedded default (the toy generator, 32x32 images). GPU
-(:func:`run_gpu`, ``--gpu``, or ``bench/gpu.py``'s registry): a ProGAN of the
+(:func:`run_gpu`, ``--gpu``, or :func:`gpu_section` for ``bench/gpu.py``'s registry): a ProGAN of the
 LSUN layout (256x256, 512 units at layer4) with random weights and random
 brushes, since no weights may be downloaded; the goal there is an
 interactive edit, under 100 ms. Figures go to the
@@ -110,29 +110,55 @@ def run_cpu(edits: int, stroke_counts) -> dict:
             "image": painter.resolution, "units": painter.num_units}
 
 
-def progan_painter():
-    """A ProGAN of the LSUN layout with random weights and random brushes (3 concepts) at layer4."""
+def progan_painter(sizes=None, dtype=None):
+    """A ProGAN (default: the LSUN layout) with random weights and random brushes (3 concepts) at layer4."""
+    import jax.numpy as jnp
+
     from jaxdissect.app import Painter
     from jaxdissect.editing import Brushes
-    from jaxdissect.models.proggan import ProgressiveGenerator
+    from jaxdissect.models.proggan import LSUN_SIZES, ProgressiveGenerator
 
-    module = ProgressiveGenerator()
-    z = np.random.RandomState(1).standard_normal((1, 512)).astype(np.float32)
+    sizes = tuple(sizes or LSUN_SIZES)
+    module = ProgressiveGenerator(sizes=sizes, dtype=dtype or jnp.float32)
+    z = np.random.RandomState(1).standard_normal((1, sizes[0])).astype(np.float32)
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(module.init, jax.random.key(0), z)
     variables = jax.device_put(jax.tree.map(lambda a: rng.standard_normal(a.shape, np.float32) * 0.05, shapes))
-    brushes = Brushes(layer="layer4", label_names=("-", "tree", "door", "dome"), iou=rng.random((512, 4)),
-                      levels=rng.random(512).astype(np.float32) * 5)
+    units = sizes[2]  # layer4 is the second block at the second width
+    brushes = Brushes(layer="layer4", label_names=("-", "tree", "door", "dome"), iou=rng.random((units, 4)),
+                      levels=rng.random(units).astype(np.float32) * 5)
     return Painter(module, variables, "layer4", brushes, z, mask_size=(32, 32))
 
 
-def run_gpu(edits: int = 30, stroke_counts=(1, 4)) -> dict:
+def run_gpu(edits: int = 30, stroke_counts=(1, 4), sizes=None, dtype=None) -> dict:
     """Edit latency through the API with a ProGAN-sized generator on the default JAX device (a GPU)."""
     load0 = os.getloadavg()[0]
-    painter = progan_painter()
+    painter = progan_painter(sizes, dtype)
     rows = measure(painter, edits, stroke_counts)
     return {"rows": rows, "load": (load0, os.getloadavg()[0]), "edits": edits,
             "device": str(jax.devices()[0].device_kind), "image": painter.resolution, "units": painter.num_units}
+
+
+def gpu_section(ctx) -> list[dict]:
+    """Rows for bench/gpu.py's section registry (``section("ganpaint_edit")(gpu_section)``).
+
+    ``ctx``: its Context (``smoke``, ``jnp_dtype()``, ``n(full, smoke)``). Full size: the LSUN ProGAN at
+    256x256; smoke: a small ProGAN, any backend.
+    """
+    import jax.numpy as jnp
+
+    if ctx.jnp_dtype() != jnp.float32:  # apply_strokes' composition is float32; a bf16 layer then mismatches
+        return [{"what": "GANPaint edit: measured in float32 only", "value": float("nan"), "unit": "", "goal": ""}]
+    sizes = None if not ctx.smoke else (512, 32, 32, 16, 16, 8)
+    r = run_gpu(ctx.n(30, 2), (1, 4), sizes=sizes)
+    rows = []
+    for n, row in r["rows"].items():
+        rows.append({"what": f"GANPaint edit through the API, {n} stroke(s), {r['image']}x{r['image']}, "
+                             "request to decoded image (median)", "value": row["api"], "unit": "ms",
+                     "goal": "under 100 ms" if not ctx.smoke else ""})
+        rows.append({"what": "  same, apply_strokes direct (median)", "value": row["direct"], "unit": "ms",
+                     "goal": ""})
+    return rows
 
 
 def report(r: dict, section: str, what: str) -> str:
@@ -176,7 +202,7 @@ def main(argv):
         set_cpu_xla_flags()
         body = report(run_cpu(FLAGS.edits, counts), SECTION, "Embedded default (planted toy generator)")
         body += ("\nThe API adds JSON and PNG decoding, validation and PNG encoding to the jitted edit. GPU: "
-                 "`python -m bench.app --gpu` (or `run_gpu` from bench/gpu.py) times a ProGAN of the LSUN "
+                 "`python -m bench.app --gpu` (or `gpu_section` in bench/gpu.py) times a ProGAN of the LSUN "
                  "layout (256x256, random weights) the same way, goal under 100 ms per edit; no GPU was lent "
                  "to this task, so there is no GPU figure yet.\n")
         section = SECTION

@@ -59,8 +59,9 @@ class Painter:
     (for ProGAN the original's ``RandomState(1)`` rows). ``mask_size``: the
     stroke grid ``(H, W)`` a client draws on (the original: 32x32 for an 8x8
     layer), pooled to the layer by the editing code. ``invert``: a function
-    ``(image [1, R, R, 3], progress(fraction)) -> (latent [1, D], adaptation)``
-    for uploaded photos, or None when photos are not supported. ``default_strength``: the
+    ``(image [1, R, R, 3], progress(fraction)) -> (x, adaptation)`` for uploaded photos
+    (``x``: latents ``[1, D]`` or the layer's representation ``[1, h, w, U]``; ``adaptation``:
+    ``jaxdissect.editing.adapt``'s result or None), or None when photos are not supported. ``default_strength``: the
     strength a stroke without one gets and the page preselects (GANPaint: high = 15 units; a
     layer with few units, like the toy's 16, wants low).
     """

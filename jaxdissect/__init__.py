@@ -40,13 +40,22 @@ _EXPORTS = {
     "ImageFolder": "jaxdissect.data.folders",
     "LatentSource": "jaxdissect.data.folders",
     "SyntheticScenes": "jaxdissect.data.synthetic",
+    # Semantic photo editing with a GAN prior (GANPaint).
+    "Brushes": "jaxdissect.editing.strokes",
+    "Stroke": "jaxdissect.editing.strokes",
+    "apply_strokes": "jaxdissect.editing.strokes",
+    "paint": "jaxdissect.editing.strokes",
+    "erase": "jaxdissect.editing.strokes",
+    # The GANPaint-style painting app (python -m launch.ganpaint).
+    "build_painter": "jaxdissect.app",
+    "create_app": "jaxdissect.app",
 }
 
-__all__ = sorted(_EXPORTS) + ["interventions", "kernels"]
+__all__ = sorted(_EXPORTS) + ["editing", "interventions", "kernels"]
 
 
 def __getattr__(name):
-    if name in ("interventions", "kernels"):
+    if name in ("editing", "interventions", "kernels"):
         return importlib.import_module(f"jaxdissect.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -3,6 +3,10 @@
 * :class:`VGG16` (VGG16-Places365, spec 1.3): captured layers ``conv1_1`` ...
   ``conv5_3`` are POST-ReLU (what the original's aliased retained tensors
   held), also ``pool1..5``, ``avgpool``, ``fc6``/``fc7`` (post-ReLU), ``fc8`` logits.
+* :class:`HybridLayerNormEncoder` (ganseeing's ProGAN inversion encoder):
+  stages ``resnet`` (layer-4 estimate), ``inv4`` ... ``inv1`` (z).
+* :class:`ToyGenerator` (``toy_generator``): a 32-pixel ProGAN-like generator
+  with planted red/green/blue units at ``layer4`` for tests and demos.
 * :class:`ProgressiveGenerator` (Progressive GAN, spec 1.6): captured layers
   ``layer1`` ... ``layerN`` are block outputs after the LeakyReLU(0.2);
   ``output_RxR`` is the RGB image (zc, unclamped).
@@ -18,9 +22,11 @@ dot as its own YNNPACK call (bench/RESULTS.md, "Forward pass").
 import os
 
 from jaxdissect.models.proggan import ProgressiveGenerator
+from jaxdissect.models.proggan_encoder import HybridLayerNormEncoder
+from jaxdissect.models.toy_generator import ToyGenerator
 from jaxdissect.models.vgg16 import VGG16
 
-__all__ = ["VGG16", "ProgressiveGenerator", "CPU_XLA_FLAGS", "set_cpu_xla_flags"]
+__all__ = ["VGG16", "ProgressiveGenerator", "ToyGenerator", "HybridLayerNormEncoder", "CPU_XLA_FLAGS", "set_cpu_xla_flags"]
 
 # Offload convolutions and dots to YNNPACK one by one instead of as fused subgraphs.
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 
@@ -65,6 +66,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if pickled:
+            raise ConversionError(
+                f"{path} holds a whole pickled model or object ({pickled.group(1)}), not a state_dict; it "
+                "cannot be read without running its pickled code. Re-save it as a state dict where it loads: "
+                "model = torch.load(path, weights_only=False); torch.save(model.state_dict(), 'model_state.pth')"
+            ) from None
         raise ConversionError(
             f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
             "the file may be truncated or corrupt: download it again"
@@ -79,6 +87,18 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         out[str(key)] = value.detach().cpu().numpy()
     return out
+
+
+def read_classes(path: str, num_classes: int) -> list[str]:
+    """Class names from a text file, one per line (first word; ``categories_places365.txt`` works as is)."""
+    try:
+        with open(path) as f:
+            names = [line.split()[0] for line in f if line.strip()]
+    except OSError as e:
+        raise ConversionError(f"cannot read class names from {path}: {e}") from e
+    if len(names) != num_classes:
+        raise ConversionError(f"{path} lists {len(names)} class names but the model has {num_classes} classes")
+    return names
 
 
 def check_state_dict(

@@ -53,57 +53,50 @@ VGG16_FEATURE_INDEX = {
     "conv4_1": 17, "conv4_2": 19, "conv4_3": 21,
     "conv5_1": 24, "conv5_2": 26, "conv5_3": 28,
 }  # fmt: skip
-_VGG16_FC = (("fc6", 0, 512 * 7 * 7, 4096), ("fc7", 3, 4096, 4096), ("fc8", 6, 4096, None))
+_VGG16_FC = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
+_ALEXNET_NAMES = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
+                  "conv5": "features.10", "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
 
 
-def _linear(state, key):
-    return {"kernel": common.dense_kernel(state[f"{key}.weight"]), "bias": np.asarray(state[f"{key}.bias"], np.float32)}
+def _renamer(table):
+    return lambda path: table.get(".".join(path), ".".join(path))
 
 
-def _conv(state, key, bias=True):
-    p = {"kernel": common.conv_kernel(state[f"{key}.weight"])}
-    if bias:
-        p["bias"] = np.asarray(state[f"{key}.bias"], np.float32)
-    return p
+def _fc6_override(key: str, c: int, hw: int):
+    return lambda state: {key: common.chw_rows_to_hwc(state[key], c, hw, hw)}
 
 
-def _chw_to_hwc_rows(w: np.ndarray, c: int, h: int, wd: int) -> np.ndarray:
-    """PyTorch linear weight over a (c, h, w) flatten -> Flax kernel over the NHWC (h, w, c) flatten."""
-    out = w.shape[0]
-    return np.ascontiguousarray(w.reshape(out, c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, out), np.float32)
-
-
-# --------------------------------------------------------------------------
-# VGG16
-
-
-def _vgg16_shapes(num_classes):
-    from jaxdissect.models.vgg16 import CONV_WIDTHS, CONV_LAYERS
-
-    shapes, in_ch = {}, 3
-    for name, width in zip(CONV_LAYERS, CONV_WIDTHS):
-        i = VGG16_FEATURE_INDEX[name]
-        shapes[f"features.{i}.weight"] = (width, in_ch, 3, 3)
-        shapes[f"features.{i}.bias"] = (width,)
-        in_ch = width
-    for _, i, n_in, n_out in _VGG16_FC:
-        shapes[f"classifier.{i}.weight"] = (n_out or num_classes, n_in)
-        shapes[f"classifier.{i}.bias"] = (n_out or num_classes,)
-    return shapes
-
-
-def _vgg16(state, num_classes):
+def _vgg16(num_classes):
     from jaxdissect.models.vgg16 import VGG16
 
-    params = {name: _conv(state, f"features.{i}") for name, i in VGG16_FEATURE_INDEX.items()}
-    params["fc6"] = {"kernel": _chw_to_hwc_rows(np.asarray(state["classifier.0.weight"]), 512, 7, 7),
-                     "bias": np.asarray(state["classifier.0.bias"], np.float32)}
-    params["fc7"] = _linear(state, "classifier.3")
-    params["fc8"] = _linear(state, "classifier.6")
-    return VGG16(num_classes=num_classes), {"params": params}
+    table = {name: f"features.{i}" for name, i in VGG16_FEATURE_INDEX.items()} | _VGG16_FC
+    return VGG16(num_classes=num_classes), 32, _renamer(table), _fc6_override("classifier.0.weight", 512, 7)
 
 
-_BUILDERS = {"vgg16": (_vgg16_shapes, _vgg16)}
+def _alexnet(num_classes):
+    from jaxdissect.models.alexnet import TorchvisionAlexNet
+
+    return (TorchvisionAlexNet(num_classes=num_classes), 63, _renamer(_ALEXNET_NAMES),
+            _fc6_override("classifier.1.weight", 256, 6))
+
+
+def _resnet(depth):
+    def build(num_classes):
+        from jaxdissect.models.resnet import ResNet
+
+        return ResNet(depth=depth, num_classes=num_classes), 32, ".".join, None
+
+    return build
+
+
+def _densenet161(num_classes):
+    from jaxdissect.models.densenet import DenseNet
+
+    return DenseNet(num_classes=num_classes), 32, ".".join, None
+
+
+_BUILDERS = {"resnet18": _resnet(18), "resnet50": _resnet(50), "resnet152": _resnet(152),
+             "densenet161": _densenet161, "alexnet": _alexnet, "vgg16": _vgg16}
 
 
 # --------------------------------------------------------------------------
@@ -127,10 +120,15 @@ def _rename_old_densenet(state):
     return out
 
 
+def _layout(arch: str, num_classes: int):
+    module, size, torch_name, override = _BUILDERS[arch](num_classes)
+    return module, common.flax_layout(module, (1, size, size, 3), torch_name), override
+
+
 def expected_shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
     """The exact torchvision state_dict keys and shapes of ``arch`` with ``num_classes`` outputs."""
     _check_arch(arch)
-    return _BUILDERS[arch][0](num_classes)
+    return {k: v[3] for k, v in _layout(arch, num_classes)[1].items()}
 
 
 def _check_arch(arch):
@@ -139,36 +137,44 @@ def _check_arch(arch):
 
 
 def _guess_arch(state) -> str:
+    """The architecture whose distinctive keys the state_dict has ('' if none)."""
     keys = set(state)
-    for arch in _BUILDERS:
-        shapes = _BUILDERS[arch][0](1)
-        if sum(k in keys for k in shapes) >= 0.9 * len(shapes):
-            return arch
+    if "features.denseblock1.denselayer1.conv1.weight" in keys:
+        return "densenet161"
+    if "layer4.0.conv3.weight" in keys:
+        blocks = {k.split(".")[1] for k in keys if k.startswith("layer3.")}
+        return "resnet152" if len(blocks) == 36 else "resnet50" if len(blocks) == 6 else ""
+    if "layer4.0.conv2.weight" in keys:
+        return "resnet18" if "layer1.2.conv1.weight" not in keys else ""
+    if "features.28.weight" in keys:
+        return "vgg16"
+    if "features.10.weight" in keys and "classifier.6.weight" in keys:
+        return "alexnet"
     return ""
 
 
 def convert_state_dict(state, arch: str, num_classes: int):
     """A torchvision-layout state_dict (NumPy or torch tensors) -> ``(module, variables)``; every key checked.
 
-    ``module.``-prefixed (``DataParallel``) keys and BatchNorm's
-    ``num_batches_tracked`` are accepted. Raises
+    ``module.``-prefixed (``DataParallel``) keys, DenseNet's pre-0.4 key
+    spelling and BatchNorm's ``num_batches_tracked`` are accepted. Raises
     :class:`converters.common.ConversionError` naming missing, unexpected and
     mis-shaped keys.
     """
     _check_arch(arch)
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise common.ConversionError(f"--num_classes must be a positive integer, got {num_classes!r}")
     state = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in state.items()}
     state = _rename_old_densenet(_strip_module_prefix(state))
-    shapes_fn, build = _BUILDERS[arch]
+    module, layout, override = _layout(arch, int(num_classes))
     try:
-        common.check_state_dict(state, shapes_fn(int(num_classes)), what=f"torchvision {arch} with {num_classes} classes",
-                                ignore=("num_batches_tracked",))
+        common.check_state_dict(state, {k: v[3] for k, v in layout.items()},
+                                what=f"torchvision {arch} with {num_classes} classes", ignore=("num_batches_tracked",))
     except common.ConversionError as e:
         guess = _guess_arch(state)
         hint = f" It looks like a torchvision {guess} checkpoint: use --arch={guess}." if guess and guess != arch else ""
         raise common.ConversionError(str(e) + hint) from None
-    return build(state, int(num_classes))
+    return module, common.build_variables(state, layout, override(state) if override else None)
 
 
 def convert(input_path: str, output_dir: str, arch: str, num_classes: int, classes_path: str | None = None) -> dict:

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from converters import common
 from jaxdissect.checkpoint import save_model
-from jaxdissect.models.alexnet import CONV_LAYERS, AlexNet
+from jaxdissect.models.alexnet import CONV_LAYERS, PLACES_UPSAMPLE_CONVOLUTIONS, AlexNet
 
 WHAT = "AlexNet-Places365 (experiment/oldalexnet.py)"
 CROP = 227
@@ -74,6 +74,8 @@ def convert(input_path: str, output_dir: str, classes_path: str | None = None) -
         "input": {"layout": "NHWC", "shape": [None, CROP, CROP, 3], "dtype": "float32"},
         "layers": list(CONV_LAYERS),
         "layer_note": "conv layer outputs are post-ReLU, as the original's retained tensors",
+        # The original upsampled every layer with the pool5 receptive-field grid (dissect-spec.md 2.2).
+        "upsample": {"convolutions": [list(c) for c in PLACES_UPSAMPLE_CONVOLUTIONS], "image_size": CROP},
     }
     if classes_path:
         metadata["classes"] = common.read_classes(classes_path, module.num_classes)

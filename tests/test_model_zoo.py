@@ -126,3 +126,118 @@ def test_torchvision_alexnet():
     module, variables = tv_converter.convert_state_dict(model.state_dict(), "alexnet", 11)
     compare(model, module, variables, images(2, 224),
             [("conv2", "features.3"), ("conv5", "features.10"), ("pool5", "features.12"), ("fc6", "classifier.1")])
+
+
+def test_cli_torchvision_checkpoint_wrapped_dataparallel(tmp_path):
+    """A NetDissect-Lite style .pth.tar ({'state_dict': DataParallel keys, 'epoch': ...}) on the command line."""
+    model = ref.tv_resnet(18, num_classes=6, seed=6)
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": state}, tmp_path / "r18.pth.tar")
+    (tmp_path / "classes.txt").write_text("".join(f"/a/class{i} {i}\n" for i in range(6)))
+    result = cli("converters.torchvision", "--arch=resnet18", "--num_classes=6", f"--input={tmp_path / 'r18.pth.tar'}",
+                 f"--output={tmp_path / 'm'}", f"--classes={tmp_path / 'classes.txt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torchvision resnet18, 6 classes" in result.stdout
+    module, variables = jaxdissect.load_model(str(tmp_path / "m"))
+    meta = jaxdissect.load_metadata(str(tmp_path / "m"))
+    assert meta["preprocessing"] == {"normalization": "imagenet", "resize": 256, "crop": 224,
+                                     "function": "jaxdissect.preprocess.vgg_preprocess"}
+    assert list(meta["classes"][:2]) == ["/a/class0", "/a/class1"] and meta["arch"] == "resnet18"
+    x = images(1, 64, seed=7)
+    ref_out, ref_acts = ref.run_torch(model, x, capture=["layer4"])
+    out, acts = jaxdissect.capture(module, variables, x, layers=["layer4"])
+    assert rel_err(out, ref_out) < TOL and rel_err(acts["layer4"], ref_acts["layer4"]) < TOL
+
+
+def test_whole_pickled_model_is_refused_with_how_to_resave(tmp_path):
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 3)), tmp_path / "whole.pth")
+    with pytest.raises(ConversionError, match=r"whole pickled model.*torch\.save\(model\.state_dict\(\)"):
+        tv_converter.convert(str(tmp_path / "whole.pth"), str(tmp_path / "out"), "resnet18", 1000)
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchvision_bad_inputs(tmp_path):
+    small = ref.tv_resnet(18, num_classes=4).state_dict()
+    with pytest.raises(ConversionError, match="use --arch=resnet18"):
+        tv_converter.convert_state_dict(small, "resnet50", 4)
+    with pytest.raises(ConversionError, match=r"wrong shape.*fc\.weight: file has \(4, 512\), .* needs \(9, 512\)"):
+        tv_converter.convert_state_dict(small, "resnet18", 9)
+    broken = dict(small)
+    del broken["layer2.0.downsample.1.running_var"]
+    broken["layer9.extra"] = broken["fc.bias"]
+    with pytest.raises(ConversionError, match=r"missing \(1\): layer2\.0\.downsample\.1\.running_var[\s\S]*"
+                                              r"unexpected \(1\): layer9\.extra"):
+        tv_converter.convert_state_dict(broken, "resnet18", 4)
+    with pytest.raises(ConversionError, match="unknown --arch='resnet19'"):
+        tv_converter.convert_state_dict(small, "resnet19", 4)
+    with pytest.raises(ConversionError, match="positive integer"):
+        tv_converter.convert_state_dict(small, "resnet18", 0)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ConversionError, match="not empty"):
+        tv_converter.convert(str(tmp_path / "nothing.pth"), str(tmp_path / "full"), "resnet18", 4)
+    with pytest.raises(ConversionError, match="nothing.pth does not exist"):
+        tv_converter.convert(str(tmp_path / "nothing.pth"), str(tmp_path / "new"), "resnet18", 4)
+
+
+def test_places_converters_name_the_other_model():
+    from converters import alexnet_places365, resnet152_places365
+
+    tv_alex = {k: v.numpy() for k, v in ref.TVAlexNet(3).state_dict().items()}
+    with pytest.raises(ConversionError, match="converters.torchvision --arch=alexnet"):
+        alexnet_places365.convert_state_dict(tv_alex)
+    places_alex = {k: v.numpy() for k, v in ref.PlacesAlexNet().state_dict().items()}
+    places_alex["conv2.weight"] = np.zeros((256, 96, 5, 5), np.float32)  # groups=1 instead of 2
+    with pytest.raises(ConversionError, match=r"conv2\.weight: file has \(256, 96, 5, 5\), .* needs \(256, 48, 5, 5\)"):
+        alexnet_places365.convert_state_dict(places_alex)
+    with pytest.raises(ConversionError, match="AlexNet-Places365 checkpoint: use python -m converters.alexnet_places365"):
+        resnet152_places365.convert_state_dict(places_alex)
+
+
+def test_models_reject_bad_images():
+    from jaxdissect.models import AlexNet, OldResNet152
+
+    v = jax.eval_shape(AlexNet().init, jax.random.PRNGKey(0), np.zeros((1, 227, 227, 3), np.float32))
+    with pytest.raises(ValueError, match=r"needs 227x227 inputs \(pool5 must be 6x6.*crop=227"):
+        jax.eval_shape(AlexNet().apply, v, np.zeros((1, 259, 259, 3), np.float32))
+    with pytest.raises(ValueError, match="looks like NCHW"):
+        jax.eval_shape(AlexNet().apply, v, np.zeros((1, 3, 227, 227), np.float32))
+    with pytest.raises(ValueError, match="add a batch axis"):
+        jax.eval_shape(OldResNet152().init, jax.random.PRNGKey(0), np.zeros((224, 224, 3), np.float32))
+
+
+def test_alexnet_upsample_geometry_is_the_pool5_grid():
+    """The recorded receptive field is the spec's: scale 32, offset 33 at 227 pixels (dissect-spec.md 2.2)."""
+    from jaxdissect.kernels.upsample import conv_output_size, receptive_field
+    from jaxdissect.models.alexnet import PLACES_UPSAMPLE_CONVOLUTIONS
+
+    assert receptive_field(PLACES_UPSAMPLE_CONVOLUTIONS) == (32.0, 33.0)
+    assert conv_output_size(227, PLACES_UPSAMPLE_CONVOLUTIONS) == 6
+
+
+@pytest.mark.parametrize("model, size, spec, expected", [
+    ("vgg16", 224, "conv", ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                            "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]),
+    ("alexnet", 227, "conv", ["conv1", "conv2", "conv3", "conv4", "conv5"]),
+    ("resnet152", 224, "0,4,5,6,7", ["0", "4", "5", "6", "7"]),
+    ("proggan", None, "layer1..layer14", [f"layer{i}" for i in range(1, 15)]),
+])
+def test_dissect_all_layer_lists(model, size, spec, expected):
+    """The README's dissect_all.sh commands: each --layers spec gives the original's layer list."""
+    from jaxdissect.layers import layer_shapes
+    from jaxdissect.models import VGG16, AlexNet, OldResNet152, ProgressiveGenerator
+    from launch import dissect as launcher
+
+    module = {"vgg16": VGG16(), "alexnet": AlexNet(), "resnet152": OldResNet152(),
+              "proggan": ProgressiveGenerator()}[model]
+    x = np.zeros((1, 512) if size is None else (1, size, size, 3), np.float32)
+    variables = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+    shapes = layer_shapes(module, variables, x)
+    dissectable = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
+    assert launcher.parse_layers(spec, dissectable) == expected
+    if model == "alexnet":
+        assert [shapes[n].shape[1] for n in expected] == [55, 27, 13, 13, 13]
+        assert launcher._model_kind({"preprocessing": {"crop": 227}}, module) == ("classifier", 227)
+    if model == "resnet152":
+        assert [shapes[n].shape[1:] for n in expected] == [(112, 112, 64), (56, 56, 256), (28, 28, 512),
+                                                           (14, 14, 1024), (7, 7, 2048)]

@@ -47,6 +47,13 @@ TORCHVISION_CONVS = (
     ("conv5", 256, 3, 1, 1, 1),
 )
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+# (kernel, stride, padding, dilation) of every conv and pool up to pool5: the receptive-field
+# geometry the original upsamples every AlexNet layer with (dissect-spec.md 2.2, AlexNet quirk);
+# for jaxdissect.kernels.upsample.make_taps(..., convolutions=..., image_size=227).
+PLACES_UPSAMPLE_CONVOLUTIONS = (
+    (11, 4, 0, 1), (3, 2, 0, 1), (5, 1, 2, 1), (3, 2, 0, 1),
+    (3, 1, 1, 1), (3, 1, 1, 1), (3, 1, 1, 1), (3, 2, 0, 1),
+)  # fmt: skip
 
 
 class LRN(nn.Module):

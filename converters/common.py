@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 
@@ -65,6 +66,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if pickled:
+            raise ConversionError(
+                f"{path} holds a whole pickled model or object ({pickled.group(1)}), not a state_dict; it "
+                "cannot be read without running its pickled code. Re-save it as a state dict where it loads: "
+                "model = torch.load(path, weights_only=False); torch.save(model.state_dict(), 'model_state.pth')"
+            ) from None
         raise ConversionError(
             f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
             "the file may be truncated or corrupt: download it again"
@@ -79,6 +87,18 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         out[str(key)] = value.detach().cpu().numpy()
     return out
+
+
+def read_classes(path: str, num_classes: int) -> list[str]:
+    """Class names from a text file, one per line (first word; ``categories_places365.txt`` works as is)."""
+    try:
+        with open(path) as f:
+            names = [line.split()[0] for line in f if line.strip()]
+    except OSError as e:
+        raise ConversionError(f"cannot read class names from {path}: {e}") from e
+    if len(names) != num_classes:
+        raise ConversionError(f"{path} lists {len(names)} class names but the model has {num_classes} classes")
+    return names
 
 
 def check_state_dict(
@@ -136,3 +156,58 @@ def batchnorm(state: Mapping[str, np.ndarray], prefix: str) -> tuple[dict, dict]
         {"scale": f32("weight"), "bias": f32("bias")},
         {"mean": f32("running_mean"), "var": f32("running_var")},
     )
+
+
+_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "bias"): "bias", ("params", "scale"): "weight",
+               ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
+
+
+def flax_layout(module, input_shape, torch_name: Callable[[tuple[str, ...]], str]) -> dict[str, tuple]:
+    """PyTorch key -> ``(collection, flax module path, leaf, torch shape)`` for every variable of ``module``.
+
+    The variables' shapes come from ``jax.eval_shape`` of ``module.init`` on an
+    input of ``input_shape`` (nothing is computed); ``torch_name`` maps a Flax
+    module path (a tuple of names) to the PyTorch module prefix. Conv kernels
+    ``[kh, kw, in, out]`` are ``[out, in, kh, kw]`` in PyTorch, dense kernels
+    ``[in, out]`` are ``[out, in]``, BatchNorm ``scale``/``mean``/``var`` are
+    ``weight``/``running_mean``/``running_var``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(input_shape, jnp.float32))
+    layout = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        names = tuple(str(getattr(p, "key", p)) for p in path)
+        collection, mod, name = names[0], names[1:-1], names[-1]
+        shape = tuple(leaf.shape)
+        if name == "kernel":
+            shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
+        key = f"{torch_name(mod)}.{_TORCH_LEAF[(collection, name)]}"
+        layout[key] = (collection, mod, name, shape)
+    return layout
+
+
+def build_variables(state: Mapping[str, np.ndarray], layout: Mapping[str, tuple], overrides=None) -> dict:
+    """Flax variables from a checked ``state`` and its :func:`flax_layout`; ``overrides`` maps keys to ready arrays."""
+    overrides = overrides or {}
+    variables: dict = {}
+    for key, (collection, mod, name, shape) in layout.items():
+        if key in overrides:
+            value = overrides[key]
+        elif name == "kernel":
+            value = conv_kernel(state[key]) if len(shape) == 4 else dense_kernel(state[key])
+        else:
+            value = np.asarray(state[key], np.float32)
+        node = variables.setdefault(collection, {})
+        for m in mod:
+            node = node.setdefault(m, {})
+        node[name] = value
+    return variables
+
+
+def chw_rows_to_hwc(w: np.ndarray, c: int, h: int, wd: int) -> np.ndarray:
+    """PyTorch linear weight ``[out, c*h*w]`` over a (c, h, w) flatten -> Flax kernel over the NHWC (h, w, c) flatten."""
+    out = w.shape[0]
+    return np.ascontiguousarray(
+        np.asarray(w, np.float32).reshape(out, c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, out))

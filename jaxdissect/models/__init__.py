@@ -10,6 +10,14 @@
 * :class:`ProgressiveGenerator` (Progressive GAN, spec 1.6): captured layers
   ``layer1`` ... ``layerN`` are block outputs after the LeakyReLU(0.2);
   ``output_RxR`` is the RGB image (zc, unclamped).
+* :class:`AlexNet` (AlexNet-Places365, CaffeNet order, 227 input): ``conv1`` ...
+  ``conv5`` post-ReLU, ``pool5``, ``fc6``/``fc7`` (post-ReLU), ``fc8``;
+  :class:`TorchvisionAlexNet` the same names for torchvision's variant.
+* :class:`OldResNet152` (ResNet152-Places365): the original's numeric names,
+  ``0`` (stem conv, before BN), ``4`` ... ``7`` (stage outputs, post-ReLU).
+* :class:`ResNet` (torchvision ResNet-18/34/50/101/152): ``conv1``, ``layer1`` ...
+  ``layer4``, ``fc``; :class:`DenseNet` (torchvision DenseNet-161):
+  ``features`` (``norm5``, before the last ReLU), ``features.denseblockK``.
 
 Load converted weights with :func:`jaxdissect.load_model`.
 
@@ -21,12 +29,16 @@ dot as its own YNNPACK call (bench/RESULTS.md, "Forward pass").
 
 import os
 
+from jaxdissect.models.alexnet import AlexNet, TorchvisionAlexNet
+from jaxdissect.models.densenet import DenseNet
 from jaxdissect.models.proggan import ProgressiveGenerator
 from jaxdissect.models.proggan_encoder import HybridLayerNormEncoder
+from jaxdissect.models.resnet import OldResNet152, ResNet
 from jaxdissect.models.toy_generator import ToyGenerator
 from jaxdissect.models.vgg16 import VGG16
 
-__all__ = ["VGG16", "ProgressiveGenerator", "ToyGenerator", "HybridLayerNormEncoder", "CPU_XLA_FLAGS", "set_cpu_xla_flags"]
+__all__ = ["VGG16", "ProgressiveGenerator", "ToyGenerator", "HybridLayerNormEncoder", "AlexNet", "TorchvisionAlexNet",
+           "OldResNet152", "ResNet", "DenseNet", "CPU_XLA_FLAGS", "set_cpu_xla_flags"]
 
 # Offload convolutions and dots to YNNPACK one by one instead of as fused subgraphs.
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"

@@ -18,6 +18,14 @@ demo that needs no downloads::
 
   python -m launch.dissect
 
+The 2017 method on Broden (per-category scoring, ``<layer>-result.csv``,
+unique detectors both ways), optionally on a randomly rotated basis
+(``--rotation=ALPHA[:SEED]``: ``Q^alpha`` of NetDissect's random rotation over
+each layer's channels, before the thresholds)::
+
+  python -m launch.dissect --model=models/alexnet_places365 --layers=conv5 \
+      --data=broden:datasets/broden1_227 --method=netdissect2017 --rotation=1:1
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
@@ -46,7 +54,8 @@ def get_config() -> dict:
     """The run's settings from the flags (a plain dict, so scripts can build one too)."""
     names = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize",
              "batch_size", "output_dir", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
-             "coordinator_address", "num_processes", "process_id"]
+             "coordinator_address", "num_processes", "process_id", "method", "rotation",
+             "rotation_unpermute"]
     return {n: getattr(FLAGS, n) for n in names}
 
 
@@ -202,17 +211,32 @@ def build(config: dict) -> dict:
     dissectable = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
     layers = parse_layers(config.get("layers"), dissectable)
     segmentation, seg_name = make_segmentation(seg_spec)
-    q = float(config.get("quantile", 0.01))
+    method = config.get("method") or "pnas"
+    q = config.get("quantile")
+    q = float(q) if q is not None else (0.005 if method == "netdissect2017" else 0.01)
     output_dir = config.get("output_dir")
     if not output_dir:
         name = f"{model_name}-{data_name}-{seg_name}-{_layers_tag(config.get('layers'), layers)}"
         if q != 0.005:
             name += "-%g" % (q * 1000)
+        if method != "pnas":
+            name += f"-{method}"
+        if config.get("rotation"):
+            name += "-rot" + re.sub(r"[^0-9.]", "_", config["rotation"])
         if config.get("thumbsize", 100) != 100:
             name += f"-t{config['thumbsize']}"
         output_dir = os.path.join("results", name)
+    views = None
+    if config.get("rotation"):
+        from jaxdissect.rotation import layer_rotations, parse_rotation
+
+        alpha, seed = parse_rotation(config["rotation"])
+        mats = layer_rotations({n: shapes[n].shape for n in layers}, alpha, seed,
+                               bool(config.get("rotation_unpermute")))
+        views = {n: (n, mats[n]) for n in layers}
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
-                output_dir=output_dir, name=f"{model_name} {data_name} {seg_name}")
+                output_dir=output_dir, name=f"{model_name} {data_name} {seg_name}", method=method, quantile=q,
+                views=views)
 
 
 def run(config: dict):
@@ -225,7 +249,8 @@ def run(config: dict):
 
     b = build(config)
     results = dissect(b["module"], b["variables"], b["layers"], b["data"], b["segmentation"],
-                      quantile=config.get("quantile", 0.01), miniou=config.get("miniou", 0.04),
+                      quantile=b["quantile"], miniou=config.get("miniou", 0.04), method=b["method"],
+                      views=b["views"],
                       topk=config.get("topk", 100), thumbsize=config.get("thumbsize", 100),
                       batch_size=config.get("batch_size"), output_dir=b["output_dir"],
                       num_images=config.get("num_images"), name=b["name"],
@@ -255,7 +280,15 @@ def define_flags() -> None:
                         "generators, synthetic for the demo; required for classifiers.")
     flags.DEFINE_string("segmenter", None, "'upp=<dir>,color=<dir>,setting=netpqc' or 'dataset' "
                         "(labels from the data). Default: dataset for the demo and Broden.")
-    flags.DEFINE_float("quantile", 0.01, "Top fraction of activations that counts as on.")
+    flags.DEFINE_float("quantile", None, "Top fraction of activations that counts as on "
+                       "(default 0.01; 0.005 for --method=netdissect2017).")
+    flags.DEFINE_enum("method", "pnas", ["pnas", "netdissect2017"],
+                      "pnas: IoU against every label; netdissect2017: Broden scoring per primary category "
+                      "with the category-conditioned activation count, <layer>-result.csv.")
+    flags.DEFINE_string("rotation", None, "ALPHA[:SEED]: dissect Q^alpha R a, NetDissect's random rotation "
+                        "(seed default 1) over each layer's channels, applied before the thresholds.")
+    flags.DEFINE_bool("rotation_unpermute", False, "Permute the rotated units back towards the original "
+                      "ones (NetDissect's --rotation_unpermute; counts do not change).")
     flags.DEFINE_float("miniou", 0.04, "IoU above which a unit counts as interpretable.")
     flags.DEFINE_integer("topk", 100, "Top images tracked per unit.")
     flags.DEFINE_integer("thumbsize", 100, "Thumbnail size of the unit strips.")
@@ -281,6 +314,7 @@ def main(argv):
     from jaxdissect.checkpoint import CheckpointError
     from jaxdissect.data.folders import DataSourceError
     from jaxdissect.pipelines.dissect import DissectError
+    from jaxdissect.rotation import RotationError
     from jaxdissect.segmentation import SegmenterError
     from jaxdissect.statistics import DissectionError
     from jaxdissect.streaming import StreamError
@@ -288,11 +322,19 @@ def main(argv):
     try:
         results, output_dir = run(get_config())
     except (LaunchError, DataSourceError, DissectError, DissectionError, CheckpointError, SegmenterError,
-            StreamError) as e:
+            StreamError, RotationError) as e:
         sys.exit(f"error: {e}")
     index = os.path.join(os.path.abspath(output_dir), "index.html")
     for layer, r in results.items():
-        print(f"{layer}: {int(r.interpretable.sum())} of {len(r.thresholds)} units with IoU > {FLAGS.miniou}")
+        if r.category_active is not None:
+            from jaxdissect.netdissect2017 import scores_of, unique_detectors
+
+            c = unique_detectors(scores_of(r), r.config["category_names"], FLAGS.miniou)
+            print(f"{layer}: {c['top']['detectors']} of {len(r.thresholds)} units with IoU >= {FLAGS.miniou}; "
+                  f"unique detectors {c['top']['unique']} (top labels), {c['per_category']['unique']} "
+                  f"(per category, summed)")
+        else:
+            print(f"{layer}: {int(r.interpretable.sum())} of {len(r.thresholds)} units with IoU > {FLAGS.miniou}")
     print(f"report: {index}")
 
 

@@ -40,6 +40,9 @@ _EXPORTS = {
     "ImageFolder": "jaxdissect.data.folders",
     "LatentSource": "jaxdissect.data.folders",
     "SyntheticScenes": "jaxdissect.data.synthetic",
+    # NetDissect 2017: random rotations of a layer's basis, comparisons of networks in one run.
+    "random_rotation_powers": "jaxdissect.rotation",
+    "compare": "jaxdissect.pipelines.compare",
 }
 
 __all__ = sorted(_EXPORTS) + ["interventions", "kernels"]

@@ -120,7 +120,10 @@ def unit_order(scores: Scores) -> np.ndarray:
 
 
 def result_rows(scores: Scores, counts: dict, categories: Sequence[str], label_names: Sequence[str]):
-    """``(header, rows)`` of ``[layer]-result.csv`` (NetDissect ``makeresult.generate_csv_summary``)."""
+    """``(header, rows)`` of ``[layer]-result.csv`` (NetDissect ``makeresult.generate_csv_summary``).
+
+    A category with no overlap reports label ``''`` with truth and intersection 0.
+    """
     categories = [str(c) for c in categories]
     header = ["unit", "category", "label", "score"]
     for c in categories:
@@ -138,7 +141,7 @@ def result_rows(scores: Scores, counts: dict, categories: Sequence[str], label_n
                float(scores.score[u])]
         for i in range(len(categories)):
             lab = int(scores.category_label[u, i])
-            row += [name(lab), int(g[lab]), int(cat_act[u, i]), int(inter[u, lab]),
+            row += [name(lab), int(g[lab]) if lab else 0, int(cat_act[u, i]), int(inter[u, lab]) if lab else 0,
                     float(scores.category_score[u, i])]
         rows.append(row)
     return header, rows

@@ -168,6 +168,9 @@ def test_iou_equals_reference_formula(folder, tmp_path):
     for row in rows:
         u = int(row["unit"]) - 1
         assert float(row["score"]) == pytest.approx(r.label_iou[u], rel=1e-9)
+        for c in CATS:                                                      # no overlap: label '', no counts
+            if row[f"{c}-label"] == "":
+                assert row[f"{c}-truth"] == row[f"{c}-intersect"] == "0" and float(row[f"{c}-iou"]) == 0
         lab = [k for k, (name, _) in LABELS.items() if name == row["material-label"]]
         if lab:
             assert int(row["material-truth"]) == truth[lab[0]]

@@ -1,0 +1,200 @@
+"""Benchmark: K models dissected together (``launch.compare``'s one shared run) against K single runs.
+
+    python -m bench.compare [--models=4] [--images=64] [--size=112] [--batch=16] [--powers=5]
+                            [--results=bench/RESULTS.md]
+
+A Broden-format folder of ``images`` random images (``size`` pixels, label
+maps at ``size / 2`` as broden1_224: colour, object, part and material PNGs,
+scene and texture integers) is written to a temporary directory. ``models``
+random-weight SmallCNNs (the demo's architecture, different seeds) are
+dissected at ``conv4`` with the 2017 method:
+
+* together: one ``jaxdissect.pipelines.compare.compare`` call (every image and
+  label map decoded once per pass, all models in one jitted step);
+* one by one: ``models`` calls of ``jaxdissect.dissect``.
+
+Then ``powers`` rotation powers of one model's ``conv4`` in one call against
+one call per power. Every configuration is run once first to compile, then
+timed warm, without report files (the passes only). Results go to the
+``## Comparisons (bench/compare.py)`` section of the results file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from bench.results import write_section
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTION = "## Comparisons (bench/compare.py)"
+CATS = ["color", "object", "part", "material", "scene", "texture"]
+
+
+def write_broden(root, n, size, seed=0):
+    """A Broden-format folder with random images and random label maps (for timing only)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"))
+    labels = {"color": range(1, 12), "object": range(12, 40), "part": range(40, 50), "material": range(50, 56),
+              "scene": range(56, 70), "texture": range(70, 80)}
+    s = size // 2
+    rows = []
+    for i in range(n):
+        coarse = rng.integers(0, 256, (size // 8, size // 8, 3)).astype(np.uint8)
+        Image.fromarray(coarse.repeat(8, 0).repeat(8, 1)).save(os.path.join(root, "images", f"{i}.jpg"))
+        cells = {}
+        for cat in ("color", "object", "part", "material"):
+            lab = rng.choice(np.array([0] + list(labels[cat])), size=(s // 4, s // 4)).repeat(4, 0).repeat(4, 1)
+            rgb = np.zeros((s, s, 3), np.uint8)
+            rgb[..., 0] = lab % 256
+            Image.fromarray(rgb).save(os.path.join(root, "images", f"{i}_{cat}.png"))
+            cells[cat] = f"{i}_{cat}.png"
+        cells["scene"] = str(rng.choice(list(labels["scene"])))
+        cells["texture"] = str(rng.choice(list(labels["texture"]))) if i % 2 else ""
+        rows.append(f"{i}.jpg,val,{size},{size},{s},{s}," + ",".join(cells[c] for c in CATS))
+    with open(os.path.join(root, "index.csv"), "w") as f:
+        f.write("image,split,ih,iw,sh,sw," + ",".join(CATS) + "\n" + "\n".join(rows) + "\n")
+    with open(os.path.join(root, "category.csv"), "w") as f:
+        f.write("name,first,last,count,frequency\n" + "".join(f"{c},0,0,0,0\n" for c in CATS))
+    with open(os.path.join(root, "label.csv"), "w") as f:
+        f.write("number,name,category,frequency,coverage,syns\n0,-,-,0,0,\n")
+        f.writelines(f"{k},{c}{k},{c}(1),1,1.0,\n" for c in CATS for k in labels[c])
+    for c in CATS:
+        with open(os.path.join(root, f"c_{c}.csv"), "w") as f:
+            f.write("code,number,name,frequency,coverage\n")
+            f.writelines(f"{j + 1},{k},{c}{k},1,1.0\n" for j, k in enumerate(labels[c]))
+
+
+def random_models(k):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdissect.models.small_cnn import SmallCNN
+
+    module = SmallCNN(widths=(32, 64, 64, 64))
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    out = []
+    for seed in range(k):
+        rng = np.random.default_rng(seed)
+        out.append((module, jax.tree.map(
+            lambda s: (rng.standard_normal(s.shape) * np.sqrt(2.0 / max(1, np.prod(s.shape[:-1]))))
+            .astype(s.dtype), shapes)))
+    return out
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(k, n, size, batch, powers, workdir):
+    from jaxdissect.data.broden import BrodenSource, imagenet_normalize
+    from jaxdissect.pipelines.compare import Member, compare
+    from jaxdissect.pipelines.dissect import dissect
+    from jaxdissect.rotation import random_rotation_powers
+
+    root = os.path.join(workdir, "broden")
+    write_broden(root, n, size)
+    data = BrodenSource(root, preprocess=imagenet_normalize)
+    models = random_models(k)
+    kw = dict(method="netdissect2017", batch_size=batch, topk=10, progress=False)
+    members = [Member(f"m{i}", mod, var, ["conv4"]) for i, (mod, var) in enumerate(models)]
+
+    def together():
+        compare(members, data, **kw)
+
+    def one_by_one():
+        for mod, var in models:
+            dissect(mod, var, ["conv4"], data, "dataset", **kw)
+
+    alphas = list(np.linspace(0, 1, powers))
+    mats = random_rotation_powers(64, alphas, 1)
+    mod, var = models[0]
+
+    def powers_together():
+        dissect(mod, var, [], data, "dataset", views={f"conv4@{a:g}": ("conv4", m) for a, m in zip(alphas, mats)},
+                **kw)
+
+    def powers_one_by_one():
+        for m in mats:
+            dissect(mod, var, [], data, "dataset", views={"conv4": ("conv4", m)}, **kw)
+
+    out = {"models": k, "images": n, "size": size, "batch": batch, "powers": powers,
+           "load_before": os.getloadavg()}
+    for name, fn in (("together", together), ("one_by_one", one_by_one), ("powers_together", powers_together),
+                     ("powers_one_by_one", powers_one_by_one)):
+        fn()                                    # compile
+        out[name] = _timed(fn)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def report(r) -> str:
+    import jax
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    k, p = r["models"], r["powers"]
+    load = f"{r['load_before'][0]:.1f} before / {r['load_after'][0]:.1f} after"
+    return "\n".join([
+        SECTION, "",
+        f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
+        f"({jax.default_backend()}), in one run (`python -m bench.compare`); 1-minute load average {load} "
+        "(the machine was shared with other jobs: absolute times are noisy, the ratios less so).", "",
+        f"{r['images']} Broden-format images of {r['size']}x{r['size']} (label maps {r['size'] // 2}, four pixel "
+        f"categories as PNGs, scene and texture as integers), batch {r['batch']}, 2017 method, warm (compiled), "
+        "passes only (no report files).", "",
+        "| what | one run | one by one | ratio |",
+        "|---|---|---|---|",
+        f"| {k} random SmallCNNs (32-64-64-64), `conv4` | {r['together']:.1f} s | {r['one_by_one']:.1f} s "
+        f"| {r['one_by_one'] / r['together']:.2f}x |",
+        f"| {p} rotation powers of one `conv4` (64 units) | {r['powers_together']:.1f} s "
+        f"| {r['powers_one_by_one']:.1f} s | {r['powers_one_by_one'] / r['powers_together']:.2f}x |", "",
+        f"{k} models in one run cost {r['together'] / r['one_by_one'] * k:.2f} single runs (goal: well under {k}); "
+        f"the shared run reads, decodes and resamples every image and label map once per pass for all models. "
+        "With small models on CPU the data side dominates; for large models the forward passes and statistics "
+        "dominate and the saving is the data and segmentation share of a single run.", ""])
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
+    logging.set_verbosity(logging.WARNING)  # the passes' orbax checkpoints log every save at INFO
+    workdir = tempfile.mkdtemp(prefix="bench-compare-")
+    try:
+        r = measure(FLAGS.models, FLAGS.images, FLAGS.size, FLAGS.batch, FLAGS.powers, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    body = report(r)
+    print(body)
+    if FLAGS.results:
+        write_section(FLAGS.results, SECTION, body)
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("models", 4, "Models compared in one run.")
+    flags.DEFINE_integer("images", 64, "Broden-format images.")
+    flags.DEFINE_integer("size", 112, "Image size (label maps are half).")
+    flags.DEFINE_integer("batch", 16, "Images per batch.")
+    flags.DEFINE_integer("powers", 5, "Rotation powers (0..1) of one layer.")
+    flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
+
+
+if __name__ == "__main__":
+    define_flags()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    app.run(main)

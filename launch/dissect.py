@@ -248,7 +248,7 @@ def run(config: dict):
     from jaxdissect.pipelines.dissect import dissect
 
     b = build(config)
-    results = dissect(b["module"], b["variables"], b["layers"], b["data"], b["segmentation"],
+    results = dissect(b["module"], b["variables"], [] if b["views"] else b["layers"], b["data"], b["segmentation"],
                       quantile=b["quantile"], miniou=config.get("miniou", 0.04), method=b["method"],
                       views=b["views"],
                       topk=config.get("topk", 100), thumbsize=config.get("thumbsize", 100),

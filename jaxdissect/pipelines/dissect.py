@@ -189,6 +189,9 @@ class _Run:
         if len(set(self.layers)) != len(self.layers):
             raise DissectError(f"layers listed twice: {self.layers}")
         if views is not None:
+            if self.layers:
+                raise DissectError(f"give layers or views, not both (layers {self.layers}); list every layer as "
+                                   "a view: views={name: (layer, None)}")
             self.views = {str(v): (str(layer), None if m is None else np.asarray(m, np.float32))
                           for v, (layer, m) in dict(views).items()}
             self.layers = list(self.views)

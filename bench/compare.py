@@ -1,7 +1,7 @@
 """Benchmark: K models dissected together (``launch.compare``'s one shared run) against K single runs.
 
-    python -m bench.compare [--models=4] [--images=64] [--size=112] [--batch=16] [--powers=5]
-                            [--results=bench/RESULTS.md]
+    python -m bench.compare [--models=4] [--images=32] [--size=112] [--batch=16] [--powers=5] [--repeats=2]
+                            [--seg_images=8] [--seg_size=64] [--results=bench/RESULTS.md]
 
 A Broden-format folder of ``images`` random images (``size`` pixels, label
 maps at ``size / 2`` as broden1_224: colour, object, part and material PNGs,
@@ -14,8 +14,12 @@ dissected at ``conv4`` with the 2017 method:
 * one by one: ``models`` calls of ``jaxdissect.dissect``.
 
 Then ``powers`` rotation powers of one model's ``conv4`` in one call against
-one call per power. Every configuration is run once first to compile, then
-timed warm, without report files (the passes only). Results go to the
+one call per power, and (``seg_images`` > 0, needs torch for the random
+weights) the same K models with the PNAS method on random images segmented
+by a random-weight UPP segmenter (setting ``netpq``), which the shared run
+applies once per image instead of K times. Every configuration is run once first to compile, then
+timed warm ``repeats`` times, alternating with its counterpart (minimum
+kept), without report files (the passes only). Results go to the
 ``## Comparisons (bench/compare.py)`` section of the results file.
 """
 
@@ -97,7 +101,20 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def measure(k, n, size, batch, powers, workdir):
+def _pair(out, name_a, fa, name_b, fb, repeats):
+    """Compile both, then time them alternately ``repeats`` times; the minimum of each (busy machine)."""
+    fa()
+    fb()
+    times = {name_a: [], name_b: []}
+    for _ in range(repeats):
+        times[name_a].append(_timed(fa))
+        times[name_b].append(_timed(fb))
+    for k, v in times.items():
+        out[k] = min(v)
+        out[k + "_all"] = v
+
+
+def measure(k, n, size, batch, powers, repeats, workdir):
     from jaxdissect.data.broden import BrodenSource, imagenet_normalize
     from jaxdissect.pipelines.compare import Member, compare
     from jaxdissect.pipelines.dissect import dissect
@@ -131,15 +148,33 @@ def measure(k, n, size, batch, powers, workdir):
 
     out = {"models": k, "images": n, "size": size, "batch": batch, "powers": powers,
            "load_before": os.getloadavg()}
-    for name, fn in (("together", together), ("one_by_one", one_by_one), ("powers_together", powers_together),
-                     ("powers_one_by_one", powers_one_by_one)):
-        fn()                                    # compile
-        out[name] = _timed(fn)
+    _pair(out, "together", together, "one_by_one", one_by_one, repeats)
+    _pair(out, "powers_together", powers_together, "powers_one_by_one", powers_one_by_one, repeats)
     out["load_after"] = os.getloadavg()
     return out
 
 
-def report(r) -> str:
+def measure_segmenter(k, n, size, batch, repeats, workdir):
+    """K models against a segmenter: compare() vs K dissect() calls (PNAS method)."""
+    from bench.dissect import ArraySource, random_segmenter
+    from jaxdissect.pipelines.compare import Member, compare
+    from jaxdissect.pipelines.dissect import dissect
+
+    seg = random_segmenter(workdir)
+    if seg is None:
+        return None
+    data = ArraySource(n, size=size)
+    models = random_models(k)
+    kw = dict(method="pnas", batch_size=batch, topk=10, progress=False)
+    members = [Member(f"m{i}", mod, var, ["conv4"]) for i, (mod, var) in enumerate(models)]
+    out = {"models": k, "images": n, "size": size, "load_before": os.getloadavg()}
+    _pair(out, "together", lambda: compare(members, data, seg, **kw),
+          "one_by_one", lambda: [dissect(mod, var, ["conv4"], data, seg, **kw) for mod, var in models], repeats)
+    out["load_after"] = os.getloadavg()
+    return out
+
+
+def report(r, s=None) -> str:
     import jax
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -152,7 +187,8 @@ def report(r) -> str:
         "(the machine was shared with other jobs: absolute times are noisy, the ratios less so).", "",
         f"{r['images']} Broden-format images of {r['size']}x{r['size']} (label maps {r['size'] // 2}, four pixel "
         f"categories as PNGs, scene and texture as integers), batch {r['batch']}, 2017 method, warm (compiled), "
-        "passes only (no report files).", "",
+        f"passes only (no report files); each configuration timed {len(r['together_all'])} times alternately, "
+        "the minimum shown.", "",
         "| what | one run | one by one | ratio |",
         "|---|---|---|---|",
         f"| {k} random SmallCNNs (32-64-64-64), `conv4` | {r['together']:.1f} s | {r['one_by_one']:.1f} s "
@@ -162,7 +198,11 @@ def report(r) -> str:
         f"{k} models in one run cost {r['together'] / r['one_by_one'] * k:.2f} single runs (goal: well under {k}); "
         f"the shared run reads, decodes and resamples every image and label map once per pass for all models. "
         "With small models on CPU the data side dominates; for large models the forward passes and statistics "
-        "dominate and the saving is the data and segmentation share of a single run.", ""])
+        "dominate and the saving is the data and segmentation share of a single run.", ""] + ([
+        f"With a segmenter (random-weight UPP, netpq, PNAS method) on {s['images']} random {s['size']}x{s['size']} "
+        f"images: {s['models']} models in one run {s['together']:.1f} s, one by one {s['one_by_one']:.1f} s "
+        f"({s['one_by_one'] / s['together']:.2f}x; {s['together'] / s['one_by_one'] * s['models']:.2f} single runs; "
+        f"load {s['load_before'][0]:.1f} / {s['load_after'][0]:.1f}).", ""] if s else []))
 
 
 FLAGS = flags.FLAGS
@@ -176,10 +216,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # the passes' orbax checkpoints log every save at INFO
     workdir = tempfile.mkdtemp(prefix="bench-compare-")
     try:
-        r = measure(FLAGS.models, FLAGS.images, FLAGS.size, FLAGS.batch, FLAGS.powers, workdir)
+        r = measure(FLAGS.models, FLAGS.images, FLAGS.size, FLAGS.batch, FLAGS.powers, FLAGS.repeats, workdir)
+        s = (measure_segmenter(FLAGS.models, FLAGS.seg_images, FLAGS.seg_size, FLAGS.batch, FLAGS.repeats, workdir)
+             if FLAGS.seg_images else None)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    body = report(r)
+    body = report(r, s)
     print(body)
     if FLAGS.results:
         write_section(FLAGS.results, SECTION, body)
@@ -187,10 +229,13 @@ def main(argv):
 
 def define_flags() -> None:
     flags.DEFINE_integer("models", 4, "Models compared in one run.")
-    flags.DEFINE_integer("images", 64, "Broden-format images.")
+    flags.DEFINE_integer("images", 32, "Broden-format images.")
+    flags.DEFINE_integer("repeats", 2, "Timed repetitions of each configuration, alternating (minimum kept).")
     flags.DEFINE_integer("size", 112, "Image size (label maps are half).")
     flags.DEFINE_integer("batch", 16, "Images per batch.")
     flags.DEFINE_integer("powers", 5, "Rotation powers (0..1) of one layer.")
+    flags.DEFINE_integer("seg_images", 8, "Images for the segmenter measurement (0 = skip it).")
+    flags.DEFINE_integer("seg_size", 64, "Image size for the segmenter measurement.")
     flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
 
 

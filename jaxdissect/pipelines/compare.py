@@ -72,7 +72,8 @@ def ensemble_variables(members: Sequence[Member]) -> dict:
     return out
 
 
-def _check_members(members: Sequence[Member], x) -> None:
+def _check_members(members: Sequence[Member], x) -> dict:
+    """``{member name: {layer: shape}}`` after checking names and layers."""
     from jaxdissect.layers import layer_shapes
 
     if not members:
@@ -84,10 +85,11 @@ def _check_members(members: Sequence[Member], x) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise CompareError(f"model names {twice} are used twice; give every model its own name")
+    out = {}
     for m in members:
         if not m.layers:
             raise CompareError(f"model {m.name}: no layers to dissect")
-        shapes = layer_shapes(m.module, m.variables, x)
+        shapes = out[m.name] = layer_shapes(m.module, m.variables, x)
         valid = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
         for layer in m.layers:
             if layer not in valid:
@@ -95,19 +97,19 @@ def _check_members(members: Sequence[Member], x) -> None:
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise CompareError(f"model {m.name} has no dissectable layer {layer!r}{hint}; its layers: "
                                    f"{', '.join(valid)}")
+    return out
 
 
 def view_name(member: str, layer: str, alpha: float | None) -> str:
     return f"{member}.{layer}" + ("" if alpha is None else f"@{alpha:g}")
 
 
-def _views(members, x, rotations, seed, unpermute):
-    from jaxdissect.layers import layer_shapes
+def _views(members, member_shapes, rotations, seed, unpermute):
     from jaxdissect.rotation import RotationError, random_rotation_powers
 
     views, keys, cache = {}, {}, {}
     for m in members:
-        shapes = layer_shapes(m.module, m.variables, x)
+        shapes = member_shapes[m.name]
         for layer in m.layers:
             source = f"{m.name}.{layer}"
             if rotations is None:
@@ -327,12 +329,12 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
     members = list(members)
     probe = data.get_batch([0])
     _, x = _model_input(probe)
-    _check_members(members, x[:1])
+    shapes = _check_members(members, x[:1])
     if rotations is not None:
         rotations = [float(a) for a in rotations]
         if not rotations or any(a < 0 for a in rotations):
             raise CompareError(f"rotations must be a non-empty list of powers alpha >= 0, got {rotations}")
-    views, keys = _views(members, x[:1], rotations, rotation_seed, rotation_unpermute)
+    views, keys = _views(members, shapes, rotations, rotation_seed, rotation_unpermute)
     ensemble = Ensemble(tuple(m.module for m in members), tuple(m.name for m in members))
     title = title or f"Comparison of {', '.join(m.name for m in members)} on {data.name}"
     results = dissect(ensemble, ensemble_variables(members), [], data, segmentation, views=views, method=method,

@@ -207,8 +207,9 @@ def write_figures(output_dir: str, categories: list[str], rows: list[dict], thre
     import matplotlib.pyplot as plt
 
     figures = {}
-    base = [r for r in rows if r["alpha"] in (None, 0.0)]
-    note = f"unique detectors (IoU > {threshold:g}, per category, summed)"
+    plain = {(r["model"], r["layer"]) for r in rows if r["alpha"] is None}
+    base = [r for r in rows if r["alpha"] is None or (r["alpha"] == 0 and (r["model"], r["layer"]) not in plain)]
+    note = f"IoU > {threshold:g}, per category, summed"
 
     def save(fig, name, title):
         fig.tight_layout()
@@ -220,21 +221,21 @@ def write_figures(output_dir: str, categories: list[str], rows: list[dict], thre
     if base:
         last = [[r for r in base if r["model"] == m][-1] for m in models]
         last.sort(key=lambda r: -r["unique"])
-        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(last) + 2), 3.5))
+        fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(last) + 3), 3.5))
         _stacked(ax, [f"{r['model']}\n{r['layer']}" for r in last], last, categories)
-        ax.set_title(f"Networks: {note}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"Networks ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         save(fig, "unique_per_network.svg", "Unique detectors per network")
     if any(sum(r["model"] == m for r in base) > 1 for m in models):
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(base) + 2), 3.5))
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(base) + 3), 3.5))
         _stacked(ax, [f"{r['model']}\n{r['layer']}" for r in base], base, categories)
-        ax.set_title(f"Layers: {note}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"Layers ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         save(fig, "unique_per_layer.svg", "Unique detectors per layer")
     snaps = [r for r in base if r["iteration"] is not None]
     if snaps:
         layers = list(dict.fromkeys(r["layer"] for r in snaps))
-        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers) + 1, 3.5), squeeze=False)
         for ax, layer in zip(axes[0], layers):
             sel = sorted((r for r in snaps if r["layer"] == layer), key=lambda r: r["iteration"])
             its = [r["iteration"] for r in sel]
@@ -245,18 +246,18 @@ def write_figures(output_dir: str, categories: list[str], rows: list[dict], thre
             ax.set_xlabel("training iteration")
             ax.set_title(layer, fontsize=9)
         axes[0][0].set_ylabel("unique detectors")
-        axes[0][0].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         save(fig, "unique_over_iterations.svg", "Unique detectors over training iterations")
     rotated = [r for r in rows if r["alpha"] is not None]
     if rotated:
         groups = list(dict.fromkeys((r["model"], r["layer"]) for r in rotated))
-        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups) + 1, 3.5), squeeze=False)
         for ax, (m, layer) in zip(axes[0], groups):
             sel = sorted((r for r in rotated if (r["model"], r["layer"]) == (m, layer)), key=lambda r: r["alpha"])
             _stacked(ax, [f"{r['alpha']:g}" for r in sel], sel, categories)
             ax.set_xlabel("rotation power alpha")
             ax.set_title(f"{m} {layer}", fontsize=9)
-        axes[0][0].legend(fontsize=7)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         save(fig, "unique_over_rotation.svg", "Unique detectors over rotation alpha")
     return figures
 

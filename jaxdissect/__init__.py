@@ -49,6 +49,9 @@ _EXPORTS = {
     # The GANPaint-style painting app (python -m launch.ganpaint).
     "build_painter": "jaxdissect.app",
     "create_app": "jaxdissect.app",
+    # NetDissect 2017: random rotations of a layer's basis, comparisons of networks in one run.
+    "random_rotation_powers": "jaxdissect.rotation",
+    "compare": "jaxdissect.pipelines.compare",
 }
 
 __all__ = sorted(_EXPORTS) + ["editing", "interventions", "kernels"]

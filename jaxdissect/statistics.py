@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.kernels import category as category_k
 from jaxdissect.kernels import iou as iou_k
 from jaxdissect.kernels import labels as labels_k
 from jaxdissect.kernels import quantile as quantile_k
@@ -59,7 +60,10 @@ class Plan:
     ``source_hw`` is the raw activation map size ``(h, w)``; ``resolution``
     the segmentation grid ``(S, S)``. ``convolutions`` (tuple of
     ``(kernel, stride, padding, dilation)``) and ``image_size`` select the
-    receptive-field geometry instead of ``geometry``.
+    receptive-field geometry instead of ``geometry``. ``label_category``
+    (primary category index per label, -1 = none) with ``num_categories``
+    adds the 2017 method's category-conditioned active counts
+    (``counts["category_active"] [U, C]``, :mod:`~jaxdissect.kernels.category`).
     """
 
     num_units: int
@@ -73,6 +77,8 @@ class Plan:
     image_size: int | None = None
     hist_method: str = "scatter"
     iou_method: str = "auto"
+    label_category: tuple | None = None
+    num_categories: int = 0
 
     @property
     def pixels(self) -> int:
@@ -112,12 +118,21 @@ class Plan:
 
     # Pass 3: IoU counts at the exact levels.
     def pass3_init(self, thresholds) -> dict:
-        return {"thresholds": jnp.asarray(np.asarray(thresholds, np.float32)),
-                "counts": iou_k.init(self.num_units, self.num_labels)}
+        counts = iou_k.init(self.num_units, self.num_labels)
+        if self.label_category is not None:
+            counts["category_active"] = category_k.init(self.num_units, self.num_categories)
+        return {"thresholds": jnp.asarray(np.asarray(thresholds, np.float32)), "counts": counts}
 
     def pass3_update(self, state, acts, seg, valid, batch_id, image_labels=None) -> dict:
-        counts = iou_k.update(state["counts"], self.upsample(acts), state["thresholds"], seg, valid, batch_id,
-                              image_labels, method=self.iou_method)
+        up = self.upsample(acts)
+        counts = dict(state["counts"])
+        by_category = counts.pop("category_active", None)
+        counts = iou_k.update(counts, up, state["thresholds"], seg, valid, batch_id, image_labels,
+                              method=self.iou_method)
+        if by_category is not None:
+            counts["category_active"] = category_k.update(
+                by_category, up, state["thresholds"], seg, valid, image_labels,
+                np.asarray(self.label_category, np.int32))
         return {"thresholds": state["thresholds"], "counts": counts}
 
     # Merges of per-device states (leading device axis), on the host.
@@ -185,7 +200,9 @@ class DissectionResult:
     ``active [U]``, ``intersection [U, L]``; ``top_values``/``top_index``
     ``[U, k]`` (index -1 = fewer images than k); ``act_mean``/``act_max``
     ``[U]`` of the raw activations; ``images``; ``label_names`` and
-    ``categories`` (per label, may be None); ``config`` (the settings).
+    ``categories`` (per label, may be None); ``config`` (the settings);
+    ``category_active [U, C]`` (the 2017 method's category-conditioned active
+    counts, None otherwise).
     """
 
     thresholds: np.ndarray
@@ -205,6 +222,7 @@ class DissectionResult:
     label_names: list | None = None
     categories: list | None = None
     config: dict = dataclasses.field(default_factory=dict)
+    category_active: np.ndarray | None = None
 
     @property
     def labels(self) -> list[dict]:
@@ -227,7 +245,8 @@ class DissectionResult:
         """Write ``result.npz`` (arrays) and ``result.json`` (names, counts, settings) to ``directory``."""
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, "result.tmp.npz")
-        np.savez(tmp, **{k: np.asarray(getattr(self, k)) for k in _ARRAYS})
+        extra = {} if self.category_active is None else {"category_active": np.asarray(self.category_active)}
+        np.savez(tmp, **{k: np.asarray(getattr(self, k)) for k in _ARRAYS}, **extra)
         os.replace(tmp, os.path.join(directory, "result.npz"))
         meta = {"format": "jaxdissect-dissection-result", "pixels": int(self.pixels), "images": int(self.images),
                 "label_names": self.label_names, "categories": self.categories, "config": self.config}
@@ -249,6 +268,8 @@ class DissectionResult:
             raise ValueError(f"{paths[1]} is not a jaxdissect dissection result")
         with np.load(paths[0], allow_pickle=False) as z:
             arrays = {k: z[k] for k in _ARRAYS}
+            if "category_active" in z.files:
+                arrays["category_active"] = z["category_active"]
         return cls(**arrays, pixels=meta["pixels"], images=meta["images"], label_names=meta["label_names"],
                    categories=meta["categories"], config=meta["config"])
 

@@ -319,7 +319,8 @@ def known_errors() -> tuple[type, ...]:
                          ("jaxdissect.segmentation", "SegmenterError"), ("jaxdissect.streaming", "StreamError"),
                          ("jaxdissect.interventions.classifier", "InterventionError"),
                          ("jaxdissect.interventions.generator", "InterventionError"),
-                         ("jaxdissect.pipelines.intervene_generator", "ExperimentError")):
+                         ("jaxdissect.pipelines.intervene_generator", "ExperimentError"),
+                         ("jaxdissect.rotation", "RotationError")):
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -18,6 +18,14 @@ the scenes' known labels: a two-minute demo that needs no downloads::
 
   python -m launch.dissect
 
+The 2017 method on Broden (per-category scoring, ``<layer>-result.csv``,
+unique detectors both ways), optionally on a randomly rotated basis
+(``--rotation=ALPHA[:SEED]``: ``Q^alpha`` of NetDissect's random rotation over
+each layer's channels, before the thresholds)::
+
+  python -m launch.dissect --model=models/alexnet_places365 --layers=conv5 \
+      --data=broden:datasets/broden1_227 --method=netdissect2017 --rotation=1:1
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
@@ -43,13 +51,13 @@ FLAGS = flags.FLAGS
 CONFIG_NAMES = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize", "batch_size",
                 "output_dir", "overwrite", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
                 "geometry", "row0_competes", "quad_quirk", "faithful_color_blank", "coordinator_address",
-                "num_processes", "process_id"]
+                "num_processes", "process_id", "method", "rotation", "rotation_unpermute"]
 # Settings that do not change the results (left out of the output directory's identity).
 _NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "coordinator_address",
                 "num_processes", "process_id")
-DEFAULTS = dict(quantile=0.01, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
+DEFAULTS = dict(quantile=None, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
                 geometry="original", row0_competes=False, quad_quirk=True, faithful_color_blank=False,
-                overwrite=False)
+                overwrite=False, method="pnas", rotation=None, rotation_unpermute=False)
 
 
 def get_config() -> dict:
@@ -63,7 +71,17 @@ def validate(config: dict) -> None:
         common.positive(name, config.get(name, DEFAULTS[name]), allow_none=False)
     for name in ("batch_size", "num_images"):
         common.positive(name, config.get(name))
-    common.in_range("quantile", config.get("quantile", DEFAULTS["quantile"]), 0.0, 1.0)
+    if config.get("quantile") is not None:
+        common.in_range("quantile", config["quantile"], 0.0, 1.0)
+    if config.get("method", "pnas") not in ("pnas", "netdissect2017"):
+        raise LaunchError(f"--method={config['method']}: use pnas or netdissect2017")
+    if config.get("rotation"):
+        from jaxdissect.rotation import RotationError, parse_rotation
+
+        try:
+            parse_rotation(config["rotation"])
+        except RotationError as e:
+            raise LaunchError(str(e)) from None
     common.in_range("miniou", config.get("miniou", DEFAULTS["miniou"]), 0.0, 1.0, low_open=False)
     if config.get("geometry", "original") not in ("original", "clamped"):
         raise LaunchError(f"--geometry={config['geometry']}: use original or clamped")
@@ -197,7 +215,9 @@ def build(config: dict) -> dict:
     shapes = layer_shapes(module, variables, x)
     dissectable = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
     layers = parse_layers(config.get("layers"), dissectable)
-    q = float(config.get("quantile", DEFAULTS["quantile"]))
+    method = config.get("method") or "pnas"
+    q = config.get("quantile")
+    q = float(q) if q is not None else (0.005 if method == "netdissect2017" else 0.01)
     seg_name = "dataset" if seg_spec == "dataset" else None
     if seg_name is None:
         segmentation, seg_name = make_segmentation(seg_spec, quad_quirk=config.get("quad_quirk", True),
@@ -209,6 +229,10 @@ def build(config: dict) -> dict:
         name = f"{model_name}-{data_name}-{seg_name}-{_layers_tag(config.get('layers'), layers)}"
         if q != 0.005:
             name += "-%g" % (q * 1000)
+        if method != "pnas":
+            name += f"-{method}"
+        if config.get("rotation"):
+            name += "-rot" + re.sub(r"[^0-9.]", "_", config["rotation"])
         if config.get("thumbsize", 100) != 100:
             name += f"-t{config['thumbsize']}"
         output_dir = os.path.join("results", name)
@@ -224,8 +248,17 @@ def build(config: dict) -> dict:
     if demo:
         module, variables, _ = train_synthetic.train_or_load(common.cache_dir(config.get("cache_dir")),
                                                              log=_stderr, **settings)
+    views = None
+    if config.get("rotation"):
+        from jaxdissect.rotation import layer_rotations, parse_rotation
+
+        alpha, seed = parse_rotation(config["rotation"])
+        mats = layer_rotations({n: shapes[n].shape for n in layers}, alpha, seed,
+                               bool(config.get("rotation_unpermute")))
+        views = {n: (n, mats[n]) for n in layers}
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
-                output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels")
+                output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels", method=method,
+                quantile=q, views=views)
 
 
 def _stderr(*args) -> None:
@@ -242,8 +275,9 @@ def run(config: dict):
     from jaxdissect.pipelines.dissect import dissect
 
     b = build(config)
-    results = dissect(b["module"], b["variables"], b["layers"], b["data"], b["segmentation"],
-                      quantile=config.get("quantile", 0.01), miniou=config.get("miniou", 0.04),
+    results = dissect(b["module"], b["variables"], [] if b["views"] else b["layers"], b["data"], b["segmentation"],
+                      quantile=b["quantile"], miniou=config.get("miniou", 0.04), method=b["method"],
+                      views=b["views"],
                       topk=config.get("topk", 100), thumbsize=config.get("thumbsize", 100),
                       batch_size=config.get("batch_size"), output_dir=b["output_dir"],
                       num_images=config.get("num_images"), name=b["name"],
@@ -265,7 +299,15 @@ def define_flags() -> None:
                             "required for classifiers.")
     flags.DEFINE_string("segmenter", None, "'upp=<dir>,color=<dir>,setting=netpqc' or 'dataset' "
                         "(labels from the data). Default: dataset for the demo and Broden.")
-    flags.DEFINE_float("quantile", 0.01, "Top fraction of activations that counts as on, in (0, 1).")
+    flags.DEFINE_float("quantile", None, "Top fraction of activations that counts as on, in (0, 1) "
+                       "(default 0.01; 0.005 for --method=netdissect2017).")
+    flags.DEFINE_enum("method", "pnas", ["pnas", "netdissect2017"],
+                      "pnas: IoU against every label; netdissect2017: Broden scoring per primary category "
+                      "with the category-conditioned activation count, <layer>-result.csv.")
+    flags.DEFINE_string("rotation", None, "ALPHA[:SEED]: dissect Q^alpha R a, NetDissect's random rotation "
+                        "(seed default 1) over each layer's channels, applied before the thresholds.")
+    flags.DEFINE_bool("rotation_unpermute", False, "Permute the rotated units back towards the original "
+                      "ones (NetDissect's --rotation_unpermute; counts do not change).")
     flags.DEFINE_float("miniou", 0.04, "IoU above which a unit counts as interpretable, in [0, 1).")
     flags.DEFINE_integer("topk", 100, "Top images tracked per unit.")
     flags.DEFINE_integer("thumbsize", 100, "Thumbnail size of the unit strips.")
@@ -291,7 +333,15 @@ def main(argv):
     results, output_dir = run(get_config())
     index = os.path.join(os.path.abspath(output_dir), "index.html")
     for layer, r in results.items():
-        print(f"{layer}: {int(r.interpretable.sum())} of {len(r.thresholds)} units with IoU > {FLAGS.miniou}")
+        if r.category_active is not None:
+            from jaxdissect.netdissect2017 import scores_of, unique_detectors
+
+            c = unique_detectors(scores_of(r), r.config["category_names"], FLAGS.miniou)
+            print(f"{layer}: {c['top']['detectors']} of {len(r.thresholds)} units with IoU >= {FLAGS.miniou}; "
+                  f"unique detectors {c['top']['unique']} (top labels), {c['per_category']['unique']} "
+                  f"(per category, summed)")
+        else:
+            print(f"{layer}: {int(r.interpretable.sum())} of {len(r.thresholds)} units with IoU > {FLAGS.miniou}")
     print(f"report: {index}")
 
 

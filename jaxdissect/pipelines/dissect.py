@@ -156,8 +156,15 @@ class _Run:
 
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
-                 checkpoint_every, resolution, row0_competes=False, settings=None):
+                 checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None):
+        from jaxdissect.netdissect2017 import METHODS, label_category_index
         from jaxdissect.statistics import Plan
+
+        if method not in METHODS:
+            raise DissectError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method = method
+        if quantile is None:
+            quantile = 0.005 if method == "netdissect2017" else 0.01
 
         self.module, self.variables, self.data = module, variables, data
         self.segmentation = segmentation
@@ -180,11 +187,28 @@ class _Run:
         self.input_key, x0 = _model_input(probe)
         self.generator = self.input_key == "z"
         self.layers = list(layers)
-        if not self.layers:
-            raise DissectError("no layers to dissect")
         if len(set(self.layers)) != len(self.layers):
             raise DissectError(f"layers listed twice: {self.layers}")
-        self.shapes = _resolve_layers(module, variables, x0[:1], self.layers)
+        if views is not None:
+            if self.layers:
+                raise DissectError(f"give layers or views, not both (layers {self.layers}); list every layer as "
+                                   "a view: views={name: (layer, None)}")
+            self.views = {str(v): (str(layer), None if m is None else np.asarray(m, np.float32))
+                          for v, (layer, m) in dict(views).items()}
+            self.layers = list(self.views)
+        else:
+            self.views = {n: (n, None) for n in self.layers}
+        if not self.layers:
+            raise DissectError("no layers to dissect")
+        self.captured = list(dict.fromkeys(layer for layer, _ in self.views.values()))
+        layer_shapes = _resolve_layers(module, variables, x0[:1], self.captured)
+        self.shapes = {v: layer_shapes[layer] for v, (layer, _) in self.views.items()}
+        for v, (layer, m) in self.views.items():
+            c = int(self.shapes[v][-1])
+            if m is not None and m.shape != (c, c):
+                raise DissectError(f"{v}: a {'x'.join(map(str, m.shape))} rotation cannot act on layer {layer} "
+                                   f"with {c} channels; build it for {c} channels "
+                                   f"(jaxdissect.rotation.random_rotation_powers({c}, ...))")
         out = jax.eval_shape(lambda v, x: module.apply(v, x), variables, x0[:1])
         if self.generator:
             if not (isinstance(out, jax.ShapeDtypeStruct) and len(out.shape) == 4 and out.shape[-1] == 3):
@@ -200,10 +224,17 @@ class _Run:
         self.num_batches = -(-self.num_images // self.batch_size)
         self.output_dir = output_dir
         self.name = name or f"{type(module).__name__} {data.name} {self.seg_name}"
+        by_category = {}
+        if method == "netdissect2017":
+            index = label_category_index(self.label_categories, self.categories)
+            if not (index >= 0).any():
+                raise DissectError(f"method netdissect2017 needs labels with categories; none of the "
+                                   f"{len(self.label_names)} labels of {data.name} has one of {self.categories}")
+            by_category = dict(label_category=tuple(int(c) for c in index), num_categories=len(self.categories))
         self.plans = {
             n: Plan(num_units=int(self.shapes[n][-1]), num_labels=len(self.label_names),
                     source_hw=tuple(int(v) for v in self.shapes[n][1:3]), resolution=self.resolution,
-                    quantile=float(quantile), topk=int(topk), geometry=geometry)
+                    quantile=float(quantile), topk=int(topk), geometry=geometry, **by_category)
             for n in self.layers}
         self.config = {
             "model": {"class": f"{type(module).__module__}.{type(module).__name__}",
@@ -213,6 +244,11 @@ class _Run:
             "resolution": list(self.resolution), "num_images": self.num_images,
             "batch_size": self.batch_size, "devices": self.devices,
         }
+        if method != "pnas":
+            self.config["method"] = method
+        if views is not None:
+            self.config["views"] = {v: [layer, None if m is None else _hash_array(m)]
+                                    for v, (layer, m) in self.views.items()}
 
     # -- segmentation ------------------------------------------------------
     def _setup_segmentation(self, probe, resolution):
@@ -312,11 +348,21 @@ class _Run:
 
     # -- compute -----------------------------------------------------------
     def forward_fn(self):
-        """Jitted ``(variables, x) -> (output, {layer: float32 activation})``: one pass, every layer."""
+        """Jitted ``(variables, x) -> (output, {view: float32 activation})``: one pass, every layer.
+
+        A view is a captured layer, rotated over its channels when it has a matrix.
+        """
+        spec = tuple((v, layer, m is not None) for v, (layer, m) in self.views.items())
         try:
-            return _forward(self.module, tuple(self.layers))
+            f = _forward(self.module, tuple(self.captured), spec)
         except TypeError:  # an unhashable module: compile for this run only
-            return _forward.__wrapped__(self.module, tuple(self.layers))
+            f = _forward.__wrapped__(self.module, tuple(self.captured), spec)
+        if getattr(self, "_matrices", None) is None:
+            self._matrices = jax.device_put(
+                {v: m for v, (_, m) in self.views.items() if m is not None},
+                jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        matrices = self._matrices
+        return lambda variables, x: f(variables, x, matrices)
 
     def replicated_variables(self):
         if getattr(self, "_params", None) is None:
@@ -397,9 +443,21 @@ class _Run:
         from jaxdissect.statistics import DissectionResult
 
         _, stats = selection_stats
-        iou = iou_k.iou(counts["intersection"], counts["active"], counts["label_pixels"])
-        label, label_iou, interpretable = (np.asarray(x) for x in labels_k.best_labels(
-            iou, miniou=self.miniou, row0_competes=self.row0_competes))
+        config = {}
+        if self.method == "netdissect2017":
+            from jaxdissect import netdissect2017
+
+            scores = netdissect2017.score(counts["intersection"], counts["category_active"],
+                                          counts["label_pixels"], self.plans[name].label_category)
+            iou, label, label_iou = scores.iou, scores.label, scores.score
+            interpretable = (label_iou >= self.miniou) & (label > 0)  # the 2017 report's rule
+            config = {"method": self.method, "category_names": self.categories}
+        else:
+            iou = iou_k.iou(counts["intersection"], counts["active"], counts["label_pixels"])
+            label, label_iou, interpretable = (np.asarray(x) for x in labels_k.best_labels(
+                iou, miniou=self.miniou, row0_competes=self.row0_competes))
+        if self.views[name][1] is not None:
+            config["rotated_layer"] = self.views[name][0]
         return DissectionResult(
             thresholds=np.asarray(thresholds, np.float32), iou=iou, label=label.astype(np.int64),
             label_iou=label_iou.astype(np.float64), interpretable=interpretable.astype(bool),
@@ -410,7 +468,8 @@ class _Run:
             config={"layer": name, "quantile": self.quantile, "miniou": self.miniou, "topk": self.topk,
                     "row0_competes": self.row0_competes,
                     "geometry": self.geometry, "resolution": list(self.resolution),
-                    "num_images": self.num_images})
+                    "num_images": self.num_images, **config},
+            category_active=counts.get("category_active"))
 
     # -- thumbnails --------------------------------------------------------
     def strips(self, results: Mapping[str, Any]) -> dict[str, dict[int, np.ndarray]]:
@@ -470,6 +529,10 @@ class _Run:
         units = report_units(result)
         bargraph.write_concept_bargraph(os.path.join(d, "concepts_99.svg"), units, self.miniou)
         report_json.write_report_json(os.path.join(d, "report.json"), self.header_name(skipped), units)
+        if self.method == "netdissect2017":
+            from jaxdissect import netdissect2017
+
+            netdissect2017.write_layer_files(d, name, result, self.miniou)
 
     def write_run(self, results, skipped):
         from jaxdissect.reports import html, summary
@@ -482,12 +545,16 @@ class _Run:
             r = results[n]
             shown = [dict(u, interpretable=bool(r.interpretable[i]), dead=bool(np.asarray(r.active)[i] == 0))
                      for i, u in enumerate(units[n])]
+            layer_summary = {"units": row["units"], "interpretable": row["interpretable"],
+                             "never fire": sum(u["dead"] for u in shown),
+                             "unique concepts": row["unique_concepts"],
+                             "images": self.num_images - skipped, "skipped images": skipped}
+            if self.method == "netdissect2017":
+                from jaxdissect import netdissect2017
+
+                layer_summary.update(netdissect2017.summary_numbers(r, self.miniou))
             layers.append({"name": n, "dir": os.path.basename(self.layer_dir(n)), "units": shown,
-                           "svg": "concepts_99.svg",
-                           "summary": {"units": row["units"], "interpretable": row["interpretable"],
-                                       "never fire": sum(u["dead"] for u in shown),
-                                       "unique concepts": row["unique_concepts"],
-                                       "images": self.num_images - skipped, "skipped images": skipped}})
+                           "svg": "concepts_99.svg", "summary": layer_summary})
         settings = {"model": type(self.module).__name__, "data": f"{self.data.name} ({self.num_images} items)",
                     "segmenter": self.seg_name}
         settings.update(self.settings)
@@ -496,20 +563,29 @@ class _Run:
                                      "activations)",
                          "IoU cut-off": f"{self.miniou:g} (a unit is a detector when its best IoU exceeds it)",
                          "geometry": self.geometry})
+        if self.method != "pnas":
+            settings["method"] = self.method
         skipped_files = sorted(str(v) for v in getattr(self.data, "bad_files", {}).values())
         return html.write_run_report(self.output_dir, self.header_name(skipped), layers, settings=settings,
                                      skipped_files=skipped_files)
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(module, layers: tuple[str, ...]):
-    """Jitted forward pass capturing ``layers`` (cached, so repeated dissections compile once)."""
+def _forward(module, layers: tuple[str, ...], views: tuple):
+    """Jitted forward pass capturing ``layers`` (cached, so repeated dissections compile once).
+
+    ``views`` is ``((name, layer, rotated), ...)``; a rotated view is
+    ``a' = R a`` over the channels with ``R = matrices[name]``, right after capture.
+    """
     from jaxdissect.layers import capture
+    from jaxdissect.rotation import rotate_activations
 
     @jax.jit
-    def forward(variables, x):
+    def forward(variables, x, matrices):
         out, acts = capture(module, variables, x, layers)
-        return out, {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
+        acts = {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
+        return out, {v: rotate_activations(acts[layer], matrices[v]) if rotated else acts[layer]
+                     for v, layer, rotated in views}
 
     return forward
 
@@ -575,11 +651,12 @@ def _label_tables(segmenter, names, cats):
 
 
 def dissect(module, variables, layers: str | Sequence[str], data, segmentation="dataset", *,
-            quantile: float = 0.01, miniou: float = 0.04, topk: int = 100, thumbsize: int = 100,
+            quantile: float | None = None, miniou: float = 0.04, topk: int = 100, thumbsize: int = 100,
             batch_size: int | None = None, output_dir: str | None = None, num_images: int | None = None,
             mesh=None, geometry: str = "original", progress: bool = True, name: str | None = None,
             checkpoint_every: int = 50, resolution: tuple[int, int] | None = None,
-            row0_competes: bool = False, settings: Mapping[str, Any] | None = None) -> dict:
+            row0_competes: bool = False, settings: Mapping[str, Any] | None = None, method: str = "pnas",
+            views: Mapping[str, tuple] | None = None) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -590,8 +667,10 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
       segmentation: ``(segmenter, variables)`` from ``jaxdissect.load_segmenter``, or
         ``'dataset'`` for the labels the data source provides.
       quantile: top fraction of each unit's upsampled activations that counts as
-        "on" (0.01: threshold = the exact 0.99 quantile).
-      miniou: a unit is interpretable when its best IoU exceeds this.
+        "on" (0.01: threshold = the exact 0.99 quantile). Default: 0.01, or
+        0.005 for ``method='netdissect2017'``.
+      miniou: a unit is interpretable when its best IoU exceeds this (2017
+        method: reaches it, as the 2017 report counted).
       topk: images tracked per unit (by raw per-image maximum); 5 are shown.
       thumbsize: thumbnail size in the unit strips.
       batch_size: images per step (rounded up to a multiple of the device count).
@@ -609,13 +688,22 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         segmentation's differs (by default it is the segmentation's).
       row0_competes: the original's quirk: label 0 (no label) competes for a unit's label.
       settings: extra ``{name: value}`` shown in the report's header (e.g. model, segmenter).
+      method: ``'pnas'`` (IoU against every label, spec 3.1) or
+        ``'netdissect2017'`` (Broden scoring per primary category with the
+        category-conditioned activation count, :mod:`jaxdissect.netdissect2017`;
+        writes ``<layer>/<layer>-result.csv`` and ``netdissect2017.json``).
+      views: ``{name: (layer, R or None)}`` to dissect named views of
+        captured layers instead of ``layers`` (results keyed by name): a view
+        with a ``[C, C]`` matrix is the layer rotated over its channels,
+        ``a' = R a`` right after capture and before the thresholds
+        (``jaxdissect.rotation``); several views of one layer share the passes.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = _Run(module, variables, layers, data, segmentation, quantile=quantile, miniou=miniou,
                topk=topk, thumbsize=thumbsize, batch_size=batch_size, output_dir=output_dir,
                num_images=num_images, mesh=mesh, geometry=geometry, progress=progress, name=name,
                checkpoint_every=checkpoint_every, resolution=resolution, row0_competes=row0_competes,
-               settings=settings)
+               settings=settings, method=method, views=views)
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")

@@ -1,0 +1,355 @@
+"""Compare networks, training snapshots, layers and random-rotation powers in one dissection run.
+
+``compare(members, data, ...)`` dissects every member's layers (and, with
+``rotations``, every power ``Q^alpha`` of each layer, ``jaxdissect.rotation``)
+in ONE run of :func:`jaxdissect.dissect`: the members are wrapped in an
+:class:`Ensemble` module, so each pass reads and decodes every image once,
+segments it once (or reads its Broden labels once) and runs every member on
+it in the same jitted step; the rotated layers are views of one capture.
+
+Outputs in ``output_dir``: ``dissection/`` (the ordinary per-layer reports of
+every member/layer/alpha), ``compare.csv`` and ``compare.json`` (every
+number: detectors and unique detectors per category, both conventions of the
+2017 code, see :mod:`jaxdissect.netdissect2017`), the paper's figures as SVG
+(unique detectors per category per network, per layer, over training
+iterations, over rotation alpha; convention: per category, summed) and
+``index.html`` (every string escaped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import html
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import numpy as np
+
+from jaxdissect import netdissect2017 as nd
+
+CATEGORY_COLORS = {"object": "#4e79a7", "scene": "#f28e2b", "part": "#59a14f", "material": "#e15759",
+                   "texture": "#b07aa1", "color": "#edc948"}
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class CompareError(ValueError):
+    """Members, layers or rotations that cannot be compared; the message names the fix."""
+
+
+@dataclasses.dataclass
+class Member:
+    """One network or training snapshot: a display ``name`` (letters, digits, ``_``, ``-``), its
+    Flax module and variables, the ``layers`` to dissect and, for snapshots, its ``iteration``."""
+
+    name: str
+    module: Any
+    variables: Any
+    layers: Sequence[str]
+    iteration: int | None = None
+
+
+class Ensemble(nn.Module):
+    """Runs every member on the same input; member ``names[i]``'s layer ``L`` is layer ``names[i].L``."""
+
+    members: tuple
+    names: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        return tuple(m.clone(name=n, parent=self)(x) for m, n in zip(self.members, self.names))
+
+
+def ensemble_variables(members: Sequence[Member]) -> dict:
+    """The members' variables under their names, collection by collection."""
+    out: dict = {}
+    for m in members:
+        for collection, tree in dict(m.variables).items():
+            out.setdefault(collection, {})[m.name] = tree
+    return out
+
+
+def _check_members(members: Sequence[Member], x) -> dict:
+    """``{member name: {layer: shape}}`` after checking names and layers."""
+    from jaxdissect.layers import layer_shapes
+
+    if not members:
+        raise CompareError("nothing to compare: give at least one model")
+    names = [m.name for m in members]
+    bad = [n for n in names if not _NAME.match(n)]
+    if bad:
+        raise CompareError(f"model names {bad} may hold only letters, digits, '_' and '-'; rename them")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CompareError(f"model names {twice} are used twice; give every model its own name")
+    out = {}
+    for m in members:
+        if not m.layers:
+            raise CompareError(f"model {m.name}: no layers to dissect")
+        shapes = out[m.name] = layer_shapes(m.module, m.variables, x)
+        valid = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
+        for layer in m.layers:
+            if layer not in valid:
+                close = difflib.get_close_matches(layer, valid, n=3, cutoff=0.5)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise CompareError(f"model {m.name} has no dissectable layer {layer!r}{hint}; its layers: "
+                                   f"{', '.join(valid)}")
+    return out
+
+
+def view_name(member: str, layer: str, alpha: float | None) -> str:
+    return f"{member}.{layer}" + ("" if alpha is None else f"@{alpha:g}")
+
+
+def _views(members, member_shapes, rotations, seed, unpermute):
+    from jaxdissect.rotation import RotationError, random_rotation_powers
+
+    views, keys, cache = {}, {}, {}
+    for m in members:
+        shapes = member_shapes[m.name]
+        for layer in m.layers:
+            source = f"{m.name}.{layer}"
+            if rotations is None:
+                views[source] = (source, None)
+                keys[source] = (m, layer, None)
+                continue
+            c = int(shapes[layer].shape[-1])
+            if c not in cache:
+                try:
+                    cache[c] = random_rotation_powers(c, list(rotations), seed, unpermute)
+                except RotationError as e:
+                    raise CompareError(f"model {m.name} layer {layer}: {e}") from e
+            for alpha, mat in zip(rotations, cache[c]):
+                name = view_name(m.name, layer, alpha)
+                exact_identity = alpha == 0 and not unpermute  # Q^0 = I: the unrotated layer itself
+                views[name] = (source, None if exact_identity else mat.astype(np.float32))
+                keys[name] = (m, layer, float(alpha))
+    return views, keys
+
+
+def _category_list(result) -> list[str]:
+    if "category_names" in result.config:
+        return list(result.config["category_names"])
+    return list(dict.fromkeys(c for c in (result.categories or [])[1:] if c and c != "-"))
+
+
+def layer_counts(result, miniou: float = 0.04) -> dict:
+    """Detector counts of one ``DissectionResult``, both conventions (:func:`netdissect2017.unique_detectors`).
+
+    A PNAS-method result is scored per category from its IoU matrix (each label
+    in the category it carries), so both kinds of run give the same table.
+    """
+    if result.category_active is not None:
+        return nd.unique_detectors(nd.scores_of(result), result.config["category_names"], miniou)
+    cats = _category_list(result)
+    index = nd.label_category_index(result.categories or ["-"] * result.iou.shape[1], cats)
+    iou = np.where(index[None] >= 0, np.asarray(result.iou, np.float64), 0.0)
+    units = iou.shape[0]
+    cat_label = np.zeros((units, len(cats)), np.int64)
+    cat_score = np.zeros((units, len(cats)))
+    for c in range(len(cats)):
+        members = np.flatnonzero(index == c)
+        if members.size:
+            best = iou[:, members].argmax(1)
+            cat_score[:, c] = iou[np.arange(units), members[best]]
+            cat_label[:, c] = np.where(cat_score[:, c] > 0, members[best], 0)
+    best_cat = len(cats) - 1 - np.argmax(cat_score[:, ::-1], axis=1) if cats else np.zeros(units, np.int64)
+    rows = np.arange(units)
+    scores = nd.Scores(iou=iou, category_label=cat_label, category_score=cat_score, best_category=best_cat,
+                       label=cat_label[rows, best_cat] if cats else np.zeros(units, np.int64),
+                       score=cat_score[rows, best_cat] if cats else np.zeros(units))
+    return nd.unique_detectors(scores, cats, miniou)
+
+
+def table(results: dict, keys: dict, miniou: float) -> tuple[list[str], list[dict]]:
+    """``(categories, rows)``: one row per dissected view with every count."""
+    rows, categories = [], []
+    for name, r in results.items():
+        member, layer, alpha = keys[name]
+        counts = layer_counts(r, miniou)
+        cats = list(counts["top"]["per_category"])
+        categories += [c for c in cats if c not in categories]
+        row = {"name": name, "model": member.name, "iteration": member.iteration, "layer": layer, "alpha": alpha,
+               "units": counts["units"],
+               "detectors": counts["per_category"]["detectors"], "unique": counts["per_category"]["unique"],
+               "detectors_top": counts["top"]["detectors"], "unique_top": counts["top"]["unique"]}
+        for c in cats:
+            row[f"unique_{c}"] = counts["per_category"]["per_category"][c]
+            row[f"detectors_{c}"] = counts["per_category"]["detectors_per_category"][c]
+            row[f"unique_top_{c}"] = counts["top"]["per_category"][c]
+        rows.append(row)
+    return categories, rows
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _stacked(ax, labels, rows, categories):
+    bottom = np.zeros(len(rows))
+    for c in categories:
+        vals = np.array([r.get(f"unique_{c}", 0) for r in rows], float)
+        ax.bar(np.arange(len(rows)), vals, bottom=bottom, color=CATEGORY_COLORS.get(c), label=c)
+        bottom += vals
+    ax.set_xticks(np.arange(len(rows)))
+    ax.set_xticklabels(labels, rotation=45 if len(rows) > 3 else 0, ha="right" if len(rows) > 3 else "center",
+                       fontsize=8)
+    ax.set_ylabel("unique detectors")
+
+
+def write_figures(output_dir: str, categories: list[str], rows: list[dict], threshold: float) -> dict:
+    """The paper's figures as SVG; returns ``{title: file name}`` of those that apply."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    plain = {(r["model"], r["layer"]) for r in rows if r["alpha"] is None}
+    base = [r for r in rows if r["alpha"] is None or (r["alpha"] == 0 and (r["model"], r["layer"]) not in plain)]
+    note = f"IoU > {threshold:g}, per category, summed"
+
+    def save(fig, name, title):
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, name))
+        plt.close(fig)
+        figures[title] = name
+
+    models = list(dict.fromkeys(r["model"] for r in base))
+    if base:
+        last = [[r for r in base if r["model"] == m][-1] for m in models]
+        last.sort(key=lambda r: -r["unique"])
+        fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(last) + 3), 3.5))
+        _stacked(ax, [f"{r['model']}\n{r['layer']}" for r in last], last, categories)
+        ax.set_title(f"Networks ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "unique_per_network.svg", "Unique detectors per network")
+    if any(sum(r["model"] == m for r in base) > 1 for m in models):
+        fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(base) + 3), 3.5))
+        _stacked(ax, [f"{r['model']}\n{r['layer']}" for r in base], base, categories)
+        ax.set_title(f"Layers ({note})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "unique_per_layer.svg", "Unique detectors per layer")
+    snaps = [r for r in base if r["iteration"] is not None]
+    if snaps:
+        layers = list(dict.fromkeys(r["layer"] for r in snaps))
+        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers) + 1, 3.5), squeeze=False)
+        for ax, layer in zip(axes[0], layers):
+            sel = sorted((r for r in snaps if r["layer"] == layer), key=lambda r: r["iteration"])
+            its = [r["iteration"] for r in sel]
+            for c in categories:
+                ax.plot(its, [r.get(f"unique_{c}", 0) for r in sel], marker="o", color=CATEGORY_COLORS.get(c),
+                        label=c)
+            ax.set_xscale("symlog")
+            ax.set_xlabel("training iteration")
+            ax.set_title(layer, fontsize=9)
+        axes[0][0].set_ylabel("unique detectors")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "unique_over_iterations.svg", "Unique detectors over training iterations")
+    rotated = [r for r in rows if r["alpha"] is not None]
+    if rotated:
+        groups = list(dict.fromkeys((r["model"], r["layer"]) for r in rotated))
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups) + 1, 3.5), squeeze=False)
+        for ax, (m, layer) in zip(axes[0], groups):
+            sel = sorted((r for r in rotated if (r["model"], r["layer"]) == (m, layer)), key=lambda r: r["alpha"])
+            _stacked(ax, [f"{r['alpha']:g}" for r in sel], sel, categories)
+            ax.set_xlabel("rotation power alpha")
+            ax.set_title(f"{m} {layer}", fontsize=9)
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        save(fig, "unique_over_rotation.svg", "Unique detectors over rotation alpha")
+    return figures
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_tables(output_dir: str, categories: list[str], rows: list[dict], config: dict) -> None:
+    import csv
+
+    fields = ["name", "model", "iteration", "layer", "alpha", "units", "detectors", "unique", "detectors_top",
+              "unique_top"]
+    for prefix in ("unique_", "detectors_", "unique_top_"):
+        fields += [prefix + c for c in categories]
+    tmp = os.path.join(output_dir, "compare.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fields, restval=0)
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    os.replace(tmp, os.path.join(output_dir, "compare.csv"))
+    tmp = os.path.join(output_dir, "compare.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"config": config, "categories": categories, "rows": rows}, f, indent=1)
+    os.replace(tmp, os.path.join(output_dir, "compare.json"))
+
+
+def render_html(title: str, categories: list[str], rows: list[dict], figures: dict, threshold: float) -> str:
+    esc = html.escape
+    cols = ["model", "iteration", "layer", "alpha", "units", "detectors", "unique", "detectors_top", "unique_top"]
+    cols += [f"unique_{c}" for c in categories]
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    body = "\n".join("<tr>" + "".join(f"<td>{esc('' if r.get(c) is None else str(r.get(c, 0)))}</td>"
+                                      for c in cols) + "</tr>" for r in rows)
+    figs = "\n".join(f'<figure><img src="{esc(f, quote=True)}" alt="{esc(t, quote=True)}">'
+                     f"<figcaption>{esc(t)}</figcaption></figure>" for t, f in figures.items())
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body {{ font-family: sans-serif; margin: 1.5em; }} table {{ border-collapse: collapse; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; text-align: right; }} figure {{ display: inline-block; }}
+img {{ max-width: 100%; }}</style></head>
+<body><h1>{esc(title)}</h1>
+<p>detectors / unique: per category with IoU &gt; {esc(f'{threshold:g}')}, summed over categories (the CVPR
+figure); _top: distinct top labels of units with IoU &ge; {esc(f'{threshold:g}')} (the report). Every number is in
+<a href="compare.csv">compare.csv</a> and <a href="compare.json">compare.json</a>; unit reports:
+<a href="dissection/index.html">dissection/index.html</a>.</p>
+{figs}
+<table><thead><tr>{head}</tr></thead><tbody>
+{body}
+</tbody></table></body></html>
+"""
+
+
+def compare(members: Sequence[Member], data, segmentation="dataset", *, rotations: Sequence[float] | None = None,
+            rotation_seed: int = 1, rotation_unpermute: bool = False, method: str = "netdissect2017",
+            quantile: float | None = None, miniou: float = 0.04, output_dir: str | None = None,
+            batch_size: int | None = None, num_images: int | None = None, topk: int = 10, thumbsize: int = 64,
+            progress: bool = True, checkpoint_every: int = 50, title: str | None = None) -> dict:
+    """Dissect every member (and rotation power) in one run; returns ``{"rows", "categories", "results"}``.
+
+    ``members``: :class:`Member` list (networks or training snapshots; each
+    with its own layer list). ``rotations``: powers ``alpha`` of the random
+    rotation of every listed layer (``rotation_seed``, ``rotation_unpermute``
+    as NetDissect's flags). ``method``, ``quantile``, ``miniou``,
+    ``batch_size``, ``num_images``, ``topk``, ``thumbsize``,
+    ``checkpoint_every``: as for :func:`jaxdissect.dissect`. The members
+    must take the same input (one data source feeds them all).
+    """
+    from jaxdissect.pipelines.dissect import _model_input, dissect
+
+    members = list(members)
+    probe = data.get_batch([0])
+    _, x = _model_input(probe)
+    shapes = _check_members(members, x[:1])
+    if rotations is not None:
+        rotations = [float(a) for a in rotations]
+        if not rotations or any(a < 0 for a in rotations):
+            raise CompareError(f"rotations must be a non-empty list of powers alpha >= 0, got {rotations}")
+    views, keys = _views(members, shapes, rotations, rotation_seed, rotation_unpermute)
+    ensemble = Ensemble(tuple(m.module for m in members), tuple(m.name for m in members))
+    title = title or f"Comparison of {', '.join(m.name for m in members)} on {data.name}"
+    results = dissect(ensemble, ensemble_variables(members), [], data, segmentation, views=views, method=method,
+                      quantile=quantile, miniou=miniou, topk=topk, thumbsize=thumbsize, batch_size=batch_size,
+                      num_images=num_images, progress=progress, checkpoint_every=checkpoint_every, name=title,
+                      output_dir=None if output_dir is None else os.path.join(output_dir, "dissection"))
+    categories, rows = table(results, keys, miniou)
+    if output_dir is not None:
+        config = {"members": [{"name": m.name, "iteration": m.iteration, "layers": list(m.layers)} for m in members],
+                  "data": data.name, "method": method, "miniou": miniou, "rotations": rotations,
+                  "rotation_seed": rotation_seed, "rotation_unpermute": rotation_unpermute,
+                  "quantile": next(iter(results.values())).config.get("quantile")}
+        write_tables(output_dir, categories, rows, config)
+        figures = write_figures(output_dir, categories, rows, miniou)
+        with open(os.path.join(output_dir, "index.html"), "w", encoding="utf-8") as f:
+            f.write(render_html(title, categories, rows, figures, miniou))
+    return {"rows": rows, "categories": categories, "results": results}

@@ -1,0 +1,194 @@
+r"""Compare networks, training snapshots, layers or random-rotation powers in one dissection run.
+
+Networks on Broden with the 2017 method (one pass over the data for all)::
+
+  python -m launch.compare --models=models/alexnet_places365,models/resnet152_places365 \
+      --layers="conv5;7" --data=broden:datasets/broden1_224 --output_dir=results/compare-networks
+
+Training snapshots (``--iterations``) over several layers, and the rotation
+curve (``--rotations``, NetDissect's random rotation ``Q^alpha``, seed 1)::
+
+  python -m launch.compare --models=snap/it1000,snap/it10000,snap/it100000 --iterations=1000,10000,100000 \
+      --layers=conv3,conv4,conv5 --data=broden:datasets/broden1_227
+  python -m launch.compare --models=models/alexnet_places365 --layers=conv5 \
+      --rotations=0,0.2,0.4,0.6,0.8,1 --data=broden:datasets/broden1_227
+
+``--layers`` applies to every model, or gives one ``;``-separated list per
+model. Outputs: ``compare.csv``, ``compare.json``, the figures (SVG),
+``index.html`` and ``dissection/`` (the unit reports) in ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+class LaunchError(ValueError):
+    """A flag value that cannot be used; the message says which and how to fix it."""
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def build(config: dict) -> dict:
+    """Members, data and settings for ``compare`` from a config (the flags as a dict)."""
+    from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
+    from jaxdissect.layers import layer_shapes
+    from jaxdissect.pipelines.compare import Member
+    from launch.dissect import _model_kind, make_data, make_segmentation, parse_layers
+
+    dirs = _split(config.get("models"))
+    if not dirs:
+        raise LaunchError("--models is required: a comma list of converted model directories")
+    names = _split(config.get("names")) or None
+    if names is not None and len(names) != len(dirs):
+        raise LaunchError(f"--names lists {len(names)} names for {len(dirs)} models; give one name per model")
+    iterations = _split(config.get("iterations")) or None
+    if iterations is not None:
+        if len(iterations) != len(dirs):
+            raise LaunchError(f"--iterations lists {len(iterations)} values for {len(dirs)} models; give one "
+                              "training iteration per model (snapshot)")
+        try:
+            iterations = [int(i) for i in iterations]
+        except ValueError:
+            raise LaunchError(f"--iterations={config['iterations']}: iterations must be integers") from None
+    groups = [g.strip() for g in (config.get("layers") or "conv").split(";")]
+    if len(groups) not in (1, len(dirs)):
+        raise LaunchError(f"--layers gives {len(groups)} ';'-separated layer lists for {len(dirs)} models; give "
+                          "one list for all models or one per model")
+    loaded, kinds = [], set()
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise LaunchError(f"--models: {d} is not a directory; convert the checkpoint first (python -m "
+                              "converters.<architecture> --input=... --output=DIR)")
+        try:
+            module, variables = load_model(d)
+            metadata = load_metadata(d) or {}
+        except CheckpointError as e:
+            raise LaunchError(f"--models: {d}: {e}") from e
+        kind, crop = _model_kind(metadata, module)
+        if kind != "classifier":
+            raise LaunchError(f"--models: {d} is a generator; launch.compare compares image classifiers on one "
+                              "image data set")
+        kinds.add(crop)
+        loaded.append((d, module, variables, metadata))
+    if len(kinds) > 1:
+        raise LaunchError(f"the models take different input crops {sorted(kinds)}; one data pass feeds them all, "
+                          "so compare models with the same preprocessing (or run them separately)")
+    crop = kinds.pop()
+    if not config.get("data"):
+        raise LaunchError("--data is required, e.g. --data=broden:datasets/broden1_224")
+    data, data_name = make_data(config["data"], kind="classifier", crop=crop,
+                                on_bad_image=config.get("on_bad_image") or "raise")
+    seg_spec = config.get("segmenter") or ("dataset" if config["data"].startswith(("broden:", "synthetic"))
+                                           else None)
+    if seg_spec is None:
+        raise LaunchError("--segmenter is required for this data, e.g. "
+                          "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
+    segmentation, seg_name = make_segmentation(seg_spec)
+    probe = data.get_batch([0])["image"][:1]
+    members = []
+    for i, (d, module, variables, metadata) in enumerate(loaded):
+        shapes = layer_shapes(module, variables, probe)
+        dissectable = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
+        spec = groups[0] if len(groups) == 1 else groups[i]
+        try:
+            layers = parse_layers(spec, dissectable)
+        except ValueError as e:
+            raise LaunchError(f"--layers for {d}: {e}") from e
+        name = names[i] if names else (metadata.get("model") or os.path.basename(os.path.normpath(d)))
+        members.append(Member(name=name.replace(".", "_").replace(" ", "_"), module=module,
+                              variables=variables, layers=layers,
+                              iteration=iterations[i] if iterations else None))
+    rotations = None
+    if config.get("rotations"):
+        try:
+            rotations = [float(a) for a in _split(config["rotations"])]
+        except ValueError:
+            raise LaunchError(f"--rotations={config['rotations']}: give powers alpha like 0,0.5,1") from None
+    output_dir = config.get("output_dir") or os.path.join(
+        "results", "compare-" + "-".join(m.name for m in members)[:80] + f"-{data_name}-{seg_name}")
+    return dict(members=members, data=data, segmentation=segmentation, rotations=rotations,
+                output_dir=output_dir)
+
+
+def run(config: dict) -> tuple[dict, str]:
+    """Build and compare; returns ``(compare's result, output_dir)``."""
+    from jaxdissect.pipelines.compare import compare
+
+    b = build(config)
+    out = compare(b["members"], b["data"], b["segmentation"], rotations=b["rotations"],
+                  rotation_seed=config.get("rotation_seed", 1),
+                  rotation_unpermute=bool(config.get("rotation_unpermute")),
+                  method=config.get("method") or "netdissect2017", quantile=config.get("quantile"),
+                  miniou=config.get("miniou", 0.04), output_dir=b["output_dir"],
+                  batch_size=config.get("batch_size"), num_images=config.get("num_images"),
+                  checkpoint_every=config.get("checkpoint_every", 50))
+    return out, b["output_dir"]
+
+
+def get_config() -> dict:
+    names = ["models", "names", "iterations", "layers", "rotations", "rotation_seed", "rotation_unpermute", "data",
+             "segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "output_dir", "on_bad_image",
+             "checkpoint_every"]
+    return {n: getattr(FLAGS, n) for n in names}
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program)."""
+    flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots).")
+    flags.DEFINE_string("names", None, "Comma list of display names, one per model (default: model.json's).")
+    flags.DEFINE_string("iterations", None, "Comma list of training iterations, one per model (snapshots).")
+    flags.DEFINE_string("layers", None, "Layers for every model (comma list, ranges, 'conv', 'all'), or one "
+                        "';'-separated list per model. Default: conv.")
+    flags.DEFINE_string("rotations", None, "Comma list of rotation powers alpha (e.g. 0,0.2,...,1): dissect "
+                        "each layer rotated by Q^alpha.")
+    flags.DEFINE_integer("rotation_seed", 1, "Seed of the random rotation (the original's is 1).")
+    flags.DEFINE_bool("rotation_unpermute", False, "Permute rotated units back towards the original ones.")
+    flags.DEFINE_string("data", None, "broden:<dir> (or places:/folder:/tfds: with --segmenter).")
+    flags.DEFINE_string("segmenter", None, "'dataset' (default for Broden) or a segmenter spec.")
+    flags.DEFINE_enum("method", "netdissect2017", ["pnas", "netdissect2017"], "Scoring method.")
+    flags.DEFINE_float("quantile", None, "Top fraction that counts as on (default 0.005 for netdissect2017).")
+    flags.DEFINE_float("miniou", 0.04, "IoU that makes a unit a detector.")
+    flags.DEFINE_integer("batch_size", None, "Images per step.")
+    flags.DEFINE_integer("num_images", None, "Use only the first N items of the data.")
+    flags.DEFINE_string("output_dir", None, "Results directory (default results/compare-<models>-<data>-<seg>).")
+    flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
+    flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from jaxdissect.models import set_cpu_xla_flags
+
+    set_cpu_xla_flags()
+    from jaxdissect.checkpoint import CheckpointError
+    from jaxdissect.data.folders import DataSourceError
+    from jaxdissect.pipelines.compare import CompareError
+    from jaxdissect.pipelines.dissect import DissectError
+    from jaxdissect.segmentation import SegmenterError
+    from jaxdissect.statistics import DissectionError
+    from jaxdissect.streaming import StreamError
+
+    try:
+        out, output_dir = run(get_config())
+    except (LaunchError, CompareError, DataSourceError, DissectError, DissectionError, CheckpointError,
+            SegmenterError, StreamError) as e:
+        sys.exit(f"error: {e}")
+    for r in out["rows"]:
+        alpha = "" if r["alpha"] is None else f" alpha={r['alpha']:g}"
+        print(f"{r['model']} {r['layer']}{alpha}: {r['detectors']} detectors, {r['unique']} unique "
+              f"(per category), {r['unique_top']} unique (top labels)")
+    print(f"report: {os.path.join(os.path.abspath(output_dir), 'index.html')}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

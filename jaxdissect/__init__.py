@@ -46,6 +46,8 @@ _EXPORTS = {
     "apply_strokes": "jaxdissect.editing.strokes",
     "paint": "jaxdissect.editing.strokes",
     "erase": "jaxdissect.editing.strokes",
+    "invert": "jaxdissect.editing.inversion",
+    "adapt": "jaxdissect.editing.adaptation",
 }
 
 __all__ = sorted(_EXPORTS) + ["editing", "interventions", "kernels"]

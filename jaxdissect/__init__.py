@@ -52,6 +52,8 @@ _EXPORTS = {
     # NetDissect 2017: random rotations of a layer's basis, comparisons of networks in one run.
     "random_rotation_powers": "jaxdissect.rotation",
     "compare": "jaxdissect.pipelines.compare",
+    "invert": "jaxdissect.editing.inversion",
+    "adapt": "jaxdissect.editing.adaptation",
 }
 
 __all__ = sorted(_EXPORTS) + ["editing", "interventions", "kernels"]

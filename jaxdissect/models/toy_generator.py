@@ -23,8 +23,9 @@ every ``init`` gives the same generator, whatever the key):
   their 3x3 kernels are the identity at the centre tap plus a small random
   part (0.03), so a unit paints the 4x4 pixel block over its 8x8 cell and a
   little of the neighbouring blocks.
-* ``output_32x32`` turns red units into red (+R, -G, -B), green into green,
-  blue into blue, texture units into a small grey/brown shading, on a dark
+* ``output_32x32`` adds each red unit to the R channel only, green to G, blue to B
+  (so the units' small negative LReLU tails shift no hue), texture units add a grey
+  shading that is never labelled, on a dark
   background, then tanh.
 
 :func:`color_segment` is the matching "segmenter" (labels ``-``, ``red``,
@@ -88,10 +89,10 @@ def _planted() -> dict:
         p[name] = {"kernel": _centre_identity(w) + 0.03 * rng.standard_normal((3, 3, w, w)) / np.sqrt(w),
                    "bias": np.zeros(w)}
     colour = np.zeros((w, 3))
-    colour[list(CONCEPT_UNITS["red"])] = (0.6, -0.35, -0.35)
-    colour[list(CONCEPT_UNITS["green"])] = (-0.35, 0.6, -0.35)
-    colour[list(CONCEPT_UNITS["blue"])] = (-0.35, -0.35, 0.6)
-    colour[list(TEXTURE_UNITS)] = rng.uniform(0.05, 0.25, (len(TEXTURE_UNITS), 3))
+    colour[list(CONCEPT_UNITS["red"])] = (0.6, 0.0, 0.0)
+    colour[list(CONCEPT_UNITS["green"])] = (0.0, 0.6, 0.0)
+    colour[list(CONCEPT_UNITS["blue"])] = (0.0, 0.0, 0.6)
+    colour[list(TEXTURE_UNITS)] = 0.15 + rng.uniform(-0.01, 0.01, (len(TEXTURE_UNITS), 1))  # grey: no hue
     p[LAYERS[-1]] = {"kernel": colour[None, None], "bias": np.full(3, -0.8)}
     return jax.tree.map(lambda a: np.asarray(a, np.float32), p)
 

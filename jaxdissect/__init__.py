@@ -40,13 +40,16 @@ _EXPORTS = {
     "ImageFolder": "jaxdissect.data.folders",
     "LatentSource": "jaxdissect.data.folders",
     "SyntheticScenes": "jaxdissect.data.synthetic",
+    # Adversarial attacks on any classifier.
+    "pgd": "jaxdissect.attacks",
+    "carlini_wagner_l2": "jaxdissect.attacks",
 }
 
-__all__ = sorted(_EXPORTS) + ["interventions", "kernels"]
+__all__ = sorted(_EXPORTS) + ["attacks", "interventions", "kernels"]
 
 
 def __getattr__(name):
-    if name in ("interventions", "kernels"):
+    if name in ("attacks", "interventions", "kernels"):
         return importlib.import_module(f"jaxdissect.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 
 from jaxdissect.interventions.common import InterventionError, lookup
 
@@ -110,7 +111,14 @@ def _project(x, original, eps, norm):
     return jnp.clip(original + delta, 0.0, 1.0)
 
 
-@partial(jax.jit, static_argnames=("logits_fn", "steps", "norm", "targeted"))
+def _as_partial(logits_fn):
+    """``logits_fn`` as a pytree: parameters inside a ``Partial`` stay traced arguments of the jitted attack."""
+    if not callable(logits_fn):
+        raise AttackError(f"logits_fn must be a function images -> logits, got {type(logits_fn).__name__}")
+    return logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+
+
+@partial(jax.jit, static_argnames=("steps", "norm", "targeted"))
 def _pgd(logits_fn, images, classes, eps, step_size, start, *, steps, norm, targeted):
     grad_fn = jax.grad(lambda x: _cross_entropy_sum(logits_fn, x, classes))
     direction = -1.0 if targeted else 1.0
@@ -153,6 +161,7 @@ def pgd(
     """
     if norm not in ("linf", "l2"):
         raise AttackError(f"pgd: norm must be 'linf' or 'l2', got {norm!r}")
+    logits_fn = _as_partial(logits_fn)
     images = jnp.asarray(images)
     _check_images(images, "pgd")
     if _concrete(eps, step_size):
@@ -185,8 +194,8 @@ def pgd(
             r = jax.random.uniform(k2, (images.shape[0],) + (1,) * (images.ndim - 1), images.dtype)
             noise = d / jnp.maximum(_per_image_norm(d), 1e-12) * r * eps
         start = images + noise
-    out = _pgd(logits_fn, images, classes, jnp.asarray(eps, images.dtype), jnp.asarray(step_size, images.dtype),
-               start, steps=int(steps), norm=norm, targeted=targeted)
+    out = _pgd(logits_fn, images, classes, jnp.asarray(eps, images.dtype),
+               jnp.asarray(step_size, images.dtype), start, steps=int(steps), norm=norm, targeted=targeted)
     return out.astype(images.dtype)
 
 
@@ -201,7 +210,7 @@ def _best_other(logits, target):
     return jnp.max(masked, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("logits_fn", "binary_search_steps", "steps", "abort_early"))
+@partial(jax.jit, static_argnames=("binary_search_steps", "steps", "abort_early"))
 def _cw(logits_fn, images, targets, confidence, learning_rate, initial_const, *, binary_search_steps, steps,
         abort_early):
     n = images.shape[0]
@@ -299,6 +308,7 @@ def carlini_wagner_l2(
     is the closest one classified as the target seen at any step;
     ``success[i]`` is False (and ``adversarial[i]`` the original) when none was.
     """
+    logits_fn = _as_partial(logits_fn)
     images = jnp.asarray(images)
     _check_images(images, "carlini_wagner_l2")
     if targets is None:

@@ -120,6 +120,23 @@ def test_cw_reaches_closed_form_distance_on_linear_two_class_model():
     np.testing.assert_array_less(got, closed_form * 1.03)
 
 
+def test_parameters_as_partial_are_traced_arguments():
+    w, b, _ = linear_model(scale=0.1)
+    x0 = np.random.default_rng(6).uniform(0, 1, (N, H, W, C)).astype(np.float32)
+    t = np.arange(N, dtype=np.int32) % K
+
+    def f(params, x):
+        return x.reshape(x.shape[0], -1) @ params[0] + params[1]
+
+    fn = jax.tree_util.Partial(f, (jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)))
+    ref = np_pgd(w, b, x0, t, 0.05, 0.02, 2, "linf", True)[-1]
+    np.testing.assert_allclose(np.asarray(pgd(fn, x0, t, eps=0.05, step_size=0.02, steps=2)), ref, atol=2e-5)
+    # new parameters of the same shapes reuse the compiled attack and give their own result
+    fn2 = jax.tree_util.Partial(f, (jnp.asarray(-w, jnp.float32), jnp.asarray(b, jnp.float32)))
+    ref2 = np_pgd(-w, b, x0, t, 0.05, 0.02, 2, "linf", True)[-1]
+    np.testing.assert_allclose(np.asarray(pgd(fn2, x0, t, eps=0.05, step_size=0.02, steps=2)), ref2, atol=2e-5)
+
+
 def test_cw_keeps_original_when_it_cannot_succeed():
     # the target class can never win: its logit is constant and far below
     fn = jax.jit(lambda x: jnp.stack([jnp.full(x.shape[0], 100.0), x.reshape(x.shape[0], -1).sum(1) * 0], -1))
@@ -143,6 +160,8 @@ def test_bad_input():
         carlini_wagner_l2(fn, x0 - 0.5, t)
     with pytest.raises(AttackError, match=r"targets \[7\] out of range"):
         pgd(fn, x0, np.array([0, 7, 1, 2], np.int32), eps=0.1, step_size=0.1, steps=1)
+    with pytest.raises(AttackError, match="logits_fn must be a function"):
+        pgd("vgg16", x0, t, eps=0.1, step_size=0.1, steps=1)
     with pytest.raises(AttackError, match="norm must be"):
         pgd(fn, x0, t, eps=0.1, step_size=0.1, steps=1, norm="l1")
     with pytest.raises(AttackError, match="random_start=True needs key"):

@@ -43,6 +43,8 @@ _EXPORTS = {
     # Adversarial attacks on any classifier.
     "pgd": "jaxdissect.attacks",
     "carlini_wagner_l2": "jaxdissect.attacks",
+    "pre_activation": "jaxdissect.layers",
+    "PreActivation": "jaxdissect.layers",
 }
 
 __all__ = sorted(_EXPORTS) + ["attacks", "interventions", "kernels"]

@@ -122,3 +122,36 @@ def test_converter_errors(converted, tmp_path):
         conv.convert(str(d / "vgg_normalised.pth"), str(d / "decoder.pth"), str(d / "model"))
     with pytest.raises(ConversionError, match="does not exist"):
         conv.convert(str(tmp_path / "nope.pth"), str(d / "decoder.pth"), str(tmp_path / "m"))
+
+
+def test_stylize_folder_pairs_by_seed_and_resumes(converted, tmp_path):
+    from PIL import Image
+
+    from jaxdissect.pipelines import stylize
+
+    *_, module, variables, _ = converted
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        os.makedirs(tmp_path / "content" / f"c{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "content" / f"c{i % 2}" / f"img{i}.png")
+    os.makedirs(tmp_path / "paintings")
+    for j in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "paintings" / f"p{j}.png")
+    out = str(tmp_path / "out")
+    counts = stylize.stylize_folder(module, variables, str(tmp_path / "content"), str(tmp_path / "paintings"), out,
+                                    seed=3, style_size=16)
+    assert counts == {"written": 3, "kept": 0, "total": 3}
+    pick = np.random.default_rng(3).integers(0, 4, size=3)
+    contents = [("c0", "img0"), ("c0", "img2"), ("c1", "img1")]  # sorted walk: folders, then names
+    for (folder, stem), j in zip(contents, pick):
+        path = tmp_path / "out" / folder / f"{stem}-stylized-p{j}.png"
+        got = np.asarray(Image.open(path))
+        c = np.asarray(Image.open(tmp_path / "content" / folder / f"{stem}.png"), np.float32)[None] / 255
+        s = np.asarray(Image.open(tmp_path / "paintings" / f"p{j}.png").resize((24, 16), Image.BILINEAR),
+                       np.float32)[None] / 255
+        ref = ad.to_uint8(module.apply(variables, c, s)[0])
+        assert got.shape == (16, 24, 3) and np.abs(got.astype(int) - ref).max() <= 1
+    again = stylize.stylize_folder(module, variables, str(tmp_path / "content"), str(tmp_path / "paintings"), out,
+                                   seed=3, style_size=16)
+    assert again == {"written": 0, "kept": 3, "total": 3}

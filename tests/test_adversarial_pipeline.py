@@ -95,6 +95,12 @@ def test_group_changes_against_loops():
         assert np.isclose(g["other"][i], np.mean([delta[i, u] for u in others]))
 
 
+def test_places_spellings():
+    names = ["bedroom", "hangar-indoor", "volleyball_court-outdoor"]
+    np.testing.assert_array_equal(adv.resolve_targets(names, ["hangar/indoor", "volleyball_court-outdoor"]), [1, 2])
+    np.testing.assert_array_equal(adv.resolve_targets(["hangar/indoor"], ["hangar-indoor"]), [0])
+
+
 def test_bad_input(planted, tmp_path):
     model, variables, source, ablation = planted
     common = dict(class_names=CLASSES, num_images=2, normalization="pt")

@@ -43,7 +43,8 @@ from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.preprocess import renormalize
 
-PAPER_TARGETS = ("bedroom", "computer_room", "hangar/indoor", "ski_resort", "volleyball_court/outdoor")
+# Places365 folder names ('hangar-indoor'); the category list's 'hangar/indoor' spelling is accepted too.
+PAPER_TARGETS = ("bedroom", "computer_room", "hangar-indoor", "ski_resort", "volleyball_court-outdoor")
 TOP = 4
 CI99 = 2.58
 GROUPS = ("target", "source", "other")
@@ -51,6 +52,16 @@ GROUPS = ("target", "source", "other")
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def resolve_targets(class_names: Sequence[str], targets: Sequence[str]) -> np.ndarray:
+    """Class indices of ``targets``; ``a/b`` and ``a-b`` spellings of a Places class name are the same class."""
+    out = []
+    for t in targets:
+        alternates = [t, t.replace("/", "-"), t.replace("-", "/")]
+        found = next((a for a in alternates if a in class_names), t)
+        out.append(int(atk.class_indices(class_names, [found])[0]))
+    return np.asarray(out, np.int32)
 
 
 def read_ablation_order(ablation_dir: str, layer: str, num_classes: int, num_units: int) -> np.ndarray:
@@ -180,7 +191,7 @@ def _attack_fn(attack: str, options: dict):
     raise InterventionError(f"unknown attack {attack!r}; choose 'cw' (Carlini-Wagner L2) or 'pgd'")
 
 
-def _attack_target(model: _Model, source, target: int, indices: np.ndarray, preds: np.ndarray, workdir: str,
+def _attack_target(model: _Model, source, target: int, indices: np.ndarray, workdir: str,
                    attack, config: dict, normalization: str, batch_size: int, checkpoint_every: int,
                    desc: str) -> dict:
     """Attack ``indices`` toward ``target`` resumably; returns the per-image arrays (and writes image shards)."""
@@ -238,7 +249,7 @@ def adversarial_units(module, variables, layer: str, source, output_dir: str, *,
     attack_options = dict(attack_options or {})
     attack_fn = _attack_fn(attack, attack_options)
     class_names = list(class_names)
-    target_ids = atk.class_indices(class_names, list(targets))
+    target_ids = resolve_targets(class_names, list(targets))
     if num_images < 1 or batch_size < 1:
         raise InterventionError(f"num_images and batch_size must be positive, got {num_images} and {batch_size}")
     os.makedirs(output_dir, exist_ok=True)
@@ -265,7 +276,7 @@ def adversarial_units(module, variables, layer: str, source, output_dir: str, *,
         tdir = os.path.join(output_dir, _safe(class_names[t]))
         config = {"layer": layer, "attack": attack, "options": attack_options, "target": int(t),
                   "indices": indices.tolist(), "normalization": normalization, "batch_size": batch_size}
-        res = _attack_target(model, source, int(t), indices, preds, tdir, attack_fn, config, normalization,
+        res = _attack_target(model, source, int(t), indices, tdir, attack_fn, config, normalization,
                              batch_size, checkpoint_every, f"attack -> {class_names[t]}")
         ok = res["success"]
         delta = np.abs(res["adv_peak"] - res["orig_peak"])[ok]

@@ -101,6 +101,9 @@ def _cross_entropy_sum(logits_fn, x, classes):
     return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, classes))
 
 
+_CPU_UNROLL_MAX = 64
+
+
 def _project(x, original, eps, norm):
     delta = x - original
     if norm == "linf":
@@ -131,7 +134,10 @@ def _pgd(logits_fn, images, classes, eps, step_size, start, *, steps, norm, targ
             move = g / jnp.maximum(_per_image_norm(g), 1e-12)
         return _project(x + direction * step_size * move, images, eps, norm)
 
-    return jax.lax.fori_loop(0, steps, step, _project(start, images, eps, norm))
+    # XLA:CPU runs a while-loop body several times slower than the same ops outside a loop (measured on
+    # VGG16: 3.5 vs 1.0 CPU-s per PGD step), so short attacks are unrolled there; GPUs keep the loop.
+    unroll = steps <= _CPU_UNROLL_MAX and jax.default_backend() == "cpu"
+    return jax.lax.fori_loop(0, steps, step, _project(start, images, eps, norm), unroll=bool(unroll) or None)
 
 
 def pgd(

@@ -54,13 +54,18 @@ _EXPORTS = {
     "compare": "jaxdissect.pipelines.compare",
     "invert": "jaxdissect.editing.inversion",
     "adapt": "jaxdissect.editing.adaptation",
+    # Adversarial attacks on any classifier; activations before a layer's ReLU.
+    "pgd": "jaxdissect.attacks",
+    "carlini_wagner_l2": "jaxdissect.attacks",
+    "pre_activation": "jaxdissect.layers",
+    "PreActivation": "jaxdissect.layers",
 }
 
-__all__ = sorted(_EXPORTS) + ["editing", "interventions", "kernels"]
+__all__ = sorted(_EXPORTS) + ["attacks", "editing", "interventions", "kernels"]
 
 
 def __getattr__(name):
-    if name in ("editing", "interventions", "kernels"):
+    if name in ("attacks", "editing", "interventions", "kernels"):
         return importlib.import_module(f"jaxdissect.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -14,6 +14,16 @@ output, so any Linen module a researcher brings works unchanged.
 * :func:`run_from` evaluates only the network *above* a layer from cached
   activations of that layer.
 
+**Pre-activations.** ``"<layer>:pre"`` names a layer's value *before* its
+final nonlinearity (e.g. the conv output before the ReLU), anywhere a layer
+name is accepted by :func:`capture` and :func:`run` (captured under that
+name; an edit there acts before the ReLU). It resolves to a submodule path
+(:func:`pre_activation`): the layer's child ``preact``, a
+:class:`PreActivation` identity that a model places just before its
+nonlinearity (VGG16 does), or else the layer's last direct child submodule
+whose output has the layer's shape (a ``Conv`` child followed by ``relu``, as
+in the small CNN). A layer with neither raises, saying how to mark it.
+
 Edits are pytrees whose leaves are arrays, so a jitted function taking the
 edit as an argument compiles once for every unit set of the same shape, and
 ``jax.vmap`` over a stacked edit evaluates many interventions in one call::
@@ -51,11 +61,13 @@ __all__ = [
     "Ablate",
     "Edit",
     "LayerError",
+    "PreActivation",
     "Replace",
     "SetUnits",
     "capture",
     "layer_names",
     "layer_shapes",
+    "pre_activation",
     "run",
     "run_from",
 ]
@@ -341,6 +353,60 @@ def _names(layers: str | Iterable[str], what: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------
+# Pre-activations
+
+PRE = ":pre"
+PREACT = "preact"
+
+
+class PreActivation(nn.Module):
+    """Identity marking a layer's value before its nonlinearity: ``PreActivation(name="preact")(y)``.
+
+    It has no parameters (the parameter tree is unchanged); it only gives the
+    pre-activation a module path, ``<layer>.preact``, that ``"<layer>:pre"``
+    resolves to.
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        return x
+
+
+def _pre_activation(shapes: Mapping[str, Any], layer: str) -> str | None:
+    if layer not in shapes:
+        return None
+    marked = f"{layer}.{PREACT}"
+    if marked in shapes:
+        return marked
+    out = shapes[layer]
+    children = [n for n in shapes if n.startswith(layer + ".") and "." not in n[len(layer) + 1:]]
+    same = [n for n in children if not isinstance(shapes[n], tuple) and not isinstance(out, tuple)
+            and getattr(shapes[n], "shape", None) == getattr(out, "shape", ())]
+    return same[-1] if same else None
+
+
+def pre_activation(module: nn.Module, variables, x, layer: str, **apply_kwargs) -> str:
+    """The module path of ``layer``'s pre-activation (what ``"<layer>:pre"`` captures); see the module doc."""
+    shapes = layer_shapes(module, variables, x, **apply_kwargs)
+    found = _pre_activation(shapes, layer)
+    if found is None:
+        if layer not in shapes:
+            raise _unknown_layers([layer], module, variables, x, apply_kwargs)
+        raise LayerError(
+            f"layer {layer!r} has no pre-activation submodule: call jaxdissect.layers.PreActivation(name='preact') "
+            "on the value before its nonlinearity inside the layer's module (no parameters change), or compute the "
+            "pre-activation in a child submodule"
+        )
+    return found
+
+
+def _resolve_pre(module, variables, x, names: Iterable[str], apply_kwargs) -> dict[str, str]:
+    """``{"<layer>:pre": module path}`` for the pre-activation names among ``names``."""
+    wanted = [n for n in names if isinstance(n, str) and n.endswith(PRE)]
+    return {n: pre_activation(module, variables, x, n[: -len(PRE)], **apply_kwargs) for n in wanted}
+
+
+# --------------------------------------------------------------------------
 # Capture and edit
 
 
@@ -408,11 +474,13 @@ def capture(module: nn.Module, variables, x, layers: str | Iterable[str], **appl
     ``(output, state)`` pair). Pure and traceable: wrap it in ``jax.jit``.
     """
     names = _names(layers, "capture")
-    output, captured, _ = _apply(module, variables, x, {}, names, apply_kwargs)
-    missing = [n for n in names if n not in captured]
+    pre = _resolve_pre(module, variables, x, names, apply_kwargs)
+    paths = tuple(pre.get(n, n) for n in names)
+    output, captured, _ = _apply(module, variables, x, {}, paths, apply_kwargs)
+    missing = [n for n, p in zip(names, paths) if p not in captured]
     if missing:
         raise _unknown_layers(missing, module, variables, x, apply_kwargs)
-    return output, captured
+    return output, {n: captured[p] for n, p in zip(names, paths)}
 
 
 def run(
@@ -438,11 +506,14 @@ def run(
         if not isinstance(name, str) or not callable(edit):
             raise LayerError(f"run: edits must map layer names to edits (callables), got {name!r}: {edit!r}")
     names = _names(capture, "run")
-    output, captured, hit = _apply(module, variables, x, edits, names, apply_kwargs)
-    missing = [n for n in edits if n not in hit] + [n for n in names if n not in captured]
+    pre = _resolve_pre(module, variables, x, list(edits) + list(names), apply_kwargs)
+    edits = {pre.get(n, n): e for n, e in edits.items()}
+    paths = tuple(pre.get(n, n) for n in names)
+    output, captured, hit = _apply(module, variables, x, edits, paths, apply_kwargs)
+    missing = [n for n in edits if n not in hit] + [n for n, p in zip(names, paths) if p not in captured]
     if missing:
         raise _unknown_layers(missing, module, variables, x, apply_kwargs)
-    return (output, captured) if names else output
+    return (output, {n: captured[p] for n, p in zip(names, paths)}) if names else output
 
 
 def _hashable_kwargs(apply_kwargs):

@@ -7,7 +7,9 @@ rewrite it (unit ablation):
 * ``conv1_1`` ... ``conv5_3``: 3x3 conv + bias + ReLU. The output is
   POST-ReLU: the original's retained conv tensors are aliased by the
   following in-place ReLU (spec 1.3 quirk), so that is what dissection saw.
-  Zeroing units here equals zeroing them before the ReLU.
+  Zeroing units here equals zeroing them before the ReLU. ``conv5_3:pre``
+  (the child ``conv5_3.preact``, a parameterless
+  :class:`jaxdissect.layers.PreActivation`) is the value before the ReLU.
 * ``pool1`` ... ``pool5``: 2x2 max pool, stride 2 (floor).
 * ``avgpool``: PyTorch's ``AdaptiveAvgPool2d((7, 7))`` (identity at 224 input).
 * ``fc6``, ``fc7``: dense + ReLU (dropout is off at inference, so absent);
@@ -28,6 +30,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxdissect.layers import PreActivation
 
 CONV_LAYERS = (
     "conv1_1", "conv1_2",
@@ -68,7 +72,7 @@ class ConvReLU(nn.Module):
             padding=((1, 1), (1, 1)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return nn.relu(y + bias.astype(self.dtype))
+        return nn.relu(PreActivation(name="preact")(y + bias.astype(self.dtype)))
 
 
 class MaxPool(nn.Module):
@@ -115,7 +119,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.initializers.he_normal(), (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
-        return nn.relu(y) if self.relu else y
+        return nn.relu(PreActivation(name="preact")(y)) if self.relu else y
 
 
 class VGG16(nn.Module):

@@ -1,0 +1,110 @@
+r"""What one unit responds to (spec 3.6): a KDE and jittered points of its per-image peak activation.
+
+A classifier unit, its pre-ReLU peak per image split by chosen classes, with
+the balanced accuracy of the best single threshold::
+
+  python -m launch.unit_plot --model=models/vgg16_places365 --layer=conv5_3 --unit=11 \
+      --data=places:datasets/places/val --classes=ski_resort,ski_slope --output_dir=results/unit-conv5_3-11
+
+A generator unit, its peak for images with more than ``--fraction`` of a
+concept's pixels vs the rest::
+
+  python -m launch.unit_plot --model=models/proggan_church --layer=layer4 --unit=65 --data=z:1000 \
+      --segmenter=upp=models/upp,color=models/color --concept=tree --output_dir=results/unit-layer4-65
+
+Writes ``unit_plot.png``, ``unit_plot.json`` and ``unit_plot.npz``; the pass
+over the data resumes when interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def run(model: str, layer: str, unit: int, data: str, output_dir: str, *, classes=(), segmenter: str | None = None,
+        concept: str | None = None, fraction: float = 0.05, pre_relu: bool = True, batch_size: int = 32,
+        num_images: int | None = None, on_bad_image: str = "raise") -> dict:
+    """Plot one unit of a classifier (``classes``) or a generator (``segmenter`` and ``concept``)."""
+    from jaxdissect.checkpoint import load_metadata, load_model
+    from jaxdissect.pipelines import unit_plot as up
+    from launch.dissect import LaunchError, _model_kind, make_data
+
+    module, variables = load_model(model)
+    meta = load_metadata(model)
+    kind, crop = _model_kind(meta, module)
+    norm = (meta.get("preprocessing") or {}).get("normalization", "imagenet")
+    source, _ = make_data(data, kind=kind, crop=crop, on_bad_image=on_bad_image, normalization=norm)
+    if kind == "classifier":
+        if not classes:
+            raise LaunchError("--classes is required for a classifier unit, e.g. --classes=ski_resort")
+        names = meta.get("classes") or getattr(source, "classes", None)
+        if not names:
+            raise LaunchError(f"no class names: {model}/model.json has no 'classes' and {data} is not a class folder")
+        summary = up.classifier_unit_plot(module, variables, layer, unit, source, output_dir, class_names=names,
+                                          classes=classes, pre_relu=pre_relu, batch_size=batch_size,
+                                          num_images=num_images)
+    else:
+        if not segmenter or not concept:
+            raise LaunchError("a generator unit needs --segmenter and --concept (e.g. --concept=tree)")
+        from launch.dissect import make_segmentation
+
+        from jaxdissect.segmentation import segment
+
+        (seg, svars), _ = make_segmentation(segmenter)
+        z = source.get_batch(list(range(min(len(source), num_images or len(source)))))["z"]
+        summary = up.generator_unit_plot(module, variables, layer, unit, z,
+                                         lambda images: segment(seg, svars, images)[0], concept, seg.label_names,
+                                         output_dir, fraction=fraction, batch_size=batch_size)
+    print(f"{layer} unit {unit}: best single threshold {summary['threshold']:.4g}, balanced accuracy "
+          f"{summary['balanced_accuracy']:.3f}; " + ", ".join(f"{k}: {v['count']} images"
+                                                             for k, v in summary["groups"].items()))
+    print(f"wrote {output_dir}/unit_plot.png, unit_plot.json, unit_plot.npz")
+    return summary
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing this module is free)."""
+    flags.DEFINE_string("model", None, "Converted model directory (classifier or generator).")
+    flags.DEFINE_string("layer", None, "Layer of the unit.")
+    flags.DEFINE_integer("unit", None, "Unit index.")
+    flags.DEFINE_string("data", None, "launch.dissect's --data: places:<dir>, folder:<dir>, z:<count>, ...")
+    flags.DEFINE_string("output_dir", None, "Results directory (created; reused to resume).")
+    flags.DEFINE_list("classes", [], "Classifier: classes whose images form their own groups.")
+    flags.DEFINE_bool("pre_relu", True, "Classifier: the activation before the layer's ReLU (<layer>:pre).")
+    flags.DEFINE_string("segmenter", None, "Generator: upp=<dir>[,color=<dir>][,setting=netpqc].")
+    flags.DEFINE_string("concept", None, "Generator: the concept (segmenter label name).")
+    flags.DEFINE_float("fraction", 0.05, "Generator: an image has the concept above this share of its pixels.")
+    flags.DEFINE_integer("batch_size", 32, "Images per step.")
+    flags.DEFINE_integer("num_images", None, "Use only the first N images / latents.")
+    flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
+    flags.mark_flags_as_required(["model", "layer", "unit", "data", "output_dir"])
+
+
+def main(argv):
+    del argv
+    from jaxdissect.checkpoint import CheckpointError
+    from jaxdissect.data.folders import DataSourceError
+    from jaxdissect.interventions.common import InterventionError
+    from jaxdissect.layers import LayerError
+    from jaxdissect.models import set_cpu_xla_flags
+    from jaxdissect.segmentation import SegmenterError
+    from jaxdissect.streaming import StreamError
+    from launch.dissect import LaunchError
+
+    set_cpu_xla_flags()
+    try:
+        run(FLAGS.model, FLAGS.layer, FLAGS.unit, FLAGS.data, FLAGS.output_dir, classes=FLAGS.classes,
+            segmenter=FLAGS.segmenter, concept=FLAGS.concept, fraction=FLAGS.fraction, pre_relu=FLAGS.pre_relu,
+            batch_size=FLAGS.batch_size, num_images=FLAGS.num_images, on_bad_image=FLAGS.on_bad_image)
+    except (LaunchError, CheckpointError, DataSourceError, InterventionError, LayerError, SegmenterError,
+            StreamError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

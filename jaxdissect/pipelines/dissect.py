@@ -354,7 +354,7 @@ class _Run:
         from jaxdissect.statistics import DissectionError
 
         plans = self.plans
-        state = self.run_pass(wd, "pass1", {n: p.pass1_init() for n, p in plans.items()}, self.model_keys())
+        state = self.run_pass(wd, "pass1", {n: p.pass1_init(self.num_images) for n, p in plans.items()}, self.model_keys())
         state = parallel.to_host(state)
         out = {}
         for n, p in plans.items():

@@ -46,6 +46,7 @@ def get_config() -> dict:
     """The run's settings from the flags (a plain dict, so scripts can build one too)."""
     names = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize",
              "batch_size", "output_dir", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
+             "activation_cache_mb",
              "coordinator_address", "num_processes", "process_id"]
     return {n: getattr(FLAGS, n) for n in names}
 
@@ -229,7 +230,8 @@ def run(config: dict):
                       topk=config.get("topk", 100), thumbsize=config.get("thumbsize", 100),
                       batch_size=config.get("batch_size"), output_dir=b["output_dir"],
                       num_images=config.get("num_images"), name=b["name"],
-                      checkpoint_every=config.get("checkpoint_every", 50))
+                      checkpoint_every=config.get("checkpoint_every", 50),
+                      activation_cache_mb=config.get("activation_cache_mb", 1024))
     return results, b["output_dir"]
 
 
@@ -266,6 +268,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"],
                       "An unreadable image stops the run (raise) or is left out and counted (skip).")
     flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
+    flags.DEFINE_integer("activation_cache_mb", 1024, "Host memory for keeping activations and labels between "
+                         "passes (the model and segmenter then run once per image); 0 = recompute.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")

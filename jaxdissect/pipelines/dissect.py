@@ -2,8 +2,8 @@
 
 ``dissect(module, variables, layers, data, segmentation)`` labels every unit of
 every requested layer with the concept its top-quantile region matches best
-(spec 3.1). All layers share the same passes; the model runs once per image
-per pass (capturing every layer at once) and the segmenter once per image:
+(spec 3.1). All layers share the same passes; the model captures every layer
+at once, and the segmenter runs once per image:
 
 1. per unit: high-bit histogram of the upsampled activations (exact quantile,
    first half), top-k images by the raw per-image maximum, mean and max;
@@ -22,6 +22,11 @@ Generators: the model output (RGB in [-1, 1]) is what gets segmented and what
 the thumbnails show, rendered as ``(x + 1) / 2``. The original rendered the
 thumbnails of its GAN dissections as ``x`` clamped to [0, 1] (spec 2.6 quirk);
 we use the corrected rendering, which its notebooks use too.
+
+With ``activation_cache_mb`` (default 1024), pass 1 keeps every layer's
+activations and the labels in host memory when they fit, and passes 2 and 3
+read them from there: the model, the decoding and the segmenter then run once
+per image (the log says whether the cache is used).
 
 Passes go through ``jaxdissect.streaming.run_stream`` under
 ``output_dir/work``: a killed run resumes from its last checkpoint, and

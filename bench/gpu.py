@@ -79,7 +79,7 @@ def _vgg(ctx, size):
 @section("dissect_vgg16")
 def dissect_vgg16(ctx: Context) -> list[dict]:
     """VGG16 conv5_3 dissection at Places365 scale (synthetic images, random UPP segmenter)."""
-    from bench.dissect import ArraySource, random_segmenter  # noqa: F401 (random_segmenter: full size)
+    from bench.dissect import ArraySource, random_segmenter
     from jaxdissect.pipelines.dissect import dissect
 
     size = ctx.n(224, 64)

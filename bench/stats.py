@@ -1,6 +1,7 @@
 """Benchmark: the statistics pass of a dissection, streaming JAX vs in-memory NumPy, side by side.
 
-    python -m bench.stats [--images=32] [--growth=4] [--batch=16] [--results=bench/RESULTS.md]
+    python -m bench.stats [--images=32] [--growth=4] [--batch=16] [--data=blobs] \
+        [--original=/path/to/davidbau/dissect] [--results=bench/RESULTS.md]
 
 Both compute the same EXACT quantities for one layer of 512 units: the
 per-unit level ``numpy.quantile(upsampled activations, 0.99)``, integer IoU
@@ -13,6 +14,22 @@ channels, and the top-100 images per unit by raw spatial maximum.
 * NumPy: the straightforward implementation: upsample with the same two-tap
   geometry, keep every upsampled value, ``numpy.quantile``, then ``bincount``
   IoU and ``argsort`` top-k.
+* original (with ``--original=PATH``, a local checkout of davidbau/dissect):
+  its own tally code as its ``dissect_experiment.py`` runs it on PyTorch
+  (CPU here): ``upsample.upsampler`` + ``RunningQuantile`` (r=8192) for the
+  level, ``RunningTopK`` of the per-image maxima, and ``conditional_samples``
+  + ``RunningConditionalVariance`` one image at a time for the IoU. Its level
+  is a sketch estimate, so only the closeness of its levels is reported. Its
+  optional imports that the tally code does not use (statsmodels,
+  torchvision) are stubbed when missing.
+
+Data (``--data``): ``blobs`` (default) is shaped like post-ReLU feature maps:
+about 87% zeros, each (image, unit) firing with probability 0.3 as one
+smooth blob plus weak noise, and segmentations of a few regions per channel
+(about 20 labels per image, as a scene parser gives); ``exponential`` is
+i.i.d. exponential activations (no zeros, no spatial structure: the worst
+case for skipping cells) with blocky segmentations of up to 384 labels per
+image (the original's per-label loop makes that case very slow for it).
 
 Shapes: VGG16 ``conv5_3`` (14x14 -> 56x56) and ProGAN ``layer4`` (8x8 ->
 64x64). Synthetic data is generated on the fly per batch (the same on both
@@ -76,6 +93,30 @@ def make_batch(shape: str, index: int, batch: int, seed: int = 0):
     planted = coarse[..., None] == np.arange(1, 65, dtype=np.int32)
     acts[..., :64] += 4.0 * planted
     return acts, seg
+
+
+def make_blobs(shape: str, index: int, batch: int, seed: int = 0):
+    """Batch ``index`` of ``blobs`` data: sparse smooth post-ReLU maps and region segmentations."""
+    cfg = SHAPES[shape]
+    h, s = cfg["source"], cfg["size"]
+    rng = np.random.default_rng([seed, index, 1])
+    y = np.arange(h, dtype=np.float32)
+    cy, cx = rng.uniform(0, h, (2, batch, UNITS)).astype(np.float32)
+    sigma = rng.uniform(1.0, 2.5, (batch, UNITS)).astype(np.float32)
+    amp = (rng.standard_exponential((batch, UNITS)) * 3 * (rng.random((batch, UNITS)) < 0.3)).astype(np.float32)
+    d = ((y[:, None, None, None] - cy) ** 2 + (y[None, :, None, None] - cx) ** 2) / (2 * sigma ** 2)
+    acts = amp * np.exp(-d) + 0.3 * rng.standard_normal((h, h, batch, UNITS), dtype=np.float32) - 0.4
+    acts = np.ascontiguousarray(np.maximum(acts, 0).transpose(2, 0, 1, 3))
+    seg = np.zeros((batch, CHANNELS, 4, 4), np.int32)
+    for k, (lo, hi, empty) in enumerate(CHANNEL_LABELS):
+        pool = rng.integers(lo, hi + 1, (batch, 3))                     # 3 labels per image and channel
+        pick = np.take_along_axis(pool, rng.integers(0, 3, (batch, 16)), 1).reshape(batch, 4, 4)
+        seg[:, k] = np.where(rng.random((batch, 4, 4)) < empty, 0, pick)
+    seg = np.repeat(np.repeat(seg, s // 4, axis=2), s // 4, axis=3)
+    return acts, seg
+
+
+DATA = {"blobs": make_blobs, "exponential": make_batch}
 
 
 # --------------------------------------------------------------------------
@@ -156,33 +197,99 @@ def numpy_stats(batches, num_batches: int, size: int) -> dict:
             "top_values": np.take_along_axis(score, top_index, 1)}
 
 
-def jax_stats(batches, num_batches: int, size: int) -> dict:
+def jax_stats(batches, num_batches: int, size: int, sparse: bool = True) -> dict:
     from jaxdissect.statistics import dissect_activations
 
     r = dissect_activations(lambda: batches(num_batches), NUM_LABELS, quantile=QUANTILE, resolution=size,
-                            topk=TOPK)
+                            topk=TOPK, num_batches=num_batches, sparse=sparse)
     return {"thresholds": r.thresholds, "intersection": r.intersection, "active": r.active,
             "label_pixels": r.label_pixels, "iou": r.iou, "top_index": r.top_index, "top_values": r.top_values}
+
+
+def _import_original(path: str):
+    """``netdissect.runningstats``, ``.upsample``, ``.tally`` from a local checkout of the original."""
+    import importlib
+    import types
+
+    if not os.path.isdir(os.path.join(path, "netdissect")):
+        raise SystemExit(f"error: --original={path} has no netdissect/ directory; pass a checkout of "
+                         "davidbau/dissect")
+    for name in ("statsmodels", "statsmodels.stats", "statsmodels.stats.correlation_tools", "torchvision",
+                 "torchvision.transforms"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # imported by the original's modules but not used by the tally code timed here
+            sys.modules[name] = types.ModuleType(name)
+    tools = sys.modules["statsmodels.stats.correlation_tools"]
+    for attr in ("cov_nearest", "corr_nearest"):
+        if not hasattr(tools, attr):
+            setattr(tools, attr, None)
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.path.insert(0, path)
+    from netdissect import runningstats, tally, upsample
+
+    return runningstats, tally, upsample
+
+
+def original_stats(batches, num_batches: int, size: int, path: str) -> dict:
+    """The original's tally code over the same batches (three passes, as its dissect_experiment.py)."""
+    import torch
+
+    runningstats, tally, upsample = _import_original(path)
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(os.cpu_count() or 1)
+    upfn = None
+
+    def torch_batches():
+        nonlocal upfn
+        for acts, seg in batches(num_batches):
+            a = torch.from_numpy(acts).permute(0, 3, 1, 2).contiguous()
+            if upfn is None:
+                upfn = upsample.upsampler((size, size), data_shape=a.shape[2:], image_size=(4 * size, 4 * size))
+            yield a, torch.from_numpy(seg).long()
+
+    rq = runningstats.RunningQuantile(r=8192)
+    for a, _ in torch_batches():                                   # rq: quantile sketch of upsampled values
+        rq.add(upfn(a).permute(0, 2, 3, 1).reshape(-1, a.shape[1]))
+    topk = runningstats.RunningTopK(k=TOPK)
+    for a, _ in torch_batches():                                   # topk: per-image maxima
+        topk.add(a.view(a.shape[0], a.shape[1], -1).max(2)[0])
+    level = rq.quantiles(1 - QUANTILE)
+    cv = runningstats.RunningConditionalVariance()
+    for a, seg in torch_batches():                                 # condi99: one image at a time
+        for i in range(a.shape[0]):
+            indicator = (upfn(a[i:i + 1]) > level[None, :, None, None]).float()
+            for cond, sample in tally.conditional_samples(indicator, seg[i:i + 1]):
+                cv.add(cond, sample)
+    iou = tally.iou_from_conditional_indicator_mean(cv).numpy().T      # [U, conditions]
+    full = np.zeros((iou.shape[0], NUM_LABELS))
+    full[:, :iou.shape[1]] = iou
+    values, index = topk.result()
+    return {"thresholds": level.numpy().astype(np.float32), "iou": full, "top_index": index.numpy(),
+            "top_values": values.numpy()}
 
 
 # --------------------------------------------------------------------------
 # One measured run (in a fresh process) and the side-by-side driver.
 
 
-def worker(impl: str, shape: str, images: int, batch: int, out: str) -> dict:
+def worker(impl: str, shape: str, images: int, batch: int, out: str, data: str = "blobs",
+           original: str = "") -> dict:
     """Run one implementation over ``images`` images; returns timings and peak memory."""
     generation = [0.0]
     num_batches = -(-images // batch)
 
     def batches(n):
         for i in range(n):
-            start = time.perf_counter()
+            start = time.thread_time()  # this thread's CPU time: wall time is inflated on a loaded machine
             b = min(batch, images - i * batch)
-            data = make_batch(shape, i, b)
-            generation[0] += time.perf_counter() - start
-            yield data
+            arrays = DATA[data](shape, i, b)
+            generation[0] += time.thread_time() - start
+            yield arrays
 
-    fn = {"jax": jax_stats, "numpy": numpy_stats}[impl]
+    fn = {"jax": jax_stats, "numpy": numpy_stats,
+          "jax-dense": lambda *a: jax_stats(*a, sparse=False),
+          "original": lambda *a: original_stats(*a, path=original)}[impl]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = fn(batches, num_batches, SHAPES[shape]["size"])
@@ -190,18 +297,18 @@ def worker(impl: str, shape: str, images: int, batch: int, out: str) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime)
     np.savez(out, **result)
-    # Generation is single-threaded NumPy: its wall time is its CPU time.
+    # Generation is single-threaded NumPy in this thread: its CPU time comes off both figures.
     return {"seconds": total - generation[0], "cpu_s": cpu - generation[0], "generation_s": generation[0],
             "peak_mib": after.ru_maxrss / 1024}  # ru_maxrss is in KiB on Linux
 
 
-def _spawn(impl, shape, images, batch, out, devices) -> dict:
+def _spawn(impl, shape, images, batch, out, devices, data="blobs", original="") -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env.setdefault("JAX_PLATFORMS", "cpu")
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, "-m", "bench.stats", f"--worker={impl}", f"--shape={shape}", f"--images={images}",
-           f"--batch={batch}", f"--out={out}"]
+           f"--batch={batch}", f"--out={out}", f"--data={data}", f"--original={original}", "--results="]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -226,20 +333,26 @@ def _rate(images: float, seconds: float):
     return images / seconds if seconds > 0 else None
 
 
-def run(images: int, growth: int, batch: int, shapes, devices: int) -> dict:
+NAMES = {"jax": "JAX streaming, hot cells only (dissect_activations)",
+         "jax-dense": "JAX streaming, dense kernels (sparse=False)",
+         "numpy": "NumPy in memory", "original": "original tally code (PyTorch CPU)"}
+
+
+def run(images: int, growth: int, batch: int, shapes, devices: int, data: str, original: str) -> dict:
+    impls = ["jax", "jax-dense", "numpy"] + (["original"] if original else [])
     figures = {}
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
             runs = {}
             for n in (images, growth * images):
-                for impl in ("jax", "numpy"):
+                for impl in impls:
                     out = os.path.join(tmp, f"{impl}-{shape}-{n}.npz")
-                    runs[impl, n] = _spawn(impl, shape, n, batch, out, devices)
+                    runs[impl, n] = _spawn(impl, shape, n, batch, out, devices, data, original)
                     print(f"{shape} {impl} {n} images: {runs[impl, n]}", file=sys.stderr)
             small, big = images, growth * images
             result = {}
-            for impl in ("jax", "numpy"):
+            for impl in impls:
                 lo, hi = runs[impl, small], runs[impl, big]
                 cpu_per_image = (hi["cpu_s"] - lo["cpu_s"]) / (big - small)
                 result[impl] = {
@@ -249,11 +362,16 @@ def run(images: int, growth: int, batch: int, shapes, devices: int) -> dict:
                     "fixed_cpu_s": lo["cpu_s"] - small * cpu_per_image,
                     "peak_mib": (lo["peak_mib"], hi["peak_mib"]),
                 }
-            arrays = {impl: dict(np.load(os.path.join(tmp, f"{impl}-{shape}-{big}.npz"))) for impl in ("jax", "numpy")}
+            arrays = {impl: dict(np.load(os.path.join(tmp, f"{impl}-{shape}-{big}.npz"))) for impl in impls}
             result["agreement"] = compare(arrays["jax"], arrays["numpy"])
+            result["dense_agreement"] = compare(arrays["jax"], arrays["jax-dense"])
+            if original:
+                o = arrays["original"]["thresholds"]
+                result["original_level_rel"] = float(np.median(np.abs(o - arrays["numpy"]["thresholds"])
+                                                               / np.abs(arrays["numpy"]["thresholds"])))
             figures[shape] = result
     return {"images": images, "growth": growth, "batch": batch, "devices": devices, "shapes": figures,
-            "load": (load_before, os.getloadavg()[0])}
+            "impls": impls, "data": data, "load": (load_before, os.getloadavg())}
 
 
 def _fmt(x, spec=".2f"):
@@ -268,18 +386,18 @@ def report(r: dict) -> str:
     import jax
 
     small, big = r["images"], r["growth"] * r["images"]
+    load0, load1 = r["load"]
     lines = [
         SECTION,
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs shared with other jobs (load average {r['load'][0]:.1f} at the start, "
-        f"{r['load'][1]:.1f} at the end), jax {jax.__version__}, numpy {np.__version__}, {r['devices']} JAX "
-        f"device(s), batch {r['batch']}. 512 units, 6 label channels, {NUM_LABELS - 1} labels, level = 0.99 "
-        f"quantile, top-{TOPK}. Rates are marginal between {small} and {big} images (fixed costs such as JAX "
-        "compilation excluded; data generation excluded on both sides). On a loaded machine the wall-clock "
-        "rate is noisy; images per CPU-second (user + system time of the process, all threads) is the robust "
-        "figure. Peak memory is the process's maximum resident set (for JAX it includes the runtime, XLA "
-        "compilation and the CPU 'device' buffers).",
+        f"{os.cpu_count()} CPUs SHARED with other jobs (load average {load0[0]:.1f} / {load0[1]:.1f} / "
+        f"{load0[2]:.1f} (1/5/15 min) at the start, {load1[0]:.1f} at the end: the machine was busy, so wall-clock "
+        f"rates are low and noisy; images per CPU-second is the robust figure), jax {jax.__version__}, numpy "
+        f"{np.__version__}, {r['devices']} JAX device(s), batch {r['batch']}, data `{r['data']}`. 512 units, 6 label "
+        f"channels, {NUM_LABELS - 1} labels, level = 0.99 quantile, top-{TOPK}. Rates are marginal between "
+        f"{small} and {big} images (fixed costs such as JAX compilation excluded; data generation excluded on all "
+        "sides). Peak memory is the process's maximum resident set.",
         "",
         f"| layer | implementation | images/s (wall) | images per CPU-s | fixed cost (CPU s) | "
         f"peak MiB, {small} images | peak MiB, {big} images |",
@@ -287,26 +405,23 @@ def report(r: dict) -> str:
     ]
     for shape, f in r["shapes"].items():
         name = SHAPES[shape]["model"] + f" ({SHAPES[shape]['source']}² → {SHAPES[shape]['size']}²)"
-        j, n = f["jax"], f["numpy"]
-        lines.append(f"| {name} | JAX streaming (dissect_activations) | {_fmt(j['ips'])} | {_fmt(j['ips_cpu'])} | "
-                     f"{j['fixed_cpu_s']:.1f} | {j['peak_mib'][0]:.0f} | {j['peak_mib'][1]:.0f} |")
-        lines.append(f"| {name} | NumPy in memory | {_fmt(n['ips'])} | {_fmt(n['ips_cpu'])} | | "
-                     f"{n['peak_mib'][0]:.0f} | {n['peak_mib'][1]:.0f} |")
+        for impl in r["impls"]:
+            j = f[impl]
+            lines.append(f"| {name} | {NAMES[impl]} | {_fmt(j['ips'])} | {_fmt(j['ips_cpu'])} | "
+                         f"{j['fixed_cpu_s']:.1f} | {j['peak_mib'][0]:.0f} | {j['peak_mib'][1]:.0f} |")
     lines.append("")
     for shape, f in r["shapes"].items():
-        a = f["agreement"]
-        size = SHAPES[shape]["size"]
-        per_image = size * size * UNITS * 4 / 2**20
+        a, d = f["agreement"], f["dense_agreement"]
+        ratios = ", ".join(f"{NAMES[i].split(' (')[0]} {_fmt(_ratio(f['jax']['ips_cpu'], f[i]['ips_cpu']))}x"
+                           for i in r["impls"] if i != "jax")
         lines.append(
-            f"- {SHAPES[shape]['model']}: JAX / NumPy {_fmt(_ratio(f['jax']['ips_cpu'], f['numpy']['ips_cpu']))} "
-            f"per CPU-second, {_fmt(_ratio(f['jax']['ips'], f['numpy']['ips']))} in wall-clock time. Peak memory "
-            f"from {small} to {big} images: JAX {f['jax']['peak_mib'][1] - f['jax']['peak_mib'][0]:+.0f} MiB, NumPy "
-            f"{f['numpy']['peak_mib'][1] - f['numpy']['peak_mib'][0]:+.0f} MiB; NumPy holds {per_image:.1f} MiB of "
-            f"upsampled float32 values per image ({36500 * per_image / 2**10:.0f} GiB for the 36,500 Places365 "
-            f"validation images), JAX's state does not grow. Agreement at {big} images: "
-            f"{100 * a['thresholds_equal']:.1f}% of thresholds bit-equal (max relative difference "
-            f"{a['thresholds_max_rel']:.1e}), IoU counts {'identical' if a['counts_equal'] else 'differ'} (max IoU "
-            f"difference {a['iou_max_abs']:.1e}), top-k {'identical' if a['topk_equal'] else 'differs'}.")
+            f"- {SHAPES[shape]['model']}: hot-cell JAX per CPU-second against: {ratios}. Agreement at {big} "
+            f"images with NumPy: {100 * a['thresholds_equal']:.1f}% of thresholds bit-equal, IoU counts "
+            f"{'identical' if a['counts_equal'] else 'differ'}, top-k {'identical' if a['topk_equal'] else 'differs'}; "
+            f"with the dense kernels: thresholds {100 * d['thresholds_equal']:.1f}% bit-equal, counts "
+            f"{'identical' if d['counts_equal'] else 'differ'}."
+            + (f" The original's sketch levels differ from the exact ones by {100 * f['original_level_rel']:.2f}% "
+               "(median relative difference)." if "original_level_rel" in f else ""))
     lines.append("")
     return "\n".join(lines)
 
@@ -317,9 +432,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     if FLAGS.worker:
-        print(json.dumps(worker(FLAGS.worker, FLAGS.shape, FLAGS.images, FLAGS.batch, FLAGS.out)))
+        print(json.dumps(worker(FLAGS.worker, FLAGS.shape, FLAGS.images, FLAGS.batch, FLAGS.out, FLAGS.data,
+                                FLAGS.original)))
         return
-    r = run(FLAGS.images, FLAGS.growth, FLAGS.batch, FLAGS.shapes, FLAGS.devices)
+    r = run(FLAGS.images, FLAGS.growth, FLAGS.batch, FLAGS.shapes, FLAGS.devices, FLAGS.data, FLAGS.original)
     body = report(r)
     print(body)
     if FLAGS.results:
@@ -333,7 +449,10 @@ def define_flags() -> None:
     flags.DEFINE_list("shapes", list(SHAPES), f"Layers to measure, from {list(SHAPES)}.")
     flags.DEFINE_integer("devices", 1, "JAX devices (forced host devices when > 1).")
     flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
-    flags.DEFINE_enum("worker", "", ["", "jax", "numpy"], "Internal: run one measurement in this process.")
+    flags.DEFINE_enum("data", "blobs", list(DATA), "Synthetic data: post-ReLU-like blobs or i.i.d. exponential.")
+    flags.DEFINE_string("original", "", "A local checkout of davidbau/dissect: also time its tally code.")
+    flags.DEFINE_enum("worker", "", ["", "jax", "jax-dense", "numpy", "original"],
+                      "Internal: run one measurement in this process.")
     flags.DEFINE_enum("shape", "conv5_3", list(SHAPES), "Internal: the worker's layer shape.")
     flags.DEFINE_string("out", "", "Internal: where the worker writes its result arrays.")
 

@@ -43,6 +43,7 @@ from jaxdissect.kernels import category as category_k
 from jaxdissect.kernels import iou as iou_k
 from jaxdissect.kernels import labels as labels_k
 from jaxdissect.kernels import quantile as quantile_k
+from jaxdissect.kernels import sparse as sparse_k
 from jaxdissect.kernels import topk as topk_k
 from jaxdissect.kernels import upsample as upsample_k
 
@@ -79,40 +80,56 @@ class Plan:
     iou_method: str = "auto"
     label_category: tuple | None = None
     num_categories: int = 0
+    sparse: bool = True
 
     @property
     def pixels(self) -> int:
         return self.resolution[0] * self.resolution[1]
 
+    def taps(self):
+        return _taps(self.source_hw, self.resolution, self.geometry, self.convolutions, self.image_size)
+
+    def cells(self):
+        """Per-axis cells of target pixels sharing their four source corners (:mod:`~jaxdissect.kernels.sparse`)."""
+        return _cells(self.source_hw, self.resolution, self.geometry, self.convolutions, self.image_size)
+
     def upsample(self, acts):
         """``[B, h, w, U]`` -> ``[B, S, S, U]`` float32 with this plan's geometry."""
-        taps = upsample_k.make_taps(self.source_hw, self.resolution, self.geometry, self.convolutions,
-                                    self.image_size)
-        return upsample_k.apply_taps(acts, *taps)
+        return upsample_k.apply_taps(acts, *self.taps())
 
     def _rows(self, acts):
         up = self.upsample(acts)
         return up.reshape(-1, self.num_units)
 
     # Pass 1: high-bit histograms, top-k, mean and max.
-    def pass1_init(self) -> dict:
-        return {"quantile": quantile_k.high_init(self.num_units), "topk": topk_k.init(self.num_units, self.topk)}
+    def pass1_init(self, images: int | None = None) -> dict:
+        """``images``: an upper bound on the images of the whole stream; with ``sparse`` it lets pass 1
+        skip cells that cannot reach the top quantile (None: every value is histogrammed)."""
+        if self.sparse:
+            target = sparse_k.floor_target(images, self.pixels, 1.0 - self.quantile)
+            quantile = sparse_k.pass1_init(self.num_units, target)
+        else:
+            quantile = quantile_k.high_init(self.num_units)
+        return {"quantile": quantile, "topk": topk_k.init(self.num_units, self.topk)}
 
     def pass1_update(self, state, acts, valid, index, batch_id) -> dict:
         """``acts [B, h, w, U]`` raw; ``valid``, ``index`` (global image), ``batch_id`` all ``[B]``."""
-        rows = self._rows(acts)
-        per_pixel = functools.partial(jnp.repeat, repeats=self.pixels)
-        return {
-            "quantile": quantile_k.high_update(state["quantile"], rows, per_pixel(valid), per_pixel(batch_id),
-                                               method=self.hist_method),
-            "topk": topk_k.update(state["topk"], acts, valid, index),
-        }
+        if "floor" in state["quantile"]:
+            quantile = sparse_k.pass1_update(state["quantile"], acts, valid, batch_id, *self.cells())
+        else:
+            rows = self._rows(acts)
+            per_pixel = functools.partial(jnp.repeat, repeats=self.pixels)
+            quantile = quantile_k.high_update(state["quantile"], rows, per_pixel(valid), per_pixel(batch_id),
+                                              method=self.hist_method)
+        return {"quantile": quantile, "topk": topk_k.update(state["topk"], acts, valid, index)}
 
     # Pass 2: low-bit histograms of the two buckets per unit.
     def pass2_init(self, selection: dict) -> dict:
         return quantile_k.low_init(selection)
 
     def pass2_update(self, state, acts, valid) -> dict:
+        if self.sparse:
+            return sparse_k.pass2_update(state, acts, valid, *self.cells())
         rows = self._rows(acts)
         return quantile_k.low_update(state, rows, jnp.repeat(valid, self.pixels), method=self.hist_method)
 
@@ -124,15 +141,19 @@ class Plan:
         return {"thresholds": jnp.asarray(np.asarray(thresholds, np.float32)), "counts": counts}
 
     def pass3_update(self, state, acts, seg, valid, batch_id, image_labels=None) -> dict:
-        up = self.upsample(acts)
         counts = dict(state["counts"])
         by_category = counts.pop("category_active", None)
-        counts = iou_k.update(counts, up, state["thresholds"], seg, valid, batch_id, image_labels,
-                              method=self.iou_method)
-        if by_category is not None:
-            counts["category_active"] = category_k.update(
-                by_category, up, state["thresholds"], seg, valid, image_labels,
-                np.asarray(self.label_category, np.int32))
+        if self.sparse and by_category is None:
+            counts = sparse_k.pass3_update(counts, acts, state["thresholds"], seg, valid, batch_id,
+                                           image_labels, self.upsample, *self.cells(), method=self.iou_method)
+        else:  # the category-conditioned count of the 2017 method needs the full maps
+            up = self.upsample(acts)
+            counts = iou_k.update(counts, up, state["thresholds"], seg, valid, batch_id, image_labels,
+                                  method=self.iou_method)
+            if by_category is not None:
+                counts["category_active"] = category_k.update(
+                    by_category, up, state["thresholds"], seg, valid, image_labels,
+                    np.asarray(self.label_category, np.int32))
         return {"thresholds": state["thresholds"], "counts": counts}
 
     # Merges of per-device states (leading device axis), on the host.
@@ -163,6 +184,17 @@ class Plan:
                 f"batch {int(counts['first_bad_batch'])}; image-level labels may also be -1 = none); pass the "
                 "right num_labels or fix the segmentations")
         return counts
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(source_hw, resolution, geometry, convolutions, image_size):
+    return upsample_k.make_taps(source_hw, resolution, geometry, convolutions, image_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _cells(source_hw, resolution, geometry, convolutions, image_size):
+    th, tw = _taps(source_hw, resolution, geometry, convolutions, image_size)
+    return sparse_k.axis_cells(th), sparse_k.axis_cells(tw)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -458,7 +490,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
                         row0_competes: bool = False, workdir: str | None = None, mesh=None,
                         num_batches: int | None = None, checkpoint_every: int = 50,
                         iou_method: str = "auto", hist_method: str = "scatter",
-                        progress: bool = True) -> DissectionResult:
+                        progress: bool = True, sparse: bool = True) -> DissectionResult:
     """Dissect one layer from streamed activations and segmentations (three passes; see the module doc).
 
     ``batches()`` must return a FRESH iterator over the same data each time,
@@ -504,7 +536,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
                 resolution=resolution, quantile=float(quantile), topk=int(topk), geometry=geometry,
                 convolutions=None if convolutions is None else tuple(tuple(int(v) for v in c) for c in convolutions),
                 image_size=None if image_size is None else int(image_size), hist_method=hist_method,
-                iou_method=iou_method)
+                iou_method=iou_method, sparse=bool(sparse))
     if convolutions is None:
         upsample_k.axis_taps(1, 1, geometry)  # validates the geometry name up front
     config = dataclasses.asdict(plan)
@@ -521,7 +553,8 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
                             checkpoint_every=checkpoint_every, progress=progress)
 
     step1, step2, step3 = _steps(plan, mesh)
-    state1 = run(lambda s, b: step1(s, *to_device(b)), parallel.stack_init(mesh, plan.pass1_init()),
+    images = None if num_batches is None else num_batches * source.size
+    state1 = run(lambda s, b: step1(s, *to_device(b)), parallel.stack_init(mesh, plan.pass1_init(images)),
                  lambda start: source(start), name="pass1", check=check1)
     selection, stats = plan.pass1_finish(parallel.to_host(state1))
     del state1

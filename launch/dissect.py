@@ -51,9 +51,10 @@ FLAGS = flags.FLAGS
 CONFIG_NAMES = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize", "batch_size",
                 "output_dir", "overwrite", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
                 "geometry", "row0_competes", "quad_quirk", "faithful_color_blank", "coordinator_address",
-                "num_processes", "process_id", "method", "rotation", "rotation_unpermute"]
+                "num_processes", "process_id", "method", "rotation", "rotation_unpermute", "activation_cache_mb"]
 # Settings that do not change the results (left out of the output directory's identity).
-_NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "coordinator_address",
+_NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "activation_cache_mb",
+                "coordinator_address",
                 "num_processes", "process_id")
 DEFAULTS = dict(quantile=None, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
                 geometry="original", row0_competes=False, quad_quirk=True, faithful_color_blank=False,
@@ -71,6 +72,9 @@ def validate(config: dict) -> None:
         common.positive(name, config.get(name, DEFAULTS[name]), allow_none=False)
     for name in ("batch_size", "num_images"):
         common.positive(name, config.get(name))
+    if config.get("activation_cache_mb", 1024) < 0:
+        raise LaunchError(f"--activation_cache_mb={config['activation_cache_mb']}: give a size in MiB >= 0 "
+                          "(0 recomputes the activations in every pass)")
     if config.get("quantile") is not None:
         common.in_range("quantile", config["quantile"], 0.0, 1.0)
     if config.get("method", "pnas") not in ("pnas", "netdissect2017"):
@@ -285,7 +289,8 @@ def run(config: dict):
                       geometry=config.get("geometry", "original"),
                       row0_competes=bool(config.get("row0_competes", False)),
                       settings={"model": config.get("model") or "demo (synthetic scenes CNN)",
-                                "segmenter": config.get("segmenter") or "dataset labels"})
+                                "segmenter": config.get("segmenter") or "dataset labels"},
+                      activation_cache_mb=config.get("activation_cache_mb", 1024))
     return results, b["output_dir"]
 
 
@@ -323,6 +328,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("row0_competes", False, "Original quirk: label 0 (no label) competes for a unit's best label.")
     flags.DEFINE_bool("quad_quirk", True, "Original quirk of the UPP segmenter's last quadrant component.")
     flags.DEFINE_bool("faithful_color_blank", False, "Original quirk: the colour segmenter's blank label emitted.")
+    flags.DEFINE_integer("activation_cache_mb", 1024, "Host memory for keeping activations and labels between "
+                         "passes (the model and segmenter then run once per image); 0 = recompute.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")

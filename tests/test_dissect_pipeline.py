@@ -352,3 +352,56 @@ def test_one_and_two_devices_give_identical_results():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "devices 2 same True" in out.stdout
+
+
+class CountingScenes(PlantedScenes):
+    """PlantedScenes that counts the images it decodes."""
+
+    def __init__(self, n, seed=0):
+        super().__init__(n, seed)
+        self.decoded = 0
+
+    def get_batch(self, indices):
+        self.decoded += len(indices)
+        return super().get_batch(indices)
+
+
+def _counting_forward(monkeypatch):
+    import jaxdissect.pipelines.dissect as pipeline
+
+    calls = []
+    real = pipeline._Run.forward_fn
+
+    def forward_fn(self):
+        fn = real(self)
+
+        def counted(variables, x):
+            calls.append(int(x.shape[0]))
+            return fn(variables, x)
+        return counted
+
+    monkeypatch.setattr(pipeline._Run, "forward_fn", forward_fn)
+    return calls
+
+
+@pytest.mark.parametrize("budget", [1024, 0])
+def test_activation_cache_runs_the_model_once_per_image(model, budget, monkeypatch, caplog):
+    """Within the budget the model and the decoding run once per image; over it, in every pass."""
+    import logging
+
+    module, variables = model
+    calls = _counting_forward(monkeypatch)
+    data = CountingScenes(20)
+    with caplog.at_level(logging.INFO):
+        results = dissect(module, variables, ["det", "mix"], data, "dataset", quantile=0.2, topk=10,
+                          batch_size=8, activation_cache_mb=budget)
+    passes = 1 if budget else 3
+    # 3 batches of 8 (the last padded) per pass; the probe batch and strips are not part of the passes.
+    assert len(calls) == 3 * passes
+    assert data.decoded == 1 + 20 * passes  # + the probe item
+    assert ("within the budget" if budget else "over the budget") in caplog.text
+    reference = dissect(module, variables, ["det", "mix"], PlantedScenes(20), "dataset", quantile=0.2, topk=10,
+                        batch_size=8, activation_cache_mb=1024 - budget)
+    for n in ("det", "mix"):
+        for k in ("thresholds", "intersection", "active", "label_pixels", "top_index", "act_mean"):
+            assert getattr(results[n], k).tobytes() == getattr(reference[n], k).tobytes(), (n, k)

@@ -210,7 +210,7 @@ def test_experiment_outputs_and_resumes(tmp_path, monkeypatch):
 
 def test_interrupted_pass_resumes_from_its_checkpoint(tmp_path, toy):
     model, variables, images, labels = toy
-    ck = str(tmp_path / "sweep.partial.npz")
+    ck = str(tmp_path / "sweep.partial")
     sets = [[1], [2, 3]]
 
     def stop_after_two(b, n):
@@ -227,6 +227,15 @@ def test_interrupted_pass_resumes_from_its_checkpoint(tmp_path, toy):
     assert seen[0] == 2  # batch 1 was checkpointed; the pass resumed with batch 2
     np.testing.assert_array_equal(resumed["pred"], whole["pred"])
     np.testing.assert_array_equal(resumed["true"], whole["true"])
+    assert os.path.exists(os.path.join(ck, "stream.json"))  # the run_stream work directory
+
+
+def test_old_npz_checkpoint_is_refused(tmp_path, toy):
+    model, variables, images, labels = toy
+    old = tmp_path / "sweep.partial.npz"
+    np.savez(old, next_batch=np.asarray(3), key=np.asarray("x"))
+    with pytest.raises(ci.InterventionError, match="older version.*delete it"):
+        ci.ablation_sweep(model, variables, "conv2", [[1]], (images, labels), batch_size=8, checkpoint=str(old))
 
 
 # ---- VGG16 fast path ---------------------------------------------------------------

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -352,9 +353,11 @@ def _evaluate(
     """One pass over ``data``: clean counts plus counts for each mask row / single unit.
 
     Returns ``{'total', 'true' [C], 'clean_pred' [C], 'clean_correct' [C],
-    'pred' [E, C], 'correct' [E, C]}`` (int64). With ``checkpoint`` (a path),
-    the partial counts are saved every ``checkpoint_every`` batches and an
-    interrupted pass resumes where it stopped.
+    'pred' [E, C], 'correct' [E, C]}`` (int64). With ``checkpoint`` (a work
+    directory), the pass runs through :func:`jaxdissect.streaming.run_stream`:
+    the counts are checkpointed every ``checkpoint_every`` batches and an
+    interrupted pass resumes where it stopped; a checkpoint file of the older
+    npz format is refused.
     """
     source = as_source(data)
     total_items = len(source) if num_items is None else min(int(num_items), len(source))
@@ -383,56 +386,58 @@ def _evaluate(
         sets, num_sets = None, 0
 
     num_batches = -(-total_items // batch_size)
-    state = {"next_batch": 0, "total": 0, "true": np.zeros(C, np.int64), "clean_pred": np.zeros(C, np.int64),
-             "clean_correct": np.zeros(C, np.int64), "pred": np.zeros((num_sets, C), np.int64),
-             "correct": np.zeros((num_sets, C), np.int64)}
+    state = {"total": jnp.zeros((), jnp.int32), "true": jnp.zeros(C, jnp.int32),
+             "clean_pred": jnp.zeros(C, jnp.int32), "clean_correct": jnp.zeros(C, jnp.int32),
+             "pred": jnp.zeros((num_sets, C), jnp.int32), "correct": jnp.zeros((num_sets, C), jnp.int32)}
     key = _digest({"fp": _fingerprint(source), "n": total_items, "bs": batch_size, "layer": layer,
                    "sets": None if sets is None else hashlib.sha256(np.ascontiguousarray(sets).tobytes()).hexdigest(),
                    "fast": bool(use_fast), "model": type(module).__name__})
-    if checkpoint and os.path.exists(checkpoint):
-        saved = dict(np.load(checkpoint, allow_pickle=False))
-        if str(saved.get("key")) == key:
-            state = {k: (int(v) if v.ndim == 0 else v) for k, v in saved.items() if k != "key"}
-            log.info("resuming %s at batch %d of %d", checkpoint, state["next_batch"], num_batches)
+    if checkpoint and os.path.isfile(checkpoint):
+        raise InterventionError(
+            f"{checkpoint} is a checkpoint file of an older version (the sweep now resumes through "
+            "jaxdissect.streaming.run_stream in a directory); delete it to recompute")
 
-    def flush(acc, next_batch):
-        if acc is not None:
-            host = jax.device_get(acc)
-            for k, v in host.items():
-                state[k] = state[k] + np.asarray(v, np.int64)
-        state["next_batch"] = next_batch
-        if checkpoint:
-            _atomic_savez(checkpoint, key=np.asarray(key), **{k: np.asarray(v) for k, v in state.items()})
+    def batches(start):
+        for b, batch in enumerate(_batches(source, batch_size, total_items, start), start=start):
+            labels = np.asarray(batch["label"], np.int32)
+            valid = np.asarray(batch["valid"], bool)
+            bad = labels[valid & ((labels < 0) | (labels >= C))]
+            if bad.size:
+                raise InterventionError(f"labels {sorted(set(bad.tolist()))[:10]} are outside the model's {C} "
+                                        "classes")
+            yield jnp.asarray(batch["image"], jnp.float32), jnp.asarray(labels), jnp.asarray(valid), b
 
-    acc = None
-    start = int(state["next_batch"])
-    for b, batch in enumerate(_batches(source, batch_size, total_items, start), start=start):
-        x = jnp.asarray(batch["image"], jnp.float32)
-        labels = np.asarray(batch["label"], np.int32)
-        valid = np.asarray(batch["valid"], bool)
-        bad = labels[valid & ((labels < 0) | (labels >= C))]
-        if bad.size:
-            raise InterventionError(f"labels {sorted(set(bad.tolist()))[:10]} are outside the model's {C} classes")
-        labels_j, valid_j = jnp.asarray(labels), jnp.asarray(valid)
+    def step(state, batch):
+        x, labels_j, valid_j, b = batch
         acts, pred, correct = ev._lower(variables, x, labels_j, valid_j)
-        step = {"total": valid_j.sum(dtype=jnp.int32),
-                "true": jnp.zeros(C, jnp.int32).at[labels_j].add(valid_j.astype(jnp.int32), mode="drop"),
-                "clean_pred": pred, "clean_correct": correct}
+        counts = {"total": valid_j.sum(dtype=jnp.int32),
+                  "true": jnp.zeros(C, jnp.int32).at[labels_j].add(valid_j.astype(jnp.int32), mode="drop"),
+                  "clean_pred": pred, "clean_correct": correct, "pred": state["pred"] * 0,
+                  "correct": state["correct"] * 0}
         if use_fast:
             fast = ev._fast if single_units is not None else ev._fast_masks
-            step["pred"], step["correct"] = fast(variables, acts["avgpool"], jnp.asarray(sets), labels_j, valid_j)
+            counts["pred"], counts["correct"] = fast(variables, acts["avgpool"], jnp.asarray(sets), labels_j, valid_j)
         elif sets is not None:
-            step["pred"], step["correct"] = ev._generic(variables, acts[layer], jnp.asarray(sets), labels_j, valid_j)
+            counts["pred"], counts["correct"] = ev._generic(variables, acts[layer], jnp.asarray(sets), labels_j,
+                                                            valid_j)
         if sets is not None:
-            step["pred"], step["correct"] = step["pred"][:num_sets], step["correct"][:num_sets]
-        acc = step if acc is None else ev._add(acc, step)
+            counts["pred"], counts["correct"] = counts["pred"][:num_sets], counts["correct"][:num_sets]
+        state = ev._add(state, counts)
         if progress:
             progress(b + 1, num_batches)
-        if checkpoint and (b + 1) % checkpoint_every == 0:
-            flush(acc, b + 1)
-            acc = None
-    flush(acc, num_batches)
-    out = {k: v for k, v in state.items() if k != "next_batch"}
+        return state
+
+    if checkpoint:
+        from jaxdissect import streaming
+
+        state = streaming.run_stream(step, state, batches, num_batches=num_batches, workdir=checkpoint,
+                                     config={"key": key}, checkpoint_every=checkpoint_every,
+                                     desc=f"ablation {layer}")
+    else:
+        for batch in batches(0):
+            state = step(state, batch)
+    out = {k: np.asarray(v).astype(np.int64) for k, v in jax.device_get(state).items()}
+    out["total"] = int(out["total"])
     out["num_classes"] = C
     out["num_units"] = U
     return out
@@ -661,11 +666,14 @@ def classifier_ablation_experiment(
         path = os.path.join(work_dir, f"{name}.npz")
         if os.path.exists(path):
             return {k: (v.item() if v.ndim == 0 else v) for k, v in np.load(path, allow_pickle=False).items()}
-        partial = os.path.join(work_dir, f"{name}.partial.npz")
+        if os.path.exists(os.path.join(work_dir, f"{name}.partial.npz")):
+            raise InterventionError(
+                f"{os.path.join(work_dir, name + '.partial.npz')} is a partial result of an older version "
+                "(the sweep now resumes through jaxdissect.streaming.run_stream); delete it to recompute")
+        partial = os.path.join(work_dir, f"{name}.partial")
         result = compute(partial)
         _atomic_savez(path, **{k: np.asarray(v) for k, v in result.items()})
-        if os.path.exists(partial):
-            os.remove(partial)
+        shutil.rmtree(partial, ignore_errors=True)
         return result
 
     def prog(name):

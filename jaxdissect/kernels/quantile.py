@@ -169,6 +169,12 @@ def select(high_state: dict, level: float) -> dict:
         raise ValueError(f"quantile level must lie in [0, 1], got {level}")
     hist = np.asarray(high_state["hist"])
     hist = hist[None] if hist.ndim == 2 else hist
+    if "count" in high_state:  # values below a floor were counted, not histogrammed: bucket 0 (no finite value)
+        below = np.asarray(high_state["count"]).reshape(hist.shape[:2]).astype(np.int64) - hist.sum(2, dtype=np.int64)
+        if (below < 0).any():
+            raise ValueError("quantile state: more histogrammed values than counted ones (damaged state)")
+        hist = hist.copy()
+        hist[:, :, 0] += below.astype(hist.dtype)
     count = hist.sum(axis=(0, 2), dtype=np.int64)
     prev, nxt, gamma = _ranks(count, level)
     bucket, inside = _locate(hist, np.maximum(np.stack([prev, nxt], 1), 0))

@@ -2,8 +2,8 @@
 
 ``dissect(module, variables, layers, data, segmentation)`` labels every unit of
 every requested layer with the concept its top-quantile region matches best
-(spec 3.1). All layers share the same passes; the model runs once per image
-per pass (capturing every layer at once) and the segmenter once per image:
+(spec 3.1). All layers share the same passes; the model captures every layer
+at once, and the segmenter runs once per image:
 
 1. per unit: high-bit histogram of the upsampled activations (exact quantile,
    first half), top-k images by the raw per-image maximum, mean and max;
@@ -22,6 +22,11 @@ Generators: the model output (RGB in [-1, 1]) is what gets segmented and what
 the thumbnails show, rendered as ``(x + 1) / 2``. The original rendered the
 thumbnails of its GAN dissections as ``x`` clamped to [0, 1] (spec 2.6 quirk);
 we use the corrected rendering, which its notebooks use too.
+
+With ``activation_cache_mb`` (default 1024), pass 1 keeps every layer's
+activations and the labels in host memory when they fit, and passes 2 and 3
+read them from there: the model, the decoding and the segmenter then run once
+per image (the log says whether the cache is used).
 
 Passes go through ``jaxdissect.streaming.run_stream`` under
 ``output_dir/work``: a killed run resumes from its last checkpoint, and
@@ -156,7 +161,8 @@ class _Run:
 
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
-                 checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None):
+                 checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None,
+                 activation_cache_mb=1024):
         from jaxdissect.netdissect2017 import METHODS, label_category_index
         from jaxdissect.statistics import Plan
 
@@ -183,7 +189,7 @@ class _Run:
         self.num_images = int(num_images or total)
         if self.num_images < 1:
             raise DissectError(f"nothing to dissect: {data.name} is empty")
-        probe = data.get_batch([0])
+        probe = self.probe = data.get_batch([0])
         self.input_key, x0 = _model_input(probe)
         self.generator = self.input_key == "z"
         self.layers = list(layers)
@@ -219,6 +225,8 @@ class _Run:
             image_size = x0.shape[1:3]
         self.image_size = tuple(int(s) for s in image_size)
         self._setup_segmentation(probe, resolution)
+        self.activation_cache_mb = activation_cache_mb
+        self.cache = None
         bs = batch_size or (10 if self.generator else 16)
         self.batch_size = -(-bs // self.devices) * self.devices
         self.num_batches = -(-self.num_images // self.batch_size)
@@ -261,6 +269,8 @@ class _Run:
                 raise DissectError(f"{self.data.name} provides no segmentation ('seg' or 'image_labels'); "
                                    "pass a segmenter (jaxdissect.load_segmenter) instead of 'dataset'")
             seg_res = tuple(int(s) for s in probe["seg"].shape[-2:]) if "seg" in probe else (h // 4, w // 4)
+            self.seg_channels = (int(probe["seg"].shape[1]) if "seg" in probe else 1) + (
+                int(np.asarray(probe["image_labels"]).shape[1]) if "image_labels" in probe else 0)
             self.label_names = [str(n) for n in self.data.label_names]
             self.label_categories = [str(c) for c in self.data.label_categories]
             self.categories = [str(c) for c in self.data.categories]
@@ -271,6 +281,7 @@ class _Run:
             seg, seg_vars = self.segmentation
             labels, names, cats = segment(seg, seg_vars, np.zeros((1, h, w, 3), np.float32), downsample=4)
             seg_res = tuple(int(s) for s in labels.shape[-2:])
+            self.seg_channels = int(labels.shape[1])
             if seg_res != (h // 4, w // 4):
                 raise DissectError(
                     f"the segmenter returns {seg_res[0]}x{seg_res[1]} label maps for {h}x{w} images; the "
@@ -325,7 +336,7 @@ class _Run:
         if self.batch_size % procs:
             raise DissectError(f"batch size {self.batch_size} does not divide over {procs} processes")
         local = self.batch_size // procs
-        template = {k: np.asarray(v)[:0] for k, v in self.data.get_batch([0]).items() if k in keys}
+        template = {k: np.asarray(v)[:0] for k, v in self.probe.items() if k in keys}
 
         def make(start):
             def generate():
@@ -370,29 +381,82 @@ class _Run:
                 self.mesh, jax.sharding.PartitionSpec()))
         return self._params
 
+    # -- activation cache --------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Host bytes to keep every layer's activations and the labels of all images between passes."""
+        per_image = sum(int(np.prod(self.shapes[n][1:])) * 4 for n in self.layers)
+        per_image += self.seg_channels * self.resolution[0] * self.resolution[1] * 4
+        return per_image * self.num_batches * self.batch_size
+
+    def plan_cache(self) -> bool:
+        """Decide (and log) whether pass 1 keeps what passes 2 and 3 need, within the budget."""
+        need = self.cache_bytes()
+        budget = int(self.activation_cache_mb or 0) * 2**20
+        fits = 0 < need <= budget and jax.process_count() == 1
+        _say(self, f"activation cache: {need / 2**20:.0f} MiB for {self.num_images} images "
+                   + (f"within the budget of {budget / 2**20:.0f} MiB: the model, decoding and segmentation run "
+                      "once per image" if fits else
+                      f"over the budget of {budget / 2**20:.0f} MiB (activation_cache_mb): passes 2 and 3 read "
+                      "and run the model again"))
+        return fits
+
     def run_pass(self, wd, name, init, keys, extra_config=None):
-        """One resumable pass of the per-device update of pass ``name`` over every layer."""
+        """One resumable pass of the per-device update of pass ``name`` over every layer.
+
+        Pass 1 fills ``self.cache`` (activations, labels, valid, index per
+        batch) when it runs from the first batch and the cache fits; passes
+        2 and 3 then read the cache instead of the data and the model.
+        """
         forward, params = self.forward_fn(), self.replicated_variables()
         step_update = _update(name, tuple(self.plans.items()), self.mesh)
-        need_output = self.generator and name == "pass3" and not isinstance(self.segmentation, str)
+        fill = name == "pass1" and self.cache is not None
+        use_cache = name != "pass1" and self.cache is not None and len(self.cache) == self.num_batches
+        need_seg = name == "pass3" or fill
+        need_output = self.generator and need_seg and not isinstance(self.segmentation, str)
+        if fill:
+            keys = self.label_keys()
 
         def step(state, batch):
             batch = parallel.shard_batch(self.mesh, batch)
-            out, acts = forward(params, batch[self.input_key])
+            if use_cache:
+                acts = batch.pop("acts")
+            else:
+                out, acts = forward(params, batch[self.input_key])
             extra = {"batch_id": batch["index"] // self.batch_size}
-            if name == "pass3":
+            if use_cache:
+                extra.update({k: v for k, v in batch.items() if k in ("seg", "image_labels")})
+            elif need_seg:
                 seg, image_labels = self.segment_batch(batch, out if need_output else None)
                 extra["seg"] = seg
                 if image_labels is not None:
                     extra["image_labels"] = image_labels
+            if fill:
+                self.cache.append({"acts": {n: np.asarray(a) for n, a in acts.items()},
+                                   "valid": np.asarray(batch["valid"]), "index": np.asarray(batch["index"]),
+                                   **{k: np.asarray(v) for k, v in extra.items() if k in ("seg", "image_labels")}})
             return step_update(state, acts, {"valid": batch["valid"], "index": batch["index"], **extra})
 
+        if use_cache:
+            batches = lambda start: iter(self.cache[start:])  # noqa: E731
+        else:
+            batches = self.batches(keys)
         config = {**self.config, "pass": name, **(extra_config or {})}
-        return streaming.run_stream(
-            step, parallel.stack_init(self.mesh, init), self.batches(keys), num_batches=self.num_batches,
+        state = streaming.run_stream(
+            step, parallel.stack_init(self.mesh, init), batches, num_batches=self.num_batches,
             workdir=os.path.join(wd.directory, name), config=config,
             checkpoint_every=self.checkpoint_every, desc=f"dissect {name}",
             progress=None if self.progress else False)
+        if fill and len(self.cache) != self.num_batches:
+            # Pass 1 resumed from a checkpoint: the cache misses its first batches, so recompute.
+            _say(self, "pass 1 resumed from a checkpoint: passes 2 and 3 run the model again")
+            self.cache = None
+        return state
+
+    def label_keys(self):
+        """Data keys pass 3 needs: the model input and what gets segmented (or the dataset's labels)."""
+        if isinstance(self.segmentation, str):
+            return self.model_keys() + ("seg", "image_labels")
+        return self.model_keys() + (() if self.generator else ("display",))
 
     def model_keys(self):
         return (self.input_key,)
@@ -402,7 +466,7 @@ class _Run:
         from jaxdissect.statistics import DissectionError
 
         plans = self.plans
-        state = self.run_pass(wd, "pass1", {n: p.pass1_init() for n, p in plans.items()}, self.model_keys())
+        state = self.run_pass(wd, "pass1", {n: p.pass1_init(self.num_images) for n, p in plans.items()}, self.model_keys())
         state = parallel.to_host(state)
         out = {}
         for n, p in plans.items():
@@ -424,10 +488,7 @@ class _Run:
         from jaxdissect.statistics import DissectionError
 
         plans = self.plans
-        if isinstance(self.segmentation, str):
-            keys = self.model_keys() + ("seg", "image_labels")
-        else:
-            keys = self.model_keys() + (() if self.generator else ("display",))
+        keys = self.label_keys()
         init = {n: p.pass3_init(thresholds[n]) for n, p in plans.items()}
         state = self.run_pass(wd, "pass3", init, keys,
                               extra_config={"thresholds": {n: _hash_array(t) for n, t in thresholds.items()}})
@@ -656,7 +717,7 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             mesh=None, geometry: str = "original", progress: bool = True, name: str | None = None,
             checkpoint_every: int = 50, resolution: tuple[int, int] | None = None,
             row0_competes: bool = False, settings: Mapping[str, Any] | None = None, method: str = "pnas",
-            views: Mapping[str, tuple] | None = None) -> dict:
+            views: Mapping[str, tuple] | None = None, activation_cache_mb: int = 1024) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -697,13 +758,18 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         with a ``[C, C]`` matrix is the layer rotated over its channels,
         ``a' = R a`` right after capture and before the thresholds
         (``jaxdissect.rotation``); several views of one layer share the passes.
+      activation_cache_mb: host memory budget for keeping every layer's
+        activations and the labels from pass 1 to passes 2 and 3; within it
+        the model, decoding and segmenter run once per image, otherwise
+        (or after resuming pass 1 from a checkpoint) passes 2 and 3 run them
+        again. The choice is logged. 0 = never cache.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = _Run(module, variables, layers, data, segmentation, quantile=quantile, miniou=miniou,
                topk=topk, thumbsize=thumbsize, batch_size=batch_size, output_dir=output_dir,
                num_images=num_images, mesh=mesh, geometry=geometry, progress=progress, name=name,
                checkpoint_every=checkpoint_every, resolution=resolution, row0_competes=row0_competes,
-               settings=settings, method=method, views=views)
+               settings=settings, method=method, views=views, activation_cache_mb=activation_cache_mb)
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")
@@ -739,6 +805,7 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
         _say(run, f"statistics of {', '.join(run.layers)} loaded from {results_dir}")
     else:
         t0 = time.perf_counter()
+        run.cache = [] if run.plan_cache() else None
         _say(run, f"pass 1/3 over {run.num_images} items: quantile histograms, top-{run.topk} images")
         pass1 = run.pass1(wd)
         _say(run, "pass 2/3: exact thresholds")

@@ -42,11 +42,11 @@ _EXPORTS = {
     "SyntheticScenes": "jaxdissect.data.synthetic",
 }
 
-__all__ = sorted(_EXPORTS) + ["interventions", "kernels"]
+__all__ = sorted(_EXPORTS) + ["explain", "interventions", "kernels"]
 
 
 def __getattr__(name):
-    if name in ("interventions", "kernels"):
+    if name in ("explain", "interventions", "kernels"):
         return importlib.import_module(f"jaxdissect.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

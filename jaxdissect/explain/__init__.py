@@ -6,10 +6,11 @@
 * :mod:`~jaxdissect.explain.metrics`: label metrics and their sanity checks.
 """
 
+from jaxdissect.explain import metrics
 from jaxdissect.explain.compositional import Explanation, compositional, formula_text
 from jaxdissect.explain.packed import SparseMasks, pack_bits
 from jaxdissect.explain.significance import (benjamini_hochberg, bootstrap_iou, label_significance,
                                              mask_significance)
 
 __all__ = ["Explanation", "SparseMasks", "benjamini_hochberg", "bootstrap_iou", "compositional", "formula_text",
-           "label_significance", "mask_significance", "pack_bits"]
+           "label_significance", "mask_significance", "metrics", "pack_bits"]

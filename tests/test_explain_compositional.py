@@ -166,3 +166,13 @@ def test_bad_inputs_are_named():
         compositional(np.zeros((1, 11), bool), c, ["x", "y"])
     with pytest.raises(ValueError, match="boolean"):
         compositional(np.zeros((1, 10)), c, ["x", "y"])
+
+
+def test_exact_with_a_weak_starting_incumbent_still_equals_enumeration():
+    # beam=1 seeds the branch and bound with a poor incumbent, so the bounds do the pruning.
+    rng = np.random.default_rng(5)
+    u, c = _planted(rng, 12, 7, 1200)
+    u = u ^ (rng.random(u.shape) < 0.08)
+    names = [f"z{i}" for i in range(7)]
+    for k, r in enumerate(compositional(u, c, names, exact=True, beam=1, block_words=2)):
+        assert r.iou == _enumerate_best(u[k], c, 3), (k, r)

@@ -21,9 +21,11 @@ from most images costs only the blocks where it occurs.
 ``exact=False`` is the paper's beam search (seed with the best ``beam``
 atoms of non-zero IoU, expand every beam formula by every concept and
 operator, keep the best ``beam``; ties in the paper's order), with exact
-integer counts. ``exact=True`` is branch and bound over the same grammar with
-an admissible IoU upper bound (:func:`_bound`), so the answer is a formula of
-maximal IoU among all formulas up to ``length``.
+integer counts. ``exact=True`` is branch and bound over the same grammar,
+starting from the beam's answer, with admissible IoU upper bounds
+(:func:`_bound`, and :func:`_pair_bound` from exact pair counts before the
+last step), so the answer is a formula of maximal IoU among all formulas up
+to ``length``.
 """
 
 from __future__ import annotations
@@ -214,8 +216,9 @@ def compositional(unit_masks, concept_masks, names, *, length: int = 3, beam: in
     num_units = units.num_masks
     # |c & u| for every unit and concept: the empty prefix (every pixel).
     _, cu = engine.counts(np.arange(num_units), np.zeros((num_units, 0)), np.zeros((num_units, 0)))
-    search = _exact if exact else _beam
-    found = search(engine, n, cu, usize, length, beam)
+    found = _beam(engine, n, cu, usize, length, beam)
+    if exact:        # the beam's answers are the first incumbents: strong bounds prune from the start
+        found = _exact(engine, n, cu, usize, length, found)
     out = []
     for u, (con, ops, inter, fpix) in enumerate(found):
         out.append(Explanation(unit=u, formula=formula_text(con, ops, names), iou=float(_iou(inter, fpix, usize[u])),
@@ -303,9 +306,48 @@ def _bound(g, gu, steps, usize, frontier, topsum):
     return np.maximum(gu / us, (inter / (us + fp)).max(1))
 
 
-def _exact(engine, n, cu, usize, length, beam):
-    """Branch and bound per unit: expand prefixes level by level, best bound first, pruning at the incumbent."""
-    del beam
+def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
+    """Tighter bound for ``G = (a op b)`` and one more step, from the exact pair counts of a and b with every c.
+
+    ``pair_i[x, c] = |x & c & u|``, ``pair_f[x, c] = |x & c|``. Bounds the
+    intersection and false positives of ``G & c`` from those of ``a & c`` and
+    ``b & c`` (e.g. ``(a OR b) AND c`` has at most ``I(a&c) + I(b&c)`` unit
+    pixels and at least ``max(FP(a&c), FP(b&c))`` false positives), then
+    ``G AND c``, ``G AND NOT c`` and ``G OR c`` follow from the identities of
+    the module docstring.
+    """
+    us = float(usize)
+    cu = cu.astype(np.float64)[None]
+    fpc = n.astype(np.float64)[None] - cu
+    out = np.empty(len(a))
+    for s in range(0, len(a), rows):
+        sl = slice(s, s + rows)
+        ia, ib = pair_i[a[sl]].astype(np.float64), pair_i[b[sl]].astype(np.float64)
+        fa, fb = pair_f[a[sl]] - pair_i[a[sl]], pair_f[b[sl]] - pair_i[b[sl]]
+        o = op[sl, None]
+        gg, gi = np.asarray(g[sl], np.float64)[:, None], np.asarray(gu[sl], np.float64)[:, None]
+        fpg = gg - gi
+        hi_i = np.where(o == AND, np.minimum(ia, ib), np.where(o == OR, ia + ib, ia))
+        hi_i = np.minimum(np.minimum(hi_i, gi), cu)
+        lo_i = np.where(o == AND, np.maximum(0, ia + ib - cu), np.where(o == OR, np.maximum(ia, ib),
+                                                                         np.maximum(0, ia - ib)))
+        lo_fp = np.where(o == OR, np.maximum(fa, fb), 0.0)
+        hi_fp = np.where(o == AND, np.minimum(fa, fb), np.where(o == OR, fa + fb, fa))
+        b_and = hi_i / (us + lo_fp)
+        b_not = (gi - lo_i) / (us + np.maximum(0.0, fpg - hi_fp))
+        or_i = np.minimum(us, gi + cu - lo_i)
+        or_fp = np.maximum(np.maximum(fpg, fpc), fpg + fpc - hi_fp)
+        b_or = or_i / (us + or_fp)
+        own = gi[:, 0] / (us + fpg[:, 0])
+        out[sl] = np.maximum(own, np.maximum(np.maximum(b_and, b_not), b_or).max(1))
+    return out
+
+
+def _exact(engine, n, cu, usize, length, incumbents):
+    """Branch and bound per unit: expand prefixes level by level, best bound first, pruning at the incumbent.
+
+    ``incumbents``: a known formula per unit ``(concepts, ops, |F & u|, |F|)`` to start from.
+    """
     num_units, num_concepts = cu.shape
     results = []
     for u in range(num_units):
@@ -313,6 +355,9 @@ def _exact(engine, n, cu, usize, length, beam):
         atom = _iou(cu[u], n, us)
         c0 = int(np.argmax(atom))
         best = (float(atom[c0]), (c0,), (None,), int(cu[u, c0]), int(n[c0]))
+        seed = incumbents[u]
+        if float(_iou(seed[2], seed[3], us)) > best[0]:
+            best = (float(_iou(seed[2], seed[3], us)),) + tuple(seed)
         if us == 0 or not cu[u].any() or length == 1:
             results.append(best[1:])
             continue
@@ -322,9 +367,19 @@ def _exact(engine, n, cu, usize, length, beam):
         level_con = [(c,) for c in range(num_concepts)]
         level_ops = [(None,)] * num_concepts
         level_g, level_gu = n.copy(), cu[u].copy()
+        pair_i = np.zeros((num_concepts, num_concepts), np.int64)
+        pair_f = np.zeros((num_concepts, num_concepts), np.int64)
+        have = np.zeros(num_concepts, bool)
         for depth in range(1, length):
             steps = length - depth
             bound = _bound(level_g, level_gu, steps, us, frontier, topsum)
+            if depth == 2 and steps == 1:
+                a = np.asarray([x[0] for x in level_con])
+                b = np.asarray([x[1] for x in level_con])
+                op = np.asarray([x[1] for x in level_ops])
+                ok = np.nonzero(have[a] & have[b])[0]
+                bound[ok] = np.minimum(bound[ok], _pair_bound(a[ok], op[ok], b[ok], level_g[ok], level_gu[ok],
+                                                              pair_i, pair_f, n, cu[u], us))
             order = np.argsort(-bound, kind="stable")
             next_con, next_ops, next_g, next_gu = [], [], [], []
             group = engine.batch * 4
@@ -335,6 +390,8 @@ def _exact(engine, n, cu, usize, length, beam):
                 pcon, pops = _prefix_arrays([(level_con[q], level_ops[q]) for q in sel], depth)
                 cnt, cntu = engine.counts(np.full(len(sel), u), pcon, pops)
                 f, i = _children(level_g[sel], level_gu[sel], cnt, cntu, n, cu[u])
+                if depth == 1:
+                    pair_i[sel], pair_f[sel], have[sel] = cntu, cnt, True
                 score = _iou(i, f, us)
                 t = int(np.argmax(score))
                 if score.reshape(-1)[t] > best[0]:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdissect.explain import SparseMasks, compositional
+from jaxdissect.explain import SparseMasks, compositional, formula_mask
 from jaxdissect.kernels import iou as ik
 from jaxdissect.kernels import labels as kl
 
@@ -109,6 +109,7 @@ def test_reported_iou_is_the_iou_of_the_formula_mask():
     for exact in (False, True):
         for r, mask in zip(compositional(u, c, names, exact=exact, block_words=4), u):
             f = _parse(r.formula, c, names)
+            np.testing.assert_array_equal(formula_mask(c, r), f)
             assert r.iou == _np_iou(f, mask)
             assert (r.intersection, r.formula_pixels, r.unit_pixels) == (
                 np.count_nonzero(f & mask), np.count_nonzero(f), np.count_nonzero(mask))

@@ -7,10 +7,10 @@
 """
 
 from jaxdissect.explain import metrics
-from jaxdissect.explain.compositional import Explanation, compositional, formula_text
+from jaxdissect.explain.compositional import Explanation, compositional, formula_mask, formula_text
 from jaxdissect.explain.packed import SparseMasks, pack_bits
 from jaxdissect.explain.significance import (benjamini_hochberg, bootstrap_iou, label_significance,
                                              mask_significance)
 
-__all__ = ["Explanation", "SparseMasks", "benjamini_hochberg", "bootstrap_iou", "compositional", "formula_text",
-           "label_significance", "mask_significance", "metrics", "pack_bits"]
+__all__ = ["Explanation", "SparseMasks", "benjamini_hochberg", "bootstrap_iou", "compositional", "formula_mask",
+           "formula_text", "label_significance", "mask_significance", "metrics", "pack_bits"]

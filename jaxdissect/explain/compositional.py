@@ -70,6 +70,15 @@ def formula_text(concepts, ops, names) -> str:
     return text
 
 
+def formula_mask(concept_masks, explanation: Explanation) -> np.ndarray:
+    """Boolean ``[P]`` mask of an explanation's formula over dense ``concept_masks [L, P]`` (NumPy)."""
+    c = np.asarray(concept_masks, bool)
+    m = c[explanation.concepts[0]]
+    for k, op in zip(explanation.concepts[1:], explanation.ops[1:]):
+        m = m & c[k] if op == "AND" else m | c[k] if op == "OR" else m & ~c[k]
+    return m
+
+
 def _iou(inter, formula, unit):
     inter = np.asarray(inter, np.float64)
     union = np.asarray(formula, np.float64) + np.asarray(unit, np.float64) - inter

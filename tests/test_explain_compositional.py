@@ -177,3 +177,37 @@ def test_exact_with_a_weak_starting_incumbent_still_equals_enumeration():
     names = [f"z{i}" for i in range(7)]
     for k, r in enumerate(compositional(u, c, names, exact=True, beam=1, block_words=2)):
         assert r.iou == _enumerate_best(u[k], c, 3), (k, r)
+
+
+def _paper_beam(u, c, beam, length=3):
+    """The paper's beam search on dense NumPy masks (dict + Counter order, as compexp's compute_best_iou)."""
+    from collections import Counter
+    masks = {}
+
+    def score(key, m):
+        masks[key] = m
+        return _np_iou(m, u)
+
+    ious = Counter({k: v for k in range(len(c)) if (v := score(k, c[k])) > 0})
+    if not ious:
+        return 0.0
+    formulas = dict(ious.most_common(beam))
+    for _ in range(length - 1):
+        new = {}
+        for f in formulas:
+            for k in range(len(c)):
+                for op, g in (("or", masks[f] | c[k]), ("and", masks[f] & c[k]), ("andnot", masks[f] & ~c[k])):
+                    new[(f, op, k)] = score((f, op, k), g)
+        formulas.update(new)
+        formulas = dict(Counter(formulas).most_common(beam))
+    return Counter(formulas).most_common(1)[0][1]
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+def test_beam_equals_the_papers_beam_search(beam):
+    rng = np.random.default_rng(6)
+    u, c = _planted(rng, 10, 9, 1000)
+    u = u ^ (rng.random(u.shape) < 0.1)
+    names = [f"p{i}" for i in range(9)]
+    for k, r in enumerate(compositional(u, c, names, beam=beam, block_words=2)):
+        assert r.iou == _paper_beam(u[k], c, beam), (k, r)

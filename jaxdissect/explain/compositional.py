@@ -332,16 +332,26 @@ def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
     for s in range(0, len(a), rows):
         sl = slice(s, s + rows)
         ia, ib = pair_i[a[sl]].astype(np.float64), pair_i[b[sl]].astype(np.float64)
-        fa, fb = pair_f[a[sl]] - pair_i[a[sl]], pair_f[b[sl]] - pair_i[b[sl]]
+        fa = (pair_f[a[sl]] - pair_i[a[sl]]).astype(np.float64)
+        fb = (pair_f[b[sl]] - pair_i[b[sl]]).astype(np.float64)
+        iab = pair_i[a[sl], b[sl]].astype(np.float64)[:, None]
+        fab = (pair_f[a[sl], b[sl]] - pair_i[a[sl], b[sl]]).astype(np.float64)[:, None]
+        au = cu[0, a[sl]][:, None]
+        fpa = n[a[sl]].astype(np.float64)[:, None] - au
         o = op[sl, None]
         gg, gi = np.asarray(g[sl], np.float64)[:, None], np.asarray(gu[sl], np.float64)[:, None]
         fpg = gg - gi
-        hi_i = np.where(o == AND, np.minimum(ia, ib), np.where(o == OR, ia + ib, ia))
+        # Range of the triple counts |a & b & c & u| and |(a & b & c) - u| (inclusion-exclusion within c and a).
+        t_lo = np.maximum(0, np.maximum(ia + ib - cu, ia + iab - au))
+        t_hi = np.minimum(np.minimum(ia, ib), iab)
+        tf_lo = np.maximum(0, np.maximum(fa + fb - fpc, fa + fab - fpa))
+        tf_hi = np.minimum(np.minimum(fa, fb), fab)
+        # Range of |G & c & u| and of the false positives of G & c, per operator of G.
+        hi_i = np.where(o == AND, t_hi, np.where(o == OR, ia + ib - t_lo, ia - t_lo))
+        lo_i = np.where(o == AND, t_lo, np.where(o == OR, ia + ib - t_hi, ia - t_hi))
+        hi_fp = np.where(o == AND, tf_hi, np.where(o == OR, fa + fb - tf_lo, fa - tf_lo))
+        lo_fp = np.where(o == AND, tf_lo, np.where(o == OR, fa + fb - tf_hi, fa - tf_hi))
         hi_i = np.minimum(np.minimum(hi_i, gi), cu)
-        lo_i = np.where(o == AND, np.maximum(0, ia + ib - cu), np.where(o == OR, np.maximum(ia, ib),
-                                                                         np.maximum(0, ia - ib)))
-        lo_fp = np.where(o == OR, np.maximum(fa, fb), 0.0)
-        hi_fp = np.where(o == AND, np.minimum(fa, fb), np.where(o == OR, fa + fb, fa))
         b_and = hi_i / (us + lo_fp)
         b_not = (gi - lo_i) / (us + np.maximum(0.0, fpg - hi_fp))
         or_i = np.minimum(us, gi + cu - lo_i)

@@ -365,6 +365,10 @@ def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
 def _exact(engine, n, cu, usize, length, incumbents):
     """Branch and bound per unit: expand prefixes level by level, best bound first, pruning at the incumbent.
 
+    Bounds and IoUs are exact integer arithmetic (in float64, below 2**53)
+    and one correctly rounded division, so pruning at ``bound <= best`` loses
+    no formula whose float64 IoU is higher than the incumbent's.
+
     ``incumbents``: a known formula per unit ``(concepts, ops, |F & u|, |F|)`` to start from.
     """
     num_units, num_concepts = cu.shape
@@ -403,7 +407,7 @@ def _exact(engine, n, cu, usize, length, incumbents):
             next_con, next_ops, next_g, next_gu = [], [], [], []
             group = engine.batch * 4
             for s in range(0, len(order), group):
-                sel = [q for q in order[s : s + group] if bound[q] > best[0] * (1 - 1e-12)]
+                sel = [q for q in order[s : s + group] if bound[q] > best[0]]
                 if not sel:
                     break                          # bounds are sorted: nothing further can win
                 pcon, pops = _prefix_arrays([(level_con[q], level_ops[q]) for q in sel], depth)
@@ -420,7 +424,7 @@ def _exact(engine, n, cu, usize, length, incumbents):
                             int(i[slot, c, o]), int(f[slot, c, o]))
                 if steps > 1:
                     child_bound = _bound(f.reshape(-1), i.reshape(-1), steps - 1, us, frontier, topsum)
-                    for t in np.nonzero(child_bound > best[0] * (1 - 1e-12))[0]:
+                    for t in np.nonzero(child_bound > best[0])[0]:
                         slot, c, o = np.unravel_index(t, f.shape)
                         q = sel[slot]
                         next_con.append(level_con[q] + (int(c),))

@@ -54,6 +54,7 @@ _EXPORTS = {
     "compare": "jaxdissect.pipelines.compare",
     "invert": "jaxdissect.editing.inversion",
     "adapt": "jaxdissect.editing.adaptation",
+    "EditError": "jaxdissect.editing.strokes",
     # Adversarial attacks on any classifier; activations before a layer's ReLU.
     "pgd": "jaxdissect.attacks",
     "carlini_wagner_l2": "jaxdissect.attacks",
@@ -61,11 +62,11 @@ _EXPORTS = {
     "PreActivation": "jaxdissect.layers",
 }
 
-__all__ = sorted(_EXPORTS) + ["attacks", "editing", "interventions", "kernels"]
+__all__ = sorted(_EXPORTS) + ["attacks", "editing", "explain", "interventions", "kernels"]
 
 
 def __getattr__(name):
-    if name in ("attacks", "editing", "interventions", "kernels"):
+    if name in ("attacks", "editing", "explain", "interventions", "kernels"):
         return importlib.import_module(f"jaxdissect.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,6 +1,5 @@
 """Compositional explanations against an independent NumPy enumeration, planted formulas and the labeller."""
 
-import itertools
 
 import jax
 import numpy as np

@@ -128,7 +128,6 @@ def torch_cw(net, x0, targets, steps, search, lr=5e-3, initial_const=1e-2):
     const = torch.full((n,), initial_const)
     lower, upper = torch.zeros(n), torch.full((n,), float("inf"))
     best, best_d = x0.clone(), torch.full((n,), float("inf"))
-    onehot = torch.nn.functional.one_hot(targets, 365).bool()
     for _ in range(search):
         pert = torch.zeros_like(x0, requires_grad=True)
         opt = torch.optim.Adam([pert], lr=lr)
@@ -136,6 +135,7 @@ def torch_cw(net, x0, targets, steps, search, lr=5e-3, initial_const=1e-2):
         for _ in range(steps):
             x = (torch.tanh(w0 + pert) + 1) / 2
             logits = net(x)
+            onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).bool()
             other = logits.masked_fill(onehot, -float("inf")).amax(1)
             tl = logits.gather(1, targets[:, None])[:, 0]
             dist = ((x - recon) ** 2).flatten(1).sum(1)

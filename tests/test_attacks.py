@@ -182,7 +182,7 @@ def _cw_case():
 def test_cw_host_chunks_equal_one_lax_program():
     """The host-driven chunks (abort-early between chunks) give the attack that one jitted lax program gives."""
     _, _, fn, x0, t = _cw_case()
-    kw = dict(steps=23, binary_search_steps=3, learning_rate=0.05, abort_early=True)
+    kw = {"steps": 23, "binary_search_steps": 3, "learning_rate": 0.05, "abort_early": True}
     adv, ok = carlini_wagner_l2(fn, x0, t, **kw)
     adv_j, ok_j = jax.jit(lambda x, c: carlini_wagner_l2(fn, x, c, **kw))(x0, t)
     np.testing.assert_array_equal(np.asarray(ok), np.asarray(ok_j))

@@ -12,7 +12,8 @@ alternating, the fastest of ``--repeats`` warm runs (compilation excluded):
 * CW: :func:`jaxdissect.attacks.carlini_wagner_l2` with ``--cw_search``
   binary-search rounds of ``--cw_steps`` Adam steps (abort_early off, so both
   sides do the same number of steps); PyTorch: the same tanh-space Adam loop
-  (``torch.optim.Adam``), per-image constants, best adversarial kept. The
+  (``torch.optim.Adam``), per-image constants, best adversarial kept (tests/test_attacks.py checks that
+  both reach the same adversarials on a linear model). The
   paper's setting is 5 x 1000 steps; the per-step cost is what is measured,
   and the images/s for that setting is the measured rate / (5000 / steps).
 
@@ -128,7 +129,6 @@ def torch_cw(net, x0, targets, steps, search, lr=5e-3, initial_const=1e-2):
     const = torch.full((n,), initial_const)
     lower, upper = torch.zeros(n), torch.full((n,), float("inf"))
     best, best_d = x0.clone(), torch.full((n,), float("inf"))
-    onehot = torch.nn.functional.one_hot(targets, 365).bool()
     for _ in range(search):
         pert = torch.zeros_like(x0, requires_grad=True)
         opt = torch.optim.Adam([pert], lr=lr)
@@ -136,6 +136,7 @@ def torch_cw(net, x0, targets, steps, search, lr=5e-3, initial_const=1e-2):
         for _ in range(steps):
             x = (torch.tanh(w0 + pert) + 1) / 2
             logits = net(x)
+            onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).bool()
             other = logits.masked_fill(onehot, -float("inf")).amax(1)
             tl = logits.gather(1, targets[:, None])[:, 0]
             dist = ((x - recon) ** 2).flatten(1).sum(1)
@@ -201,7 +202,8 @@ def report(r: dict) -> str:
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()}, "
              f"{os.cpu_count()} CPUs shared with other jobs (load average {r['load'][0][0]:.1f} at the start, "
              f"{r['load'][1][0]:.1f} at the end: busy, so wall times are noisy; CPU seconds are the steadier "
-             f"figure), jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads). "
+             f"figure), jax {jax.__version__} (XLA_FLAGS `{os.environ.get('XLA_FLAGS', '')}`), torch "
+             f"{torch.__version__} ({torch.get_num_threads()} threads). "
              f"VGG16 at 224, {n} images, random weights shared by both sides (logits agree to "
              f"{r['agree']:.1e}); fastest of {r['repeats']} warm runs, alternating.", "",
              "| attack | implementation | images per CPU-s | images/s (wall) |", "|---|---|---|---|"]

@@ -216,19 +216,19 @@ def _best_other(logits, target):
     return jnp.max(masked, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("binary_search_steps", "steps", "abort_early"))
-def _cw(logits_fn, images, targets, confidence, learning_rate, initial_const, *, binary_search_steps, steps,
-        abort_early):
-    n = images.shape[0]
-    axes = tuple(range(1, images.ndim))
-    w0 = jnp.arctanh((images * 2.0 - 1.0) * _TANH_SHRINK)  # box [0, 1] -> attack space
-    recon = (jnp.tanh(w0) + 1.0) / 2.0
+def _adam(learning_rate):
+    return optax.adam(learning_rate)  # beta1 0.9, beta2 0.999, eps 1e-8 outside the root: foolbox's Adam
 
-    def to_model(w):
-        return (jnp.tanh(w) + 1.0) / 2.0
 
-    def losses(pert, const):
-        x = to_model(w0 + pert)
+def _cw_step(logits_fn, w0, recon, targets, const, confidence, learning_rate, carry, *, check_every, abort_early):
+    """One Adam step of every still-active image; inactive images keep their state (a no-op for them)."""
+    it, pert, opt_state, found, prev_loss, active, best_x, best_dist = carry
+    n = w0.shape[0]
+    axes = tuple(range(1, w0.ndim))
+    bcast = (n,) + (1,) * (w0.ndim - 1)
+
+    def losses(pert):
+        x = (jnp.tanh(w0 + pert) + 1.0) / 2.0
         logits = logits_fn(x).astype(jnp.float32)
         target_logit = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
         adv_loss = jnp.maximum(_best_other(logits, targets) - target_logit + confidence, 0.0)
@@ -236,53 +236,120 @@ def _cw(logits_fn, images, targets, confidence, learning_rate, initial_const, *,
         total = dist + const * adv_loss
         return jnp.sum(total), (total, x, logits, dist)
 
-    grad_fn = jax.grad(losses, has_aux=True)
-    opt = optax.adam(learning_rate)  # beta1 0.9, beta2 0.999, eps 1e-8 outside the root: foolbox's Adam
+    grad, (total, x, logits, dist) = jax.grad(losses, has_aux=True)(pert)
+    is_adv = jnp.argmax(logits, axis=-1) == targets
+    better = active & is_adv & (dist < best_dist)
+    best_x = jnp.where(better.reshape(bcast), x, best_x)
+    best_dist = jnp.where(better, dist, best_dist)
+    found = found | (active & is_adv)
+    updates, new_state = _adam(learning_rate).update(grad, opt_state, pert)
+    pert = jnp.where(active.reshape(bcast), pert + updates, pert)
+    opt_state = jax.tree.map(
+        lambda new, old: jnp.where(active.reshape((n,) + (1,) * (new.ndim - 1)), new, old)
+        if new.ndim and new.shape[0] == n else new,
+        new_state, opt_state,
+    )
+    if abort_early:  # foolbox: every tenth of the steps, stop an image whose loss fell by less than 0.01%
+        checkpoint = it % check_every == 0
+        stalled = checkpoint & ~(total <= 0.9999 * prev_loss)
+        active = active & ~stalled
+        prev_loss = jnp.where(checkpoint, total, prev_loss)
+    return it + 1, pert, opt_state, found, prev_loss, active, best_x, best_dist
+
+
+def _cw_round_init(images, learning_rate, best_x, best_dist):
+    """The state of one binary-search round: zero perturbation, fresh Adam moments, every image active."""
+    n = images.shape[0]
+    pert = jnp.zeros_like(images)
+    return (jnp.int32(0), pert, _adam(learning_rate).init(pert), jnp.zeros((n,), bool),
+            jnp.full((n,), jnp.inf, jnp.float32), jnp.ones((n,), bool), best_x, best_dist)
+
+
+def _cw_bisect(found, const, lower, upper):
+    """After a round: x10 until an adversarial is found, then bisect between the bounds."""
+    upper = jnp.where(found, const, upper)
+    lower = jnp.where(found, lower, const)
+    return jnp.where(jnp.isinf(upper), const * 10.0, (lower + upper) / 2.0), lower, upper
+
+
+def _cw_round_const(b, binary_search_steps, const, upper):
+    if binary_search_steps >= 10:  # foolbox: the last step of a long search uses the upper bound
+        const = jnp.where(b == binary_search_steps - 1, jnp.minimum(1e10, upper), const)
+    return const
+
+
+def _cw_box(images):
+    w0 = jnp.arctanh((images * 2.0 - 1.0) * _TANH_SHRINK)  # box [0, 1] -> attack space
+    return w0, (jnp.tanh(w0) + 1.0) / 2.0
+
+
+# XLA:CPU runs a while-loop body several times slower than the same ops outside a loop (see _pgd), so on CPU
+# the attack runs in jitted chunks of this many unrolled steps, driven from the host; other backends run a
+# tenth of the steps per chunk in a rolled loop.
+_CW_CPU_CHUNK = 10
+
+
+@partial(jax.jit, static_argnames=("k", "check_every", "abort_early", "unroll"))
+def _cw_chunk(logits_fn, w0, recon, targets, const, confidence, learning_rate, carry, *, k, check_every,
+              abort_early, unroll):
+    """``k`` CW steps of one binary-search round: a pure function of arrays, the unit the host driver repeats."""
+    step = partial(_cw_step, logits_fn, w0, recon, targets, const, confidence, learning_rate,
+                   check_every=check_every, abort_early=abort_early)
+    return jax.lax.fori_loop(0, k, lambda _, c: step(c), carry, unroll=True if unroll else None)
+
+
+@jax.jit
+def _cw_start(images, learning_rate, best_x, best_dist):
+    return _cw_box(images) + (_cw_round_init(images, learning_rate, best_x, best_dist),)
+
+
+_cw_bisect_jit = jax.jit(_cw_bisect)
+
+
+def _cw_host(logits_fn, images, targets, confidence, learning_rate, initial_const, *, binary_search_steps, steps,
+             abort_early):
+    """The host driver: jitted chunks, the abort-early test (one scalar to the host) between chunks."""
+    n = images.shape[0]
     check_every = int(np.ceil(steps / 10))
-    bcast = (n,) + (1,) * (images.ndim - 1)
+    cpu = jax.default_backend() == "cpu"
+    chunk = min(steps, _CW_CPU_CHUNK) if cpu else check_every
+    const = jnp.full((n,), initial_const, jnp.float32)
+    lower, upper = jnp.zeros((n,), jnp.float32), jnp.full((n,), jnp.inf, jnp.float32)
+    best_x, best_dist = images, jnp.full((n,), jnp.inf, jnp.float32)
+    for b in range(binary_search_steps):
+        const = _cw_round_const(b, binary_search_steps, const, upper)
+        w0, recon, carry = _cw_start(images, learning_rate, best_x, best_dist)
+        done = 0
+        while done < steps:
+            k = min(chunk, steps - done)
+            carry = _cw_chunk(logits_fn, w0, recon, targets, const, confidence, learning_rate, carry, k=k,
+                              check_every=check_every, abort_early=abort_early, unroll=cpu)
+            done += k
+            # Steps after every image has stopped change nothing, so stopping here equals the per-step test.
+            if abort_early and done < steps and not bool(jnp.any(carry[5])):
+                break
+        found, best_x, best_dist = carry[3], carry[6], carry[7]
+        const, lower, upper = _cw_bisect_jit(found, const, lower, upper)
+    return best_x, jnp.isfinite(best_dist)
+
+
+@partial(jax.jit, static_argnames=("binary_search_steps", "steps", "abort_early"))
+def _cw_traced(logits_fn, images, targets, confidence, learning_rate, initial_const, *, binary_search_steps, steps,
+               abort_early):
+    """The same attack as one ``lax`` program, for calls under the caller's ``jit``/``vmap`` (no host loop)."""
+    n = images.shape[0]
+    w0, recon = _cw_box(images)
+    check_every = int(np.ceil(steps / 10))
 
     def search_step(b, carry):
         const, lower, upper, best_x, best_dist = carry
-        if binary_search_steps >= 10:  # foolbox: the last step of a long search uses the upper bound
-            const = jnp.where(b == binary_search_steps - 1, jnp.minimum(1e10, upper), const)
-        pert = jnp.zeros_like(images)
-        opt_state = opt.init(pert)
-
-        def cond(c):
-            it, active = c[0], c[5]
-            return (it < steps) & jnp.any(active)
-
-        def body(c):
-            it, pert, opt_state, found, prev_loss, active, best_x, best_dist = c
-            grad, (total, x, logits, dist) = grad_fn(pert, const)
-            is_adv = jnp.argmax(logits, axis=-1) == targets
-            better = active & is_adv & (dist < best_dist)
-            best_x = jnp.where(better.reshape(bcast), x, best_x)
-            best_dist = jnp.where(better, dist, best_dist)
-            found = found | (active & is_adv)
-            updates, new_state = opt.update(grad, opt_state, pert)
-            new_pert = pert + updates
-            keep = active.reshape(bcast)
-            pert = jnp.where(keep, new_pert, pert)
-            opt_state = jax.tree.map(
-                lambda new, old: jnp.where(active.reshape((n,) + (1,) * (new.ndim - 1)), new, old)
-                if new.ndim and new.shape[0] == n else new,
-                new_state, opt_state,
-            )
-            if abort_early:
-                checkpoint = it % check_every == 0
-                stalled = checkpoint & ~(total <= 0.9999 * prev_loss)
-                active = active & ~stalled
-                prev_loss = jnp.where(checkpoint, total, prev_loss)
-            return it + 1, pert, opt_state, found, prev_loss, active, best_x, best_dist
-
-        init = (jnp.int32(0), pert, opt_state, jnp.zeros((n,), bool), jnp.full((n,), jnp.inf, jnp.float32),
-                jnp.ones((n,), bool), best_x, best_dist)
-        _, _, _, found, _, _, best_x, best_dist = jax.lax.while_loop(cond, body, init)
-        upper = jnp.where(found, const, upper)
-        lower = jnp.where(found, lower, const)
-        const = jnp.where(jnp.isinf(upper), const * 10.0, (lower + upper) / 2.0)
-        return const, lower, upper, best_x, best_dist
+        const = _cw_round_const(b, binary_search_steps, const, upper)
+        step = partial(_cw_step, logits_fn, w0, recon, targets, const, confidence, learning_rate,
+                       check_every=check_every, abort_early=abort_early)
+        state = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(c[5]), step,
+                                   _cw_round_init(images, learning_rate, best_x, best_dist))
+        found, best_x, best_dist = state[3], state[6], state[7]
+        return _cw_bisect(found, const, lower, upper) + (best_x, best_dist)
 
     init = (jnp.full((n,), initial_const, jnp.float32), jnp.zeros((n,), jnp.float32),
             jnp.full((n,), jnp.inf, jnp.float32), images, jnp.full((n,), jnp.inf, jnp.float32))
@@ -329,7 +396,10 @@ def carlini_wagner_l2(
                 "carlini_wagner_l2: learning_rate and initial_const must be > 0 and confidence >= 0, got "
                 f"{float(learning_rate)}, {float(initial_const)}, {float(confidence)}"
             )
-    adv, success = _cw(logits_fn, images, targets, jnp.float32(confidence), jnp.float32(learning_rate),
-                       jnp.float32(initial_const), binary_search_steps=int(binary_search_steps), steps=int(steps),
-                       abort_early=bool(abort_early))
+    # Concrete inputs: the host drives jitted chunks (fast on CPU, abort-early between chunks); under the
+    # caller's jit/vmap the whole attack is one lax program with the same steps.
+    attack = _cw_host if _concrete(images, targets, *jax.tree.leaves(logits_fn)) else _cw_traced
+    adv, success = attack(logits_fn, images, targets, jnp.float32(confidence), jnp.float32(learning_rate),
+                          jnp.float32(initial_const), binary_search_steps=int(binary_search_steps),
+                          steps=int(steps), abort_early=bool(abort_early))
     return adv.astype(images.dtype), success

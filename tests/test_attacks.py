@@ -169,3 +169,40 @@ def test_bad_input():
     with pytest.raises(InterventionError, match="unknown class 'bedrom'; did you mean 'bedroom'"):
         class_indices(["bedroom", "hangar/indoor", "ski_resort"], ["ski_resort", "bedrom"])
     np.testing.assert_array_equal(class_indices(["a", "b", "c"], ["c", 0]), [2, 0])
+
+
+def _cw_case():
+    w, b, fn = linear_model(seed=7, scale=0.3)
+    rng = np.random.default_rng(8)
+    x0 = rng.uniform(0.2, 0.8, (N, H, W, C)).astype(np.float32)
+    t = ((np.asarray(fn(x0)).argmax(1) + 1) % K).astype(np.int32)  # never the current class
+    return w, b, fn, x0, t
+
+
+def test_cw_host_chunks_equal_one_lax_program():
+    """The host-driven chunks (abort-early between chunks) give the attack that one jitted lax program gives."""
+    _, _, fn, x0, t = _cw_case()
+    kw = {"steps": 23, "binary_search_steps": 3, "learning_rate": 0.05, "abort_early": True}
+    adv, ok = carlini_wagner_l2(fn, x0, t, **kw)
+    adv_j, ok_j = jax.jit(lambda x, c: carlini_wagner_l2(fn, x, c, **kw))(x0, t)
+    np.testing.assert_array_equal(np.asarray(ok), np.asarray(ok_j))
+    np.testing.assert_allclose(np.asarray(adv), np.asarray(adv_j), atol=1e-5)
+
+
+def test_cw_equals_the_pytorch_attack_of_the_bench():
+    """bench/attacks.py's PyTorch CW (torch.optim.Adam) and ours reach the same adversarials, same steps and constants."""
+    torch = pytest.importorskip("torch")
+    from bench.attacks import torch_cw
+
+    w, b, fn, x0, t = _cw_case()
+    wt, bt = torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+
+    def net(x):  # NCHW in, flattened in NHWC order as the JAX model
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) @ wt + bt
+
+    xt = torch.from_numpy(x0.transpose(0, 3, 1, 2).copy())
+    ref, ref_ok = torch_cw(net, xt, torch.from_numpy(t.astype(np.int64)), steps=40, search=3, lr=0.05)
+    adv, ok = carlini_wagner_l2(fn, x0, t, steps=40, binary_search_steps=3, learning_rate=0.05, abort_early=False)
+    np.testing.assert_array_equal(np.asarray(ok), ref_ok.numpy())
+    assert np.asarray(ok).any()
+    np.testing.assert_allclose(np.asarray(adv), ref.numpy().transpose(0, 2, 3, 1), atol=1e-4)

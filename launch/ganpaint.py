@@ -51,12 +51,14 @@ def main(argv):
 
     from jaxdissect.app import build_painter, create_app
 
+    common.set_resume_hint("run the same command again (a cached dissection resumes where it stopped)")
     try:
         painter = build_painter(FLAGS.model, FLAGS.dissection, layer=FLAGS.layer, encoder=FLAGS.encoder,
                                 num_images=FLAGS.num_images, cache_dir=common.cache_dir(FLAGS.cache_dir),
                                 invert_steps=FLAGS.invert_steps, adapt_steps=FLAGS.adapt_steps)
     except ValueError as e:  # every problem with the model, dissection or encoder is reported in one line
         raise common.LaunchError(str(e)) from None
+    common.set_resume_hint("the server stopped")
     print(f"ganpaint: {len(painter.concepts())} brushes on {painter.layer}; open http://{FLAGS.host}:{FLAGS.port}/")
     local = FLAGS.host in ("127.0.0.1", "localhost", "::1")
     hosts = ["127.0.0.1", "localhost", "[::1]"] if local else None  # no DNS rebinding onto a local server

@@ -63,12 +63,12 @@ def _rotations(config: dict) -> list[float] | None:
 
 def build(config: dict) -> dict:
     """Members, data and settings for ``compare`` from a config (the flags as a dict)."""
+    validate(config)
     from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
     from jaxdissect.layers import layer_shapes
     from jaxdissect.pipelines.compare import Member
     from launch.dissect import _model_kind, _preprocessing, make_data, make_segmentation, parse_layers
 
-    validate(config)
     dirs = _split(config.get("models"))
     if not dirs:
         raise LaunchError("--models is required: a comma list of converted model directories")
@@ -147,6 +147,7 @@ def build(config: dict) -> dict:
 
 def run(config: dict) -> tuple[dict, str]:
     """Build and compare; returns ``(compare's result, output_dir)``."""
+    validate(config)
     from jaxdissect.pipelines.compare import compare
 
     b = build(config)

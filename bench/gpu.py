@@ -1,6 +1,6 @@
 """Accelerator figures in one script: every GPU/TPU number the README and bench/RESULTS.md promise.
 
-    python -m bench.gpu [--sections=dissect_vgg16,progan_layer4,classifier_sweep] \
+    python -m bench.gpu [--sections=dissect_vgg16,progan_layer4,classifier_sweep,ganpaint_edit,photo_editing,attacks] \
         [--dtypes=float32,bfloat16] [--results=bench/RESULTS.md]
     python -m bench.gpu --smoke --results=      # tiny sizes, any backend (what the tests run)
 
@@ -13,7 +13,10 @@ records its one-line error instead of stopping the others. Full sizes
 36,500 synthetic 224x224 images with a random-weight unified-parsing
 segmenter (goal under 60 s), ProGAN ``layer4`` dissection of 10,000
 samples (goal under 30 s), the 512-unit single-unit ablation sweep of VGG16
-``conv5_3``; each in float32 and bfloat16. Times are warm (a small run
+``conv5_3``; each in float32 and bfloat16; and, registered from the other
+benchmarks (float32 only), GANPaint edit latency through the app's API
+(bench/app.py), photo-editing inversion/adaptation step times
+(bench/editing.py) and PGD/CW attack throughput on VGG16 (bench/attacks.py). Times are warm (a small run
 compiles first). ``--smoke`` runs the same code at tiny sizes with dataset
 labels instead of the segmenter, on any backend; its figures mean nothing.
 """
@@ -177,6 +180,55 @@ def classifier_sweep(ctx: Context) -> list[dict]:
     return [{"what": f"clean evaluation, {n} images", "value": n / clean, "unit": "images/s", "goal": ""},
             {"what": f"{k}-unit single-unit ablation sweep, {n} images", "value": sweep / clean,
              "unit": "x clean pass", "goal": "at most 2x" if not ctx.smoke else ""}]
+
+
+def _float32_only(ctx: Context, what: str) -> list[dict] | None:
+    """A note row for a section whose code runs in float32 only (None when ``ctx`` is float32)."""
+    if ctx.dtype == "float32":
+        return None
+    return [{"what": f"{what}: measured in float32 only", "value": float("nan"), "unit": "", "goal": ""}]
+
+
+@section("ganpaint_edit")
+def ganpaint_edit(ctx: Context) -> list[dict]:
+    """GANPaint edit latency through the app's API (bench/app.py's gpu_section)."""
+    from bench.app import gpu_section
+
+    return gpu_section(ctx)
+
+
+@section("photo_editing")
+def photo_editing(ctx: Context) -> list[dict]:
+    """Inversion and adaptation step times and paint edits/s on a ProGAN (bench/editing.py's gpu_figures)."""
+    from bench.editing import LSUN, gpu_figures
+
+    note = _float32_only(ctx, "photo editing")
+    if note:
+        return note
+    sizes = (512, 32, 32, 16, 16, 8) if ctx.smoke else LSUN
+    r = gpu_figures(sizes=sizes, steps=ctx.n(10, 2), repeats=ctx.n(3, 1))
+    res = 4 * 2 ** (len(sizes) - 2)
+    return [{"what": f"inversion step, {res}x{res} ProGAN + VGG16 perceptual", "value": r["invert_s_per_step"],
+             "unit": "s", "goal": ""},
+            {"what": "adaptation, 1000 steps", "value": r["adapt_1000_steps_s"], "unit": "s",
+             "goal": "about 30 s (the reference's GPU time)" if not ctx.smoke else ""},
+            {"what": "paint edits", "value": r["paint_edits_per_s"], "unit": "edits/s", "goal": ""}]
+
+
+@section("attacks")
+def attacks(ctx: Context) -> list[dict]:
+    """PGD and Carlini-Wagner L2 throughput on VGG16 at 224x224 (bench/attacks.py's gpu_section)."""
+    from bench.attacks import gpu_section
+
+    note = _float32_only(ctx, "attacks")
+    if note:
+        return note
+    images, cw_steps, cw_search = ctx.n(32, 1), ctx.n(1000, 2), ctx.n(5, 1)
+    r = gpu_section(images=images, pgd_steps=ctx.n(10, 2), cw_steps=cw_steps, cw_search=cw_search)
+    return [{"what": f"PGD, {ctx.n(10, 2)} steps, batch {images}", "value": r["pgd_images_per_s"],
+             "unit": "images/s", "goal": ""},
+            {"what": f"Carlini-Wagner L2, {cw_search} x {cw_steps} steps, batch {images}",
+             "value": r["cw_images_per_s"], "unit": "images/s", "goal": ""}]
 
 
 def run(names, dtypes, smoke: bool) -> dict:

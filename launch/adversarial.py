@@ -18,29 +18,28 @@ command resumes.
 
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags
+from absl import flags
 
-from jaxdissect.pipelines.adversarial import PAPER_TARGETS
+from launch import common
 
 FLAGS = flags.FLAGS
 
 
 def run(model: str, data: str, ablation: str, output_dir: str, *, layer: str = "conv5_3",
-        targets=PAPER_TARGETS, num_images: int = 1000, attack: str = "cw", steps: int | None = None,
+        targets=None, num_images: int = 1000, attack: str = "cw", steps: int | None = None,
         eps: float | None = None, batch_size: int = 16, on_bad_image: str = "raise") -> dict:
     """Load the model and data, run the experiment, print the headline numbers, return the summary."""
     from jaxdissect.checkpoint import load_metadata, load_model
-    from jaxdissect.pipelines.adversarial import adversarial_units
-    from launch.dissect import LaunchError, make_data
+    from jaxdissect.pipelines.adversarial import PAPER_TARGETS, adversarial_units
+    from launch.common import LaunchError, make_data, model_preprocessing
 
     module, variables = load_model(model)
-    meta = load_metadata(model)
-    prep = meta.get("preprocessing", {})
-    normalization = prep.get("normalization", "imagenet")
-    source, _ = make_data(data, kind="classifier", crop=int(prep.get("crop", 224)), on_bad_image=on_bad_image,
-                          normalization=normalization)
+    meta = load_metadata(model) or {}
+    preprocessing = model_preprocessing(meta, path=model)
+    normalization = preprocessing["normalization"]
+    source, _ = make_data(data, kind="classifier", on_bad_image=on_bad_image, preprocessing=preprocessing)
     classes = meta.get("classes") or getattr(source, "classes", None)
     if not classes:
         raise LaunchError(f"no class names: {model}/model.json has no 'classes' and {data} is not a class folder")
@@ -52,8 +51,8 @@ def run(model: str, data: str, ablation: str, output_dir: str, *, layer: str = "
             raise LaunchError("--eps applies to --attack=pgd only")
         options.update(eps=eps, step_size=eps / 4)
     summary = adversarial_units(module, variables, layer, source, output_dir, ablation_dir=ablation,
-                                class_names=classes, targets=targets, num_images=num_images, attack=attack,
-                                attack_options=options, normalization=normalization, batch_size=batch_size)
+                                class_names=classes, targets=targets or PAPER_TARGETS, num_images=num_images,
+                                attack=attack, attack_options=options, normalization=normalization, batch_size=batch_size)
     for name, t in summary["targets"].items():
         g = t["groups"]
         print(f"{name}: {t['succeeded']}/{t['attacked']} attacks succeeded; mean |peak change| target units "
@@ -64,39 +63,46 @@ def run(model: str, data: str, ablation: str, output_dir: str, *, layer: str = "
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing this module is free)."""
-    flags.DEFINE_string("model", None, "Converted classifier directory (python -m converters.vgg16_places365 ...).")
+    common.define_model_flag("Converted classifier directory (python -m converters.vgg16_places365 ...).")
     flags.DEFINE_string("layer", "conv5_3", "Layer whose units are measured (as ranked by --ablation).")
-    flags.DEFINE_string("data", None, "Labelled images, e.g. places:datasets/places/val (launch.dissect's --data).")
+    common.define_data_flag(f"Labelled images: {common.DATA_HELP}, e.g. places:datasets/places/val.")
     flags.DEFINE_string("ablation", None, "Output directory of python -m launch.ablate_classifier for this layer.")
-    flags.DEFINE_string("output_dir", None, "Results directory (created; reused to resume).")
-    flags.DEFINE_list("targets", list(PAPER_TARGETS), "Target classes of the attack.")
+    common.define_output_flags("Results directory.")
+    flags.DEFINE_list("targets", None, "Target classes of the attack (default: the paper's bedroom, computer_room, "
+                      "hangar-indoor, ski_resort, volleyball_court-outdoor).")
     flags.DEFINE_integer("num_images", 1000, "Images attacked per target class.")
     flags.DEFINE_enum("attack", "cw", ["cw", "pgd"], "Carlini-Wagner L2 (the paper's) or L-inf PGD.")
     flags.DEFINE_integer("steps", None, "Optimisation steps (default: 1000 for cw, 10 for pgd).")
     flags.DEFINE_float("eps", None, "PGD: L-inf radius in [0, 1] pixel units (default 8/255; step eps/4).")
     flags.DEFINE_integer("batch_size", 16, "Images attacked together.")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
-    flags.mark_flags_as_required(["model", "data", "ablation", "output_dir"])
 
 
 def main(argv):
     del argv
-    from jaxdissect.checkpoint import CheckpointError
-    from jaxdissect.data.folders import DataSourceError
-    from jaxdissect.interventions.common import InterventionError
-    from jaxdissect.models import set_cpu_xla_flags
-    from jaxdissect.streaming import StreamError
-    from launch.dissect import LaunchError
-
-    set_cpu_xla_flags()
-    try:
-        run(FLAGS.model, FLAGS.data, FLAGS.ablation, FLAGS.output_dir, layer=FLAGS.layer, targets=FLAGS.targets,
-            num_images=FLAGS.num_images, attack=FLAGS.attack, steps=FLAGS.steps, eps=FLAGS.eps,
-            batch_size=FLAGS.batch_size, on_bad_image=FLAGS.on_bad_image)
-    except (LaunchError, CheckpointError, DataSourceError, InterventionError, StreamError) as e:
-        sys.exit(f"error: {e}")
+    missing = [n for n in ("model", "data", "ablation", "output_dir") if not getattr(FLAGS, n)]
+    if missing:
+        raise common.LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
+    for name in ("num_images", "batch_size"):
+        common.positive(name, getattr(FLAGS, name), allow_none=False)
+    common.positive("steps", FLAGS.steps)
+    common.in_range("eps", FLAGS.eps, 0.0, 1.0, high_open=False)
+    if FLAGS.eps is not None and FLAGS.attack != "pgd":
+        raise common.LaunchError("--eps applies to --attack=pgd only")
+    common.parse_data_spec(FLAGS.data)
+    if not os.path.isdir(FLAGS.model):
+        raise common.LaunchError(f"--model={FLAGS.model}: no such directory; convert a checkpoint first, e.g. "
+                                 "python -m converters.vgg16_places365 --input=... --output=DIR")
+    identity = {n: getattr(FLAGS, n) for n in ("model", "layer", "data", "ablation", "targets", "num_images",
+                                               "attack", "steps", "eps", "batch_size", "on_bad_image")}
+    common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite,
+                            remove=("selection.npz", "*/work", "*/images"))
+    common.set_resume_hint(f"run the same command to resume ({os.path.abspath(FLAGS.output_dir)})")
+    run(FLAGS.model, FLAGS.data, FLAGS.ablation, FLAGS.output_dir, layer=FLAGS.layer, targets=FLAGS.targets,
+        num_images=FLAGS.num_images, attack=FLAGS.attack, steps=FLAGS.steps, eps=FLAGS.eps,
+        batch_size=FLAGS.batch_size, on_bad_image=FLAGS.on_bad_image)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

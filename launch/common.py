@@ -320,7 +320,12 @@ def known_errors() -> tuple[type, ...]:
                          ("jaxdissect.interventions.classifier", "InterventionError"),
                          ("jaxdissect.interventions.generator", "InterventionError"),
                          ("jaxdissect.pipelines.intervene_generator", "ExperimentError"),
-                         ("jaxdissect.rotation", "RotationError")):
+                         ("jaxdissect.rotation", "RotationError"),
+                         ("jaxdissect.interventions.common", "InterventionError"),
+                         ("jaxdissect.layers", "LayerError"), ("jaxdissect.segmenters.labels", "LabelError"),
+                         ("jaxdissect.attacks", "AttackError"), ("jaxdissect.editing", "EditError"),
+                         ("jaxdissect.app", "AppError"), ("jaxdissect.pipelines.compare", "CompareError"),
+                         ("jaxdissect.pipelines.edit_photo", "PhotoEditError")):
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

@@ -21,27 +21,53 @@ model. Outputs: ``compare.csv``, ``compare.json``, the figures (SVG),
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
+from launch.common import LaunchError
 
 FLAGS = flags.FLAGS
-
-
-class LaunchError(ValueError):
-    """A flag value that cannot be used; the message says which and how to fix it."""
+# Settings that do not change the results (left out of the output directory's identity).
+_NOT_RESULTS = ("output_dir", "overwrite", "checkpoint_every")
 
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
+def validate(config: dict) -> None:
+    """Check every setting that can be checked without reading data or models (before any work)."""
+    for name in ("batch_size", "num_images"):
+        common.positive(name, config.get(name))
+    common.positive("checkpoint_every", config.get("checkpoint_every", 50), allow_none=False)
+    common.in_range("quantile", config.get("quantile"), 0.0, 1.0)
+    common.in_range("miniou", config.get("miniou", 0.04), 0.0, 1.0, low_open=False)
+    if (config.get("method") or "netdissect2017") not in ("pnas", "netdissect2017"):
+        raise LaunchError(f"--method={config['method']}: use pnas or netdissect2017")
+    if (config.get("on_bad_image") or "raise") not in ("raise", "skip"):
+        raise LaunchError(f"--on_bad_image={config['on_bad_image']}: use raise or skip")
+    if config.get("data"):
+        common.parse_data_spec(config["data"])
+    _rotations(config)
+
+
+def _rotations(config: dict) -> list[float] | None:
+    if not config.get("rotations"):
+        return None
+    try:
+        return [float(a) for a in _split(config["rotations"])]
+    except ValueError:
+        raise LaunchError(f"--rotations={config['rotations']}: give powers alpha like 0,0.5,1") from None
+
+
 def build(config: dict) -> dict:
     """Members, data and settings for ``compare`` from a config (the flags as a dict)."""
+    validate(config)
     from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
     from jaxdissect.layers import layer_shapes
     from jaxdissect.pipelines.compare import Member
-    from launch.dissect import _model_kind, make_data, make_segmentation, parse_layers
+    from launch.dissect import _model_kind, _preprocessing, make_data, make_segmentation, parse_layers
 
     dirs = _split(config.get("models"))
     if not dirs:
@@ -62,7 +88,9 @@ def build(config: dict) -> dict:
     if len(groups) not in (1, len(dirs)):
         raise LaunchError(f"--layers gives {len(groups)} ';'-separated layer lists for {len(dirs)} models; give "
                           "one list for all models or one per model")
-    loaded, kinds = [], set()
+    if not config.get("data"):
+        raise LaunchError("--data is required, e.g. --data=broden:datasets/broden1_224")
+    loaded, pipelines = [], []
     for d in dirs:
         if not os.path.isdir(d):
             raise LaunchError(f"--models: {d} is not a directory; convert the checkpoint first (python -m "
@@ -72,20 +100,21 @@ def build(config: dict) -> dict:
             metadata = load_metadata(d) or {}
         except CheckpointError as e:
             raise LaunchError(f"--models: {d}: {e}") from e
-        kind, crop = _model_kind(metadata, module)
-        if kind != "classifier":
+        if _model_kind(metadata, module) != "classifier":
             raise LaunchError(f"--models: {d} is a generator; launch.compare compares image classifiers on one "
                               "image data set")
-        kinds.add(crop)
+        try:
+            pre = _preprocessing(metadata, d, config["data"])
+        except LaunchError as e:
+            raise LaunchError(str(e).replace("--model=", "--models: ", 1)) from None
+        if pre not in pipelines:
+            pipelines.append(pre)
         loaded.append((d, module, variables, metadata))
-    if len(kinds) > 1:
-        raise LaunchError(f"the models take different input crops {sorted(kinds)}; one data pass feeds them all, "
-                          "so compare models with the same preprocessing (or run them separately)")
-    crop = kinds.pop()
-    if not config.get("data"):
-        raise LaunchError("--data is required, e.g. --data=broden:datasets/broden1_224")
-    data, data_name = make_data(config["data"], kind="classifier", crop=crop,
-                                on_bad_image=config.get("on_bad_image") or "raise")
+    if len(pipelines) > 1:
+        raise LaunchError(f"the models take different input preprocessing {pipelines}; one data pass feeds them "
+                          "all, so compare models with the same preprocessing (or run them separately)")
+    data, data_name = make_data(config["data"], kind="classifier", on_bad_image=config.get("on_bad_image") or "raise",
+                                preprocessing=pipelines[0])
     seg_spec = config.get("segmenter") or ("dataset" if config["data"].startswith(("broden:", "synthetic"))
                                            else None)
     if seg_spec is None:
@@ -106,20 +135,19 @@ def build(config: dict) -> dict:
         members.append(Member(name=name.replace(".", "_").replace(" ", "_"), module=module,
                               variables=variables, layers=layers,
                               iteration=iterations[i] if iterations else None))
-    rotations = None
-    if config.get("rotations"):
-        try:
-            rotations = [float(a) for a in _split(config["rotations"])]
-        except ValueError:
-            raise LaunchError(f"--rotations={config['rotations']}: give powers alpha like 0,0.5,1") from None
     output_dir = config.get("output_dir") or os.path.join(
         "results", "compare-" + "-".join(m.name for m in members)[:80] + f"-{data_name}-{seg_name}")
-    return dict(members=members, data=data, segmentation=segmentation, rotations=rotations,
+    identity = {k: v for k, v in config.items() if k not in _NOT_RESULTS}
+    common.check_output_dir(output_dir, identity, overwrite=bool(config.get("overwrite")),
+                            remove=("dissection/work",))
+    common.set_resume_hint(f"run the same command to resume ({os.path.abspath(output_dir)})")
+    return dict(members=members, data=data, segmentation=segmentation, rotations=_rotations(config),
                 output_dir=output_dir)
 
 
 def run(config: dict) -> tuple[dict, str]:
     """Build and compare; returns ``(compare's result, output_dir)``."""
+    validate(config)
     from jaxdissect.pipelines.compare import compare
 
     b = build(config)
@@ -135,8 +163,8 @@ def run(config: dict) -> tuple[dict, str]:
 
 def get_config() -> dict:
     names = ["models", "names", "iterations", "layers", "rotations", "rotation_seed", "rotation_unpermute", "data",
-             "segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "output_dir", "on_bad_image",
-             "checkpoint_every"]
+             "segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "output_dir", "overwrite",
+             "on_bad_image", "checkpoint_every"]
     return {n: getattr(FLAGS, n) for n in names}
 
 
@@ -151,37 +179,21 @@ def define_flags() -> None:
                         "each layer rotated by Q^alpha.")
     flags.DEFINE_integer("rotation_seed", 1, "Seed of the random rotation (the original's is 1).")
     flags.DEFINE_bool("rotation_unpermute", False, "Permute rotated units back towards the original ones.")
-    flags.DEFINE_string("data", None, "broden:<dir> (or places:/folder:/tfds: with --segmenter).")
+    common.define_data_flag(f"{common.DATA_HELP} (anything but broden: and synthetic: needs --segmenter).")
     flags.DEFINE_string("segmenter", None, "'dataset' (default for Broden) or a segmenter spec.")
     flags.DEFINE_enum("method", "netdissect2017", ["pnas", "netdissect2017"], "Scoring method.")
     flags.DEFINE_float("quantile", None, "Top fraction that counts as on (default 0.005 for netdissect2017).")
     flags.DEFINE_float("miniou", 0.04, "IoU that makes a unit a detector.")
     flags.DEFINE_integer("batch_size", None, "Images per step.")
     flags.DEFINE_integer("num_images", None, "Use only the first N items of the data.")
-    flags.DEFINE_string("output_dir", None, "Results directory (default results/compare-<models>-<data>-<seg>).")
+    common.define_output_flags("Results directory (default results/compare-<models>-<data>-<seg>).")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
     flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from jaxdissect.models import set_cpu_xla_flags
-
-    set_cpu_xla_flags()
-    from jaxdissect.checkpoint import CheckpointError
-    from jaxdissect.data.folders import DataSourceError
-    from jaxdissect.pipelines.compare import CompareError
-    from jaxdissect.pipelines.dissect import DissectError
-    from jaxdissect.segmentation import SegmenterError
-    from jaxdissect.statistics import DissectionError
-    from jaxdissect.streaming import StreamError
-
-    try:
-        out, output_dir = run(get_config())
-    except (LaunchError, CompareError, DataSourceError, DissectError, DissectionError, CheckpointError,
-            SegmenterError, StreamError) as e:
-        sys.exit(f"error: {e}")
+    del argv
+    out, output_dir = run(get_config())
     for r in out["rows"]:
         alpha = "" if r["alpha"] is None else f" alpha={r['alpha']:g}"
         print(f"{r['model']} {r['layer']}{alpha}: {r['detectors']} detectors, {r['unique']} unique "
@@ -191,4 +203,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -13,7 +13,7 @@ photo resized and centre-cropped to the generator's resolution) or
 alpha); repeat them for several strokes (paints first, then erases).
 
 With no ``--model`` it runs on the planted toy generator (32 px, red/green/blue
-units at layer4), which it dissects on the fly; without ``--image`` the photo
+units at layer4), which it dissects once into the per-user ``--cache_dir``; without ``--image`` the photo
 is a toy image with a colour shift the generator cannot make::
 
   python -m launch.edit_photo --paint=red:8,8,20,20 --output_dir=results/edit_toy
@@ -24,9 +24,10 @@ and prints the reconstruction PSNRs.
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 
@@ -34,13 +35,13 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing this module is free)."""
     flags.DEFINE_string("image", None, "Photo to edit (absent with no --model: a toy demo image).")
-    flags.DEFINE_string("model", None, "Converted generator directory; absent: the planted toy generator.")
+    common.define_model_flag("Converted generator directory; absent: the planted toy generator.")
     flags.DEFINE_string("encoder", None, "Converted inversion encoder (python -m converters.proggan_encoder); "
                         "absent: start from the best of --init_samples random latents.")
     flags.DEFINE_string("perceptual", None, "Converted VGG16 directory for the perceptual loss (layer conv4_2); "
                         "absent: pixel L1 only.")
     flags.DEFINE_string("dissection", None, "launch.dissect output for --layer at quantile 0.01 "
-                        "(absent with the toy: dissected into <output_dir>/dissection).")
+                        "(absent with the toy: dissected once into --cache_dir).")
     flags.DEFINE_string("layer", "layer4", "Edit layer.")
     flags.DEFINE_multi_string("paint", [], "concept:x0,y0,x1,y1 or concept:mask.png to paint.")
     flags.DEFINE_multi_string("erase", [], "concept:x0,y0,x1,y1 or concept:mask.png to erase.")
@@ -50,8 +51,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("invert_steps", None, "Inversion steps (default 3000; toy 300).")
     flags.DEFINE_integer("adapt_steps", None, "Adaptation steps (default 1000; toy 200).")
     flags.DEFINE_integer("init_samples", 64, "Random latents tried as the start when there is no --encoder.")
-    flags.DEFINE_string("output_dir", None, "Where the images go.")
-    flags.mark_flags_as_required(["output_dir"])
+    common.define_output_flags("Where the images go.")
+    common.define_cache_dir_flag()
 
 
 def _toy_photo():
@@ -64,59 +65,80 @@ def _toy_photo():
     return np.clip(image * np.array([0.8, 1.0, 1.15]) + np.array([0.1, -0.05, 0.0]), -1, 1).astype(np.float32)
 
 
+def _check_flags() -> None:
+    """Every check that needs no model (before JAX starts)."""
+    if not FLAGS.output_dir:
+        raise common.LaunchError("missing --output_dir (see --help)")
+    for name in ("invert_steps", "adapt_steps"):
+        common.positive(name, getattr(FLAGS, name))
+    common.positive("init_samples", FLAGS.init_samples, allow_none=False)
+    if FLAGS.strength is not None and not (FLAGS.strength.isdigit() and int(FLAGS.strength) > 0) \
+            and FLAGS.strength not in ("low", "med", "high"):
+        raise common.LaunchError(f"--strength={FLAGS.strength}: give a unit count (e.g. 4, 10, 15) or low/med/high")
+    for name in ("model", "encoder", "perceptual", "dissection"):
+        value = getattr(FLAGS, name)
+        if value and not os.path.isdir(value):
+            raise common.LaunchError(f"--{name}={value}: no such directory")
+    if FLAGS.image and not os.path.isfile(FLAGS.image):
+        raise common.LaunchError(f"--image={FLAGS.image}: no such file")
+    if FLAGS.model and not FLAGS.image:
+        raise common.LaunchError("--image is required with --model")
+    if FLAGS.model and not FLAGS.dissection:
+        raise common.LaunchError(f"--dissection is required with --model: python -m launch.dissect "
+                                 f"--model={FLAGS.model} --layers={FLAGS.layer} --quantile=0.01 ...")
+    for spec in FLAGS.paint + FLAGS.erase:
+        concept, sep, where = spec.partition(":")
+        if not (concept and sep and where):
+            raise common.LaunchError(f"--paint/--erase={spec!r}: expected concept:x0,y0,x1,y1 or concept:mask.png")
+
+
 def main(argv):
     del argv
     from absl import logging
 
-    from jaxdissect.models import set_cpu_xla_flags
-
+    _check_flags()
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax's per-checkpoint INFO lines off the progress bars
+    identity = {n: getattr(FLAGS, n) for n in ("image", "model", "encoder", "perceptual", "dissection", "layer",
+                                               "paint", "erase", "strength", "adapt_layers", "invert_steps",
+                                               "adapt_steps", "init_samples")}
+    common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite, remove=())
+    common.set_resume_hint("nothing of the edit was saved; run the same command again to start it over")
 
-    set_cpu_xla_flags()
-    from jaxdissect.checkpoint import CheckpointError, load_model
-    from jaxdissect.editing import Brushes, EditError
+    from jaxdissect.checkpoint import load_model
+    from jaxdissect.editing import Brushes
     from jaxdissect.editing.adaptation import PROGGAN_ADAPT_LAYERS
     from jaxdissect.models import toy_generator as T
     from jaxdissect.pipelines import edit_photo as pipeline
 
     toy = FLAGS.model is None
-    try:
-        if toy:
-            module, variables = T.toy_generator()
-        else:
-            module, variables = load_model(FLAGS.model)
-        encoder = load_model(FLAGS.encoder) if FLAGS.encoder else None
-        perceptual = load_model(FLAGS.perceptual) if FLAGS.perceptual else None
-        size = int(module.apply(variables, _zeros_like_latent(module)).shape[1])
-        if FLAGS.image:
-            photo = pipeline.load_photo(FLAGS.image, size)
-        elif toy:
-            photo = _toy_photo()
-        else:
-            raise pipeline.PhotoEditError("--image is required with --model")
-        dissection = FLAGS.dissection
-        if dissection is None:
-            if not toy:
-                raise pipeline.PhotoEditError(f"--dissection is required with --model: python -m launch.dissect "
-                                              f"--model={FLAGS.model} --layers={FLAGS.layer} --quantile=0.01 ...")
-            dissection = os.path.join(FLAGS.output_dir, "dissection")
+    if toy:
+        module, variables = T.toy_generator()
+    else:
+        module, variables = load_model(FLAGS.model)
+    encoder = load_model(FLAGS.encoder) if FLAGS.encoder else None
+    perceptual = load_model(FLAGS.perceptual) if FLAGS.perceptual else None
+    size = int(module.apply(variables, _zeros_like_latent(module)).shape[1])
+    photo = pipeline.load_photo(FLAGS.image, size) if FLAGS.image else _toy_photo()
+    dissection = FLAGS.dissection
+    if dissection is None:
+        name = "ganpaint-toy-dissection" if FLAGS.layer == T.EDIT_LAYER else f"toy-dissection-{FLAGS.layer}"
+        dissection = os.path.join(common.cache_dir(FLAGS.cache_dir), name)  # shared with launch.ganpaint's toy
+        if not os.path.exists(os.path.join(dissection, FLAGS.layer, "arrays.npz")):
             T.dissect_toy(dissection, FLAGS.layer)
-        brushes = Brushes.from_dissection(dissection, FLAGS.layer)
-        strength = FLAGS.strength or ("4" if toy else "15")
-        strength = int(strength) if strength.isdigit() else strength
-        strokes = [pipeline.parse_stroke(s, size, erase=False, strength=strength) for s in FLAGS.paint]
-        strokes += [pipeline.parse_stroke(s, size, erase=True, strength=strength) for s in FLAGS.erase]
-        for s in strokes:
-            brushes.units(s.concept, s.strength)  # unknown concepts fail before the optimisations
-        adapt_layers = FLAGS.adapt_layers or (T.ADAPT_LAYERS if toy else PROGGAN_ADAPT_LAYERS)
-        summary = pipeline.edit_photo(
-            module, variables, photo, strokes, brushes, FLAGS.output_dir, encoder=encoder, perceptual=perceptual,
-            layer=FLAGS.layer, adapt_layers=adapt_layers,
-            invert_steps=FLAGS.invert_steps or (300 if toy else 3000),
-            adapt_steps=FLAGS.adapt_steps or (200 if toy else 1000), init_samples=FLAGS.init_samples)
-    except (CheckpointError, EditError, pipeline.PhotoEditError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    brushes = Brushes.from_dissection(dissection, FLAGS.layer)
+    strength = FLAGS.strength or ("4" if toy else "15")
+    strength = int(strength) if strength.isdigit() else strength
+    strokes = [pipeline.parse_stroke(s, size, erase=False, strength=strength) for s in FLAGS.paint]
+    strokes += [pipeline.parse_stroke(s, size, erase=True, strength=strength) for s in FLAGS.erase]
+    for s in strokes:
+        brushes.units(s.concept, s.strength)  # unknown concepts fail before the optimisations
+    adapt_layers = FLAGS.adapt_layers or (T.ADAPT_LAYERS if toy else PROGGAN_ADAPT_LAYERS)
+    summary = pipeline.edit_photo(
+        module, variables, photo, strokes, brushes, FLAGS.output_dir, encoder=encoder, perceptual=perceptual,
+        layer=FLAGS.layer, adapt_layers=adapt_layers,
+        invert_steps=FLAGS.invert_steps or (300 if toy else 3000),
+        adapt_steps=FLAGS.adapt_steps or (200 if toy else 1000), init_samples=FLAGS.init_samples)
     print(f"inversion PSNR {summary['inversion_psnr']:.2f} dB, adapted {summary['adapted_psnr']:.2f} dB; "
           f"images in {FLAGS.output_dir} (side_by_side.png)")
 
@@ -131,4 +153,4 @@ def _zeros_like_latent(module):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

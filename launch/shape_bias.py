@@ -15,9 +15,11 @@ original. Interrupted, the same command resumes.
 
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 
@@ -30,7 +32,7 @@ def run(model: str, original: str, stylized: str, output_dir: str, *, layers: st
     from launch.dissect import parse_layers
 
     module, variables = load_model(model)
-    norm = (load_metadata(model).get("preprocessing") or {}).get("normalization", "imagenet")
+    norm = common.model_preprocessing(load_metadata(model), path=model)["normalization"]
     source = PairedFolders(original, stylized, normalization=norm)
     shapes = layer_shapes(module, variables, source.get_batch([0])["original"])
     names = parse_layers(layers, [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4])
@@ -45,34 +47,34 @@ def run(model: str, original: str, stylized: str, output_dir: str, *, layers: st
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program)."""
-    flags.DEFINE_string("model", None, "Converted classifier directory.")
+    common.define_model_flag("Converted classifier directory (its model.json gives the normalisation).")
     flags.DEFINE_string("layers", "conv", "Layers as launch.dissect's --layers (conv, all, a..b, names).")
     flags.DEFINE_string("original", None, "Folder of the original images.")
     flags.DEFINE_string("stylized", None, "Folder of their stylized copies (python -m launch.stylize).")
     flags.DEFINE_string("dissection", None, "Optional launch.dissect output dir: graph only units with IoU >= 0.04.")
-    flags.DEFINE_string("output_dir", None, "Results directory (created; reused to resume).")
+    common.define_output_flags("Results directory.")
     flags.DEFINE_integer("batch_size", 10, "Image pairs per step.")
     flags.DEFINE_integer("num_images", None, "Only the first N pairs.")
-    flags.mark_flags_as_required(["model", "original", "stylized", "output_dir"])
 
 
 def main(argv):
     del argv
-    from jaxdissect.checkpoint import CheckpointError
-    from jaxdissect.data.folders import DataSourceError
-    from jaxdissect.interventions.common import InterventionError
-    from jaxdissect.models import set_cpu_xla_flags
-    from jaxdissect.streaming import StreamError
-    from launch.dissect import LaunchError
-
-    set_cpu_xla_flags()
-    try:
-        run(FLAGS.model, FLAGS.original, FLAGS.stylized, FLAGS.output_dir, layers=FLAGS.layers,
-            dissection=FLAGS.dissection, batch_size=FLAGS.batch_size, num_images=FLAGS.num_images)
-    except (LaunchError, CheckpointError, DataSourceError, InterventionError, StreamError) as e:
-        sys.exit(f"error: {e}")
+    missing = [n for n in ("model", "original", "stylized", "output_dir") if not getattr(FLAGS, n)]
+    if missing:
+        raise common.LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
+    common.positive("batch_size", FLAGS.batch_size, allow_none=False)
+    common.positive("num_images", FLAGS.num_images)
+    for name in ("model", "original", "stylized"):
+        if not os.path.isdir(getattr(FLAGS, name)):
+            raise common.LaunchError(f"--{name}={getattr(FLAGS, name)}: no such directory")
+    identity = {n: getattr(FLAGS, n) for n in ("model", "layers", "original", "stylized", "dissection", "batch_size",
+                                               "num_images")}
+    common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite)
+    common.set_resume_hint(f"run the same command to resume ({os.path.abspath(FLAGS.output_dir)})")
+    run(FLAGS.model, FLAGS.original, FLAGS.stylized, FLAGS.output_dir, layers=FLAGS.layers,
+        dissection=FLAGS.dissection, batch_size=FLAGS.batch_size, num_images=FLAGS.num_images)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

@@ -12,9 +12,11 @@ run resumes, keeping the images already written.
 
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +35,7 @@ def run(model: str, content: str, styles: str, output: str, *, seed: int = 0, st
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program)."""
-    flags.DEFINE_string("model", None, "Converted AdaIN directory (python -m converters.adain ...).")
+    common.define_model_flag("Converted AdaIN directory (python -m converters.adain ...).")
     flags.DEFINE_string("content", None, "Folder of images to stylize (sub-folders are kept).")
     flags.DEFINE_string("styles", None, "Folder of paintings.")
     flags.DEFINE_string("output", None, "Folder for the stylized copy.")
@@ -41,23 +43,25 @@ def define_flags() -> None:
     flags.DEFINE_integer("style_size", 256, "Shorter side of the painting before encoding (0 = keep).")
     flags.DEFINE_float("alpha", 1.0, "Style strength in [0, 1].")
     flags.DEFINE_integer("num_images", None, "Only the first N content images.")
-    flags.mark_flags_as_required(["model", "content", "styles", "output"])
 
 
 def main(argv):
     del argv
-    from jaxdissect.checkpoint import CheckpointError
-    from jaxdissect.data.folders import DataSourceError
-    from jaxdissect.models import set_cpu_xla_flags
-
-    set_cpu_xla_flags()
-    try:
-        run(FLAGS.model, FLAGS.content, FLAGS.styles, FLAGS.output, seed=FLAGS.seed, style_size=FLAGS.style_size,
-            alpha=FLAGS.alpha, num_images=FLAGS.num_images)
-    except (CheckpointError, DataSourceError) as e:
-        sys.exit(f"error: {e}")
+    missing = [n for n in ("model", "content", "styles", "output") if not getattr(FLAGS, n)]
+    if missing:
+        raise common.LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
+    common.positive("num_images", FLAGS.num_images)
+    if FLAGS.style_size < 0:
+        raise common.LaunchError(f"--style_size={FLAGS.style_size}: give a size in pixels, or 0 to keep the size")
+    common.in_range("alpha", FLAGS.alpha, 0.0, 1.0, low_open=False, high_open=False)
+    for name in ("content", "styles"):
+        if not os.path.isdir(getattr(FLAGS, name)):
+            raise common.LaunchError(f"--{name}={getattr(FLAGS, name)}: not a directory; give a folder of images")
+    common.set_resume_hint(f"run the same command to resume (the images in {os.path.abspath(FLAGS.output)} are kept)")
+    run(FLAGS.model, FLAGS.content, FLAGS.styles, FLAGS.output, seed=FLAGS.seed, style_size=FLAGS.style_size,
+        alpha=FLAGS.alpha, num_images=FLAGS.num_images)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

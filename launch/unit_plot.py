@@ -18,9 +18,11 @@ over the data resumes when interrupted.
 
 from __future__ import annotations
 
-import sys
+import os
 
-from absl import app, flags
+from absl import flags
+
+from launch import common
 
 FLAGS = flags.FLAGS
 
@@ -31,13 +33,14 @@ def run(model: str, layer: str, unit: int, data: str, output_dir: str, *, classe
     """Plot one unit of a classifier (``classes``) or a generator (``segmenter`` and ``concept``)."""
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.pipelines import unit_plot as up
-    from launch.dissect import LaunchError, _model_kind, make_data
+    from launch.common import LaunchError, make_data
+    from launch.dissect import _model_kind, _preprocessing
 
     module, variables = load_model(model)
-    meta = load_metadata(model)
-    kind, crop = _model_kind(meta, module)
-    norm = (meta.get("preprocessing") or {}).get("normalization", "imagenet")
-    source, _ = make_data(data, kind=kind, crop=crop, on_bad_image=on_bad_image, normalization=norm)
+    meta = load_metadata(model) or {}
+    kind = _model_kind(meta, module)
+    preprocessing = _preprocessing(meta, model, data) if kind == "classifier" else None
+    source, _ = make_data(data, kind=kind, on_bad_image=on_bad_image, preprocessing=preprocessing)
     if kind == "classifier":
         if not classes:
             raise LaunchError("--classes is required for a classifier unit, e.g. --classes=ski_resort")
@@ -68,11 +71,11 @@ def run(model: str, layer: str, unit: int, data: str, output_dir: str, *, classe
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing this module is free)."""
-    flags.DEFINE_string("model", None, "Converted model directory (classifier or generator).")
+    common.define_model_flag("Converted model directory (classifier or generator).")
     flags.DEFINE_string("layer", None, "Layer of the unit.")
     flags.DEFINE_integer("unit", None, "Unit index.")
-    flags.DEFINE_string("data", None, "launch.dissect's --data: places:<dir>, folder:<dir>, z:<count>, ...")
-    flags.DEFINE_string("output_dir", None, "Results directory (created; reused to resume).")
+    common.define_data_flag()
+    common.define_output_flags("Results directory.")
     flags.DEFINE_list("classes", [], "Classifier: classes whose images form their own groups.")
     flags.DEFINE_bool("pre_relu", True, "Classifier: the activation before the layer's ReLU (<layer>:pre).")
     flags.DEFINE_string("segmenter", None, "Generator: upp=<dir>[,color=<dir>][,setting=netpqc].")
@@ -81,30 +84,30 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 32, "Images per step.")
     flags.DEFINE_integer("num_images", None, "Use only the first N images / latents.")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
-    flags.mark_flags_as_required(["model", "layer", "unit", "data", "output_dir"])
 
 
 def main(argv):
     del argv
-    from jaxdissect.checkpoint import CheckpointError
-    from jaxdissect.data.folders import DataSourceError
-    from jaxdissect.interventions.common import InterventionError
-    from jaxdissect.layers import LayerError
-    from jaxdissect.models import set_cpu_xla_flags
-    from jaxdissect.segmentation import SegmenterError
-    from jaxdissect.streaming import StreamError
-    from launch.dissect import LaunchError
-
-    set_cpu_xla_flags()
-    try:
-        run(FLAGS.model, FLAGS.layer, FLAGS.unit, FLAGS.data, FLAGS.output_dir, classes=FLAGS.classes,
-            segmenter=FLAGS.segmenter, concept=FLAGS.concept, fraction=FLAGS.fraction, pre_relu=FLAGS.pre_relu,
-            batch_size=FLAGS.batch_size, num_images=FLAGS.num_images, on_bad_image=FLAGS.on_bad_image)
-    except (LaunchError, CheckpointError, DataSourceError, InterventionError, LayerError, SegmenterError,
-            StreamError) as e:
-        sys.exit(f"error: {e}")
+    missing = [n for n in ("model", "layer", "unit", "data", "output_dir") if getattr(FLAGS, n) is None]
+    if missing:
+        raise common.LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
+    if FLAGS.unit < 0:
+        raise common.LaunchError(f"--unit={FLAGS.unit}: give a unit index >= 0")
+    common.positive("batch_size", FLAGS.batch_size, allow_none=False)
+    common.positive("num_images", FLAGS.num_images)
+    common.in_range("fraction", FLAGS.fraction, 0.0, 1.0, low_open=False)
+    common.parse_data_spec(FLAGS.data)
+    if not os.path.isdir(FLAGS.model):
+        raise common.LaunchError(f"--model={FLAGS.model}: no such directory; convert a checkpoint first")
+    identity = {n: getattr(FLAGS, n) for n in ("model", "layer", "unit", "data", "classes", "pre_relu", "segmenter",
+                                               "concept", "fraction", "batch_size", "num_images", "on_bad_image")}
+    common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite)
+    common.set_resume_hint(f"run the same command to resume ({os.path.abspath(FLAGS.output_dir)})")
+    run(FLAGS.model, FLAGS.layer, FLAGS.unit, FLAGS.data, FLAGS.output_dir, classes=FLAGS.classes,
+        segmenter=FLAGS.segmenter, concept=FLAGS.concept, fraction=FLAGS.fraction, pre_relu=FLAGS.pre_relu,
+        batch_size=FLAGS.batch_size, num_images=FLAGS.num_images, on_bad_image=FLAGS.on_bad_image)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    common.run(main)

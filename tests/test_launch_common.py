@@ -234,3 +234,34 @@ def test_demo_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(JAX_PLATFORMS="cpu"), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# One bad flag per launcher written before launch.common (each must fail before any JAX work) and its --help.
+PORTED = [
+    ("compare", ["--models=m", "--quantile=2"], "--quantile=2.0: must lie in (0, 1)"),
+    ("adversarial", ["--model=m", "--data=places:d", "--ablation=a", "--num_images=0"],
+     "--num_images=0: must be a positive integer"),
+    ("unit_plot", ["--model=m", "--layer=conv1", "--unit=0", "--data=synthetic:abc"],
+     "count after synthetic: must be a positive integer"),
+    ("stylize", ["--model=m", "--content=c", "--styles=s", "--alpha=2"], "--alpha=2.0: must lie in [0, 1]"),
+    ("shape_bias", ["--model=m", "--original=o", "--stylized=s", "--batch_size=0"],
+     "--batch_size=0: must be a positive integer"),
+    ("edit_photo", ["--strength=abc"], "--strength=abc: give a unit count"),
+    ("ganpaint", ["--port=-1"], "--port=-1: give a port in 0..65535"),
+]
+
+
+@pytest.mark.parametrize("name, args, message", PORTED, ids=[p[0] for p in PORTED])
+def test_ported_launchers_one_line_errors_and_help(name, args, message, tmp_path):
+    out_flag = "--output" if name == "stylize" else "--output_dir"
+    extra = [] if name == "ganpaint" else [f"{out_flag}={tmp_path / 'out'}"]
+    out = subprocess.run([sys.executable, "-m", f"launch.{name}", *args, *extra], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == common.EXIT_ERROR, out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "out").exists()  # nothing was started
+    out = subprocess.run([sys.executable, "-m", f"launch.{name}", "--help"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    flag = args[-1].partition("=")[0]
+    assert out.returncode == 0 and f"\n  {flag}: " in out.stdout and out.stderr == "", out.stdout

@@ -41,6 +41,7 @@ def build(config: dict) -> dict:
     from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
     from jaxdissect.layers import layer_shapes
     from jaxdissect.pipelines.compare import Member
+    from launch import common
     from launch.dissect import _model_kind, make_data, make_segmentation, parse_layers
 
     dirs = _split(config.get("models"))
@@ -72,19 +73,25 @@ def build(config: dict) -> dict:
             metadata = load_metadata(d) or {}
         except CheckpointError as e:
             raise LaunchError(f"--models: {d}: {e}") from e
-        kind, crop = _model_kind(metadata, module)
-        if kind != "classifier":
+        if _model_kind(metadata, module) != "classifier":
             raise LaunchError(f"--models: {d} is a generator; launch.compare compares image classifiers on one "
                               "image data set")
-        kinds.add(crop)
+        try:
+            pre = common.model_preprocessing(metadata, flag="models", path=d)
+        except common.LaunchError as e:
+            raise LaunchError(str(e)) from None
+        kinds.add(tuple(sorted(pre.items())))
         loaded.append((d, module, variables, metadata))
     if len(kinds) > 1:
-        raise LaunchError(f"the models take different input crops {sorted(kinds)}; one data pass feeds them all, "
-                          "so compare models with the same preprocessing (or run them separately)")
-    crop = kinds.pop()
+        raise LaunchError(f"the models take different input preprocessing {[dict(k) for k in sorted(kinds)]}; one "
+                          "data pass feeds them all, so compare models with the same preprocessing (or run them "
+                          "separately)")
+    preprocessing = dict(kinds.pop())
     if not config.get("data"):
         raise LaunchError("--data is required, e.g. --data=broden:datasets/broden1_224")
-    data, data_name = make_data(config["data"], kind="classifier", crop=crop,
+    if config["data"].partition(":")[0] == "synthetic":
+        preprocessing = None  # synthetic scenes come preprocessed
+    data, data_name = make_data(config["data"], kind="classifier", preprocessing=preprocessing,
                                 on_bad_image=config.get("on_bad_image") or "raise")
     seg_spec = config.get("segmenter") or ("dataset" if config["data"].startswith(("broden:", "synthetic"))
                                            else None)

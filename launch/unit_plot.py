@@ -31,13 +31,16 @@ def run(model: str, layer: str, unit: int, data: str, output_dir: str, *, classe
     """Plot one unit of a classifier (``classes``) or a generator (``segmenter`` and ``concept``)."""
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.pipelines import unit_plot as up
+    from launch.common import model_preprocessing
     from launch.dissect import LaunchError, _model_kind, make_data
 
     module, variables = load_model(model)
     meta = load_metadata(model)
-    kind, crop = _model_kind(meta, module)
-    norm = (meta.get("preprocessing") or {}).get("normalization", "imagenet")
-    source, _ = make_data(data, kind=kind, crop=crop, on_bad_image=on_bad_image, normalization=norm)
+    kind = _model_kind(meta, module)
+    pre = None
+    if kind == "classifier" and data.partition(":")[0] not in ("synthetic", "z"):
+        pre = model_preprocessing(meta, path=model)  # the model's own input pipeline, as launch.dissect
+    source, _ = make_data(data, kind=kind, on_bad_image=on_bad_image, preprocessing=pre)
     if kind == "classifier":
         if not classes:
             raise LaunchError("--classes is required for a classifier unit, e.g. --classes=ski_resort")

@@ -137,3 +137,7 @@ def test_launcher_takes_the_grid_from_model_json():
         _geometry("receptive_field", {}, "m")
     with pytest.raises(LaunchError, match="malformed"):
         _geometry(None, {"upsample": {"convolutions": [[3, 1]]}}, "m")
+    from jaxdissect.models.alexnet import PLACES_UPSAMPLE_CONVOLUTIONS
+
+    alexnet = {"upsample": {"convolutions": [list(c) for c in PLACES_UPSAMPLE_CONVOLUTIONS], "image_size": 227}}
+    assert _geometry(None, alexnet, "alexnet")[0] == "receptive_field"  # what converters.alexnet_places365 writes

@@ -141,3 +141,21 @@ def test_launcher_takes_the_grid_from_model_json():
 
     alexnet = {"upsample": {"convolutions": [list(c) for c in PLACES_UPSAMPLE_CONVOLUTIONS], "image_size": 227}}
     assert _geometry(None, alexnet, "alexnet")[0] == "receptive_field"  # what converters.alexnet_places365 writes
+
+
+def test_launcher_dissects_with_the_recorded_grid(tmp_path):
+    """A model whose model.json records ``upsample`` is dissected with it by default, end to end."""
+    from jaxdissect.checkpoint import save_model
+    from jaxdissect.models.small_cnn import SmallCNN
+    from launch import dissect as launcher
+    from test_launch_dissect import _config, numpy_init
+
+    module = SmallCNN(widths=(4, 4, 4, 4))
+    path = str(tmp_path / "rf_cnn")
+    grid = {"convolutions": [[3, 2, 1, 1]] * 3, "image_size": 64}
+    save_model(path, module, numpy_init(module, (1, 64, 64, 3)), metadata={
+        "model": "rf_cnn", "preprocessing": {"normalization": "zc", "resize": 64, "crop": 64}, "upsample": grid})
+    results, _ = launcher.run(_config(model=path, data="synthetic:4", segmenter="dataset", layers="conv4",
+                                      topk=2, thumbsize=16, output_dir=str(tmp_path / "out")))
+    assert results["conv4"].config["geometry"] == "receptive_field"
+    assert results["conv4"].config["receptive_field"] == grid

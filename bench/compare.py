@@ -1,7 +1,8 @@
 """Benchmark: K models dissected together (``launch.compare``'s one shared run) against K single runs.
 
     python -m bench.compare [--models=4] [--images=32] [--size=112] [--batch=16] [--powers=5] [--repeats=2]
-                            [--seg_images=0] [--seg_size=64] [--results=bench/RESULTS.md]
+                            [--seg_images=0] [--seg_size=64] [--seg_batch=4] [--seg_only]
+                            [--activation_cache_mb=64] [--results=bench/RESULTS.md]
 
 A Broden-format folder of ``images`` random images (``size`` pixels, label
 maps at ``size / 2`` as broden1_224: colour, object, part and material PNGs,
@@ -17,7 +18,8 @@ Then ``powers`` rotation powers of one model's ``conv4`` in one call against
 one call per power, and (``seg_images`` > 0, needs torch for the random
 weights) the same K models with the PNAS method on random images segmented
 by a random-weight UPP segmenter (setting ``netpq``), which the shared run
-applies once per image instead of K times. Every configuration is run once first to compile, then
+applies once per image instead of K times (``--seg_only``: only this one,
+written to its own subsection). Every configuration is run once first to compile, then
 timed warm ``repeats`` times, alternating with its counterpart (minimum
 kept), without report files (the passes only). Results go to the
 ``## Comparisons (bench/compare.py)`` section of the results file.
@@ -39,6 +41,7 @@ from bench.results import write_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Comparisons (bench/compare.py)"
+SEG_SECTION = "### K models with a segmenter (bench/compare.py --seg_images)"
 CATS = ["color", "object", "part", "material", "scene", "texture"]
 
 
@@ -114,7 +117,7 @@ def _pair(out, name_a, fa, name_b, fb, repeats):
         out[k + "_all"] = v
 
 
-def measure(k, n, size, batch, powers, repeats, workdir):
+def measure(k, n, size, batch, powers, repeats, workdir, cache_mb=64):
     from jaxdissect.data.broden import BrodenSource, imagenet_normalize
     from jaxdissect.pipelines.compare import Member, compare
     from jaxdissect.pipelines.dissect import dissect
@@ -124,7 +127,7 @@ def measure(k, n, size, batch, powers, repeats, workdir):
     write_broden(root, n, size)
     data = BrodenSource(root, preprocess=imagenet_normalize)
     models = random_models(k)
-    kw = dict(method="netdissect2017", batch_size=batch, topk=10, progress=False)
+    kw = dict(method="netdissect2017", batch_size=batch, topk=10, progress=False, activation_cache_mb=cache_mb)
     members = [Member(f"m{i}", mod, var, ["conv4"]) for i, (mod, var) in enumerate(models)]
 
     def together():
@@ -154,8 +157,12 @@ def measure(k, n, size, batch, powers, repeats, workdir):
     return out
 
 
-def measure_segmenter(k, n, size, batch, repeats, workdir):
-    """K models against a segmenter: compare() vs K dissect() calls (PNAS method)."""
+def measure_segmenter(k, n, size, batch, repeats, workdir, cache_mb=64):
+    """K models against a segmenter: compare() vs K dissect() calls (PNAS method).
+
+    Small on purpose (few small images, small batches, a small activation
+    cache): UPP runs a ResNet-50 at 256 pixels whatever the image size.
+    """
     from bench.dissect import ArraySource, random_segmenter
     from jaxdissect.pipelines.compare import Member, compare
     from jaxdissect.pipelines.dissect import dissect
@@ -165,9 +172,10 @@ def measure_segmenter(k, n, size, batch, repeats, workdir):
         return None
     data = ArraySource(n, size=size)
     models = random_models(k)
-    kw = dict(method="pnas", batch_size=batch, topk=10, progress=False)
+    kw = dict(method="pnas", batch_size=batch, topk=10, progress=False, activation_cache_mb=cache_mb)
     members = [Member(f"m{i}", mod, var, ["conv4"]) for i, (mod, var) in enumerate(models)]
-    out = {"models": k, "images": n, "size": size, "load_before": os.getloadavg()}
+    out = {"models": k, "images": n, "size": size, "batch": batch, "cache_mb": cache_mb,
+           "load_before": os.getloadavg()}
     _pair(out, "together", lambda: compare(members, data, seg, **kw),
           "one_by_one", lambda: [dissect(mod, var, ["conv4"], data, seg, **kw) for mod, var in models], repeats)
     out["load_after"] = os.getloadavg()
@@ -201,11 +209,33 @@ def report(r, s=None) -> str:
         "passes and statistics are its own, and with Broden's stored label maps as the segmentation they are "
         "most of a single run's time on this CPU; rotation powers also share the forward pass. The saving "
         "grows with the data side's cost: a segmenter, applied once per image for all models (`--seg_images`), "
-        "or slow storage.", ""] + ([
-        f"With a segmenter (random-weight UPP, netpq, PNAS method) on {s['images']} random {s['size']}x{s['size']} "
-        f"images: {s['models']} models in one run {s['together']:.1f} s, one by one {s['one_by_one']:.1f} s "
-        f"({s['one_by_one'] / s['together']:.2f}x; {s['together'] / s['one_by_one'] * s['models']:.2f} single runs; "
-        f"load {s['load_before'][0]:.1f} / {s['load_after'][0]:.1f}).", ""] if s else []))
+        "or slow storage.", ""] + ([segmenter_report(s)] if s else []))
+
+
+def segmenter_report(s) -> str:
+    import jax
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    k = s["models"]
+    single = s["together"] / s["one_by_one"] * k
+    return "\n".join([
+        SEG_SECTION, "",
+        f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
+        f"({jax.default_backend()}); 1-minute load average {s['load_before'][0]:.1f} before / "
+        f"{s['load_after'][0]:.1f} after (shared machine: absolute times are noisy).", "",
+        f"{k} random SmallCNNs (`conv4`, PNAS method) on {s['images']} random {s['size']}x{s['size']} images "
+        f"segmented by a random-weight UPP segmenter (setting netpq: ResNet-50 + UPerNet at 256 pixels), batch "
+        f"{s['batch']}, activation cache {s['cache_mb']} MiB (the segmenter runs once per image per run); warm, "
+        f"passes only, each timed {len(s['together_all'])} times alternately, the minimum shown.", "",
+        "| what | one run (`compare`) | one by one (K `dissect`) | ratio |",
+        "|---|---|---|---|",
+        f"| {k} models + UPP | {s['together']:.1f} s | {s['one_by_one']:.1f} s "
+        f"| {s['one_by_one'] / s['together']:.2f}x |", "",
+        f"{k} models in one run cost {single:.2f} single runs (goal: well under {k}; "
+        f"{'reached' if single < 0.75 * k else 'not reached here'}): the shared run segments every image once "
+        f"for all models, the single runs segment it {k} times. All times: one run "
+        f"{', '.join(f'{t:.1f}' for t in s['together_all'])} s, one by one "
+        f"{', '.join(f'{t:.1f}' for t in s['one_by_one_all'])} s.", ""])
 
 
 FLAGS = flags.FLAGS
@@ -219,15 +249,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # the passes' orbax checkpoints log every save at INFO
     workdir = tempfile.mkdtemp(prefix="bench-compare-")
     try:
-        r = measure(FLAGS.models, FLAGS.images, FLAGS.size, FLAGS.batch, FLAGS.powers, FLAGS.repeats, workdir)
-        s = (measure_segmenter(FLAGS.models, FLAGS.seg_images, FLAGS.seg_size, FLAGS.batch, FLAGS.repeats, workdir)
-             if FLAGS.seg_images else None)
+        if FLAGS.seg_only and not FLAGS.seg_images:
+            raise app.UsageError("--seg_only needs --seg_images=N (N > 0)")
+        r = None if FLAGS.seg_only else measure(FLAGS.models, FLAGS.images, FLAGS.size, FLAGS.batch, FLAGS.powers,
+                                                FLAGS.repeats, workdir, FLAGS.activation_cache_mb)
+        s = (measure_segmenter(FLAGS.models, FLAGS.seg_images, FLAGS.seg_size, FLAGS.seg_batch, FLAGS.repeats,
+                               workdir, FLAGS.activation_cache_mb) if FLAGS.seg_images else None)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    body = report(r, s)
+    if r is None and s is None:
+        return  # no segmenter (torch missing): measure_segmenter said so
+    body = report(r, s) if r is not None else segmenter_report(s)
     print(body)
     if FLAGS.results:
-        write_section(FLAGS.results, SECTION, body)
+        write_section(FLAGS.results, SECTION if r is not None else SEG_SECTION, body)
 
 
 def define_flags() -> None:
@@ -239,6 +274,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("powers", 5, "Rotation powers (0..1) of one layer.")
     flags.DEFINE_integer("seg_images", 0, "Images for the segmenter measurement (0 = skip it, the default).")
     flags.DEFINE_integer("seg_size", 64, "Image size for the segmenter measurement.")
+    flags.DEFINE_integer("seg_batch", 4, "Images per batch for the segmenter measurement.")
+    flags.DEFINE_bool("seg_only", False, "Only the segmenter measurement, written to its own subsection.")
+    flags.DEFINE_integer("activation_cache_mb", 64, "Host memory for activations between passes in every run.")
     flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
 
 

@@ -26,6 +26,11 @@ each layer's channels, before the thresholds)::
   python -m launch.dissect --model=models/alexnet_places365 --layers=conv5 \
       --data=broden:datasets/broden1_227 --method=netdissect2017 --rotation=1:1
 
+An AlexNet converted with ``converters.alexnet_places365`` records the pool5
+receptive-field grid in model.json; as in the original, every layer is then
+upsampled with it (``--geometry=receptive_field``, the default for such a
+model; ``--geometry=original`` or ``clamped`` overrides it).
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
@@ -57,7 +62,7 @@ _NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "act
                 "coordinator_address",
                 "num_processes", "process_id")
 DEFAULTS = dict(quantile=None, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
-                geometry="original", row0_competes=False, quad_quirk=True, faithful_color_blank=False,
+                geometry=None, row0_competes=False, quad_quirk=True, faithful_color_blank=False,
                 overwrite=False, method="pnas", rotation=None, rotation_unpermute=False)
 
 
@@ -87,8 +92,8 @@ def validate(config: dict) -> None:
         except RotationError as e:
             raise LaunchError(str(e)) from None
     common.in_range("miniou", config.get("miniou", DEFAULTS["miniou"]), 0.0, 1.0, low_open=False)
-    if config.get("geometry", "original") not in ("original", "clamped"):
-        raise LaunchError(f"--geometry={config['geometry']}: use original or clamped")
+    if config.get("geometry") not in (None, "original", "clamped", "receptive_field"):
+        raise LaunchError(f"--geometry={config['geometry']}: use original, clamped or receptive_field")
     if config.get("on_bad_image", "raise") not in ("raise", "skip"):
         raise LaunchError(f"--on_bad_image={config['on_bad_image']}: use raise or skip")
     if config.get("data"):
@@ -211,6 +216,8 @@ def build(config: dict) -> dict:
                                                else None)
     data, data_name = make_data(data_spec, kind=kind, on_bad_image=config.get("on_bad_image", "raise"),
                                 preprocessing=preprocessing)
+    geometry, receptive_field = _geometry(config.get("geometry"), {} if demo else metadata,
+                                          None if demo else model_dir)
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "
                           "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
@@ -262,7 +269,32 @@ def build(config: dict) -> dict:
         views = {n: (n, mats[n]) for n in layers}
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
                 output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels", method=method,
-                quantile=q, views=views)
+                quantile=q, views=views, geometry=geometry, receptive_field=receptive_field)
+
+
+def _geometry(flag, metadata: dict, model_dir):
+    """``(geometry, receptive_field)``: the flag's, or by default the model's recorded one (else 'original').
+
+    A model whose model.json records ``upsample`` (the AlexNet converter: the
+    pool5 receptive-field grid the original upsampled every AlexNet layer with)
+    is dissected with it unless ``--geometry`` says otherwise.
+    """
+    recorded = metadata.get("upsample")
+    if flag is None:
+        flag = "receptive_field" if recorded else "original"
+    if flag != "receptive_field":
+        return flag, None
+    if not recorded:
+        raise LaunchError(f"--geometry=receptive_field: {model_dir or 'the demo model'} records no receptive-field "
+                          "grid (model.json 'upsample', written by converters.alexnet_places365); use "
+                          "--geometry=original or clamped")
+    from jaxdissect.pipelines.dissect import DissectError, _receptive_field
+
+    try:
+        _receptive_field(flag, recorded)
+    except DissectError as e:
+        raise LaunchError(f"--model={model_dir}: model.json 'upsample' is malformed: {e}") from None
+    return flag, dict(recorded)
 
 
 def _stderr(*args) -> None:
@@ -286,7 +318,7 @@ def run(config: dict):
                       batch_size=config.get("batch_size"), output_dir=b["output_dir"],
                       num_images=config.get("num_images"), name=b["name"],
                       checkpoint_every=config.get("checkpoint_every", 50),
-                      geometry=config.get("geometry", "original"),
+                      geometry=b["geometry"], receptive_field=b["receptive_field"],
                       row0_competes=bool(config.get("row0_competes", False)),
                       settings={"model": config.get("model") or "demo (synthetic scenes CNN)",
                                 "segmenter": config.get("segmenter") or "dataset labels"},
@@ -323,8 +355,10 @@ def define_flags() -> None:
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"],
                       "An unreadable image stops the run (raise) or is left out and counted (skip).")
     flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
-    flags.DEFINE_enum("geometry", "original", ["original", "clamped"], "Activation upsampling: the original's "
-                      "zero-padded borders, or clamped (jaxdissect.kernels.upsample).")
+    flags.DEFINE_enum("geometry", None, ["original", "clamped", "receptive_field"], "Activation upsampling: "
+                      "the original's zero-padded borders, clamped, or receptive_field (the grid model.json "
+                      "records, as the original did for AlexNet; jaxdissect.kernels.upsample). Default: "
+                      "receptive_field when model.json records one, else original.")
     flags.DEFINE_bool("row0_competes", False, "Original quirk: label 0 (no label) competes for a unit's best label.")
     flags.DEFINE_bool("quad_quirk", True, "Original quirk of the UPP segmenter's last quadrant component.")
     flags.DEFINE_bool("faithful_color_blank", False, "Original quirk: the colour segmenter's blank label emitted.")

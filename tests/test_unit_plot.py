@@ -13,6 +13,7 @@ import test_interventions_generator as gen_test
 from jaxdissect.interventions import classifier as ci
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.layers import Edit, LayerError, capture, pre_activation, run
+from jaxdissect.models import toy_generator as T
 from jaxdissect.models.small_cnn import SmallCNN
 from jaxdissect.models.vgg16 import ConvReLU, Dense
 from jaxdissect.pipelines import unit_plot as up
@@ -129,10 +130,11 @@ def test_classifier_unit_plot(tmp_path):
 def test_generator_unit_plot(tmp_path):
     z = gen_test.Z
     out = str(tmp_path / "gen")
-    s = up.generator_unit_plot(gen_test.GEN, {}, "layer1", 0, z, gen_test.segment, "red", ["-", "red", "green"],
-                               out, fraction=0.02, batch_size=8)
-    images, acts = capture(gen_test.GEN, {}, z, ["layer1"])
-    peak = np.asarray(acts["layer1"])[..., 0].reshape(len(z), -1).max(1)
+    unit = 1  # one of the toy's red units at layer4 (jaxdissect.models.toy_generator.CONCEPT_UNITS)
+    s = up.generator_unit_plot(gen_test.GEN, gen_test.VARS, "layer4", unit, z, gen_test.segment, "red",
+                               list(T.LABEL_NAMES), out, fraction=0.02, batch_size=8)
+    images, acts = capture(gen_test.GEN, gen_test.VARS, z, ["layer4"])
+    peak = np.asarray(acts["layer4"])[..., unit].reshape(len(z), -1).max(1)
     share = (np.asarray(gen_test.segment(images))[:, 0] == 1).mean((1, 2))
     d = np.load(os.path.join(out, "unit_plot.npz"))
     np.testing.assert_allclose(d["peak"], peak, atol=1e-6)
@@ -140,4 +142,4 @@ def test_generator_unit_plot(tmp_path):
     has = share > 0.02
     assert s["groups"]["> 0.02 red"]["count"] == has.sum() and 0 < has.sum() < len(z)
     assert s["balanced_accuracy"] == pytest.approx(brute_force_ba(list(peak[has]), list(peak[~has]))[0])
-    assert s["balanced_accuracy"] > 0.9  # unit 0 paints the red blocks
+    assert s["balanced_accuracy"] > 0.9  # the red unit's peak separates images with red from those without

@@ -314,7 +314,8 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
             rotation_seed: int = 1, rotation_unpermute: bool = False, method: str = "netdissect2017",
             quantile: float | None = None, miniou: float = 0.04, output_dir: str | None = None,
             batch_size: int | None = None, num_images: int | None = None, topk: int = 10, thumbsize: int = 64,
-            progress: bool = True, checkpoint_every: int = 50, title: str | None = None) -> dict:
+            progress: bool = True, checkpoint_every: int = 50, title: str | None = None,
+            activation_cache_mb: int = 1024) -> dict:
     """Dissect every member (and rotation power) in one run; returns ``{"rows", "categories", "results"}``.
 
     ``members``: :class:`Member` list (networks or training snapshots; each
@@ -322,7 +323,7 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
     rotation of every listed layer (``rotation_seed``, ``rotation_unpermute``
     as NetDissect's flags). ``method``, ``quantile``, ``miniou``,
     ``batch_size``, ``num_images``, ``topk``, ``thumbsize``,
-    ``checkpoint_every``: as for :func:`jaxdissect.dissect`. The members
+    ``checkpoint_every``, ``activation_cache_mb``: as for :func:`jaxdissect.dissect`. The members
     must take the same input (one data source feeds them all).
     """
     from jaxdissect.pipelines.dissect import _model_input, dissect
@@ -341,6 +342,7 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
     results = dissect(ensemble, ensemble_variables(members), [], data, segmentation, views=views, method=method,
                       quantile=quantile, miniou=miniou, topk=topk, thumbsize=thumbsize, batch_size=batch_size,
                       num_images=num_images, progress=progress, checkpoint_every=checkpoint_every, name=title,
+                      activation_cache_mb=activation_cache_mb,
                       output_dir=None if output_dir is None else os.path.join(output_dir, "dissection"))
     categories, rows = table(results, keys, miniou)
     if output_dir is not None:

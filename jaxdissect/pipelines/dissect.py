@@ -65,6 +65,7 @@ from absl import logging
 
 from jaxdissect import parallel, streaming
 from jaxdissect.data import loader
+from jaxdissect.kernels import upsample as upsample_k
 
 
 class DissectError(ValueError):
@@ -162,7 +163,7 @@ class _Run:
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
                  checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None,
-                 activation_cache_mb=1024):
+                 activation_cache_mb=1024, receptive_field=None):
         from jaxdissect.netdissect2017 import METHODS, label_category_index
         from jaxdissect.statistics import Plan
 
@@ -179,8 +180,7 @@ class _Run:
         self.row0_competes, self.settings = bool(row0_competes), dict(settings or {})
         if not 0 < quantile < 1:
             raise DissectError(f"quantile must be in (0, 1), got {quantile}")
-        if geometry not in ("original", "clamped"):
-            raise DissectError(f"geometry must be 'original' or 'clamped', got {geometry!r}")
+        self.receptive_field = _receptive_field(geometry, receptive_field)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.devices = self.mesh.size
         total = len(data)
@@ -242,7 +242,8 @@ class _Run:
         self.plans = {
             n: Plan(num_units=int(self.shapes[n][-1]), num_labels=len(self.label_names),
                     source_hw=tuple(int(v) for v in self.shapes[n][1:3]), resolution=self.resolution,
-                    quantile=float(quantile), topk=int(topk), geometry=geometry, **by_category)
+                    quantile=float(quantile), topk=int(topk), geometry=geometry, **self.receptive_field,
+                    **by_category)
             for n in self.layers}
         self.config = {
             "model": {"class": f"{type(module).__module__}.{type(module).__name__}",
@@ -252,6 +253,8 @@ class _Run:
             "resolution": list(self.resolution), "num_images": self.num_images,
             "batch_size": self.batch_size, "devices": self.devices,
         }
+        if self.receptive_field:
+            self.config["receptive_field"] = _json_receptive_field(self.receptive_field)
         if method != "pnas":
             self.config["method"] = method
         if views is not None:
@@ -529,6 +532,8 @@ class _Run:
             config={"layer": name, "quantile": self.quantile, "miniou": self.miniou, "topk": self.topk,
                     "row0_competes": self.row0_competes,
                     "geometry": self.geometry, "resolution": list(self.resolution),
+                    **({"receptive_field": _json_receptive_field(self.receptive_field)}
+                       if self.receptive_field else {}),
                     "num_images": self.num_images, **config},
             category_active=counts.get("category_active"))
 
@@ -701,6 +706,44 @@ def _hash_array(a) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(a)).tobytes()).hexdigest()[:16]
 
 
+GEOMETRIES = ("original", "clamped", "receptive_field")
+
+
+def _receptive_field(geometry, receptive_field) -> dict:
+    """``Plan`` keywords (``convolutions``, ``image_size``) of the geometry; empty unless receptive_field."""
+    if geometry not in GEOMETRIES:
+        raise DissectError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
+    if geometry != "receptive_field":
+        if receptive_field is not None:
+            raise DissectError(f"receptive_field is given but geometry is {geometry!r}; pass "
+                               "geometry='receptive_field' to use it")
+        return {}
+    if not isinstance(receptive_field, Mapping) or "convolutions" not in receptive_field:
+        raise DissectError("geometry='receptive_field' needs receptive_field={'convolutions': [(kernel, stride, "
+                           "padding, dilation), ...], 'image_size': N} (a converted AlexNet's model.json "
+                           "records it as metadata['upsample'])")
+    try:
+        convs = tuple(tuple(int(v) for v in c) for c in receptive_field["convolutions"])
+        size = receptive_field.get("image_size")
+        size = None if size is None else int(size)
+    except (TypeError, ValueError) as e:
+        raise DissectError(f"receptive_field: convolutions must be (kernel, stride, padding, dilation) integer "
+                           f"tuples and image_size an integer ({e})") from None
+    if not convs or any(len(c) != 4 or c[0] < 1 or c[1] < 1 or c[2] < 0 or c[3] < 1 for c in convs):
+        raise DissectError(f"receptive_field: convolutions must be a non-empty list of (kernel >= 1, stride >= 1, "
+                           f"padding >= 0, dilation >= 1), got {receptive_field['convolutions']!r}")
+    if size is not None and upsample_k.conv_output_size(size, convs) < 1:
+        raise DissectError(f"receptive_field: image_size {size} is too small for the convolutions")
+    extra = set(receptive_field) - {"convolutions", "image_size"}
+    if extra:
+        raise DissectError(f"receptive_field: unknown keys {sorted(extra)}; use convolutions and image_size")
+    return {"convolutions": convs, "image_size": size}
+
+
+def _json_receptive_field(rf: dict) -> dict:
+    return {"convolutions": [list(c) for c in rf["convolutions"]], "image_size": rf["image_size"]}
+
+
 def _label_tables(segmenter, names, cats):
     """(label names, category per label, category list) from what ``segment`` returns."""
     names = [str(n) for n in names]
@@ -717,7 +760,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             mesh=None, geometry: str = "original", progress: bool = True, name: str | None = None,
             checkpoint_every: int = 50, resolution: tuple[int, int] | None = None,
             row0_competes: bool = False, settings: Mapping[str, Any] | None = None, method: str = "pnas",
-            views: Mapping[str, tuple] | None = None, activation_cache_mb: int = 1024) -> dict:
+            views: Mapping[str, tuple] | None = None, activation_cache_mb: int = 1024,
+            receptive_field: Mapping[str, Any] | None = None) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -740,7 +784,13 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
       num_images: dissect only the first ``num_images`` items.
       mesh: a ``jaxdissect.parallel.make_mesh`` mesh (default: all devices).
       geometry: activation upsampling, ``'original'`` (zero-padded borders, spec
-        2.2) or ``'clamped'`` (see ``jaxdissect.kernels.upsample``).
+        2.2), ``'clamped'``, or ``'receptive_field'`` (see ``jaxdissect.kernels.upsample``).
+      receptive_field: with ``geometry='receptive_field'``, ``{'convolutions':
+        [(kernel, stride, padding, dilation), ...], 'image_size': N}``: every
+        layer is mapped onto the grid with this receptive-field composition (the
+        original's AlexNet mode, spec 2.2: all layers up to pool5 at 227; a
+        converted AlexNet's model.json has it as ``metadata['upsample']``).
+        Unit strips still highlight with the default geometry.
       progress: show each pass's progress bar (rate, ETA) and log each step;
         False silences it (``jaxdissect.progress.set_enabled`` for everything).
       name: report header (default ``"<Model> <data> <segmentation>"``).
@@ -769,7 +819,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
                topk=topk, thumbsize=thumbsize, batch_size=batch_size, output_dir=output_dir,
                num_images=num_images, mesh=mesh, geometry=geometry, progress=progress, name=name,
                checkpoint_every=checkpoint_every, resolution=resolution, row0_competes=row0_competes,
-               settings=settings, method=method, views=views, activation_cache_mb=activation_cache_mb)
+               settings=settings, method=method, views=views, activation_cache_mb=activation_cache_mb,
+               receptive_field=receptive_field)
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")

@@ -5,6 +5,7 @@ Planted ground truth: unit 0 of layer "combo" fires exactly where "disc" OR
 0.25 the exact threshold is 0, so each planted unit's mask is its formula.
 """
 
+import csv
 import json
 import os
 import re
@@ -98,6 +99,9 @@ def test_planted_formula_and_significance_in_report_json(runs):
         assert lo <= units[u]["iou"] <= hi
     assert {"OR"} <= set(re.findall(r"AND NOT|AND|OR", units[0]["formula"]))
     assert units[2]["p_value"] > 0.05 and not units[2]["significant"]      # the noise unit
+    summary = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
+    assert summary[0]["significant"] == "2"
+    assert json.load(open(os.path.join(out, "summary.json")))["layers"][0]["significant"] == 2
     # Formula IoU recomputed in NumPy for the noise unit too (a mask the search did not plant).
     seg_masks = concepts
     f = _eval(units[2]["formula"], seg_masks)
@@ -119,6 +123,7 @@ def test_default_path_unchanged_and_cache_independent(runs):
     base = _report(plain_out)
     assert all(set(u) == {"image", "unit", "label", "cat", "iou"} for u in base)
     assert [{k: u[k] for k in base[0]} for u in _report(full_out)] == base
+    assert "significant" not in open(os.path.join(plain_out, "summary.csv")).readline()
     assert _report(runs["nocache"][1]) == _report(full_out)          # masks from the cache or the model alike
 
 
@@ -163,6 +168,28 @@ def test_html_escapes_formula_text(tmp_path):
     if shot.browser() is not None:
         dom = shot.dump_dom(page)
         assert '<td class="formula">(&lt;b&gt;x&lt;/b&gt; OR y)</td>' in dom
+
+
+def test_launcher_formulas_and_significance(tmp_path):
+    """``launch.dissect --formulas=2 --significance`` on a random-weight CNN and the synthetic scenes' labels."""
+    from test_launch_dissect import _config
+    from jaxdissect.checkpoint import save_model
+    from jaxdissect.models.small_cnn import SmallCNN
+    from launch import dissect as launcher
+    from test_launch_dissect import numpy_init
+
+    module = SmallCNN(widths=(8, 16, 16, 16))
+    model = str(tmp_path / "tiny_cnn")
+    save_model(model, module, numpy_init(module, (1, 64, 64, 3)), metadata={"model": "tiny_cnn", "preprocessing": {
+        "normalization": "zc", "resize": 64, "crop": 64}})
+    out = str(tmp_path / "out")
+    launcher.run(_config(model=model, data="synthetic:16", layers="conv2", batch_size=8, topk=3, thumbsize=16,
+                         output_dir=out, formulas=2, significance=True, permutations=40))
+    units = json.load(open(os.path.join(out, "conv2", "report.json")))["units"]
+    assert len(units) == 16
+    for u in units:
+        assert {"formula", "formula_iou", "p_value", "q_value", "significant", "iou_ci"} <= set(u)
+        assert u["formula_iou"] >= u["iou"] - 1e-6 and 1 / 41 <= u["p_value"] <= 1
 
 
 def test_launcher_flags(tmp_path):

@@ -648,6 +648,9 @@ class _Run:
 
         units = {n: self.report_units(n, results[n]) for n in self.layers}
         rows = summary.layer_summary([(n, units[n]) for n in self.layers], self.miniou)
+        if self.explain and self.explain["permutations"]:
+            for n, row in zip(self.layers, rows):
+                row["significant"] = sum(bool(u.get("significant")) for u in units[n])
         summary.write_summary(self.output_dir, rows, title=self.header_name(skipped))
         layers = []
         for n, row in zip(self.layers, rows):

@@ -102,10 +102,12 @@ def test_planted_formula_and_significance_in_report_json(runs):
     summary = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
     assert summary[0]["significant"] == "2"
     assert json.load(open(os.path.join(out, "summary.json")))["layers"][0]["significant"] == 2
-    # Formula IoU recomputed in NumPy for the noise unit too (a mask the search did not plant).
-    seg_masks = concepts
-    f = _eval(units[2]["formula"], seg_masks)
-    assert 0 <= units[2]["formula_iou"] < 1 and f.any()
+    # The noise unit's formula IoU is what its formula's mask gives (NumPy, from the data and the threshold).
+    scenes = PlantedScenes(N).get_batch(np.arange(N))["image"]
+    act = scenes[..., 4].reshape(N, 8, 4, 8, 4).mean((2, 4)).reshape(-1)
+    noise = act > runs["full"][0]["combo"].thresholds[2]
+    f = _eval(units[2]["formula"], concepts)
+    assert units[2]["formula_iou"] == pytest.approx((f & noise).sum() / (f | noise).sum(), abs=1e-9)
 
 
 def test_length_one_formula_is_the_label(runs):
@@ -172,11 +174,10 @@ def test_html_escapes_formula_text(tmp_path):
 
 def test_launcher_formulas_and_significance(tmp_path):
     """``launch.dissect --formulas=2 --significance`` on a random-weight CNN and the synthetic scenes' labels."""
-    from test_launch_dissect import _config
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import numpy_init
+    from test_launch_dissect import _config, numpy_init
 
     module = SmallCNN(widths=(8, 16, 16, 16))
     model = str(tmp_path / "tiny_cnn")

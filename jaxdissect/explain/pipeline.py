@@ -6,9 +6,10 @@ and the concept masks of the labels, bit-packed on the host (``np.packbits``),
 keyed by batch index. :func:`explain_layer` then runs
 :func:`~jaxdissect.explain.compositional` and the significance tests on them.
 
-Host memory: ``(units of all layers + labels) x images x S^2`` bits (S = the
-segmentation resolution), e.g. 512 units x 10,000 images x 56^2 = 2 GB; the
-tests unpack the masks of one layer at a time.
+Host memory: ``(units of all layers + labels) x images x S^2`` bits kept (S =
+the segmentation resolution), e.g. 512 units x 10,000 images x 56^2 = 2 GB;
+:meth:`MaskCollector.masks` unpacks one layer's units and every label to one
+byte per pixel (8 times that) for the search and the tests.
 """
 
 from __future__ import annotations

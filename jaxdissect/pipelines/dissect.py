@@ -840,7 +840,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         ``q_value``/``significant`` at FDR ``q`` over every tested pair, and a
         bootstrap ``iou_ci``. Both add no pass: pass 3 keeps the unit masks
         (act > threshold, segmentation resolution) and concept masks bit-packed in
-        host memory ((units + labels) x images x S^2 bits) and always starts over
+        host memory ((units + labels) x images x S^2 bits; one layer's units and
+        all labels are unpacked to bytes for the search) and always starts over
         instead of resuming a checkpoint. Results go into ``report.json``, the
         summary and ``index.html``; the returned ``DissectionResult``s are unchanged.
     """

@@ -26,6 +26,12 @@ each layer's channels, before the thresholds)::
   python -m launch.dissect --model=models/alexnet_places365 --layers=conv5 \
       --data=broden:datasets/broden1_227 --method=netdissect2017 --rotation=1:1
 
+Each unit's best formula of up to 3 concepts and the significance of its label
+(p-value, Benjamini-Hochberg q-value, bootstrap IoU interval), from the same
+passes (``jaxdissect.explain``)::
+
+  python -m launch.dissect --formulas=3 --significance
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run

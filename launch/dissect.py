@@ -31,6 +31,12 @@ receptive-field grid in model.json; as in the original, every layer is then
 upsampled with it (``--geometry=receptive_field``, the default for such a
 model; ``--geometry=original`` or ``clamped`` overrides it).
 
+Each unit's best formula of up to 3 concepts and the significance of its label
+(p-value, Benjamini-Hochberg q-value, bootstrap IoU interval), from the same
+passes (``jaxdissect.explain``)::
+
+  python -m launch.dissect --formulas=3 --significance
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
@@ -56,14 +62,18 @@ FLAGS = flags.FLAGS
 CONFIG_NAMES = ["model", "layers", "data", "segmenter", "quantile", "miniou", "topk", "thumbsize", "batch_size",
                 "output_dir", "overwrite", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
                 "geometry", "row0_competes", "quad_quirk", "faithful_color_blank", "coordinator_address",
-                "num_processes", "process_id", "method", "rotation", "rotation_unpermute", "activation_cache_mb"]
+                "num_processes", "process_id", "method", "rotation", "rotation_unpermute", "activation_cache_mb",
+                "formulas", "exact_formulas", "significance", "permutations"]
+# The formula/significance add-on: part of a run's identity only when asked for.
+_EXPLAIN = ("formulas", "exact_formulas", "significance", "permutations")
 # Settings that do not change the results (left out of the output directory's identity).
 _NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "activation_cache_mb",
                 "coordinator_address",
                 "num_processes", "process_id")
 DEFAULTS = dict(quantile=None, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
                 geometry=None, row0_competes=False, quad_quirk=True, faithful_color_blank=False,
-                overwrite=False, method="pnas", rotation=None, rotation_unpermute=False)
+                overwrite=False, method="pnas", rotation=None, rotation_unpermute=False, formulas=0,
+                exact_formulas=False, significance=False, permutations=1000)
 
 
 def get_config() -> dict:
@@ -98,6 +108,12 @@ def validate(config: dict) -> None:
         raise LaunchError(f"--on_bad_image={config['on_bad_image']}: use raise or skip")
     if config.get("data"):
         common.parse_data_spec(config["data"])
+    if config.get("formulas", 0) < 0:
+        raise LaunchError(f"--formulas={config['formulas']}: give the formula length (>= 1) or 0 for none")
+    if config.get("exact_formulas") and not config.get("formulas"):
+        raise LaunchError("--exact_formulas needs --formulas=N (the formula length), e.g. --formulas=3")
+    if config.get("significance"):
+        common.positive("permutations", config.get("permutations", DEFAULTS["permutations"]), allow_none=False)
 
 
 def _range(spec: str, candidates: list[str]) -> list[str]:
@@ -247,7 +263,9 @@ def build(config: dict) -> dict:
         if config.get("thumbsize", 100) != 100:
             name += f"-t{config['thumbsize']}"
         output_dir = os.path.join("results", name)
-    identity = {k: config.get(k, DEFAULTS.get(k)) for k in CONFIG_NAMES if k not in _NOT_RESULTS}
+    identity = {k: config.get(k, DEFAULTS.get(k)) for k in CONFIG_NAMES if k not in _NOT_RESULTS + _EXPLAIN}
+    if config.get("formulas") or config.get("significance"):
+        identity.update({k: config.get(k, DEFAULTS[k]) for k in _EXPLAIN})
     identity["layers"] = layers
     if config.get("demo_settings"):
         identity["demo_settings"] = config["demo_settings"]
@@ -322,7 +340,10 @@ def run(config: dict):
                       row0_competes=bool(config.get("row0_competes", False)),
                       settings={"model": config.get("model") or "demo (synthetic scenes CNN)",
                                 "segmenter": config.get("segmenter") or "dataset labels"},
-                      activation_cache_mb=config.get("activation_cache_mb", 1024))
+                      activation_cache_mb=config.get("activation_cache_mb", 1024),
+                      formulas=config.get("formulas", 0), exact_formulas=bool(config.get("exact_formulas")),
+                      permutations=config.get("permutations", DEFAULTS["permutations"])
+                      if config.get("significance") else 0)
     return results, b["output_dir"]
 
 
@@ -362,6 +383,12 @@ def define_flags() -> None:
     flags.DEFINE_bool("row0_competes", False, "Original quirk: label 0 (no label) competes for a unit's best label.")
     flags.DEFINE_bool("quad_quirk", True, "Original quirk of the UPP segmenter's last quadrant component.")
     flags.DEFINE_bool("faithful_color_blank", False, "Original quirk: the colour segmenter's blank label emitted.")
+    flags.DEFINE_integer("formulas", 0, "Also find each unit's best formula of up to N concepts "
+                         "(jaxdissect.explain.compositional, beam search) from pass 3's masks; 0 = none.")
+    flags.DEFINE_bool("exact_formulas", False, "With --formulas: provably optimal formulas (branch and bound).")
+    flags.DEFINE_bool("significance", False, "Also image-permutation p-values of each unit's label (and formula), "
+                      "Benjamini-Hochberg q-values (q = 0.05) and bootstrap IoU intervals.")
+    flags.DEFINE_integer("permutations", 1000, "Monte Carlo permutations (and bootstrap samples) of --significance.")
     flags.DEFINE_integer("activation_cache_mb", 1024, "Host memory for keeping activations and labels between "
                          "passes (the model and segmenter then run once per image); 0 = recompute.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")

@@ -163,7 +163,7 @@ class _Run:
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
                  checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None,
-                 activation_cache_mb=1024, receptive_field=None):
+                 activation_cache_mb=1024, receptive_field=None, explain=None):
         from jaxdissect.netdissect2017 import METHODS, label_category_index
         from jaxdissect.statistics import Plan
 
@@ -257,6 +257,13 @@ class _Run:
             self.config["receptive_field"] = _json_receptive_field(self.receptive_field)
         if method != "pnas":
             self.config["method"] = method
+        self.explain = dict(explain) if explain else None
+        self.collector = None
+        self.explained = {}
+        if self.explain:
+            if jax.process_count() > 1:
+                raise DissectError("formulas and significance run in one process; drop them for a multi-host run")
+            self.config["explain"] = self.explain
         if views is not None:
             self.config["views"] = {v: [layer, None if m is None else _hash_array(m)]
                                     for v, (layer, m) in self.views.items()}
@@ -433,6 +440,8 @@ class _Run:
                 extra["seg"] = seg
                 if image_labels is not None:
                     extra["image_labels"] = image_labels
+            if name == "pass3" and self.collector is not None:
+                self.collect(batch, acts, extra)
             if fill:
                 self.cache.append({"acts": {n: np.asarray(a) for n, a in acts.items()},
                                    "valid": np.asarray(batch["valid"]), "index": np.asarray(batch["index"]),
@@ -454,6 +463,31 @@ class _Run:
             _say(self, "pass 1 resumed from a checkpoint: passes 2 and 3 run the model again")
             self.cache = None
         return state
+
+    def collect(self, batch, acts, extra):
+        """Keep this batch's unit masks (upsampled act > threshold) and concept masks, bit-packed."""
+        valid = np.asarray(batch["valid"], bool)
+        if not valid.any():
+            return
+        first = int(np.asarray(batch["index"])[valid][0]) // self.batch_size
+        masks = {n: np.asarray(_unit_mask_fn(p)(acts[n], self._thresholds[n])) for n, p in self.plans.items()}
+        self.collector.add(first, masks, extra["seg"], extra.get("image_labels"), valid)
+
+    def explain_layers(self, results_dir):
+        """Formulas and significance per layer from the collected masks; saved as ``explain-<layer>.json``."""
+        from jaxdissect.explain.pipeline import explain_layer
+
+        for n in self.layers:
+            _say(self, f"{n}: " + ", ".join(
+                ([f"formulas of length {self.explain['formulas']}" + (" (exact)" if self.explain["exact"] else "")]
+                 if self.explain["formulas"] else []) +
+                ([f"significance ({self.explain['permutations']} permutations)"]
+                 if self.explain["permutations"] else [])))
+            units, concepts, num_images = self.collector.masks(n)
+            self.explained[n] = explain_layer(
+                units, concepts, self.label_names, num_images, length=self.explain["formulas"],
+                exact=self.explain["exact"], permutations=self.explain["permutations"], q=self.explain["q"])
+        self.collector = None
 
     def label_keys(self):
         """Data keys pass 3 needs: the model input and what gets segmented (or the dataset's labels)."""
@@ -493,6 +527,13 @@ class _Run:
         plans = self.plans
         keys = self.label_keys()
         init = {n: p.pass3_init(thresholds[n]) for n, p in plans.items()}
+        if self.explain:
+            # The masks are kept in memory only: pass 3 starts over instead of resuming a checkpoint.
+            from jaxdissect.explain.pipeline import MaskCollector
+
+            shutil.rmtree(os.path.join(wd.directory, "pass3"), ignore_errors=True)
+            self.collector = MaskCollector(len(self.label_names))
+            self._thresholds = {n: jnp.asarray(t, jnp.float32) for n, t in thresholds.items()}
         state = self.run_pass(wd, "pass3", init, keys,
                               extra_config={"thresholds": {n: _hash_array(t) for n, t in thresholds.items()}})
         state = parallel.to_host(state)
@@ -577,6 +618,13 @@ class _Run:
         return out_strips
 
     # -- outputs -----------------------------------------------------------
+    def report_units(self, name, result):
+        """``report.json`` units, with the formulas and p-values of the layer when they were asked for."""
+        units = report_units(result)
+        for u, extra in zip(units, self.explained.get(name, ())):
+            u.update(extra)
+        return units
+
     def layer_dir(self, name):
         return os.path.join(self.output_dir, name.replace("/", "_"))
 
@@ -592,7 +640,7 @@ class _Run:
         np.savez(tmp, **layer_arrays(result))
         os.replace(tmp, os.path.join(d, "arrays.npz"))
         strip_lib.save_strips(d, strips)
-        units = report_units(result)
+        units = self.report_units(name, result)
         bargraph.write_concept_bargraph(os.path.join(d, "concepts_99.svg"), units, self.miniou)
         report_json.write_report_json(os.path.join(d, "report.json"), self.header_name(skipped), units)
         if self.method == "netdissect2017":
@@ -603,8 +651,11 @@ class _Run:
     def write_run(self, results, skipped):
         from jaxdissect.reports import html, summary
 
-        units = {n: report_units(results[n]) for n in self.layers}
+        units = {n: self.report_units(n, results[n]) for n in self.layers}
         rows = summary.layer_summary([(n, units[n]) for n in self.layers], self.miniou)
+        if self.explain and self.explain["permutations"]:
+            for n, row in zip(self.layers, rows):
+                row["significant"] = sum(bool(u.get("significant")) for u in units[n])
         summary.write_summary(self.output_dir, rows, title=self.header_name(skipped))
         layers = []
         for n, row in zip(self.layers, rows):
@@ -615,6 +666,9 @@ class _Run:
                              "never fire": sum(u["dead"] for u in shown),
                              "unique concepts": row["unique_concepts"],
                              "images": self.num_images - skipped, "skipped images": skipped}
+            if self.explain and self.explain["permutations"]:
+                layer_summary[f"significant at q = {self.explain['q']:g}"] = sum(
+                    bool(u.get("significant")) for u in shown)
             if self.method == "netdissect2017":
                 from jaxdissect import netdissect2017
 
@@ -631,9 +685,17 @@ class _Run:
                          "geometry": self.geometry})
         if self.method != "pnas":
             settings["method"] = self.method
+        if self.explain:
+            if self.explain["formulas"]:
+                settings["formulas"] = (f"up to {self.explain['formulas']} concepts, "
+                                        + ("exact (branch and bound)" if self.explain["exact"] else "beam search"))
+            if self.explain["permutations"]:
+                settings["significance"] = (f"image-permutation p-values ({self.explain['permutations']} "
+                                            f"permutations), Benjamini-Hochberg q over every tested pair")
         skipped_files = sorted(str(v) for v in getattr(self.data, "bad_files", {}).values())
         return html.write_run_report(self.output_dir, self.header_name(skipped), layers, settings=settings,
-                                     skipped_files=skipped_files)
+                                     skipped_files=skipped_files,
+                                     **({"q": self.explain["q"]} if self.explain else {}))
 
 
 @functools.lru_cache(maxsize=16)
@@ -667,6 +729,12 @@ def _segmenter_fn(segmenter):
     from jaxdissect.segmentation import segment
 
     return jax.jit(lambda variables, images: segment(segmenter, variables, images, downsample=4)[0])
+
+
+@functools.lru_cache(maxsize=32)
+def _unit_mask_fn(plan):
+    """Jitted ``(acts [B, h, w, U], thresholds [U]) -> bool [B, S, S, U]``: the masks pass 3 counts."""
+    return jax.jit(lambda acts, t: plan.upsample(acts) > t)
 
 
 @functools.lru_cache(maxsize=32)
@@ -761,7 +829,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             checkpoint_every: int = 50, resolution: tuple[int, int] | None = None,
             row0_competes: bool = False, settings: Mapping[str, Any] | None = None, method: str = "pnas",
             views: Mapping[str, tuple] | None = None, activation_cache_mb: int = 1024,
-            receptive_field: Mapping[str, Any] | None = None) -> dict:
+            receptive_field: Mapping[str, Any] | None = None, formulas: int = 0,
+            exact_formulas: bool = False, permutations: int = 0, q: float = 0.05) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -813,6 +882,18 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         the model, decoding and segmenter run once per image, otherwise
         (or after resuming pass 1 from a checkpoint) passes 2 and 3 run them
         again. The choice is logged. 0 = never cache.
+      formulas: > 0: each unit's best formula of up to this many concepts
+        (``jaxdissect.explain.compositional``; ``exact_formulas``: provably
+        optimal instead of beam search), as ``formula``/``formula_iou``.
+      permutations: > 0: image-permutation p-values of each unit's best label
+        (and formula) with this many Monte Carlo draws, Benjamini-Hochberg
+        ``q_value``/``significant`` at FDR ``q`` over every tested pair, and a
+        bootstrap ``iou_ci``. Both add no pass: pass 3 keeps the unit masks
+        (act > threshold, segmentation resolution) and concept masks bit-packed in
+        host memory ((units + labels) x images x S^2 bits; one layer's units and
+        all labels are unpacked to bytes for the search) and always starts over
+        instead of resuming a checkpoint. Results go into ``report.json``, the
+        summary and ``index.html``; the returned ``DissectionResult``s are unchanged.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = _Run(module, variables, layers, data, segmentation, quantile=quantile, miniou=miniou,
@@ -820,7 +901,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
                num_images=num_images, mesh=mesh, geometry=geometry, progress=progress, name=name,
                checkpoint_every=checkpoint_every, resolution=resolution, row0_competes=row0_competes,
                settings=settings, method=method, views=views, activation_cache_mb=activation_cache_mb,
-               receptive_field=receptive_field)
+               receptive_field=receptive_field,
+               explain=_explain_settings(formulas, exact_formulas, permutations, q))
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")
@@ -828,6 +910,19 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         return _dissect(run, write=False)
     finally:
         shutil.rmtree(run.output_dir, ignore_errors=True)
+
+
+def _explain_settings(formulas, exact, permutations, q):
+    """The formula/significance add-on's settings, or None when it is off (the default path)."""
+    if int(formulas) < 0 or int(permutations) < 0:
+        raise DissectError(f"formulas and permutations must be >= 0, got {formulas} and {permutations}")
+    if exact and not formulas:
+        raise DissectError("exact_formulas needs formulas > 0 (the formula length)")
+    if not 0 < q < 1:
+        raise DissectError(f"q must be in (0, 1), got {q}")
+    if not formulas and not permutations:
+        return None
+    return {"formulas": int(formulas), "exact": bool(exact), "permutations": int(permutations), "q": float(q)}
 
 
 def _say(run, message):
@@ -853,6 +948,10 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
     results_dir = os.path.join(wd.directory, "results")
     if wd.done("results"):
         results = {n: DissectionResult.load(os.path.join(results_dir, n)) for n in run.layers}
+        if run.explain:
+            for n in run.layers:
+                with open(os.path.join(results_dir, f"explain-{n}.json")) as f:
+                    run.explained[n] = json.load(f)
         _say(run, f"statistics of {', '.join(run.layers)} loaded from {results_dir}")
     else:
         t0 = time.perf_counter()
@@ -864,9 +963,13 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
         _say(run, "pass 3/3: IoU against the segmentation")
         counts = run.pass3(wd, thresholds)
         results = {n: run.result(n, pass1[n], thresholds[n], counts[n]) for n in run.layers}
+        if run.explain:
+            run.explain_layers(results_dir)
         if primary:
             for n, r in results.items():
                 r.save(os.path.join(results_dir, n))
+                if run.explain:
+                    _write_json(os.path.join(results_dir, f"explain-{n}.json"), run.explained[n])
             _write_json(os.path.join(results_dir, "run.json"), {"seconds": time.perf_counter() - t0})
             wd.mark_done("results")
     skipped = run.num_images - int(results[run.layers[0]].images)

@@ -66,12 +66,14 @@ _SCRIPT = r"""
     cat: document.getElementById("filter-cat"),
     miniou: document.getElementById("filter-iou")
   };
+  var significant = document.getElementById("filter-significant");
   function readHash() {
     var params = new URLSearchParams(window.location.hash.replace(/^#/, ""));
     if (params.has("sort")) controls.sort.value = params.get("sort");
     if (params.has("label")) controls.label.value = params.get("label");
     if (params.has("cat")) controls.cat.value = params.get("cat");
     if (params.has("miniou")) controls.miniou.value = params.get("miniou");
+    if (significant) significant.checked = params.get("significant") === "1";
   }
   function writeHash() {
     var params = new URLSearchParams();
@@ -79,13 +81,18 @@ _SCRIPT = r"""
     if (controls.label.value) params.set("label", controls.label.value);
     if (controls.cat.value) params.set("cat", controls.cat.value);
     if (controls.miniou.value) params.set("miniou", controls.miniou.value);
+    if (significant && significant.checked) params.set("significant", "1");
     try { history.replaceState(null, "", "#" + params.toString()); } catch (e) { /* file:// in some browsers */ }
   }
   function iouOf(u) { return (typeof u.iou === "number") ? u.iou : -Infinity; }
+  function num(u, k, missing) { return (typeof u[k] === "number") ? u[k] : missing; }
+  function fixed(u, k, digits) { return (typeof u[k] === "number") ? u[k].toFixed(digits) : ""; }
   var comparators = {
     iou: function (a, b) { return iouOf(b) - iouOf(a) || a.unit - b.unit; },
     label: function (a, b) { return a.label.localeCompare(b.label) || iouOf(b) - iouOf(a) || a.unit - b.unit; },
-    unit: function (a, b) { return a.unit - b.unit; }
+    unit: function (a, b) { return a.unit - b.unit; },
+    formula_iou: function (a, b) { return num(b, "formula_iou", -Infinity) - num(a, "formula_iou", -Infinity) || a.unit - b.unit; },
+    p_value: function (a, b) { return num(a, "p_value", Infinity) - num(b, "p_value", Infinity) || iouOf(b) - iouOf(a) || a.unit - b.unit; }
   };
   function cell(row, text, cls) {
     var td = document.createElement("td");
@@ -102,7 +109,8 @@ _SCRIPT = r"""
     data.layers.forEach(function (layer, li) {
       var shown = layer.units.filter(function (u) {
         return (!text || u.label.toLowerCase().indexOf(text) >= 0) &&
-               (!cat || u.cat === cat) && iouOf(u) >= minIou;
+               (!cat || u.cat === cat) && iouOf(u) >= minIou &&
+               (!significant || !significant.checked || u.significant === true);
       }).sort(compare);
       var body = document.createElement("tbody");
       shown.forEach(function (u) {
@@ -115,6 +123,16 @@ _SCRIPT = r"""
         cell(row, u.dead ? "(never fires)" : u.label, "label");
         cell(row, u.dead ? "" : u.cat, "cat");
         cell(row, typeof u.iou === "number" ? u.iou.toFixed(4) : "NaN", "num");
+        if (data.formulas) {
+          cell(row, u.dead ? "" : (u.formula || ""), "formula");
+          cell(row, fixed(u, "formula_iou", 4), "num formula-iou");
+        }
+        if (data.significance) {
+          cell(row, fixed(u, "p_value", 4), "num p-value");
+          cell(row, fixed(u, "q_value", 4), "num q-value");
+          var ci = Array.isArray(u.iou_ci) ? u.iou_ci[0].toFixed(3) + "\u2013" + u.iou_ci[1].toFixed(3) : "";
+          cell(row, ci, "num iou-ci");
+        }
         var td = document.createElement("td");
         var img = document.createElement("img");
         img.setAttribute("loading", "lazy");
@@ -134,6 +152,7 @@ _SCRIPT = r"""
   readHash();
   ["change", "input"].forEach(function (ev) {
     Object.keys(controls).forEach(function (k) { controls[k].addEventListener(ev, render); });
+    if (significant) significant.addEventListener(ev, render);
   });
   window.addEventListener("hashchange", function () { readHash(); render(); });
   render();
@@ -218,13 +237,15 @@ def _header(settings: Mapping | None, skipped_files: Sequence[str], output_dir: 
 
 
 def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str = ".",
-                      settings: Mapping | None = None, skipped_files: Sequence[str] = ()) -> str:
+                      settings: Mapping | None = None, skipped_files: Sequence[str] = (), q: float = 0.05) -> str:
     """The HTML text of :func:`write_run_report`."""
     esc = html.escape
     data = {"run": str(run_name), "layers": []}
     categories = list(CATEGORIES)
     sections = []
     nav = []
+    formulas = significance = False
+    heads = []
     for li, layer in enumerate(layers):
         if "name" not in layer or "units" not in layer:
             raise ValueError(f"layer entry {li} needs at least 'name' and 'units' (got keys {sorted(layer)})")
@@ -240,6 +261,19 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
                     entry[flag] = bool(u[flag])
             if entry.get("dead"):
                 entry["label"] = ""
+            if "formula" in u:
+                entry["formula"] = str(u["formula"])
+                entry["formula_iou"] = _iou(u.get("formula_iou", float("nan")))
+                formulas = True
+            if "p_value" in u:
+                for k in ("p_value", "q_value"):
+                    entry[k] = _iou(u.get(k, float("nan")))
+                entry["significant"] = bool(u.get("significant", False))
+                if u.get("iou_ci") is not None:
+                    entry["iou_ci"] = [_iou(v) for v in u["iou_ci"]]
+                    if None in entry["iou_ci"]:
+                        del entry["iou_ci"]
+                significance = True
             units.append(entry)
             if units[-1]["cat"] not in categories:
                 categories.append(units[-1]["cat"])
@@ -260,8 +294,18 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
             f'<p class="summary">{summary}</p>\n' + "\n".join(links) +
             f'\n<p class="count" id="count-{li}"></p>\n'
             f'<table class="units" id="table-{li}"><thead><tr><th>unit</th><th>label</th>'
-            f'<th>category</th><th>IoU</th><th>top images</th></tr></thead><tbody></tbody></table>\n'
+            f'<th>category</th><th>IoU</th>{{extra_heads}}<th>top images</th></tr></thead><tbody></tbody></table>\n'
             f'</section>')
+    data["formulas"], data["significance"] = formulas, significance
+    if formulas:
+        heads.append("<th>formula</th><th>formula IoU</th>")
+    if significance:
+        heads.append("<th>p-value</th><th>q-value (BH)</th><th>IoU 95% interval</th>")
+    sections = [sec.replace("{extra_heads}", "".join(heads)) for sec in sections]
+    sorts = ('<option value="formula_iou">formula IoU</option>' if formulas else "") + (
+        '<option value="p_value">p-value</option>' if significance else "")
+    significant_filter = ('<label><input id="filter-significant" type="checkbox"> significant at q = '
+                          f'{esc(_format(q))}</label>' if significance else "")
     options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in categories)
     title = esc(f"Dissection: {run_name}")
     return f"""<!DOCTYPE html>
@@ -276,10 +320,11 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
 {_header(settings, skipped_files, output_dir)}
 <nav>Layers: {' '.join(nav)}</nav>
 <div id="controls">
-<label>Sort by <select id="sort"><option value="iou">IoU</option><option value="label">label</option><option value="unit">unit</option></select></label>
+<label>Sort by <select id="sort"><option value="iou">IoU</option><option value="label">label</option><option value="unit">unit</option>{sorts}</select></label>
 <label>Label contains <input id="filter-label" type="search"></label>
 <label>Category <select id="filter-cat"><option value="">all</option>{options}</select></label>
 <label>Min IoU <input id="filter-iou" type="number" step="0.01" min="0" max="1"></label>
+{significant_filter}
 </div>
 <noscript><p>This page needs JavaScript to list the units; each layer's report.json holds the same data.</p></noscript>
 {chr(10).join(sections)}
@@ -291,7 +336,7 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
 
 
 def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], settings: Mapping | None = None,
-                     skipped_files: Sequence[str] = ()) -> str:
+                     skipped_files: Sequence[str] = (), q: float = 0.05) -> str:
     """Write ``output_dir/index.html`` for a run; returns its path.
 
     ``layers`` holds one dict per dissected layer: ``name``, ``dir`` (the layer's
@@ -301,12 +346,14 @@ def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], 
     to ``dir``) and summary numbers, either as a ``summary`` dict or as further
     scalar entries (e.g. ``interpretable=12``). A unit may carry
     ``interpretable`` (False: greyed out) and ``dead`` (True: never fires, no
-    label shown). ``settings`` (name -> value) are listed in the header, and
+    label shown), and ``formula``/``formula_iou`` and ``p_value``/``q_value``/
+    ``significant``/``iou_ci`` (shown as columns, sortable, with a "significant
+    at q" filter, when any unit has them; ``q`` is the FDR they were tested at). ``settings`` (name -> value) are listed in the header, and
     ``skipped_files`` (unreadable images) below it.
     """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "index.html")
-    text = render_run_report(run_name, layers, output_dir, settings=settings, skipped_files=skipped_files)
+    text = render_run_report(run_name, layers, output_dir, settings=settings, skipped_files=skipped_files, q=q)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".tmp", path)

@@ -40,8 +40,14 @@ def dump_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
+# Optional per-unit entries of ``dissect(formulas=..., permutations=...)`` (jaxdissect.explain.pipeline).
+EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "iou_ci", "formula_p_value",
+                "formula_q_value", "formula_significant")
+
+
 def report_units(units: Sequence[Mapping]) -> list[dict]:
-    """The ``units`` list of ``report.json`` from dicts with ``unit``, ``label``, ``cat``, ``iou``."""
+    """The ``units`` list of ``report.json`` from dicts with ``unit``, ``label``, ``cat``, ``iou``
+    (and the :data:`EXPLAIN_KEYS` a unit has)."""
     out = []
     for u in units:
         missing = [k for k in ("unit", "label", "cat", "iou") if k not in u]
@@ -50,6 +56,7 @@ def report_units(units: Sequence[Mapping]) -> list[dict]:
         unit = int(u["unit"])
         out.append(dict(image=u.get("image", strip_path(unit)), unit=unit,
                         iou=float(u["iou"]), label=str(u["label"]), cat=str(u["cat"])))
+        out[-1].update({k: u[k] for k in EXPLAIN_KEYS if k in u})
     return out
 
 

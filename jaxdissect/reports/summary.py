@@ -17,6 +17,10 @@ from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, unit_fields
 from jaxdissect.reports.report_json import dump_json
 
 
+# Columns a row may add (``dissect(permutations=...)``: units whose label is significant under BH).
+OPTIONAL = ("significant",)
+
+
 def _pairs(per_layer_units) -> list[tuple[str, list]]:
     if isinstance(per_layer_units, Mapping):
         return [(str(k), list(v)) for k, v in per_layer_units.items()]
@@ -67,11 +71,13 @@ def _flat(rows: Sequence[Mapping]) -> tuple[list[str], list[list]]:
     cats = _categories(rows)
     header = ["layer", "units", "interpretable", "unique_concepts"]
     header += [f"interpretable_{c}" for c in cats] + [f"unique_{c}" for c in cats]
+    extra = [k for k in OPTIONAL if rows and all(k in r for r in rows)]
+    header += extra
     table = []
     for r in rows:
         table.append([r["layer"], r["units"], r["interpretable"], r["unique_concepts"]]
                      + [r["interpretable_by_category"].get(c, 0) for c in cats]
-                     + [r["unique_by_category"].get(c, 0) for c in cats])
+                     + [r["unique_by_category"].get(c, 0) for c in cats] + [r[k] for k in extra])
     return header, table
 
 

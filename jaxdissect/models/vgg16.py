@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 
 from jaxdissect.layers import PreActivation
+from jaxdissect.models.blocks import check_images
 
 CONV_LAYERS = (
     "conv1_1", "conv1_2",
@@ -153,17 +154,4 @@ class VGG16(nn.Module):
 
 
 def _check_input(x) -> None:
-    shape = tuple(getattr(x, "shape", ()))
-    if len(shape) == 4 and shape[-1] == 3 and min(shape[1:3]) >= MIN_SIZE:
-        return
-    hint = ""
-    if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
-        hint = " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))"
-    elif len(shape) == 3:
-        hint = " (a single image: add a batch axis with x[None])"
-    elif len(shape) == 4 and shape[-1] == 3:
-        hint = f" (images must be at least {MIN_SIZE}x{MIN_SIZE})"
-    raise ValueError(
-        f"VGG16 expects ImageNet-normalised NHWC RGB images [N, 224, 224, 3] (any H, W >= {MIN_SIZE}), "
-        f"got shape {shape}{hint}; make inputs with jaxdissect.preprocess.vgg_preprocess"
-    )
+    check_images(x, "VGG16", MIN_SIZE)

@@ -267,8 +267,19 @@ class DissectionResult:
         """The same statistics labelled with another ``miniou`` or row-0 rule (no pass over the data)."""
         miniou = self.config.get("miniou", 0.04) if miniou is None else float(miniou)
         row0 = self.config.get("row0_competes", False) if row0_competes is None else bool(row0_competes)
-        label, label_iou, interpretable = labels_k.best_labels(np.asarray(self.iou), miniou=miniou,
-                                                               row0_competes=row0)
+        if self.config.get("method") == "netdissect2017":
+            # The 2017 rule: the best label of the best category, a detector when its score reaches miniou.
+            from jaxdissect import netdissect2017
+
+            if row0:
+                raise ValueError("row0_competes does not apply to a netdissect2017 result (label 0 is never "
+                                 "scored); drop row0_competes")
+            scores = netdissect2017.scores_of(self)
+            label, label_iou = scores.label, scores.score
+            interpretable = (label_iou >= miniou) & (label > 0)
+        else:
+            label, label_iou, interpretable = labels_k.best_labels(np.asarray(self.iou), miniou=miniou,
+                                                                   row0_competes=row0)
         return dataclasses.replace(self, label=label.astype(np.int64), label_iou=label_iou.astype(np.float64),
                                    interpretable=interpretable.astype(bool),
                                    config={**self.config, "miniou": miniou, "row0_competes": row0})

@@ -156,6 +156,14 @@ def test_iou_equals_reference_formula(folder, tmp_path):
         best_cat = max(range(len(CATS)), key=lambda c: (per_cat[c], c))
         assert CATS[best_cat] == r.labels[u]["category"]
         assert r.label_iou[u] == pytest.approx(per_cat[best_cat], rel=1e-12)
+    # relabel keeps the 2017 rule: same labels, a detector when the score REACHES the cut-off.
+    at_cut = int(np.argsort(r.label_iou)[len(r.label_iou) // 2])
+    again = r.relabel(miniou=float(r.label_iou[at_cut]))
+    np.testing.assert_array_equal(again.label, r.label)
+    np.testing.assert_array_equal(again.interpretable, (r.label_iou >= r.label_iou[at_cut]) & (r.label > 0))
+    assert again.interpretable[at_cut]                                      # PNAS's '>' would drop it
+    with pytest.raises(ValueError, match="row0_competes"):
+        r.relabel(row0_competes=True)
     # result.csv: the original's columns, units by descending score, 1-based unit numbers.
     with open(os.path.join(out, "proj", "proj-result.csv")) as f:
         rows = list(csv.DictReader(f))

@@ -191,7 +191,7 @@ def main(argv):
     del argv
     import logging
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     counts = tuple(int(s) for s in FLAGS.strokes.split(","))
     if FLAGS.gpu:
         body = report(run_gpu(FLAGS.edits, counts), GPU_SECTION, "ProGAN LSUN layout, random weights")

@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from jaxdissect.checkpoint import CheckpointError, require_new_directory
+from jaxdissect.errors import JaxDissectError
 
 
-class ConversionError(ValueError):
+class ConversionError(JaxDissectError, ValueError):
     """The input checkpoint cannot be converted; the message says why and what to do."""
 
 

@@ -18,6 +18,8 @@ _EXPORTS = {
     "load_model": "jaxdissect.checkpoint",
     "save_model": "jaxdissect.checkpoint",
     "load_metadata": "jaxdissect.checkpoint",
+    # The base of every explained error (launchers print these as one line).
+    "JaxDissectError": "jaxdissect.errors",
     # Reading and editing named layers of any Flax Linen module.
     "capture": "jaxdissect.layers",
     "run": "jaxdissect.layers",

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
+
 FORMAT = "jaxdissect-model"
 VERSION = 1
 _MODEL_JSON = "model.json"
@@ -32,7 +34,7 @@ _VARIABLES = "variables"
 _SKIPPED_FIELDS = ("parent", "name")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxDissectError, ValueError):
     """A model directory is missing, incomplete or was not written by jaxdissect."""
 
 

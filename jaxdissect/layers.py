@@ -57,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
+
 __all__ = [
     "Ablate",
     "Edit",
@@ -73,7 +75,7 @@ __all__ = [
 ]
 
 
-class LayerError(ValueError):
+class LayerError(JaxDissectError, ValueError):
     """A layer name, an edit or its arguments do not fit the model."""
 
 

@@ -36,8 +36,10 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
 
-class RotationError(ValueError):
+
+class RotationError(JaxDissectError, ValueError):
     """A rotation that cannot be built or applied; the message names the fix."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
 from jaxdissect.segmenters import labels as L
 from jaxdissect.segmenters.preprocess import color_preprocess, upp_preprocess
+from jaxdissect.errors import JaxDissectError
 
 UPP_SEGSIZES = (256,)  # the original's UnifiedParsingSegmenter(segsizes=[256])
 _CONVERT_HINT = ("convert the published files first: python -m converters.segmenter "
@@ -41,7 +42,7 @@ _CONVERT_HINT = ("convert the published files first: python -m converters.segmen
                  "--output=DIR")
 
 
-class SegmenterError(ValueError):
+class SegmenterError(JaxDissectError, ValueError):
     """Segmenter files or inputs cannot be used; the message says why and what to do."""
 
 

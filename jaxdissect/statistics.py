@@ -46,11 +46,12 @@ from jaxdissect.kernels import quantile as quantile_k
 from jaxdissect.kernels import sparse as sparse_k
 from jaxdissect.kernels import topk as topk_k
 from jaxdissect.kernels import upsample as upsample_k
+from jaxdissect.errors import JaxDissectError
 
 _MAX_PIXELS = np.iinfo(np.int32).max
 
 
-class DissectionError(ValueError):
+class DissectionError(JaxDissectError, ValueError):
     """Bad input to a dissection (shapes, labels, NaN/Inf activations); the message names the fix."""
 
 

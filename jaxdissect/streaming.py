@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from jaxdissect import progress as progress_lib
+from jaxdissect.errors import JaxDissectError
 
 _STREAM_JSON = "stream.json"
 _CHECKPOINTS = "checkpoints"
@@ -39,7 +40,7 @@ _FORMAT = "jaxdissect-stream"
 _LOCK = "lock.pid"
 
 
-class StreamError(RuntimeError):
+class StreamError(JaxDissectError, RuntimeError):
     """A work directory cannot be used for this stream (other arguments, damaged, locked)."""
 
 

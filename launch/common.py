@@ -33,6 +33,8 @@ import signal
 import sys
 from typing import Callable, Sequence
 
+from jaxdissect.errors import JaxDissectError
+
 SYNTHETIC_IMAGES = 512
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DATA_SCHEMES = ("places", "folder", "broden", "tfds", "z", "synthetic")
@@ -40,7 +42,7 @@ DATA_HELP = ("places:<dir>, folder:<dir>, broden:<dir>, tfds:places365_small[:sp
              "synthetic:<count>")
 
 
-class LaunchError(ValueError):
+class LaunchError(JaxDissectError, ValueError):
     """A flag value that cannot be used; the message says which and how to fix it."""
 
 
@@ -310,27 +312,9 @@ def set_resume_hint(text: str) -> None:
 
 
 def known_errors() -> tuple[type, ...]:
-    """The library's error types whose message is the whole story (printed as ``error: ...``)."""
-    import importlib
-
-    found: list[type] = [LaunchError]
-    for module, name in (("jaxdissect.checkpoint", "CheckpointError"), ("jaxdissect.data.folders", "DataSourceError"),
-                         ("jaxdissect.pipelines.dissect", "DissectError"), ("jaxdissect.statistics", "DissectionError"),
-                         ("jaxdissect.segmentation", "SegmenterError"), ("jaxdissect.streaming", "StreamError"),
-                         ("jaxdissect.interventions.classifier", "InterventionError"),
-                         ("jaxdissect.interventions.generator", "InterventionError"),
-                         ("jaxdissect.pipelines.intervene_generator", "ExperimentError"),
-                         ("jaxdissect.rotation", "RotationError"),
-                         ("jaxdissect.interventions.common", "InterventionError"),
-                         ("jaxdissect.layers", "LayerError"), ("jaxdissect.segmenters.labels", "LabelError"),
-                         ("jaxdissect.attacks", "AttackError"), ("jaxdissect.editing", "EditError"),
-                         ("jaxdissect.app", "AppError"), ("jaxdissect.pipelines.compare", "CompareError"),
-                         ("jaxdissect.pipelines.edit_photo", "PhotoEditError")):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
+    """The error types whose message is the whole story (printed as ``error: ...``): every
+    :class:`jaxdissect.errors.JaxDissectError`, the launchers' own included."""
+    return (JaxDissectError,)
 
 
 def _sigint(signum, frame) -> None:

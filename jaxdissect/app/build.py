@@ -12,11 +12,12 @@ import os
 import numpy as np
 
 from jaxdissect.app.painter import Painter
+from jaxdissect.errors import JaxDissectError
 
 DEFAULT_NUM_IMAGES = 16
 
 
-class AppError(ValueError):
+class AppError(JaxDissectError, ValueError):
     """A model, dissection or setting the app cannot use; the message says which and how to fix it."""
 
 

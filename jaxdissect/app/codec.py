@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
+
 # Formats accepted for an uploaded photo (what Pillow sniffs from the bytes, not the claimed type).
 PHOTO_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DATA_URL = re.compile(r"^data:(?P<mime>[a-z]+/[a-z0-9.+-]+)?(?P<params>(;[a-z0-9-]+=[^;,]*)*)"
@@ -22,7 +24,7 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[a-z]+/[a-z0-9.+-]+)?(?P<params>(;[a-z0-
 STRENGTHS = {"low": 4, "med": 10, "high": 15}
 
 
-class ApiError(ValueError):
+class ApiError(JaxDissectError, ValueError):
     """A request the server refuses: ``status`` is the HTTP code, the message says why and what to send."""
 
     def __init__(self, status: int, message: str):

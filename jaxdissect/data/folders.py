@@ -24,13 +24,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
+
 _IMAGE_RE = re.compile(r"\.(jpe?g|png)$", re.IGNORECASE)
 # ImageNet normalisation of the classifiers (spec 1.2), used to recover display bytes.
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(JaxDissectError, ValueError):
     """A data folder is missing, empty or holds a file that cannot be read."""
 
 

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
 
-class InterventionError(ValueError):
+
+class InterventionError(JaxDissectError, ValueError):
     """Bad arguments to an intervention: unknown class, concept or layer, bad units, mismatched data."""
 
 

@@ -30,13 +30,14 @@ import flax.linen as nn
 import numpy as np
 
 from jaxdissect import netdissect2017 as nd
+from jaxdissect.errors import JaxDissectError
 
 CATEGORY_COLORS = {"object": "#4e79a7", "scene": "#f28e2b", "part": "#59a14f", "material": "#e15759",
                    "texture": "#b07aa1", "color": "#edc948"}
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class CompareError(ValueError):
+class CompareError(JaxDissectError, ValueError):
     """Members, layers or rotations that cannot be compared; the message names the fix."""
 
 

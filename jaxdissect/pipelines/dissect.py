@@ -66,9 +66,10 @@ from absl import logging
 from jaxdissect import parallel, streaming
 from jaxdissect.data import loader
 from jaxdissect.kernels import upsample as upsample_k
+from jaxdissect.errors import JaxDissectError
 
 
-class DissectError(ValueError):
+class DissectError(JaxDissectError, ValueError):
     """Inputs that cannot be dissected together (unknown layer, resolutions that do not match, ...)."""
 
 

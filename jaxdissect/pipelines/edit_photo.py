@@ -21,9 +21,10 @@ from typing import Sequence
 import numpy as np
 
 from jaxdissect.editing import Brushes, EditError, Stroke, adapt, apply_strokes, invert
+from jaxdissect.errors import JaxDissectError
 
 
-class PhotoEditError(ValueError):
+class PhotoEditError(JaxDissectError, ValueError):
     """The photo, a stroke or a setting cannot be used; the message says what to do."""
 
 

@@ -30,11 +30,12 @@ from absl import logging
 
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import generator as gi
+from jaxdissect.errors import JaxDissectError
 
 CI99 = 2.58
 
 
-class ExperimentError(ValueError):
+class ExperimentError(JaxDissectError, ValueError):
     """The experiment's inputs do not fit together; the message says what to do."""
 
 

@@ -52,13 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.segmenters.quad import quad_split
+from jaxdissect.errors import JaxDissectError
 
 UPP_CATEGORIES = ("object", "part", "material")
 DEFAULT_PART_OWNERS = ("sky", "building", "person")
 QUAD_SUFFIXES = ("t", "l", "b", "r")
 
 
-class LabelError(ValueError):
+class LabelError(JaxDissectError, ValueError):
     """A labels.json or segmenter setting cannot be used; the message says why and what to do."""
 
 

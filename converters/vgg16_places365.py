@@ -1,6 +1,7 @@
 r"""Convert the original VGG16-Places365 weights (``vgg16_places365-0bafbc55.pth``) to a jaxdissect model.
 
-    python -m converters.vgg16_places365 --input=vgg16_places365-0bafbc55.pth --output=DIR
+    python -m converters.vgg16_places365 --input=vgg16_places365-0bafbc55.pth --output=DIR \
+        [--classes=categories_places365.txt]
 
 Every key and shape of ``experiment/oldvgg16.py``'s state_dict is checked
 (spec 1.3). Re-layout: conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``;
@@ -75,8 +76,12 @@ def convert_state_dict(state) -> tuple[VGG16, dict]:
     return VGG16(num_classes=num_classes), {"params": params}
 
 
-def convert(input_path: str, output_dir: str) -> dict:
-    """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
+def convert(input_path: str, output_dir: str, classes_path: str | None = None) -> dict:
+    """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written.
+
+    ``classes_path``: a class-name file (first word a line, e.g. ``categories_places365.txt``); the
+    names go to ``model.json`` so launchers can match class folders to outputs by name.
+    """
     common.require_empty_output(output_dir)
     state = common.load_state_dict(input_path)
     module, variables = convert_state_dict(state)
@@ -91,6 +96,8 @@ def convert(input_path: str, output_dir: str) -> dict:
         "layers": list(CONV_LAYERS),
         "layer_note": "conv layer outputs are post-ReLU, as the original's retained tensors",
     }
+    if classes_path:
+        metadata["classes"] = common.read_classes(classes_path, module.num_classes)
     save_model(output_dir, module, variables, metadata)
     return metadata
 
@@ -98,7 +105,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 def main(argv):
     del argv
     f = flags.FLAGS
-    common.run_cli(lambda: convert(f.input, f.output),
+    common.run_cli(lambda: convert(f.input, f.output, f.classes),
                    lambda m: f"wrote {f.output}: VGG16, {m['num_classes']} classes, sha256 {m['source_sha256'][:12]}")
 
 
@@ -106,6 +113,7 @@ def define_flags() -> None:
     """Flags of the command line (defined only when run as a script, so importing this module is side-effect free)."""
     flags.DEFINE_string("input", None, "PyTorch state_dict, e.g. vgg16_places365-0bafbc55.pth.")
     flags.DEFINE_string("output", None, "New (or empty) directory for the converted model.")
+    flags.DEFINE_string("classes", None, "Optional class-name file, e.g. categories_places365.txt (first word a line).")
     flags.mark_flags_as_required(["input", "output"])
 
 

@@ -27,13 +27,17 @@ def rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+CLASSES = [f"class{i:03d}" for i in range(365)]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("vgg16")
     torch_model = TorchVGG16(seed=0)
     pth = str(d / "vgg16_places365-test.pth")
     save_state_dict(torch_model, pth)
-    meta = vgg16_places365.convert(pth, str(d / "flax"))
+    (d / "classes.txt").write_text("".join(f"/{c[0]}/{c} {i}\n" for i, c in enumerate(CLASSES)))
+    meta = vgg16_places365.convert(pth, str(d / "flax"), str(d / "classes.txt"))
     os.unlink(pth)
     module, variables = jaxdissect.load_model(str(d / "flax"))
     return torch_model, module, variables, meta, str(d / "flax")
@@ -128,6 +132,7 @@ def test_metadata(models):
     assert len(stored["source_sha256"]) == 64
     assert stored["preprocessing"]["normalization"] == "imagenet" and stored["preprocessing"]["crop"] == 224
     assert stored["layers"] == VGG_CONV_LAYERS  # JSON lists come back as tuples
+    assert list(stored["classes"]) == [f"/{c[0]}/{c}" for c in CLASSES]  # first word of each line, in order
 
 
 @pytest.mark.parametrize(

@@ -77,6 +77,27 @@ def test_thresholds_and_iou_match_numpy(setup):
     assert got.config["receptive_field"] == {"convolutions": [list(c) for c in CONVS], "image_size": SIZE}
 
 
+def test_strips_highlight_the_receptive_field_region(setup, tmp_path, monkeypatch):
+    from jaxdissect.reports import strips
+
+    module, variables = setup
+    seen, original = [], strips.masked_thumbnail
+    monkeypatch.setattr(strips, "masked_thumbnail",
+                        lambda image, act, level, thumb, mask=None: seen.append((act, level, mask))
+                        or original(image, act, level, thumb, mask=mask))
+    got = dissect(module, variables, ["det"], PlantedScenes(N), "dataset", quantile=Q, topk=4, batch_size=8,
+                  geometry="receptive_field", receptive_field=RF, progress=False, thumbsize=16,
+                  output_dir=str(tmp_path / "out"))["det"]
+    g = SIZE // CELL
+    m = _rf_matrix(g, g)
+    assert seen and all(mask is not None for *_, mask in seen)
+    for act, level, mask in seen:
+        up = m @ np.asarray(act, np.float64) @ m.T                               # one unit's [8, 8] grid
+        far = np.abs(up - level) > 1e-5 * np.maximum(1, np.abs(up))
+        np.testing.assert_array_equal(mask[far], (up > level)[far])
+    assert set(float(level) for _, level, _ in seen) <= set(got.thresholds.astype(float).tolist())
+
+
 def test_bad_receptive_field(setup):
     module, variables = setup
     data = PlantedScenes(4)

@@ -603,11 +603,15 @@ class _Run:
             x = loader.pad_batch({"x": np.asarray(batch[self.input_key])}, self.batch_size)["x"]
             out, acts = forward(self.replicated_variables(), parallel.shard_batch(self.mesh, x))
             display = _to_bytes_zc(out) if self.generator else np.asarray(batch["display"])
+            # The receptive-field grid highlights the region the IoU counted, not the default bilinear one.
+            masks = ({n: np.asarray(_unit_mask_fn(self.plans[n])(a, jnp.asarray(results[n].thresholds, jnp.float32)))
+                      for n, a in acts.items() if n in results} if self.geometry == "receptive_field" else {})
             acts = {n: np.asarray(a) for n, a in acts.items()}
             for j, image in enumerate(chunk):
                 for name, u, rank in wanted[image]:
                     thumbs[(name, u, rank)] = strip_lib.masked_thumbnail(
-                        display[j], acts[name][j, :, :, u], float(results[name].thresholds[u]), self.thumbsize)
+                        display[j], acts[name][j, :, :, u], float(results[name].thresholds[u]), self.thumbsize,
+                        mask=masks[name][j, :, :, u] if name in masks else None)
         out_strips = {}
         for name, r in results.items():
             per_unit = {}
@@ -860,7 +864,7 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         layer is mapped onto the grid with this receptive-field composition (the
         original's AlexNet mode, spec 2.2: all layers up to pool5 at 227; a
         converted AlexNet's model.json has it as ``metadata['upsample']``).
-        Unit strips still highlight with the default geometry.
+        Unit strips highlight the region above threshold on that grid too.
       progress: show each pass's progress bar (rate, ETA) and log each step;
         False silences it (``jaxdissect.progress.set_enabled`` for everything).
       name: report header (default ``"<Model> <data> <segmentation>"``).

@@ -66,12 +66,16 @@ def outside_border(mask: np.ndarray) -> np.ndarray:
     return touch & ~mask
 
 
-def masked_thumbnail(image_uint8: np.ndarray, act: np.ndarray, level: float, thumb: int = 100) -> np.ndarray:
+def masked_thumbnail(image_uint8: np.ndarray, act: np.ndarray, level: float, thumb: int = 100,
+                     mask: np.ndarray | None = None) -> np.ndarray:
     """One unit's thumbnail ``uint8 [thumb, thumb, 3]`` of one image (spec 2.6).
 
     ``image_uint8`` is the ``[H, W, 3]`` image the model saw, ``act`` the unit's raw
     ``[h, w]`` feature map and ``level`` its threshold (the 99th percentile of the
-    upsampled activations over the dataset).
+    upsampled activations over the dataset). ``mask``: the region above ``level``
+    already upsampled by the dissection's own geometry (boolean ``[s, s]``, e.g.
+    the receptive-field grid of AlexNet), nearest-resized to the thumbnail
+    instead of thresholding the default bilinear upsampling of ``act``.
     """
     image = np.asarray(image_uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -82,7 +86,10 @@ def masked_thumbnail(image_uint8: np.ndarray, act: np.ndarray, level: float, thu
     if not np.all(np.isfinite(act)):
         raise ValueError("activation map contains NaN or infinity; check the model and its input")
     small = nearest_resize(image, thumb).astype(np.float64)
-    mask = upsample(act, thumb) > level
+    if mask is None:
+        mask = upsample(act, thumb) > level
+    else:
+        mask = nearest_resize(np.asarray(mask, bool), thumb)
     border = outside_border(mask)
     out = np.where(mask[..., None], small, 0.5 * small)
     out[border] = BORDER_COLOR

@@ -255,3 +255,28 @@ def test_recompute_path_killed_in_the_metrics_pass_resumes_with_identical_number
     assert sorted(os.listdir(checkpoints))[-1] == "3"
     for layer in ("det", "coarse"):
         assert _metrics(str(tmp_path), layer) == _metrics(out, layer)
+
+
+@pytest.mark.parametrize("bins", [2, 64, 1024])
+def test_binned_average_precision_bounds_hold_the_exact_value(bins):
+    """On ReLU-like scores with ties, the histogram's bounds contain the exact AP at any bin count."""
+    from jaxdissect.explain.unit_metrics import binned_average_precision
+
+    rng = np.random.default_rng(bins)
+    y = rng.random((3000, 3)) < 0.1
+    s = np.maximum(rng.standard_normal((3000, 3)) + 1.5 * y, 0)
+    s[:, 1] = np.round(s[:, 1], 1)
+    s[:, 2] -= 1.0                                                  # negative values too
+    m = np.abs(s).max(0)
+    index = np.clip(np.floor((s / m + 1) * bins), 0, 2 * bins - 1).astype(int)
+    neg, pos = np.zeros((3, 2 * bins)), np.zeros((3, 2 * bins))
+    for u in range(3):
+        np.add.at(neg[u], index[~y[:, u], u], 1)
+        np.add.at(pos[u], index[y[:, u], u], 1)
+    ap, lower, upper = binned_average_precision(neg, pos)
+    for u in range(3):
+        exact = _np_ap(s[:, u], y[:, u])
+        assert lower[u] - 1e-12 <= exact <= upper[u] + 1e-12
+        assert lower[u] <= ap[u] <= upper[u]
+        if bins == 1024:
+            assert abs(ap[u] - exact) < 0.01

@@ -9,7 +9,10 @@ at once, and the segmenter runs once per image:
    first half), top-k images by the raw per-image maximum, mean and max;
 2. low-bit histogram inside the buckets that hold the quantile -> exact
    thresholds ``T_u`` (the ``1 - quantile`` quantile, 0.99 by default);
-3. IoU counts of ``upsampled act > T_u`` against the segmentation.
+3. IoU counts of ``upsampled act > T_u`` against the segmentation;
+4. (``label_metrics=True``) IoU, F1, AUPRC, correlation and cosine of every
+   unit against its label, at pixel and image level
+   (:mod:`jaxdissect.explain.unit_metrics`).
 
 Activations are upsampled to the segmentation's resolution (``H / 4``: 56 for
 224-pixel classifiers, 64 for 256-pixel generators) with the original's

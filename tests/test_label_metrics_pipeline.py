@@ -210,6 +210,7 @@ def test_summary_page_and_settings(cached_run):
     assert "median_pixel_auprc" in open(os.path.join(out, "summary.csv")).readline()
     page = open(os.path.join(out, "index.html")).read()
     assert "pixel AUPRC" in page and '"metric_keys": ["m_pixel_iou"' in page
+    assert '<h2>det</h2>' in page and '<h2>coarse</h2>' in page
     assert "recall not reported: fails the extra-labels check" in page
     assert "2048 equal bins" in page
 
@@ -280,3 +281,10 @@ def test_binned_average_precision_bounds_hold_the_exact_value(bins):
         assert lower[u] <= ap[u] <= upper[u]
         if bins == 1024:
             assert abs(ap[u] - exact) < 0.01
+
+
+def test_launcher_switches_label_metrics_on_with_significance():
+    from launch.dissect import label_metrics_on
+
+    assert label_metrics_on({"label_metrics": True}) and label_metrics_on({"significance": True})
+    assert not label_metrics_on({"formulas": 3})

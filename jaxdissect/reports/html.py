@@ -285,8 +285,8 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
             if "metrics" in u:
                 scores = u["metrics"] or {}
                 for key, _ in METRIC_COLUMNS:
-                    level, name = key.split("_")[1:]
-                    value = (scores.get(level) or {}).get(name)
+                    level, metric = key.split("_")[1:]
+                    value = (scores.get(level) or {}).get(metric)
                     entry[key] = None if value is None else _iou(value)
                 metrics = True
             units.append(entry)

@@ -100,9 +100,9 @@ def model():
 
 def _run(model, out, **kw):
     module, variables = model
-    kw = {"label_metrics": True, "data": Scenes(), "progress": False, **kw}
+    kw = {"label_metrics": True, "data": Scenes(), "progress": False, "checkpoint_every": 50, **kw}
     return dissect(module, variables, ["det", "coarse"], kw.pop("data"), "dataset", quantile=0.3, topk=4,
-                   thumbsize=16, batch_size=BATCH, output_dir=str(out), checkpoint_every=1, **kw)
+                   thumbsize=16, batch_size=BATCH, output_dir=str(out), **kw)
 
 
 def _metrics(out, layer):
@@ -247,11 +247,11 @@ def test_recompute_path_killed_in_the_metrics_pass_resumes_with_identical_number
     out, _ = cached_run
     # No cache: 1 probe + 3 batches in each of passes 1-3, then the metrics pass dies after its first batch.
     with pytest.raises(RuntimeError, match="killed"):
-        _run(model, tmp_path, data=Scenes(fail_after=1 + 3 * 3 + 1), activation_cache_mb=0)
+        _run(model, tmp_path, data=Scenes(fail_after=1 + 3 * 3 + 1), activation_cache_mb=0, checkpoint_every=1)
     checkpoints = tmp_path / "work" / "metrics" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["1"]
     with caplog.at_level(logging.INFO):
-        _run(model, tmp_path, data=Scenes(), activation_cache_mb=0)
+        _run(model, tmp_path, data=Scenes(), activation_cache_mb=0, checkpoint_every=1)
     assert "dissect metrics: resuming at batch 1 of 3" in caplog.text
     assert sorted(os.listdir(checkpoints))[-1] == "3"
     for layer in ("det", "coarse"):

@@ -51,7 +51,7 @@ class Scenes:
     kitchen scene (image label) as a bright wash; 4: noise; 5: exactly the disc indicator (0/1)."""
 
     label_names, label_categories = LABELS, CATS
-    categories = ["object", "part", "material", "scene"]
+    categories = ("object", "part", "material", "scene")
 
     def __init__(self, n=N, fail_after=None):
         self.n, self.name, self.fail_after, self.calls = n, "scenes", fail_after, 0
@@ -207,8 +207,10 @@ def test_summary_page_and_settings(cached_run):
             for m in METRICS:
                 assert row[f"median_{level}_{m}"] == pytest.approx(
                     np.median([e[level][m] for e in ours]), abs=1e-4)
-    assert "median_pixel_auprc" in open(os.path.join(out, "summary.csv")).readline()
-    page = open(os.path.join(out, "index.html")).read()
+    with open(os.path.join(out, "summary.csv")) as f:
+        assert "median_pixel_auprc" in f.readline()
+    with open(os.path.join(out, "index.html")) as f:
+        page = f.read()
     assert "pixel AUPRC" in page and '"metric_keys": ["m_pixel_iou"' in page
     assert '<h2>det</h2>' in page and '<h2>coarse</h2>' in page
     assert "recall not reported: fails the extra-labels check" in page
@@ -253,7 +255,7 @@ def test_recompute_path_killed_in_the_metrics_pass_resumes_with_identical_number
     with caplog.at_level(logging.INFO):
         _run(model, tmp_path, data=Scenes(), activation_cache_mb=0, checkpoint_every=1)
     assert "dissect metrics: resuming at batch 1 of 3" in caplog.text
-    assert sorted(os.listdir(checkpoints))[-1] == "3"
+    assert max(os.listdir(checkpoints), key=int) == "3"
     for layer in ("det", "coarse"):
         assert _metrics(str(tmp_path), layer) == _metrics(out, layer)
 

@@ -83,12 +83,15 @@ def update(state, up, raw, seg, valid, image_labels=None):
     ``max`` of the raw activation and ``present`` (the label is in the image).
     """
     up = jnp.asarray(up, jnp.float32)
-    b, s1, s2, u = up.shape
+    _, s1, s2, u = up.shape
     concept = concept_mask(state["label"], seg, image_labels)
     vmask = jnp.asarray(valid, bool)[:, None, None, None]
     active = up > state["threshold"]
     cv = concept & vmask
-    count = lambda m: m.sum((0, 1, 2), dtype=jnp.int32)  # noqa: E731
+
+    def count(m):
+        return m.sum((0, 1, 2), dtype=jnp.int32)
+
     bins2 = state["hist"].shape[1] // 2
     half = bins2 // 2
     # Monotone in the activation: equal values share a bin, and a higher bin never holds a lower value.

@@ -37,6 +37,11 @@ passes (``jaxdissect.explain``)::
 
   python -m launch.dissect --formulas=3 --significance
 
+Each unit scored against its label with IoU, F1, AUPRC, Pearson r and cosine,
+at pixel and image level (one more pass; also run by ``--significance``)::
+
+  python -m launch.dissect --label_metrics
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
@@ -63,9 +68,11 @@ CONFIG_NAMES = ["model", "layers", "data", "segmenter", "quantile", "miniou", "t
                 "output_dir", "overwrite", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
                 "geometry", "row0_competes", "quad_quirk", "faithful_color_blank", "coordinator_address",
                 "num_processes", "process_id", "method", "rotation", "rotation_unpermute", "activation_cache_mb",
-                "formulas", "exact_formulas", "significance", "permutations"]
+                "formulas", "exact_formulas", "significance", "permutations", "label_metrics"]
 # The formula/significance add-on: part of a run's identity only when asked for.
 _EXPLAIN = ("formulas", "exact_formulas", "significance", "permutations")
+# The label-metrics pass (also run by --significance): part of a run's identity only when on.
+_METRICS = ("label_metrics",)
 # Settings that do not change the results (left out of the output directory's identity).
 _NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "activation_cache_mb",
                 "coordinator_address",
@@ -73,7 +80,7 @@ _NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "act
 DEFAULTS = dict(quantile=None, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
                 geometry=None, row0_competes=False, quad_quirk=True, faithful_color_blank=False,
                 overwrite=False, method="pnas", rotation=None, rotation_unpermute=False, formulas=0,
-                exact_formulas=False, significance=False, permutations=1000)
+                exact_formulas=False, significance=False, permutations=1000, label_metrics=False)
 
 
 def get_config() -> dict:
@@ -263,9 +270,12 @@ def build(config: dict) -> dict:
         if config.get("thumbsize", 100) != 100:
             name += f"-t{config['thumbsize']}"
         output_dir = os.path.join("results", name)
-    identity = {k: config.get(k, DEFAULTS.get(k)) for k in CONFIG_NAMES if k not in _NOT_RESULTS + _EXPLAIN}
+    identity = {k: config.get(k, DEFAULTS.get(k))
+                for k in CONFIG_NAMES if k not in _NOT_RESULTS + _EXPLAIN + _METRICS}
     if config.get("formulas") or config.get("significance"):
         identity.update({k: config.get(k, DEFAULTS[k]) for k in _EXPLAIN})
+    if label_metrics_on(config):
+        identity["label_metrics"] = True
     identity["layers"] = layers
     if config.get("demo_settings"):
         identity["demo_settings"] = config["demo_settings"]
@@ -288,6 +298,11 @@ def build(config: dict) -> dict:
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
                 output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels", method=method,
                 quantile=q, views=views, geometry=geometry, receptive_field=receptive_field)
+
+
+def label_metrics_on(config: dict) -> bool:
+    """Whether the label-metrics pass runs: --label_metrics, or --significance (both judge a label)."""
+    return bool(config.get("label_metrics") or config.get("significance"))
 
 
 def _geometry(flag, metadata: dict, model_dir):
@@ -343,7 +358,8 @@ def run(config: dict):
                       activation_cache_mb=config.get("activation_cache_mb", 1024),
                       formulas=config.get("formulas", 0), exact_formulas=bool(config.get("exact_formulas")),
                       permutations=config.get("permutations", DEFAULTS["permutations"])
-                      if config.get("significance") else 0)
+                      if config.get("significance") else 0,
+                      label_metrics=label_metrics_on(config))
     return results, b["output_dir"]
 
 
@@ -389,6 +405,10 @@ def define_flags() -> None:
     flags.DEFINE_bool("significance", False, "Also image-permutation p-values of each unit's label (and formula), "
                       "Benjamini-Hochberg q-values (q = 0.05) and bootstrap IoU intervals.")
     flags.DEFINE_integer("permutations", 1000, "Monte Carlo permutations (and bootstrap samples) of --significance.")
+    flags.DEFINE_bool("label_metrics", False, "Also score each unit against its label with IoU, F1, AUPRC, "
+                      "Pearson r and cosine at pixel and image level, in one more pass (from the activation "
+                      "cache when it fits). Also switched on by --significance: both judge whether a label "
+                      "is sound.")
     flags.DEFINE_integer("activation_cache_mb", 1024, "Host memory for keeping activations and labels between "
                          "passes (the model and segmenter then run once per image); 0 = recompute.")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: address of process 0 (host:port).")

@@ -4,13 +4,15 @@
 * :class:`SparseMasks`: bit-packed, block-sparse masks the search runs on.
 * :mod:`~jaxdissect.explain.significance`: permutation p-values, BH, bootstrap intervals.
 * :mod:`~jaxdissect.explain.metrics`: label metrics and their sanity checks.
+* :mod:`~jaxdissect.explain.unit_metrics`: the same metrics streamed over a dissection
+  (``dissect(..., label_metrics=True)``).
 """
 
-from jaxdissect.explain import metrics
+from jaxdissect.explain import metrics, unit_metrics
 from jaxdissect.explain.compositional import Explanation, compositional, formula_mask, formula_text
 from jaxdissect.explain.packed import SparseMasks, pack_bits
 from jaxdissect.explain.significance import (benjamini_hochberg, bootstrap_iou, label_significance,
                                              mask_significance)
 
 __all__ = ["Explanation", "SparseMasks", "benjamini_hochberg", "bootstrap_iou", "compositional", "formula_mask",
-           "formula_text", "label_significance", "mask_significance", "metrics", "pack_bits"]
+           "formula_text", "label_significance", "mask_significance", "metrics", "pack_bits", "unit_metrics"]

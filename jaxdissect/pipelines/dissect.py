@@ -9,7 +9,10 @@ at once, and the segmenter runs once per image:
    first half), top-k images by the raw per-image maximum, mean and max;
 2. low-bit histogram inside the buckets that hold the quantile -> exact
    thresholds ``T_u`` (the ``1 - quantile`` quantile, 0.99 by default);
-3. IoU counts of ``upsampled act > T_u`` against the segmentation.
+3. IoU counts of ``upsampled act > T_u`` against the segmentation;
+4. (``label_metrics=True``) IoU, F1, AUPRC, correlation and cosine of every
+   unit against its label, at pixel and image level
+   (:mod:`jaxdissect.explain.unit_metrics`).
 
 Activations are upsampled to the segmentation's resolution (``H / 4``: 56 for
 224-pixel classifiers, 64 for 256-pixel generators) with the original's
@@ -164,7 +167,7 @@ class _Run:
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
                  checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None,
-                 activation_cache_mb=1024, receptive_field=None, explain=None):
+                 activation_cache_mb=1024, receptive_field=None, explain=None, label_metrics=False):
         from jaxdissect.netdissect2017 import METHODS, label_category_index
         from jaxdissect.statistics import Plan
 
@@ -265,6 +268,14 @@ class _Run:
             if jax.process_count() > 1:
                 raise DissectError("formulas and significance run in one process; drop them for a multi-host run")
             self.config["explain"] = self.explain
+        self.label_metrics = bool(label_metrics)
+        self.metrics = {}
+        if self.label_metrics:
+            from jaxdissect.explain.unit_metrics import AUPRC_BINS
+
+            if jax.process_count() > 1:
+                raise DissectError("label metrics run in one process; drop label_metrics for a multi-host run")
+            self.config["label_metrics"] = {"auprc_bins": AUPRC_BINS}
         if views is not None:
             self.config["views"] = {v: [layer, None if m is None else _hash_array(m)]
                                     for v, (layer, m) in self.views.items()}
@@ -411,18 +422,21 @@ class _Run:
                       "and run the model again"))
         return fits
 
-    def run_pass(self, wd, name, init, keys, extra_config=None):
+    def run_pass(self, wd, name, init, keys, extra_config=None, host=None):
         """One resumable pass of the per-device update of pass ``name`` over every layer.
 
         Pass 1 fills ``self.cache`` (activations, labels, valid, index per
-        batch) when it runs from the first batch and the cache fits; passes
-        2 and 3 then read the cache instead of the data and the model.
+        batch) when it runs from the first batch and the cache fits; later
+        passes then read the cache instead of the data and the model.
+        ``host = (host_init, fold)``: the update also returns per-batch
+        outputs, folded on the host by ``fold(host_state, outputs, batch)``
+        into a NumPy state checkpointed with the device state.
         """
         forward, params = self.forward_fn(), self.replicated_variables()
         step_update = _update(name, tuple(self.plans.items()), self.mesh)
         fill = name == "pass1" and self.cache is not None
         use_cache = name != "pass1" and self.cache is not None and len(self.cache) == self.num_batches
-        need_seg = name == "pass3" or fill
+        need_seg = name in ("pass3", "metrics") or fill
         need_output = self.generator and need_seg and not isinstance(self.segmentation, str)
         if fill:
             keys = self.label_keys()
@@ -447,15 +461,24 @@ class _Run:
                 self.cache.append({"acts": {n: np.asarray(a) for n, a in acts.items()},
                                    "valid": np.asarray(batch["valid"]), "index": np.asarray(batch["index"]),
                                    **{k: np.asarray(v) for k, v in extra.items() if k in ("seg", "image_labels")}})
-            return step_update(state, acts, {"valid": batch["valid"], "index": batch["index"], **extra})
+            b = {"valid": batch["valid"], "index": batch["index"], **extra}
+            if host is None:
+                return step_update(state, acts, b)
+            device, outputs = step_update(state["device"], acts, b)
+            return {"device": device, "host": host[1](state["host"], outputs, b)}
 
         if use_cache:
             batches = lambda start: iter(self.cache[start:])  # noqa: E731
         else:
             batches = self.batches(keys)
         config = {**self.config, "pass": name, **(extra_config or {})}
+        state = parallel.stack_init(self.mesh, init)
+        if host is not None:
+            state = {"device": state, "host": host[0]}
+        if name != "pass1":
+            _say(self, f"{name}: " + ("reading the activation cache" if use_cache else "reading the data"))
         state = streaming.run_stream(
-            step, parallel.stack_init(self.mesh, init), batches, num_batches=self.num_batches,
+            step, state, batches, num_batches=self.num_batches,
             workdir=os.path.join(wd.directory, name), config=config,
             checkpoint_every=self.checkpoint_every, desc=f"dissect {name}",
             progress=None if self.progress else False)
@@ -543,6 +566,26 @@ class _Run:
         except DissectionError as e:
             raise DissectError(f"{self.data.name}: {e}") from e
 
+    def metrics_pass(self, wd, results):
+        """Label metrics of every unit against its label (``jaxdissect.explain.unit_metrics``): one more
+        resumable pass (from the activation cache when pass 1 filled it); sets ``self.metrics``."""
+        from jaxdissect.explain import unit_metrics
+
+        init = {n: unit_metrics.init(r.thresholds, r.label, r.act_mean, r.act_max) for n, r in results.items()}
+        host_init = {n: unit_metrics.HostSums.init(self.num_images, len(r.thresholds)) for n, r in results.items()}
+
+        def fold(state, outputs, b):
+            outputs = jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:]), outputs)
+            index, valid = np.asarray(b["index"]), np.asarray(b["valid"])
+            return {n: unit_metrics.HostSums.add(state[n], outputs[n], index, valid) for n in state}
+
+        state = self.run_pass(wd, "metrics", init, self.label_keys(), host=(host_init, fold), extra_config={
+            "labels": {n: _hash_array(np.asarray(r.label, np.int32)) for n, r in results.items()},
+            "thresholds": {n: _hash_array(np.asarray(r.thresholds, np.float32)) for n, r in results.items()}})
+        device = parallel.to_host(state["device"])
+        for n in self.layers:
+            self.metrics[n] = unit_metrics.unit_entries(unit_metrics.finish(device[n], state["host"][n]))
+
     def result(self, name, selection_stats, thresholds, counts):
         from jaxdissect.kernels import iou as iou_k
         from jaxdissect.kernels import labels as labels_k
@@ -628,6 +671,8 @@ class _Run:
         units = report_units(result)
         for u, extra in zip(units, self.explained.get(name, ())):
             u.update(extra)
+        for u, entry in zip(units, self.metrics.get(name, ())):
+            u["metrics"] = entry
         return units
 
     def layer_dir(self, name):
@@ -661,6 +706,11 @@ class _Run:
         if self.explain and self.explain["permutations"]:
             for n, row in zip(self.layers, rows):
                 row["significant"] = sum(bool(u.get("significant")) for u in units[n])
+        if self.label_metrics:
+            from jaxdissect.explain import unit_metrics
+
+            for n, row in zip(self.layers, rows):
+                row.update(unit_metrics.medians(self.metrics[n]))
         summary.write_summary(self.output_dir, rows, title=self.header_name(skipped))
         layers = []
         for n, row in zip(self.layers, rows):
@@ -678,6 +728,10 @@ class _Run:
                 from jaxdissect import netdissect2017
 
                 layer_summary.update(netdissect2017.summary_numbers(r, self.miniou))
+            if self.label_metrics:
+                layer_summary["median label metrics"] = "; ".join(
+                    f"{lvl}: " + ", ".join(f"{m} {row[f'median_{lvl}_{m}']:.3f}" for m in unit_metrics.METRIC_NAMES)
+                    for lvl in ("pixel", "image"))
             layers.append({"name": n, "dir": os.path.basename(self.layer_dir(n)), "units": shown,
                            "svg": "concepts_99.svg", "summary": layer_summary})
         settings = {"model": type(self.module).__name__, "data": f"{self.data.name} ({self.num_images} items)",
@@ -697,6 +751,9 @@ class _Run:
             if self.explain["permutations"]:
                 settings["significance"] = (f"image-permutation p-values ({self.explain['permutations']} "
                                             f"permutations), Benjamini-Hochberg q over every tested pair")
+        if self.label_metrics:
+            settings["label metrics"] = unit_metrics.describe()
+            settings["label metric checks"] = unit_metrics.SANITY
         skipped_files = sorted(str(v) for v in getattr(self.data, "bad_files", {}).values())
         return html.write_run_report(self.output_dir, self.header_name(skipped), layers, settings=settings,
                                      skipped_files=skipped_files,
@@ -753,6 +810,12 @@ def _update(name: str, plans: tuple, mesh):
                     for n, p in plans.items()}
         if name == "pass2":
             return {n: p.pass2_update(state[n], acts[n], b["valid"]) for n, p in plans.items()}
+        if name == "metrics":
+            from jaxdissect.explain import unit_metrics
+
+            out = {n: unit_metrics.update(state[n], p.upsample(acts[n]), acts[n], b["seg"], b["valid"],
+                                          b.get("image_labels")) for n, p in plans.items()}
+            return {n: o[0] for n, o in out.items()}, {n: o[1] for n, o in out.items()}
         return {n: p.pass3_update(state[n], acts[n], b["seg"], b["valid"], b["batch_id"], b.get("image_labels"))
                 for n, p in plans.items()}
 
@@ -835,7 +898,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             row0_competes: bool = False, settings: Mapping[str, Any] | None = None, method: str = "pnas",
             views: Mapping[str, tuple] | None = None, activation_cache_mb: int = 1024,
             receptive_field: Mapping[str, Any] | None = None, formulas: int = 0,
-            exact_formulas: bool = False, permutations: int = 0, q: float = 0.05) -> dict:
+            exact_formulas: bool = False, permutations: int = 0, q: float = 0.05,
+            label_metrics: bool = False) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -899,6 +963,18 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         all labels are unpacked to bytes for the search) and always starts over
         instead of resuming a checkpoint. Results go into ``report.json``, the
         summary and ``index.html``; the returned ``DissectionResult``s are unchanged.
+      label_metrics: score every unit against its chosen label with IoU, F1,
+        AUPRC, Pearson correlation and cosine, at pixel level (upsampled
+        activations on the segmentation grid) and image level (each image's max
+        raw activation vs the label present in it), in one more resumable pass
+        that reads the activation cache when pass 1 filled it
+        (:mod:`jaxdissect.explain.unit_metrics`). Pixel AUPRC is binned: 2048
+        equal bins per unit over ``[-M, M]``, ``M`` = the unit's ``|act_max|``,
+        each bin one tied step, with bounds that contain the exact value
+        (``auprc_bounds``). Recall and precision are not reported: they fail
+        NeuronEval's extra- and missing-labels checks. Written to ``report.json``
+        (``units[i]['metrics'] = {'pixel': {...}, 'image': {...}}``, None for
+        label 0), the summary (per-layer medians) and ``index.html``.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = _Run(module, variables, layers, data, segmentation, quantile=quantile, miniou=miniou,
@@ -907,7 +983,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
                checkpoint_every=checkpoint_every, resolution=resolution, row0_competes=row0_competes,
                settings=settings, method=method, views=views, activation_cache_mb=activation_cache_mb,
                receptive_field=receptive_field,
-               explain=_explain_settings(formulas, exact_formulas, permutations, q))
+               explain=_explain_settings(formulas, exact_formulas, permutations, q),
+               label_metrics=label_metrics)
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")
@@ -957,6 +1034,10 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
             for n in run.layers:
                 with open(os.path.join(results_dir, f"explain-{n}.json")) as f:
                     run.explained[n] = json.load(f)
+        if run.label_metrics:
+            for n in run.layers:
+                with open(os.path.join(results_dir, f"metrics-{n}.json")) as f:
+                    run.metrics[n] = json.load(f)
         _say(run, f"statistics of {', '.join(run.layers)} loaded from {results_dir}")
     else:
         t0 = time.perf_counter()
@@ -968,6 +1049,9 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
         _say(run, "pass 3/3: IoU against the segmentation")
         counts = run.pass3(wd, thresholds)
         results = {n: run.result(n, pass1[n], thresholds[n], counts[n]) for n in run.layers}
+        if run.label_metrics:
+            _say(run, "label metrics: every unit against its label, at pixel and image level")
+            run.metrics_pass(wd, results)
         if run.explain:
             run.explain_layers(results_dir)
         if primary:
@@ -975,6 +1059,8 @@ def _dissect_locked(run: _Run, wd, write: bool, primary: bool) -> dict:
                 r.save(os.path.join(results_dir, n))
                 if run.explain:
                     _write_json(os.path.join(results_dir, f"explain-{n}.json"), run.explained[n])
+                if run.label_metrics:
+                    _write_json(os.path.join(results_dir, f"metrics-{n}.json"), run.metrics[n])
             _write_json(os.path.join(results_dir, "run.json"), {"seconds": time.perf_counter() - t0})
             wd.mark_done("results")
     skipped = run.num_images - int(results[run.layers[0]].images)

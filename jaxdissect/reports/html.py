@@ -94,6 +94,9 @@ _SCRIPT = r"""
     formula_iou: function (a, b) { return num(b, "formula_iou", -Infinity) - num(a, "formula_iou", -Infinity) || a.unit - b.unit; },
     p_value: function (a, b) { return num(a, "p_value", Infinity) - num(b, "p_value", Infinity) || iouOf(b) - iouOf(a) || a.unit - b.unit; }
   };
+  (data.metric_keys || []).forEach(function (k) {
+    comparators[k] = function (a, b) { return num(b, k, -Infinity) - num(a, k, -Infinity) || a.unit - b.unit; };
+  });
   function cell(row, text, cls) {
     var td = document.createElement("td");
     td.textContent = text;
@@ -133,6 +136,7 @@ _SCRIPT = r"""
           var ci = Array.isArray(u.iou_ci) ? u.iou_ci[0].toFixed(3) + "\u2013" + u.iou_ci[1].toFixed(3) : "";
           cell(row, ci, "num iou-ci");
         }
+        (data.metric_keys || []).forEach(function (k) { cell(row, fixed(u, k, 3), "num metric " + k); });
         var td = document.createElement("td");
         var img = document.createElement("img");
         img.setAttribute("loading", "lazy");
@@ -160,6 +164,10 @@ _SCRIPT = r"""
 """
 
 _RESERVED = ("name", "dir", "units", "svg", "summary")
+# ``dissect(label_metrics=True)``: per-unit metrics against the label, as (key, column heading).
+METRIC_COLUMNS = tuple((f"m_{level}_{m}", f"{level} {title}") for level in ("pixel", "image")
+                       for m, title in (("iou", "IoU"), ("f1", "F1"), ("auprc", "AUPRC"), ("pearson", "r"),
+                                        ("cosine", "cos")))
 
 
 def _json_for_script(data) -> str:
@@ -244,7 +252,7 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
     categories = list(CATEGORIES)
     sections = []
     nav = []
-    formulas = significance = False
+    formulas = significance = metrics = False
     heads = []
     for li, layer in enumerate(layers):
         if "name" not in layer or "units" not in layer:
@@ -274,6 +282,13 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
                     if None in entry["iou_ci"]:
                         del entry["iou_ci"]
                 significance = True
+            if "metrics" in u:
+                scores = u["metrics"] or {}
+                for key, _ in METRIC_COLUMNS:
+                    level, metric = key.split("_")[1:]
+                    value = (scores.get(level) or {}).get(metric)
+                    entry[key] = None if value is None else _iou(value)
+                metrics = True
             units.append(entry)
             if units[-1]["cat"] not in categories:
                 categories.append(units[-1]["cat"])
@@ -297,13 +312,18 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
             f'<th>category</th><th>IoU</th>{{extra_heads}}<th>top images</th></tr></thead><tbody></tbody></table>\n'
             f'</section>')
     data["formulas"], data["significance"] = formulas, significance
+    data["metric_keys"] = [k for k, _ in METRIC_COLUMNS] if metrics else []
     if formulas:
         heads.append("<th>formula</th><th>formula IoU</th>")
     if significance:
         heads.append("<th>p-value</th><th>q-value (BH)</th><th>IoU 95% interval</th>")
+    if metrics:
+        heads.append("".join(f'<th title="label metric against the unit\'s label">{esc(t)}</th>'
+                             for _, t in METRIC_COLUMNS))
     sections = [sec.replace("{extra_heads}", "".join(heads)) for sec in sections]
     sorts = ('<option value="formula_iou">formula IoU</option>' if formulas else "") + (
-        '<option value="p_value">p-value</option>' if significance else "")
+        '<option value="p_value">p-value</option>' if significance else "") + (
+        "".join(f'<option value="{k}">{esc(t)}</option>' for k, t in METRIC_COLUMNS) if metrics else "")
     significant_filter = ('<label><input id="filter-significant" type="checkbox"> significant at q = '
                           f'{esc(_format(q))}</label>' if significance else "")
     options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in categories)
@@ -348,7 +368,9 @@ def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], 
     ``interpretable`` (False: greyed out) and ``dead`` (True: never fires, no
     label shown), and ``formula``/``formula_iou`` and ``p_value``/``q_value``/
     ``significant``/``iou_ci`` (shown as columns, sortable, with a "significant
-    at q" filter, when any unit has them; ``q`` is the FDR they were tested at). ``settings`` (name -> value) are listed in the header, and
+    at q" filter, when any unit has them; ``q`` is the FDR they were tested at),
+    and ``metrics`` (``{'pixel': {'iou', 'f1', 'auprc', 'pearson', 'cosine'},
+    'image': {...}}`` or None: ten sortable columns). ``settings`` (name -> value) are listed in the header, and
     ``skipped_files`` (unreadable images) below it.
     """
     os.makedirs(output_dir, exist_ok=True)

@@ -44,10 +44,13 @@ def dump_json(path: str, data) -> None:
 EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "iou_ci", "formula_p_value",
                 "formula_q_value", "formula_significant")
 
+# ``dissect(label_metrics=True)``: ``{"pixel": {...}, "image": {...}}`` per unit (jaxdissect.explain.unit_metrics).
+METRICS_KEYS = ("metrics",)
+
 
 def report_units(units: Sequence[Mapping]) -> list[dict]:
     """The ``units`` list of ``report.json`` from dicts with ``unit``, ``label``, ``cat``, ``iou``
-    (and the :data:`EXPLAIN_KEYS` a unit has)."""
+    (and the :data:`EXPLAIN_KEYS` and :data:`METRICS_KEYS` a unit has)."""
     out = []
     for u in units:
         missing = [k for k in ("unit", "label", "cat", "iou") if k not in u]
@@ -56,7 +59,7 @@ def report_units(units: Sequence[Mapping]) -> list[dict]:
         unit = int(u["unit"])
         out.append(dict(image=u.get("image", strip_path(unit)), unit=unit,
                         iou=float(u["iou"]), label=str(u["label"]), cat=str(u["cat"])))
-        out[-1].update({k: u[k] for k in EXPLAIN_KEYS if k in u})
+        out[-1].update({k: u[k] for k in EXPLAIN_KEYS + METRICS_KEYS if k in u})
     return out
 
 

@@ -17,8 +17,10 @@ from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, unit_fields
 from jaxdissect.reports.report_json import dump_json
 
 
-# Columns a row may add (``dissect(permutations=...)``: units whose label is significant under BH).
-OPTIONAL = ("significant",)
+# Columns a row may add (``dissect(permutations=...)``: units whose label is significant under BH;
+# ``dissect(label_metrics=True)``: per-layer medians of the units' label metrics).
+OPTIONAL = ("significant",) + tuple(f"median_{level}_{m}" for level in ("pixel", "image")
+                                    for m in ("iou", "f1", "auprc", "pearson", "cosine"))
 
 
 def _pairs(per_layer_units) -> list[tuple[str, list]]:

@@ -358,3 +358,32 @@ def test_cache_lookup_store_and_chunks(tmp_path):
     other = dict(tables, label_names=names[:-1] + ["renamed"])
     assert segcache.open_cache(str(tmp_path), key, other, 3, (4, 4), log=lambda m: None) is None
     assert segcache.label_dtype(256) == np.uint8 and segcache.label_dtype(257) == np.uint16
+
+
+def test_launcher_uses_the_per_user_cache(counter, tmp_path, monkeypatch, caplog):
+    """``launch.dissect``: a second run (other layers) on the same data reads the labels; 0 MiB turns it off."""
+    from launch import common
+    from launch import dissect as launcher
+    from test_launch_dissect import numpy_init
+
+    from jaxdissect.checkpoint import save_model
+    from jaxdissect.models.small_cnn import SmallCNN
+
+    module = SmallCNN(widths=(4, 4, 4, 4))
+    model = str(tmp_path / "model")
+    save_model(model, module, numpy_init(module, (1, 64, 64, 3)), metadata={"model": "tiny"})
+    monkeypatch.setattr(launcher, "make_segmentation", lambda spec, **kw: (SEG, "toy"))
+    base = dict(model=model, data="synthetic:8", segmenter="toy", layers="conv4", batch_size=4, topk=3, thumbsize=16,
+                cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO):
+        launcher.run(dict(base, output_dir=str(tmp_path / "a")))
+        assert counter["images"] == 8
+        launcher.run(dict(base, output_dir=str(tmp_path / "b"), thumbsize=12))
+    assert counter["images"] == 8
+    assert f"segmentation cache: {tmp_path / 'cache' / 'segmentation'}" in caplog.text
+    assert "segmenter: 0 images segmented, 8 read from the segmentation cache" in caplog.text
+    assert common.segmentation_cache(dict(base, segmentation_cache_mb=0)) == (None, None)
+    assert common.segmentation_cache(base) == (str(tmp_path / "cache"), common.SEGMENTATION_CACHE_MB)
+    with pytest.raises(launcher.LaunchError, match="segmentation_cache_mb=-1"):
+        launcher.validate(dict(base, segmentation_cache_mb=-1))
+    assert "segmentation_cache_mb" in launcher._NOT_RESULTS

@@ -428,3 +428,6 @@ def open_cache(root: str, key: dict, tables: dict, num_channels: int, resolution
     log(f"segmentation cache: {directory} ({len(cache._chunks)} chunks, up to {cached} label maps"
         + ("" if max_bytes is None else f"; {used / 2**20:.0f} of {max_mb:g} MiB used") + ")")
     return cache
+
+
+open_segmentation_cache = open_cache  # the name exported as jaxdissect.open_segmentation_cache

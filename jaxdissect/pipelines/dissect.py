@@ -395,7 +395,7 @@ class _Run:
                                f"{self.resolution}")
         self.segmented += int(valid.sum()) if valid is not None else int(labels.shape[0])
         if cache is not None:
-            cache.store(index, labels[np.flatnonzero(valid)])
+            cache.store(index, labels if valid.all() else labels[np.flatnonzero(valid)])
         return labels, None
 
     # -- batches -----------------------------------------------------------
@@ -463,6 +463,7 @@ class _Run:
 
     def plan_cache(self) -> bool:
         """Decide (and log) whether pass 1 keeps what passes 2 and 3 need, within the budget."""
+        self.open_segmentation_cache()  # before the passes: its log lines come before the progress bars
         need = self.cache_bytes()
         budget = int(self.activation_cache_mb or 0) * 2**20
         fits = 0 < need <= budget and jax.process_count() == 1

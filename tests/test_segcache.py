@@ -387,3 +387,23 @@ def test_launcher_uses_the_per_user_cache(counter, tmp_path, monkeypatch, caplog
     with pytest.raises(launcher.LaunchError, match="segmentation_cache_mb=-1"):
         launcher.validate(dict(base, segmentation_cache_mb=-1))
     assert "segmentation_cache_mb" in launcher._NOT_RESULTS
+
+
+def test_compare_passes_the_cache_to_dissect(models, monkeypatch):
+    from jaxdissect.pipelines.compare import Member, compare
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "dissect", fake)
+    module, variables, _ = models["planted"]
+    with pytest.raises(Stop):
+        compare([Member("a", module, variables, ["det"])], PlantedScenes(8), SEG, segmentation_cache="/somewhere",
+                segmentation_cache_mb=5)
+    assert seen["segmentation_cache"] == "/somewhere" and seen["segmentation_cache_mb"] == 5

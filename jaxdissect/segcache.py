@@ -292,6 +292,25 @@ def _remove(path: str) -> None:
         pass
 
 
+def _remove_stale_temporaries(directory: str, age_s: float = 3600.0) -> None:
+    """Remove temporary files that killed runs left (older than ``age_s``: a live writer renames within seconds)."""
+    import time
+
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for n in names:
+        path = os.path.join(directory, n)
+        if n.startswith(".") and n.endswith(".tmp"):
+            try:
+                if now - os.path.getmtime(path) > age_s:
+                    os.remove(path)
+            except OSError:
+                pass
+
+
 def _tree_bytes(directory: str) -> int:
     total = 0
     for base, _, files in os.walk(directory):
@@ -420,6 +439,7 @@ def open_cache(root: str, key: dict, tables: dict, num_channels: int, resolution
         except OSError as e:
             logging.warning("segmentation cache: cannot write to %s (%s); segmenting as without a cache", base, e)
             return None
+    _remove_stale_temporaries(directory)
     max_bytes = None if max_mb is None else int(float(max_mb) * 2**20)
     used = _tree_bytes(base) if max_bytes is not None else 0
     cache = SegmentationCache(directory, key, tables, num_channels, resolution, max_bytes=max_bytes,

@@ -207,6 +207,13 @@ def test_kill_midway_leaves_no_partial_chunk_and_rerun_is_identical(models, unca
     with caplog.at_level(logging.INFO):
         again = _run(models, "planted", PlantedScenes(N), tmp_path)
     assert counter["images"] == BATCH  # only the batch that was not finished
+    assert os.path.exists(os.path.join(entry, ".labels-16-24.npy.999-dead.tmp"))  # young: maybe a live writer's
+    old = os.path.getmtime(os.path.join(entry, "entry.json")) - 7200
+    os.utime(os.path.join(entry, ".labels-16-24.npy.999-dead.tmp"), (old, old))
+    with open(os.path.join(entry, "entry.json")) as f:
+        meta = json.load(f)
+    segcache.open_cache(str(tmp_path), meta["key"], meta["tables"], 2, (8, 8), log=print)
+    assert not os.path.exists(os.path.join(entry, ".labels-16-24.npy.999-dead.tmp"))  # an old one is removed
     assert "labels-16-24.npy is unreadable" in caplog.text and "not used" in caplog.text
     _same(again, uncached["planted"])
     np.testing.assert_array_equal(np.load(os.path.join(entry, "labels-16-24.npy")),

@@ -369,12 +369,12 @@ def test_cache_lookup_store_and_chunks(tmp_path):
 
 def test_launcher_uses_the_per_user_cache(counter, tmp_path, monkeypatch, caplog):
     """``launch.dissect``: a second run (other layers) on the same data reads the labels; 0 MiB turns it off."""
-    from launch import common
-    from launch import dissect as launcher
     from test_launch_dissect import numpy_init
 
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
+    from launch import common
+    from launch import dissect as launcher
 
     module = SmallCNN(widths=(4, 4, 4, 4))
     model = str(tmp_path / "model")
@@ -414,3 +414,42 @@ def test_compare_passes_the_cache_to_dissect(models, monkeypatch):
         compare([Member("a", module, variables, ["det"])], PlantedScenes(8), SEG, segmentation_cache="/somewhere",
                 segmentation_cache_mb=5)
     assert seen["segmentation_cache"] == "/somewhere" and seen["segmentation_cache_mb"] == 5
+
+
+class Generator(nn.Module):
+    """z -> 32x32 image, red cells where z > 1, green where z < -1; layers ``det``, ``mix`` shaped as Planted's."""
+
+    @nn.compact
+    def __call__(self, z):
+        cells = z[:, :64].reshape(-1, 8, 8)
+        det = Cells(name="det")(cells)
+        Cells(name="mix")(det[..., 0] - det[..., 1])
+        red = jnp.where(cells > 1, 1.0, -1.0)
+        green = jnp.where(cells < -1, 1.0, -1.0)
+        rgb = jnp.stack([red, green, -jnp.ones_like(red)], -1)
+        return rgb.repeat(4, 1).repeat(4, 2)
+
+
+class Cells(nn.Module):
+    @nn.compact
+    def __call__(self, c):
+        return jnp.stack([nn.relu(c - 1), nn.relu(-c - 1), nn.relu(c), nn.relu(-c), nn.relu(c - 0.5)], -1)
+
+
+def test_generator_outputs_are_cached_per_generator(counter, tmp_path):
+    """A generator's outputs are what gets segmented: the entry is keyed on its variables too."""
+    from jaxdissect.data.folders import LatentSource
+
+    kw = dict(quantile=0.2, topk=5, batch_size=BATCH, segmentation_cache=str(tmp_path))
+    first = dissect(Generator(), {}, ["det", "mix"], LatentSource(16), SEG, **kw)
+    assert counter["images"] == 16
+    again = dissect(Generator(), {}, ["det", "mix"], LatentSource(16), SEG, **kw)
+    assert counter["images"] == 16
+    _same(first, again)
+    assert first["det"].label_iou[:2] == pytest.approx([1.0, 1.0])  # red and green cells found
+    (entry,) = _entries(tmp_path)
+    with open(os.path.join(entry, "entry.json")) as f:
+        assert "generator" in json.load(f)["key"]
+    # Other generator variables: maybe other outputs, so another entry (segmented again).
+    dissect(Generator(), {"params": {"unused": np.ones(1, np.float32)}}, ["det", "mix"], LatentSource(16), SEG, **kw)
+    assert counter["images"] == 32 and len(_entries(tmp_path)) == 2

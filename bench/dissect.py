@@ -1,6 +1,7 @@
 """Benchmark: the whole dissection pipeline against the sum of its parts, and many layers at once.
 
-    python -m bench.dissect [--images=16] [--batch=8] [--layer_images=4] [--results=bench/RESULTS.md]
+    python -m bench.dissect [--images=16] [--batch=8] [--layer_images=4] [--cache_images=8] \
+        [--results=bench/RESULTS.md]
 
 1. VGG16 (Places365 architecture, random weights) ``conv5_3`` over ``images``
    random 224x224 images, segmented by a random-weight UPP segmenter (setting
@@ -17,6 +18,12 @@
 2. All 13 VGG16 conv layers in one ``dissect`` call against 13 single-layer
    calls, over ``layer_images`` images with dataset labels (no reports), so
    the saving from sharing the forward passes shows.
+3. The segmentation cache (``--cache_images``): a second dissection of
+   another model (VGG16, other random weights) on the same images with the
+   random-weight UPP segmenter, with a cache that a first dissection filled
+   against the same dissection without it, side by side (both compiled
+   beforehand); the difference is the segmenter time saved. Written to the
+   ``## Segmentation cache (bench/dissect.py)`` section, with the load average.
 
 Results go to the ``## Dissection pipeline (bench/dissect.py)`` section of the
 results file.
@@ -40,6 +47,7 @@ from bench.results import write_section
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Dissection pipeline (bench/dissect.py)"
+CACHE_SECTION = "## Segmentation cache (bench/dissect.py)"
 CONV = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2",
         "conv4_3", "conv5_1", "conv5_2", "conv5_3")
 
@@ -72,7 +80,7 @@ class ArraySource:
                 "valid": np.ones(len(idx), bool)}
 
 
-def random_vgg16():
+def random_vgg16(seed=0):
     import jax
     import jax.numpy as jnp
 
@@ -80,7 +88,7 @@ def random_vgg16():
 
     module = VGG16()
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def init(s):
         fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
@@ -185,6 +193,53 @@ def layers_at_once(n, batch):
     return {"images": n, "batch": batch, "together": together, "separate": separate}
 
 
+def segmentation_cache_saving(n, batch, workdir):
+    """Seconds of a second dissection of another model with and without the segmentation cache."""
+    from jaxdissect.pipelines.dissect import dissect
+
+    seg = random_segmenter(workdir)
+    if seg is None:
+        return None
+    data = ArraySource(n, seed=2)
+    first, second = random_vgg16(0), random_vgg16(1)
+    cache = os.path.join(workdir, "segcache")
+    kw = dict(quantile=0.01, topk=10, batch_size=batch, progress=False)
+    load = [os.getloadavg()[0]]
+    _, fill = _timed(lambda: dissect(*first, ["conv5_3"], data, seg, segmentation_cache=cache, **kw))
+    dissect(*second, ["conv5_3"], data, seg, **kw)  # compile for the second model's variables
+    times = {"without": [], "with": []}
+    for _ in range(2):  # alternate, so a change in the machine's load hits both alike
+        times["without"].append(_timed(lambda: dissect(*second, ["conv5_3"], data, seg, **kw))[1])
+        times["with"].append(_timed(lambda: dissect(*second, ["conv5_3"], data, seg, segmentation_cache=cache,
+                                                    **kw))[1])
+    load.append(os.getloadavg()[0])
+    return {"images": n, "batch": batch, "fill": fill, "without": min(times["without"]),
+            "with": min(times["with"]), "load": load}
+
+
+def cache_report(c) -> str:
+    import jax
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([
+        CACHE_SECTION, "",
+        f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
+        f"({jax.default_backend()}), in one run (`python -m bench.dissect --images=0 --layer_images=0 "
+        f"--cache_images={c['images']}`); load average {c['load'][0]:.1f} at the start, {c['load'][1]:.1f} at "
+        "the end (the machine was shared with other jobs: absolute times are noisy, the ratio less so).", "",
+        f"VGG16 `conv5_3`, {c['images']} images of 224x224, batch {c['batch']}, random-weight UPP segmenter "
+        "(netpq). A first dissection (model A) fills the cache; then a second model B (other weights) is "
+        "dissected without and with it, alternately twice, fastest of each:", "",
+        "| what | seconds |",
+        "|---|---|",
+        f"| model A, filling the cache (includes compiling) | {c['fill']:.1f} |",
+        f"| model B, no segmentation cache (segments every image) | {c['without']:.1f} |",
+        f"| model B, labels read from the cache (segments none) | {c['with']:.1f} |",
+        "",
+        f"Segmenter time saved: {c['without'] - c['with']:.1f} s of {c['without']:.1f} s "
+        f"({c['without'] / c['with']:.2f}x faster).", ""])
+
+
 def report(a, b) -> str:
     import jax
 
@@ -229,18 +284,26 @@ def main(argv):
     try:
         a = parts_vs_pipeline(FLAGS.images, FLAGS.batch, workdir) if FLAGS.images else None
         b = layers_at_once(FLAGS.layer_images, FLAGS.layer_images) if FLAGS.layer_images else None
+        c = segmentation_cache_saving(FLAGS.cache_images, FLAGS.batch, workdir) if FLAGS.cache_images else None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    body = report(a, b)
-    print(body)
-    if FLAGS.results:
-        write_section(FLAGS.results, SECTION, body)
+    if a or b:
+        body = report(a, b)
+        print(body)
+        if FLAGS.results:
+            write_section(FLAGS.results, SECTION, body)
+    if c:
+        body = cache_report(c)
+        print(body)
+        if FLAGS.results:
+            write_section(FLAGS.results, CACHE_SECTION, body)
 
 
 def define_flags() -> None:
     flags.DEFINE_integer("images", 16, "Images for the pipeline-vs-parts measurement (0 = skip it).")
     flags.DEFINE_integer("batch", 8, "Images per batch.")
     flags.DEFINE_integer("layer_images", 4, "Images for the 13-layers-at-once measurement (0 = skip it).")
+    flags.DEFINE_integer("cache_images", 8, "Images for the segmentation-cache measurement (0 = skip it).")
     flags.DEFINE_string("results", os.path.join(REPO, "bench", "RESULTS.md"), "Results file to update ('' = none).")
 
 

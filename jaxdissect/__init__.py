@@ -42,6 +42,9 @@ _EXPORTS = {
     "ImageFolder": "jaxdissect.data.folders",
     "LatentSource": "jaxdissect.data.folders",
     "SyntheticScenes": "jaxdissect.data.synthetic",
+    # The segmenter's label maps kept on disk, shared by every dissection of a dataset.
+    "SegmentationCache": "jaxdissect.segcache",
+    "open_segmentation_cache": "jaxdissect.segcache",
     # Semantic photo editing with a GAN prior (GANPaint).
     "Brushes": "jaxdissect.editing.strokes",
     "Stroke": "jaxdissect.editing.strokes",

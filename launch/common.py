@@ -81,6 +81,31 @@ def define_cache_dir_flag() -> None:
                         "$XDG_CACHE_HOME/jaxdissect or ~/.cache/jaxdissect.")
 
 
+SEGMENTATION_CACHE_MB = 16384
+
+
+def define_segmentation_cache_flag() -> None:
+    """``--segmentation_cache_mb``: size budget of the segmentation cache under ``--cache_dir`` (0 = off)."""
+    from absl import flags
+
+    flags.DEFINE_integer("segmentation_cache_mb", SEGMENTATION_CACHE_MB, "Keep the segmenter's label maps in "
+                         "<cache_dir>/segmentation, shared by every later run on the same data (which then does "
+                         "not segment again), within this many MiB; 0 = no segmentation cache.")
+
+
+def segmentation_cache(config: dict) -> tuple[str | None, int | None]:
+    """``(root, budget in MiB)`` of the segmentation cache for ``jaxdissect.dissect``; ``(None, None)`` when off."""
+    mb = config.get("segmentation_cache_mb", SEGMENTATION_CACHE_MB)
+    if mb is None:
+        mb = SEGMENTATION_CACHE_MB
+    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+        raise LaunchError(f"--segmentation_cache_mb={mb}: give a size in MiB >= 0 (0 turns the segmentation "
+                          "cache off)")
+    if mb == 0:
+        return None, None
+    return cache_dir(config.get("cache_dir")), mb
+
+
 def default_cache_dir() -> str:
     """The one per-user cache directory: ``$JAXDISSECT_CACHE``, ``$XDG_CACHE_HOME/jaxdissect`` or ``~/.cache/jaxdissect``."""
     if os.environ.get("JAXDISSECT_CACHE"):

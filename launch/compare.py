@@ -15,7 +15,10 @@ curve (``--rotations``, NetDissect's random rotation ``Q^alpha``, seed 1)::
 
 ``--layers`` applies to every model, or gives one ``;``-separated list per
 model. Outputs: ``compare.csv``, ``compare.json``, the figures (SVG),
-``index.html`` and ``dissection/`` (the unit reports) in ``--output_dir``.
+``index.html`` and ``dissection/`` (the unit reports) in ``--output_dir``. With
+a segmenter, its label maps are read from (or written to) the per-user
+segmentation cache (``--cache_dir``, ``--segmentation_cache_mb``; 0 = off),
+shared with ``launch.dissect``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from launch.common import LaunchError
 
 FLAGS = flags.FLAGS
 # Settings that do not change the results (left out of the output directory's identity).
-_NOT_RESULTS = ("output_dir", "overwrite", "checkpoint_every")
+_NOT_RESULTS = ("output_dir", "overwrite", "checkpoint_every", "cache_dir", "segmentation_cache_mb")
 
 
 def _split(value: str | None) -> list[str]:
@@ -49,6 +52,7 @@ def validate(config: dict) -> None:
         raise LaunchError(f"--on_bad_image={config['on_bad_image']}: use raise or skip")
     if config.get("data"):
         common.parse_data_spec(config["data"])
+    common.segmentation_cache(config)
     _rotations(config)
 
 
@@ -151,20 +155,22 @@ def run(config: dict) -> tuple[dict, str]:
     from jaxdissect.pipelines.compare import compare
 
     b = build(config)
+    seg_root, seg_mb = common.segmentation_cache(config)
     out = compare(b["members"], b["data"], b["segmentation"], rotations=b["rotations"],
                   rotation_seed=config.get("rotation_seed", 1),
                   rotation_unpermute=bool(config.get("rotation_unpermute")),
                   method=config.get("method") or "netdissect2017", quantile=config.get("quantile"),
                   miniou=config.get("miniou", 0.04), output_dir=b["output_dir"],
                   batch_size=config.get("batch_size"), num_images=config.get("num_images"),
-                  checkpoint_every=config.get("checkpoint_every", 50))
+                  checkpoint_every=config.get("checkpoint_every", 50), segmentation_cache=seg_root,
+                  segmentation_cache_mb=seg_mb)
     return out, b["output_dir"]
 
 
 def get_config() -> dict:
     names = ["models", "names", "iterations", "layers", "rotations", "rotation_seed", "rotation_unpermute", "data",
              "segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "output_dir", "overwrite",
-             "on_bad_image", "checkpoint_every"]
+             "on_bad_image", "checkpoint_every", "cache_dir", "segmentation_cache_mb"]
     return {n: getattr(FLAGS, n) for n in names}
 
 
@@ -189,6 +195,8 @@ def define_flags() -> None:
     common.define_output_flags("Results directory (default results/compare-<models>-<data>-<seg>).")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
     flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
+    common.define_cache_dir_flag()
+    common.define_segmentation_cache_flag()
 
 
 def main(argv):

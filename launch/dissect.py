@@ -42,6 +42,11 @@ at pixel and image level (one more pass; also run by ``--significance``)::
 
   python -m launch.dissect --label_metrics
 
+The segmenter's label maps are kept in the per-user cache
+(``<cache_dir>/segmentation``, up to ``--segmentation_cache_mb`` MiB, 0 = off):
+a later dissection of the same data (another model, other layers, a
+``launch.compare``) reads them and does not run the segmenter again.
+
 Results go to ``--output_dir`` (default ``results/<model>-<data>-<seg>-<layers>-<q>``
 as in the original, q = 1000 * quantile): per layer ``report.json``,
 ``arrays.npz``, ``concepts_99.svg``, ``image/unit<u>.jpg``; for the run
@@ -68,14 +73,15 @@ CONFIG_NAMES = ["model", "layers", "data", "segmenter", "quantile", "miniou", "t
                 "output_dir", "overwrite", "cache_dir", "num_images", "on_bad_image", "checkpoint_every",
                 "geometry", "row0_competes", "quad_quirk", "faithful_color_blank", "coordinator_address",
                 "num_processes", "process_id", "method", "rotation", "rotation_unpermute", "activation_cache_mb",
-                "formulas", "exact_formulas", "significance", "permutations", "label_metrics"]
+                "formulas", "exact_formulas", "significance", "permutations", "label_metrics",
+                "segmentation_cache_mb"]
 # The formula/significance add-on: part of a run's identity only when asked for.
 _EXPLAIN = ("formulas", "exact_formulas", "significance", "permutations")
 # The label-metrics pass (also run by --significance): part of a run's identity only when on.
 _METRICS = ("label_metrics",)
 # Settings that do not change the results (left out of the output directory's identity).
 _NOT_RESULTS = ("output_dir", "overwrite", "cache_dir", "checkpoint_every", "activation_cache_mb",
-                "coordinator_address",
+                "segmentation_cache_mb", "coordinator_address",
                 "num_processes", "process_id")
 DEFAULTS = dict(quantile=None, miniou=0.04, topk=100, thumbsize=100, on_bad_image="raise", checkpoint_every=50,
                 geometry=None, row0_competes=False, quad_quirk=True, faithful_color_blank=False,
@@ -97,6 +103,7 @@ def validate(config: dict) -> None:
     if config.get("activation_cache_mb", 1024) < 0:
         raise LaunchError(f"--activation_cache_mb={config['activation_cache_mb']}: give a size in MiB >= 0 "
                           "(0 recomputes the activations in every pass)")
+    common.segmentation_cache(config)
     if config.get("quantile") is not None:
         common.in_range("quantile", config["quantile"], 0.0, 1.0)
     if config.get("method", "pnas") not in ("pnas", "netdissect2017"):
@@ -344,6 +351,7 @@ def run(config: dict):
     from jaxdissect.pipelines.dissect import dissect
 
     b = build(config)
+    seg_root, seg_mb = common.segmentation_cache(config)
     results = dissect(b["module"], b["variables"], [] if b["views"] else b["layers"], b["data"], b["segmentation"],
                       quantile=b["quantile"], miniou=config.get("miniou", 0.04), method=b["method"],
                       views=b["views"],
@@ -356,6 +364,7 @@ def run(config: dict):
                       settings={"model": config.get("model") or "demo (synthetic scenes CNN)",
                                 "segmenter": config.get("segmenter") or "dataset labels"},
                       activation_cache_mb=config.get("activation_cache_mb", 1024),
+                      segmentation_cache=seg_root, segmentation_cache_mb=seg_mb,
                       formulas=config.get("formulas", 0), exact_formulas=bool(config.get("exact_formulas")),
                       permutations=config.get("permutations", DEFAULTS["permutations"])
                       if config.get("significance") else 0,
@@ -388,6 +397,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", None, "Images per step (default 16 classifiers, 10 generators).")
     common.define_output_flags("Results directory (default results/<model>-<data>-<seg>-<layers>-<q>).")
     common.define_cache_dir_flag()
+    common.define_segmentation_cache_flag()
     flags.DEFINE_integer("num_images", None, "Dissect only the first N items of the data.")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"],
                       "An unreadable image stops the run (raise) or is left out and counted (skip).")

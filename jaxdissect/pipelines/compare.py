@@ -316,7 +316,8 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
             quantile: float | None = None, miniou: float = 0.04, output_dir: str | None = None,
             batch_size: int | None = None, num_images: int | None = None, topk: int = 10, thumbsize: int = 64,
             progress: bool = True, checkpoint_every: int = 50, title: str | None = None,
-            activation_cache_mb: int = 1024) -> dict:
+            activation_cache_mb: int = 1024, segmentation_cache: str | None = None,
+            segmentation_cache_mb: float | None = None) -> dict:
     """Dissect every member (and rotation power) in one run; returns ``{"rows", "categories", "results"}``.
 
     ``members``: :class:`Member` list (networks or training snapshots; each
@@ -324,7 +325,8 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
     rotation of every listed layer (``rotation_seed``, ``rotation_unpermute``
     as NetDissect's flags). ``method``, ``quantile``, ``miniou``,
     ``batch_size``, ``num_images``, ``topk``, ``thumbsize``,
-    ``checkpoint_every``, ``activation_cache_mb``: as for :func:`jaxdissect.dissect`. The members
+    ``checkpoint_every``, ``activation_cache_mb``, ``segmentation_cache``,
+    ``segmentation_cache_mb``: as for :func:`jaxdissect.dissect`. The members
     must take the same input (one data source feeds them all).
     """
     from jaxdissect.pipelines.dissect import _model_input, dissect
@@ -343,7 +345,8 @@ def compare(members: Sequence[Member], data, segmentation="dataset", *, rotation
     results = dissect(ensemble, ensemble_variables(members), [], data, segmentation, views=views, method=method,
                       quantile=quantile, miniou=miniou, topk=topk, thumbsize=thumbsize, batch_size=batch_size,
                       num_images=num_images, progress=progress, checkpoint_every=checkpoint_every, name=title,
-                      activation_cache_mb=activation_cache_mb,
+                      activation_cache_mb=activation_cache_mb, segmentation_cache=segmentation_cache,
+                      segmentation_cache_mb=segmentation_cache_mb,
                       output_dir=None if output_dir is None else os.path.join(output_dir, "dissection"))
     categories, rows = table(results, keys, miniou)
     if output_dir is not None:

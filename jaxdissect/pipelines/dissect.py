@@ -31,6 +31,16 @@ activations and the labels in host memory when they fit, and passes 2 and 3
 read them from there: the model, the decoding and the segmenter then run once
 per image (the log says whether the cache is used).
 
+With ``segmentation_cache`` (a directory; the launchers use the per-user
+cache), the segmenter's label maps are kept on disk and shared by every later
+dissection of the same data: dissecting another model or other layers reads
+them and does not run the segmenter (``jaxdissect.segcache``). The entry is
+keyed by the data's fingerprint, the segmenter's digest (class, variables,
+labels, settings), the image and label-map sizes, a digest of item 0's
+display image (another resize or crop of the same files is another entry)
+and, for a generator, the generator's variables (its outputs are what gets
+segmented). The log counts the images segmented and read from the cache.
+
 Passes go through ``jaxdissect.streaming.run_stream`` under
 ``output_dir/work``: a killed run resumes from its last checkpoint, and
 finished passes and per-layer outputs are never recomputed. Outputs per layer
@@ -66,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxdissect import parallel, streaming
+from jaxdissect import parallel, segcache, streaming
 from jaxdissect.data import loader
 from jaxdissect.kernels import upsample as upsample_k
 from jaxdissect.errors import JaxDissectError
@@ -92,13 +102,7 @@ def _model_input(batch: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
     raise DissectError(f"data source batches need an 'image' or 'z' array; got keys {sorted(batch)}")
 
 
-def _fingerprint_variables(variables) -> str:
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        a = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
+_fingerprint_variables = segcache.variables_digest
 
 
 def _segmenter_fingerprint(segmentation) -> Any:
@@ -167,7 +171,8 @@ class _Run:
     def __init__(self, module, variables, layers, data, segmentation, *, quantile, miniou, topk,
                  thumbsize, batch_size, output_dir, num_images, mesh, geometry, progress, name,
                  checkpoint_every, resolution, row0_competes=False, settings=None, method="pnas", views=None,
-                 activation_cache_mb=1024, receptive_field=None, explain=None, label_metrics=False):
+                 activation_cache_mb=1024, receptive_field=None, explain=None, label_metrics=False,
+                 segmentation_cache=None, segmentation_cache_mb=None):
         from jaxdissect.netdissect2017 import METHODS, label_category_index
         from jaxdissect.statistics import Plan
 
@@ -231,6 +236,9 @@ class _Run:
         self._setup_segmentation(probe, resolution)
         self.activation_cache_mb = activation_cache_mb
         self.cache = None
+        self.segmentation_cache, self.segmentation_cache_mb = segmentation_cache, segmentation_cache_mb
+        self.segcache, self.segcache_opened = None, False
+        self.segmented = self.segmented_from_cache = 0  # images sent to the segmenter / read from its cache
         bs = batch_size or (10 if self.generator else 16)
         self.batch_size = -(-bs // self.devices) * self.devices
         self.num_batches = -(-self.num_images // self.batch_size)
@@ -301,7 +309,15 @@ class _Run:
             from jaxdissect.segmentation import segment
 
             seg, seg_vars = self.segmentation
-            labels, names, cats = segment(seg, seg_vars, np.zeros((1, h, w, 3), np.float32), downsample=4)
+            tables = []
+
+            def shapes(v, x):  # traced only: the label tables and the output shape, nothing is segmented
+                labels, names, cats = segment(seg, v, x, downsample=4)
+                tables.append((names, cats))
+                return labels
+
+            labels = jax.eval_shape(shapes, seg_vars, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))
+            names, cats = tables[0]
             seg_res = tuple(int(s) for s in labels.shape[-2:])
             self.seg_channels = int(labels.shape[1])
             if seg_res != (h // 4, w // 4):
@@ -321,8 +337,42 @@ class _Run:
                                "label categories; give one category per label")
         self.resolution = seg_res
 
+    def open_segmentation_cache(self):
+        """The on-disk segmentation cache entry of this run (opened on first use), or None."""
+        if not self.segcache_opened:
+            self.segcache_opened = True
+            if self.segmentation_cache and not isinstance(self.segmentation, str):
+                key = {"data": self.config["data"], "segmenter": segcache.segmenter_digest(self.segmentation),
+                       "downsample": 4, "image_size": list(self.image_size), "resolution": list(self.resolution),
+                       "channels": self.seg_channels}
+                if self.generator:  # what gets segmented is the generator's output
+                    key["generator"] = self.config["model"]
+                else:  # what gets segmented is the display image: catches another resize or crop of the data
+                    key["input"] = _hash_array(np.asarray(self.probe.get("display", ()))[:1])
+                tables = {"label_names": self.label_names, "label_categories": self.label_categories,
+                          "categories": self.categories}
+                self.segcache = segcache.open_cache(self.segmentation_cache, key, tables, self.seg_channels,
+                                                    self.resolution, max_mb=self.segmentation_cache_mb,
+                                                    log=lambda m: _say(self, m))
+        return self.segcache
+
+    def finish_segmentation(self):
+        """Write what the segmentation cache still holds and log how many images were segmented."""
+        cache = self.segcache
+        if cache is not None:
+            cache.flush()
+        if isinstance(self.segmentation, str) or not (self.segmented or self.segmented_from_cache):
+            return
+        _say(self, f"segmenter: {self.segmented} images segmented, {self.segmented_from_cache} read from the "
+                   "segmentation cache" + (f" ({cache.written} written to {cache.directory})" if cache else ""))
+
     def segment_batch(self, batch, output):
-        """``(seg [B, K, S, S], image_labels [B, J] or None)`` for one batch (on the mesh)."""
+        """``(seg [B, K, S, S], image_labels [B, J] or None)`` for one batch (on the mesh).
+
+        With a segmentation cache, a batch whose valid items are all cached is
+        read from it and the segmenter does not run; otherwise the segmenter's
+        labels of the valid items are stored (unreadable items never are).
+        """
         if isinstance(self.segmentation, str):
             seg = batch.get("seg")
             if seg is None:
@@ -333,6 +383,16 @@ class _Run:
                                    f"{self.resolution} in the first; it must have one resolution")
             return seg, batch.get("image_labels")
         seg, seg_vars = self.segmentation
+        cache = self.open_segmentation_cache()
+        valid = np.asarray(batch["valid"], bool) if jax.process_count() == 1 else None
+        if cache is not None:
+            index = np.asarray(batch["index"])[valid]
+            hit = cache.lookup(index)
+            if hit is not None:
+                labels = np.zeros((len(valid),) + hit.shape[1:], np.int32)
+                labels[valid] = hit
+                self.segmented_from_cache += len(index)
+                return parallel.shard_batch(self.mesh, labels), None
         if self.generator:
             zc = output  # unclamped, as the original segments it
         else:
@@ -345,6 +405,9 @@ class _Run:
         if tuple(labels.shape[-2:]) != self.resolution:
             raise DissectError(f"the segmenter returned {tuple(labels.shape[-2:])} label maps, expected "
                                f"{self.resolution}")
+        self.segmented += int(valid.sum()) if valid is not None else int(labels.shape[0])
+        if cache is not None:
+            cache.store(index, labels if valid.all() else labels[np.flatnonzero(valid)])
         return labels, None
 
     # -- batches -----------------------------------------------------------
@@ -412,6 +475,7 @@ class _Run:
 
     def plan_cache(self) -> bool:
         """Decide (and log) whether pass 1 keeps what passes 2 and 3 need, within the budget."""
+        self.open_segmentation_cache()  # before the passes: its log lines come before the progress bars
         need = self.cache_bytes()
         budget = int(self.activation_cache_mb or 0) * 2**20
         fits = 0 < need <= budget and jax.process_count() == 1
@@ -899,7 +963,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             views: Mapping[str, tuple] | None = None, activation_cache_mb: int = 1024,
             receptive_field: Mapping[str, Any] | None = None, formulas: int = 0,
             exact_formulas: bool = False, permutations: int = 0, q: float = 0.05,
-            label_metrics: bool = False) -> dict:
+            label_metrics: bool = False, segmentation_cache: str | None = None,
+            segmentation_cache_mb: float | None = None) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
@@ -975,6 +1040,13 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         NeuronEval's extra- and missing-labels checks. Written to ``report.json``
         (``units[i]['metrics'] = {'pixel': {...}, 'image': {...}}``, None for
         label 0), the summary (per-layer medians) and ``index.html``.
+      segmentation_cache: a directory (e.g. the per-user cache) where the label
+        maps of a ``(segmenter, variables)`` segmentation are kept on disk and
+        shared by every later dissection of the same data (``jaxdissect.segcache``):
+        a batch whose items are all there is not segmented again. None (the
+        default): no disk cache. Results are identical either way.
+      segmentation_cache_mb: size budget of ``segmentation_cache`` in MiB
+        (None: unbounded); writing stops, with a log line, when it is reached.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = _Run(module, variables, layers, data, segmentation, quantile=quantile, miniou=miniou,
@@ -984,7 +1056,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
                settings=settings, method=method, views=views, activation_cache_mb=activation_cache_mb,
                receptive_field=receptive_field,
                explain=_explain_settings(formulas, exact_formulas, permutations, q),
-               label_metrics=label_metrics)
+               label_metrics=label_metrics, segmentation_cache=segmentation_cache,
+               segmentation_cache_mb=segmentation_cache_mb)
     if output_dir is not None:
         return _dissect(run, write=True)
     run.output_dir = tempfile.mkdtemp(prefix="jaxdissect-")
@@ -1020,6 +1093,7 @@ def _dissect(run: _Run, write: bool) -> dict:
     try:
         return _dissect_locked(run, wd, write, primary)
     finally:
+        run.finish_segmentation()
         wd.unlock()
 
 

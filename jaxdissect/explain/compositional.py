@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.explain.packed import SparseMasks, lookup
+from jaxdissect.explain.packed import ImageMasks, SparseMasks, lookup
 
 AND, OR, ANDNOT, NONE = 0, 1, 2, 3
 OP_NAMES = {AND: "AND", OR: "OR", ANDNOT: "AND NOT"}
@@ -77,6 +77,29 @@ def formula_mask(concept_masks, explanation: Explanation) -> np.ndarray:
     for k, op in zip(explanation.concepts[1:], explanation.ops[1:]):
         m = m & c[k] if op == "AND" else m | c[k] if op == "OR" else m & ~c[k]
     return m
+
+
+def formula_image_masks(concepts: ImageMasks, explanations) -> ImageMasks:
+    """The formula masks of ``explanations`` (one mask each) over per-image ``concepts``, without dense masks."""
+    cache, words, ids = {}, [], []
+
+    def get(c):
+        if c not in cache:
+            cache[c] = concepts.dense_words(c)
+        return cache[c]
+
+    for e in explanations:
+        m = get(e.concepts[0])
+        for k, op in zip(e.concepts[1:], e.ops[1:]):
+            m = m & get(k) if op == "AND" else m | get(k) if op == "OR" else m & ~get(k)
+        nz = np.nonzero(m.any(1))[0]
+        words.append(m[nz])
+        ids.append(nz)
+    return ImageMasks(mask_ids=np.repeat(np.arange(len(ids)), [len(i) for i in ids]).astype(np.int32),
+                      image_ids=np.concatenate(ids or [np.zeros(0, np.int64)]).astype(np.int32),
+                      words=np.concatenate(words) if words else
+                      np.zeros((0, concepts.words_per_image), np.uint32),
+                      num_masks=len(ids), num_images=concepts.num_images, positions=concepts.positions)
 
 
 def _iou(inter, formula, unit):
@@ -186,6 +209,8 @@ def _prefix_arrays(formulas, width):
 def _as_sparse(masks, block_words, what):
     if isinstance(masks, SparseMasks):
         return masks
+    if isinstance(masks, ImageMasks):
+        return masks.to_sparse(block_words)
     masks = np.asarray(masks)
     if masks.ndim != 2:
         raise ValueError(f"{what} must be boolean [{what.split('_')[0]}s, pixels], got shape {masks.shape}")
@@ -200,11 +225,20 @@ def compositional(unit_masks, concept_masks, names, *, length: int = 3, beam: in
 
     ``unit_masks [U, P]`` and ``concept_masks [L, P]``: boolean over the same P
     pixels (images x positions), or :class:`SparseMasks` built with the same
-    ``block_words``. ``names``: L concept names used in the formula text.
+    ``block_words``, or both :class:`ImageMasks` over the same images (stored
+    per image: no dense mask is made). ``names``: L concept names used in the formula text.
     ``exact=False``: the paper's beam search with ``beam`` formulas;
     ``exact=True``: a provably optimal formula (branch and bound). Returns one
     :class:`Explanation` per unit.
     """
+    if isinstance(unit_masks, ImageMasks) != isinstance(concept_masks, ImageMasks):
+        raise ValueError("unit_masks and concept_masks must both be ImageMasks or neither; convert the other "
+                         "with ImageMasks.from_dense(masks, num_images)")
+    if isinstance(unit_masks, ImageMasks) and (
+            (unit_masks.num_images, unit_masks.positions) != (concept_masks.num_images, concept_masks.positions)):
+        raise ValueError(f"unit masks cover {unit_masks.num_images} images x {unit_masks.positions} positions but "
+                         f"concept masks {concept_masks.num_images} x {concept_masks.positions}; both must be over "
+                         "the same images and positions")
     units = _as_sparse(unit_masks, block_words, "unit_masks")
     concepts = _as_sparse(concept_masks, block_words, "concept_masks")
     if units.num_pixels != concepts.num_pixels:

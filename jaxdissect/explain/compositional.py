@@ -196,6 +196,63 @@ class _Engine:
                 np.asarray(jnp.concatenate(out_b)).astype(np.int64))
 
 
+@functools.partial(jax.jit, static_argnames=("width",))
+def _pair_kernel(acc, table, ids, ublocks, positions, *, width):
+    """``acc[a * width + c] += |a & c & u|`` summed over the block ``positions`` (u's blocks ``ublocks``).
+
+    ``table [nb + 1, C, words]`` holds the concepts present at each block
+    position (ids ``[nb + 1, C]``, empty slots id ``width - 1``; row nb is empty).
+    """
+    t = table[positions]                                               # [K, C, words]
+    i = ids[positions]                                                 # [K, C]
+    x = t & ublocks[:, None, :]
+    cnt = jax.lax.population_count(x[:, :, None, :] & t[:, None, :, :]).astype(jnp.int32).sum(-1)
+    return acc.at[(i[:, :, None] * width + i[:, None, :]).reshape(-1)].add(cnt.reshape(-1))
+
+
+class _Pairs:
+    """Exact pair counts ``|a & c|`` (all pixels) and ``|a & c & u|`` (per unit) for every pair of concepts.
+
+    A join over block positions: at each position only the concepts present
+    there meet, so the cost is the sum over positions (where the unit fires,
+    for ``|a & c & u|``) of (concepts present)^2 blocks, not one scan of every
+    concept block per concept.
+    """
+
+    def __init__(self, units: SparseMasks, concepts: SparseMasks, entries: int = 1 << 18):
+        nb, words = concepts.num_blocks, concepts.block_words
+        self.num_concepts, self.num_blocks, self.units = concepts.num_masks, nb, units
+        bid, mid = concepts.block_ids, concepts.mask_ids
+        order = np.lexsort((mid, bid))
+        per = np.bincount(bid, minlength=nb)
+        width = max(1, int(per.max(initial=0)))
+        slot = np.arange(len(order)) - np.concatenate([[0], np.cumsum(per)])[bid[order]]
+        table = np.zeros((nb + 1, width, words), np.uint32)
+        ids = np.full((nb + 1, width), self.num_concepts, np.int32)
+        table[bid[order], slot] = concepts.blocks[order]
+        ids[bid[order], slot] = mid[order]
+        self.table, self.ids = jnp.asarray(table), jnp.asarray(ids)
+        self.chunk = max(8, entries // (width * width))
+        self.starts = np.searchsorted(units.mask_ids, np.arange(units.num_masks + 1))
+        self.all = self._join(np.arange(nb), np.full((nb, words), 0xFFFFFFFF, np.uint32))
+
+    def _join(self, positions, ublocks):
+        width = self.num_concepts + 1
+        acc = jnp.zeros((width * width,), jnp.int32)
+        for s in range(0, len(positions), self.chunk):
+            p = np.full((self.chunk,), self.num_blocks, np.int32)
+            b = np.zeros((self.chunk, ublocks.shape[1]), np.uint32)
+            k = min(self.chunk, len(positions) - s)
+            p[:k], b[:k] = positions[s : s + k], ublocks[s : s + k]
+            acc = _pair_kernel(acc, self.table, self.ids, jnp.asarray(b), jnp.asarray(p), width=width)
+        return np.asarray(acc).reshape(width, width)[:-1, :-1].astype(np.int64)
+
+    def unit(self, u: int) -> np.ndarray:
+        """``|a & c & u|`` ``[L, L]`` for unit ``u``."""
+        lo, hi = self.starts[u], self.starts[u + 1]
+        return self._join(self.units.block_ids[lo:hi], self.units.blocks[lo:hi])
+
+
 def _prefix_arrays(formulas, width):
     """Host formulas ``(concepts, ops)`` -> ``pcon, pops [Q, width]`` (unused slots NONE)."""
     pcon = np.zeros((len(formulas), width), np.int32)
@@ -261,7 +318,7 @@ def compositional(unit_masks, concept_masks, names, *, length: int = 3, beam: in
     _, cu = engine.counts(np.arange(num_units), np.zeros((num_units, 0)), np.zeros((num_units, 0)))
     found = _beam(engine, n, cu, usize, length, beam)
     if exact:        # the beam's answers are the first incumbents: strong bounds prune from the start
-        found = _exact(engine, n, cu, usize, length, found)
+        found = _exact(engine, _Pairs(units, concepts), n, cu, usize, length, found)
     out = []
     for u, (con, ops, inter, fpix) in enumerate(found):
         out.append(Explanation(unit=u, formula=formula_text(con, ops, names), iou=float(_iou(inter, fpix, usize[u])),
@@ -349,6 +406,18 @@ def _bound(g, gu, steps, usize, frontier, topsum):
     return np.maximum(gu / us, (inter / (us + fp)).max(1))
 
 
+def _quick_bound(g, gu, usize, frontier):
+    """O(1) relaxation of ``_bound(..., steps=1)``: its OR term ``min(|u|, I + c_u) / (|u| + max(fp, fp_c))``
+    is at most ``min(|u|, I + max_c c_u) / (|u| + fp)`` and at most ``I / |u| + max_c c_u / (|u| + fp_c)``."""
+    us = float(usize)
+    gu = np.asarray(gu, np.float64)
+    fp = np.asarray(g, np.float64) - gu
+    cu_f, fp_f = frontier
+    reach = (cu_f / (us + fp_f)).max()
+    quick = np.minimum(np.minimum(us, gu + cu_f.max()) / (us + fp), gu / us + reach)
+    return np.maximum(gu / us, quick)
+
+
 def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
     """Tighter bound for ``G = (a op b)`` and one more step, from the exact pair counts of a and b with every c.
 
@@ -396,7 +465,60 @@ def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
     return out
 
 
-def _exact(engine, n, cu, usize, length, incumbents):
+def _frontiers(f2, i2):
+    """Per concept a, the Pareto frontier of its children ``a op c`` in (more unit pixels, fewer false positives).
+
+    ``f2, i2 [L, L, 3]``: ``|a op c|``, ``|(a op c) & u|``. Returns ``(I, FP)``
+    ``[L, K]`` float64, padded with ``I = 0, FP = inf``.
+    """
+    num = f2.shape[0]
+    low = np.int64(0xFFFFFFFF)
+    # One int64 sort key per child: false positives ascending, then unit pixels descending (counts < 2**31).
+    key = np.sort(((f2 - i2).reshape(num, -1).astype(np.int64) << 32) | (low - i2.reshape(num, -1)), -1)
+    inter = (low - (key & low)).astype(np.float64)
+    fp = (key >> 32).astype(np.float64)
+    run = np.maximum.accumulate(inter, -1)
+    on = inter > np.concatenate([np.full((num, 1), -1.0), run[:, :-1]], -1)
+    slot = np.cumsum(on, -1) - 1
+    k = max(1, int(on.sum(-1).max()))
+    out_i, out_f = np.zeros((num, k)), np.full((num, k), np.inf)
+    rows = np.nonzero(on)[0]
+    out_i[rows, slot[on]] = inter[on]
+    out_f[rows, slot[on]] = fp[on]
+    return out_i, out_f
+
+
+def _delta_bound(a, op, c, g, gu, frontier_i, frontier_f, n, cu, usize, rows=8192):
+    """Bound on ``(a op c) op2 x`` for every op2, x, from the exact children of a (and of c) and the difference.
+
+    Each of AND x, OR x, AND NOT x is monotone in its left operand. If
+    ``H = a op c`` is a subset of a (op AND, AND NOT), ``H op2 x`` is a subset
+    of ``a op2 x`` missing at most the ``FP(a) - FP(H)`` false positives of
+    ``a - H``: ``IoU <= I(a op2 x) / (|u| + max(0, FP(a op2 x) - (FP(a) - FP(H))))``.
+    If H contains a (OR), ``H op2 x`` contains ``a op2 x`` and adds at most
+    ``I(H) - I(a)`` unit pixels: ``IoU <= min(|u|, I(a op2 x) + I(H) - I(a)) / (|u| + FP(a op2 x))``.
+    Both are increasing in I and decreasing in FP, so the frontier of a's
+    children attains their maximum. AND and OR are symmetric: c gives a second bound.
+    """
+    us = float(usize)
+    fpn = n.astype(np.float64) - cu
+    out = np.empty(len(a))
+    for s in range(0, len(a), rows):
+        sl = slice(s, s + rows)
+        o, gg, gi = op[sl, None], np.asarray(g[sl], np.float64)[:, None], np.asarray(gu[sl], np.float64)[:, None]
+
+        def parent(x):
+            fi, ff = frontier_i[x], frontier_f[x]
+            sub = fi / (us + np.maximum(0.0, ff - (fpn[x][:, None] - (gg - gi))))
+            sup = np.minimum(us, fi + gi - cu[x][:, None]) / (us + ff)
+            return np.where(o == OR, sup, sub).max(1)
+
+        b = parent(a[sl])
+        out[sl] = np.where(op[sl] == ANDNOT, b, np.minimum(b, parent(c[sl])))
+    return out
+
+
+def _exact(engine, pairs, n, cu, usize, length, incumbents):
     """Branch and bound per unit: expand prefixes level by level, best bound first, pruning at the incumbent.
 
     Bounds and IoUs are exact integer arithmetic (in float64, below 2**53)
@@ -420,23 +542,53 @@ def _exact(engine, n, cu, usize, length, incumbents):
             continue
         topsum = np.concatenate([[0], np.cumsum(np.sort(cu[u])[::-1])]).astype(np.float64)
         frontier = _frontier(n, cu[u])
-        # A level: parallel arrays of prefixes (concept lists, ops) with their counts.
-        level_con = [(c,) for c in range(num_concepts)]
-        level_ops = [(None,)] * num_concepts
-        level_g, level_gu = n.copy(), cu[u].copy()
-        pair_i = np.zeros((num_concepts, num_concepts), np.int64)
-        pair_f = np.zeros((num_concepts, num_concepts), np.int64)
-        have = np.zeros(num_concepts, bool)
-        for depth in range(1, length):
+        # Every length-2 formula's counts at once (exact pair counts): no scan of the concept blocks.
+        pair_i, pair_f = pairs.unit(u), pairs.all
+        f2, i2 = _children(n, cu[u], pair_f, pair_i, n, cu[u])            # [a, c, op]
+        score = _iou(i2, f2, us)
+        t = int(np.argmax(score))
+        if score.reshape(-1)[t] > best[0]:
+            a, c, o = np.unravel_index(t, f2.shape)
+            best = (float(score.reshape(-1)[t]), (int(a), int(c)), (None, _CHILD_OPS[o]), int(i2[a, c, o]),
+                    int(f2[a, c, o]))
+        if length == 2:
+            results.append(best[1:])
+            continue
+        # Length-2 prefixes that may still lead to a better formula: cheap bounds first, then tighter ones.
+        steps = length - 2
+        gu2, fp2 = i2.reshape(-1).astype(np.float64), (f2 - i2).reshape(-1).astype(np.float64)
+        if steps == 1:
+            keep = np.nonzero(_quick_bound(gu2 + fp2, gu2, us, frontier) > best[0])[0]
+        else:
+            keep = np.arange(gu2.size)
+        parts = [keep[s : s + 65536] for s in range(0, len(keep), 65536)]
+        keep = np.concatenate([k[_bound(f2.reshape(-1)[k], i2.reshape(-1)[k], steps, us, frontier, topsum) > best[0]]
+                               for k in parts] or [keep])
+        a, rest = np.divmod(keep, 3 * num_concepts)
+        c, o = np.divmod(rest, 3)
+        ops = np.asarray(_CHILD_OPS)[o]
+        # One prefix per mask of a symmetric pair: (a AND c) = (c AND a), (a OR c) = (c OR a).
+        ok = (ops == ANDNOT) | (a <= c) | ~np.isin(c * 3 * num_concepts + a * 3 + o, keep)
+        a, c, ops = a[ok], c[ok], ops[ok]
+        g, gu = f2[a, c, o[ok]], i2[a, c, o[ok]]
+        if steps == 1 and len(a):
+            parents = np.unique(np.concatenate([a, c[ops != ANDNOT]]))
+            where = np.zeros(num_concepts, np.int64)
+            where[parents] = np.arange(len(parents))
+            fi, ff = _frontiers(f2[parents], i2[parents])
+            ok = _delta_bound(where[a], ops, where[c], g, gu, fi, ff, n[parents],
+                              cu[u][parents].astype(np.float64), us) > best[0]
+            a, c, ops, g, gu = a[ok], c[ok], ops[ok], g[ok], gu[ok]
+            ok = _pair_bound(a, ops, c, g, gu, pair_i, pair_f, n, cu[u], us) > best[0]
+            a, c, ops, g, gu = a[ok], c[ok], ops[ok], g[ok], gu[ok]
+        level_con = [(int(x), int(y)) for x, y in zip(a, c)]
+        level_ops = [(None, int(x)) for x in ops]
+        level_g, level_gu = g.astype(np.int64), gu.astype(np.int64)
+        for depth in range(2, length):
             steps = length - depth
+            if not level_con:
+                break
             bound = _bound(level_g, level_gu, steps, us, frontier, topsum)
-            if depth == 2 and steps == 1:
-                a = np.asarray([x[0] for x in level_con])
-                b = np.asarray([x[1] for x in level_con])
-                op = np.asarray([x[1] for x in level_ops])
-                ok = np.nonzero(have[a] & have[b])[0]
-                bound[ok] = np.minimum(bound[ok], _pair_bound(a[ok], op[ok], b[ok], level_g[ok], level_gu[ok],
-                                                              pair_i, pair_f, n, cu[u], us))
             order = np.argsort(-bound, kind="stable")
             next_con, next_ops, next_g, next_gu = [], [], [], []
             group = engine.batch * 4
@@ -447,8 +599,6 @@ def _exact(engine, n, cu, usize, length, incumbents):
                 pcon, pops = _prefix_arrays([(level_con[q], level_ops[q]) for q in sel], depth)
                 cnt, cntu = engine.counts(np.full(len(sel), u), pcon, pops)
                 f, i = _children(level_g[sel], level_gu[sel], cnt, cntu, n, cu[u])
-                if depth == 1:
-                    pair_i[sel], pair_f[sel], have[sel] = cntu, cnt, True
                 score = _iou(i, f, us)
                 t = int(np.argmax(score))
                 if score.reshape(-1)[t] > best[0]:

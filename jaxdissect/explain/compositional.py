@@ -465,57 +465,52 @@ def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
     return out
 
 
-def _frontiers(f2, i2):
-    """Per concept a, the Pareto frontier of its children ``a op c`` in (more unit pixels, fewer false positives).
+def _delta_thresholds(f2, i2, usize, best, rows=128):
+    """Per concept x, the least change of a length-2 prefix H built on x that may beat ``best`` one step on.
 
-    ``f2, i2 [L, L, 3]``: ``|a op c|``, ``|(a op c) & u|``. Returns ``(I, FP)``
-    ``[L, K]`` float64, padded with ``I = 0, FP = inf``.
+    Each of AND y, OR y, AND NOT y is monotone in its left operand, and every
+    child ``x op2 y`` of x is known exactly (``f2, i2 [L, L, 3]``: ``|x op2 y|``,
+    ``|(x op2 y) & u|``; ``I``, ``FP`` below).
+
+    * H a subset of x (``x AND c``, ``x AND NOT c``, ``c AND x``): ``H op2 y``
+      is a subset of ``x op2 y`` missing at most the ``d = FP(x) - FP(H)``
+      false positives of ``x - H``, so ``IoU <= I / (|u| + max(0, FP - d))``,
+      which exceeds ``best`` for some child iff ``d > min over children with
+      I > best |u| of (FP + |u| - I / best)`` = ``subset[x]``.
+    * H containing x (``x OR c``, ``c OR x``): ``H op2 y`` contains ``x op2 y``
+      and adds at most ``e = I(H) - I(x)`` unit pixels, so ``IoU <= min(|u|,
+      I + e) / (|u| + FP)``, which exceeds ``best`` iff ``e > min over children
+      with best (|u| + FP) < |u| of (best (|u| + FP) - I)`` = ``superset[x]``.
+
+    Returns ``(subset, superset)`` ``[L]`` (inf: no child can help), lowered by a
+    margin so that rounding never prunes a prefix whose bound exceeds ``best``.
     """
-    num = f2.shape[0]
-    low = np.int64(0xFFFFFFFF)
-    # One int64 sort key per child: false positives ascending, then unit pixels descending (counts < 2**31).
-    key = np.sort(((f2 - i2).reshape(num, -1).astype(np.int64) << 32) | (low - i2.reshape(num, -1)), -1)
-    inter = (low - (key & low)).astype(np.float64)
-    fp = (key >> 32).astype(np.float64)
-    run = np.maximum.accumulate(inter, -1)
-    on = inter > np.concatenate([np.full((num, 1), -1.0), run[:, :-1]], -1)
-    slot = np.cumsum(on, -1) - 1
-    k = max(1, int(on.sum(-1).max()))
-    out_i, out_f = np.zeros((num, k)), np.full((num, k), np.inf)
-    rows = np.nonzero(on)[0]
-    out_i[rows, slot[on]] = inter[on]
-    out_f[rows, slot[on]] = fp[on]
-    return out_i, out_f
+    us, num = float(usize), f2.shape[0]
+    subset, superset = np.full(num, np.inf), np.full(num, np.inf)
+    if best <= 0:
+        return np.full(num, -np.inf), np.full(num, -np.inf)
+    margin = 1e-9 * (us + f2.max(initial=0)) / min(best, 1.0)     # the comparisons below lean to keeping
+    for s in range(0, num, rows):
+        inter = i2[s : s + rows].reshape(min(rows, num - s), -1).astype(np.float64)
+        fp = f2[s : s + rows].reshape(inter.shape).astype(np.float64) - inter
+        subset[s : s + rows] = np.where(inter > best * us - margin, fp + us - inter / best, np.inf).min(1)
+        need = best * (us + fp)
+        superset[s : s + rows] = np.where(need < us + margin, need - inter, np.inf).min(1)
+    return subset - margin, superset - margin
 
 
-def _delta_bound(a, op, c, g, gu, frontier_i, frontier_f, n, cu, usize, rows=8192):
-    """Bound on ``(a op c) op2 x`` for every op2, x, from the exact children of a (and of c) and the difference.
+def _delta_keep(a, op, c, g, gu, thresholds, n, cu):
+    """Whether the length-2 prefixes ``H = a op c`` pass the bounds of :func:`_delta_thresholds` (both parents
+    of AND and OR; a only for AND NOT)."""
+    subset, superset = thresholds
+    fp = (g - gu).astype(np.float64)
 
-    Each of AND x, OR x, AND NOT x is monotone in its left operand. If
-    ``H = a op c`` is a subset of a (op AND, AND NOT), ``H op2 x`` is a subset
-    of ``a op2 x`` missing at most the ``FP(a) - FP(H)`` false positives of
-    ``a - H``: ``IoU <= I(a op2 x) / (|u| + max(0, FP(a op2 x) - (FP(a) - FP(H))))``.
-    If H contains a (OR), ``H op2 x`` contains ``a op2 x`` and adds at most
-    ``I(H) - I(a)`` unit pixels: ``IoU <= min(|u|, I(a op2 x) + I(H) - I(a)) / (|u| + FP(a op2 x))``.
-    Both are increasing in I and decreasing in FP, so the frontier of a's
-    children attains their maximum. AND and OR are symmetric: c gives a second bound.
-    """
-    us = float(usize)
-    fpn = n.astype(np.float64) - cu
-    out = np.empty(len(a))
-    for s in range(0, len(a), rows):
-        sl = slice(s, s + rows)
-        o, gg, gi = op[sl, None], np.asarray(g[sl], np.float64)[:, None], np.asarray(gu[sl], np.float64)[:, None]
+    def keep(x):
+        d = (n[x] - cu[x]).astype(np.float64) - fp           # false positives of x lost in H (H within x)
+        e = (gu - cu[x]).astype(np.float64)                  # unit pixels H adds to x (H contains x)
+        return np.where(op == OR, e > superset[x], d > subset[x])
 
-        def parent(x):
-            fi, ff = frontier_i[x], frontier_f[x]
-            sub = fi / (us + np.maximum(0.0, ff - (fpn[x][:, None] - (gg - gi))))
-            sup = np.minimum(us, fi + gi - cu[x][:, None]) / (us + ff)
-            return np.where(o == OR, sup, sub).max(1)
-
-        b = parent(a[sl])
-        out[sl] = np.where(op[sl] == ANDNOT, b, np.minimum(b, parent(c[sl])))
-    return out
+    return keep(a) & np.where(op == ANDNOT, True, keep(c))
 
 
 def _exact(engine, pairs, n, cu, usize, length, incumbents):
@@ -572,12 +567,7 @@ def _exact(engine, pairs, n, cu, usize, length, incumbents):
         a, c, ops = a[ok], c[ok], ops[ok]
         g, gu = f2[a, c, o[ok]], i2[a, c, o[ok]]
         if steps == 1 and len(a):
-            parents = np.unique(np.concatenate([a, c[ops != ANDNOT]]))
-            where = np.zeros(num_concepts, np.int64)
-            where[parents] = np.arange(len(parents))
-            fi, ff = _frontiers(f2[parents], i2[parents])
-            ok = _delta_bound(where[a], ops, where[c], g, gu, fi, ff, n[parents],
-                              cu[u][parents].astype(np.float64), us) > best[0]
+            ok = _delta_keep(a, ops, c, g, gu, _delta_thresholds(f2, i2, us, best[0]), n, cu[u])
             a, c, ops, g, gu = a[ok], c[ok], ops[ok], g[ok], gu[ok]
             ok = _pair_bound(a, ops, c, g, gu, pair_i, pair_f, n, cu[u], us) > best[0]
             a, c, ops, g, gu = a[ok], c[ok], ops[ok], g[ok], gu[ok]

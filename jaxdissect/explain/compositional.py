@@ -22,10 +22,13 @@ from most images costs only the blocks where it occurs.
 atoms of non-zero IoU, expand every beam formula by every concept and
 operator, keep the best ``beam``; ties in the paper's order), with exact
 integer counts. ``exact=True`` is branch and bound over the same grammar,
-starting from the beam's answer, with admissible IoU upper bounds
-(:func:`_bound`, and :func:`_pair_bound` from exact pair counts before the
-last step), so the answer is a formula of maximal IoU among all formulas up
-to ``length``.
+starting from the beam's answer: every length-2 formula is scored exactly
+from pair counts (:class:`_Pairs`, one join over block positions), the
+length-2 prefixes are filtered by admissible IoU upper bounds, cheapest
+first (:func:`_quick_bound`, :func:`_bound`, one of each symmetric pair,
+:func:`_delta_keep`, :func:`_pair_bound`), and the survivors are expanded
+by the kernel, so the answer is a formula of maximal IoU among all formulas
+up to ``length``.
 """
 
 from __future__ import annotations

@@ -22,10 +22,13 @@ from most images costs only the blocks where it occurs.
 atoms of non-zero IoU, expand every beam formula by every concept and
 operator, keep the best ``beam``; ties in the paper's order), with exact
 integer counts. ``exact=True`` is branch and bound over the same grammar,
-starting from the beam's answer, with admissible IoU upper bounds
-(:func:`_bound`, and :func:`_pair_bound` from exact pair counts before the
-last step), so the answer is a formula of maximal IoU among all formulas up
-to ``length``.
+starting from the beam's answer: every length-2 formula is scored exactly
+from pair counts (:class:`_Pairs`, one join over block positions), the
+length-2 prefixes are filtered by admissible IoU upper bounds, cheapest
+first (:func:`_quick_bound`, :func:`_bound`, one of each symmetric pair,
+:func:`_delta_keep`, :func:`_pair_bound`), and the survivors are expanded
+by the kernel, so the answer is a formula of maximal IoU among all formulas
+up to ``length``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.explain.packed import SparseMasks, lookup
+from jaxdissect.explain.packed import ImageMasks, SparseMasks, lookup
 
 AND, OR, ANDNOT, NONE = 0, 1, 2, 3
 OP_NAMES = {AND: "AND", OR: "OR", ANDNOT: "AND NOT"}
@@ -77,6 +80,29 @@ def formula_mask(concept_masks, explanation: Explanation) -> np.ndarray:
     for k, op in zip(explanation.concepts[1:], explanation.ops[1:]):
         m = m & c[k] if op == "AND" else m | c[k] if op == "OR" else m & ~c[k]
     return m
+
+
+def formula_image_masks(concepts: ImageMasks, explanations) -> ImageMasks:
+    """The formula masks of ``explanations`` (one mask each) over per-image ``concepts``, without dense masks."""
+    cache, words, ids = {}, [], []
+
+    def get(c):
+        if c not in cache:
+            cache[c] = concepts.dense_words(c)
+        return cache[c]
+
+    for e in explanations:
+        m = get(e.concepts[0])
+        for k, op in zip(e.concepts[1:], e.ops[1:]):
+            m = m & get(k) if op == "AND" else m | get(k) if op == "OR" else m & ~get(k)
+        nz = np.nonzero(m.any(1))[0]
+        words.append(m[nz])
+        ids.append(nz)
+    return ImageMasks(mask_ids=np.repeat(np.arange(len(ids)), [len(i) for i in ids]).astype(np.int32),
+                      image_ids=np.concatenate(ids or [np.zeros(0, np.int64)]).astype(np.int32),
+                      words=np.concatenate(words) if words else
+                      np.zeros((0, concepts.words_per_image), np.uint32),
+                      num_masks=len(ids), num_images=concepts.num_images, positions=concepts.positions)
 
 
 def _iou(inter, formula, unit):
@@ -173,6 +199,63 @@ class _Engine:
                 np.asarray(jnp.concatenate(out_b)).astype(np.int64))
 
 
+@functools.partial(jax.jit, static_argnames=("width",))
+def _pair_kernel(acc, table, ids, ublocks, positions, *, width):
+    """``acc[a * width + c] += |a & c & u|`` summed over the block ``positions`` (u's blocks ``ublocks``).
+
+    ``table [nb + 1, C, words]`` holds the concepts present at each block
+    position (ids ``[nb + 1, C]``, empty slots id ``width - 1``; row nb is empty).
+    """
+    t = table[positions]                                               # [K, C, words]
+    i = ids[positions]                                                 # [K, C]
+    x = t & ublocks[:, None, :]
+    cnt = jax.lax.population_count(x[:, :, None, :] & t[:, None, :, :]).astype(jnp.int32).sum(-1)
+    return acc.at[(i[:, :, None] * width + i[:, None, :]).reshape(-1)].add(cnt.reshape(-1))
+
+
+class _Pairs:
+    """Exact pair counts ``|a & c|`` (all pixels) and ``|a & c & u|`` (per unit) for every pair of concepts.
+
+    A join over block positions: at each position only the concepts present
+    there meet, so the cost is the sum over positions (where the unit fires,
+    for ``|a & c & u|``) of (concepts present)^2 blocks, not one scan of every
+    concept block per concept.
+    """
+
+    def __init__(self, units: SparseMasks, concepts: SparseMasks, entries: int = 1 << 18):
+        nb, words = concepts.num_blocks, concepts.block_words
+        self.num_concepts, self.num_blocks, self.units = concepts.num_masks, nb, units
+        bid, mid = concepts.block_ids, concepts.mask_ids
+        order = np.lexsort((mid, bid))
+        per = np.bincount(bid, minlength=nb)
+        width = max(1, int(per.max(initial=0)))
+        slot = np.arange(len(order)) - np.concatenate([[0], np.cumsum(per)])[bid[order]]
+        table = np.zeros((nb + 1, width, words), np.uint32)
+        ids = np.full((nb + 1, width), self.num_concepts, np.int32)
+        table[bid[order], slot] = concepts.blocks[order]
+        ids[bid[order], slot] = mid[order]
+        self.table, self.ids = jnp.asarray(table), jnp.asarray(ids)
+        self.chunk = max(8, entries // (width * width))
+        self.starts = np.searchsorted(units.mask_ids, np.arange(units.num_masks + 1))
+        self.all = self._join(np.arange(nb), np.full((nb, words), 0xFFFFFFFF, np.uint32))
+
+    def _join(self, positions, ublocks):
+        width = self.num_concepts + 1
+        acc = jnp.zeros((width * width,), jnp.int32)
+        for s in range(0, len(positions), self.chunk):
+            p = np.full((self.chunk,), self.num_blocks, np.int32)
+            b = np.zeros((self.chunk, ublocks.shape[1]), np.uint32)
+            k = min(self.chunk, len(positions) - s)
+            p[:k], b[:k] = positions[s : s + k], ublocks[s : s + k]
+            acc = _pair_kernel(acc, self.table, self.ids, jnp.asarray(b), jnp.asarray(p), width=width)
+        return np.asarray(acc).reshape(width, width)[:-1, :-1].astype(np.int64)
+
+    def unit(self, u: int) -> np.ndarray:
+        """``|a & c & u|`` ``[L, L]`` for unit ``u``."""
+        lo, hi = self.starts[u], self.starts[u + 1]
+        return self._join(self.units.block_ids[lo:hi], self.units.blocks[lo:hi])
+
+
 def _prefix_arrays(formulas, width):
     """Host formulas ``(concepts, ops)`` -> ``pcon, pops [Q, width]`` (unused slots NONE)."""
     pcon = np.zeros((len(formulas), width), np.int32)
@@ -186,6 +269,8 @@ def _prefix_arrays(formulas, width):
 def _as_sparse(masks, block_words, what):
     if isinstance(masks, SparseMasks):
         return masks
+    if isinstance(masks, ImageMasks):
+        return masks.to_sparse(block_words)
     masks = np.asarray(masks)
     if masks.ndim != 2:
         raise ValueError(f"{what} must be boolean [{what.split('_')[0]}s, pixels], got shape {masks.shape}")
@@ -200,11 +285,20 @@ def compositional(unit_masks, concept_masks, names, *, length: int = 3, beam: in
 
     ``unit_masks [U, P]`` and ``concept_masks [L, P]``: boolean over the same P
     pixels (images x positions), or :class:`SparseMasks` built with the same
-    ``block_words``. ``names``: L concept names used in the formula text.
+    ``block_words``, or both :class:`ImageMasks` over the same images (stored
+    per image: no dense mask is made). ``names``: L concept names used in the formula text.
     ``exact=False``: the paper's beam search with ``beam`` formulas;
     ``exact=True``: a provably optimal formula (branch and bound). Returns one
     :class:`Explanation` per unit.
     """
+    if isinstance(unit_masks, ImageMasks) != isinstance(concept_masks, ImageMasks):
+        raise ValueError("unit_masks and concept_masks must both be ImageMasks or neither; convert the other "
+                         "with ImageMasks.from_dense(masks, num_images)")
+    if isinstance(unit_masks, ImageMasks) and (
+            (unit_masks.num_images, unit_masks.positions) != (concept_masks.num_images, concept_masks.positions)):
+        raise ValueError(f"unit masks cover {unit_masks.num_images} images x {unit_masks.positions} positions but "
+                         f"concept masks {concept_masks.num_images} x {concept_masks.positions}; both must be over "
+                         "the same images and positions")
     units = _as_sparse(unit_masks, block_words, "unit_masks")
     concepts = _as_sparse(concept_masks, block_words, "concept_masks")
     if units.num_pixels != concepts.num_pixels:
@@ -227,7 +321,7 @@ def compositional(unit_masks, concept_masks, names, *, length: int = 3, beam: in
     _, cu = engine.counts(np.arange(num_units), np.zeros((num_units, 0)), np.zeros((num_units, 0)))
     found = _beam(engine, n, cu, usize, length, beam)
     if exact:        # the beam's answers are the first incumbents: strong bounds prune from the start
-        found = _exact(engine, n, cu, usize, length, found)
+        found = _exact(engine, _Pairs(units, concepts), n, cu, usize, length, found)
     out = []
     for u, (con, ops, inter, fpix) in enumerate(found):
         out.append(Explanation(unit=u, formula=formula_text(con, ops, names), iou=float(_iou(inter, fpix, usize[u])),
@@ -315,6 +409,18 @@ def _bound(g, gu, steps, usize, frontier, topsum):
     return np.maximum(gu / us, (inter / (us + fp)).max(1))
 
 
+def _quick_bound(g, gu, usize, frontier):
+    """O(1) relaxation of ``_bound(..., steps=1)``: its OR term ``min(|u|, I + c_u) / (|u| + max(fp, fp_c))``
+    is at most ``min(|u|, I + max_c c_u) / (|u| + fp)`` and at most ``I / |u| + max_c c_u / (|u| + fp_c)``."""
+    us = float(usize)
+    gu = np.asarray(gu, np.float64)
+    fp = np.asarray(g, np.float64) - gu
+    cu_f, fp_f = frontier
+    reach = (cu_f / (us + fp_f)).max()
+    quick = np.minimum(np.minimum(us, gu + cu_f.max()) / (us + fp), gu / us + reach)
+    return np.maximum(gu / us, quick)
+
+
 def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
     """Tighter bound for ``G = (a op b)`` and one more step, from the exact pair counts of a and b with every c.
 
@@ -362,7 +468,55 @@ def _pair_bound(a, op, b, g, gu, pair_i, pair_f, n, cu, usize, rows=256):
     return out
 
 
-def _exact(engine, n, cu, usize, length, incumbents):
+def _delta_thresholds(f2, i2, usize, best, rows=128):
+    """Per concept x, the least change of a length-2 prefix H built on x that may beat ``best`` one step on.
+
+    Each of AND y, OR y, AND NOT y is monotone in its left operand, and every
+    child ``x op2 y`` of x is known exactly (``f2, i2 [L, L, 3]``: ``|x op2 y|``,
+    ``|(x op2 y) & u|``; ``I``, ``FP`` below).
+
+    * H a subset of x (``x AND c``, ``x AND NOT c``, ``c AND x``): ``H op2 y``
+      is a subset of ``x op2 y`` missing at most the ``d = FP(x) - FP(H)``
+      false positives of ``x - H``, so ``IoU <= I / (|u| + max(0, FP - d))``,
+      which exceeds ``best`` for some child iff ``d > min over children with
+      I > best |u| of (FP + |u| - I / best)`` = ``subset[x]``.
+    * H containing x (``x OR c``, ``c OR x``): ``H op2 y`` contains ``x op2 y``
+      and adds at most ``e = I(H) - I(x)`` unit pixels, so ``IoU <= min(|u|,
+      I + e) / (|u| + FP)``, which exceeds ``best`` iff ``e > min over children
+      with best (|u| + FP) < |u| of (best (|u| + FP) - I)`` = ``superset[x]``.
+
+    Returns ``(subset, superset)`` ``[L]`` (inf: no child can help), lowered by a
+    margin so that rounding never prunes a prefix whose bound exceeds ``best``.
+    """
+    us, num = float(usize), f2.shape[0]
+    subset, superset = np.full(num, np.inf), np.full(num, np.inf)
+    if best <= 0:
+        return np.full(num, -np.inf), np.full(num, -np.inf)
+    margin = 1e-9 * (us + f2.max(initial=0)) / min(best, 1.0)     # the comparisons below lean to keeping
+    for s in range(0, num, rows):
+        inter = i2[s : s + rows].reshape(min(rows, num - s), -1).astype(np.float64)
+        fp = f2[s : s + rows].reshape(inter.shape).astype(np.float64) - inter
+        subset[s : s + rows] = np.where(inter > best * us - margin, fp + us - inter / best, np.inf).min(1)
+        need = best * (us + fp)
+        superset[s : s + rows] = np.where(need < us + margin, need - inter, np.inf).min(1)
+    return subset - margin, superset - margin
+
+
+def _delta_keep(a, op, c, g, gu, thresholds, n, cu):
+    """Whether the length-2 prefixes ``H = a op c`` pass the bounds of :func:`_delta_thresholds` (both parents
+    of AND and OR; a only for AND NOT)."""
+    subset, superset = thresholds
+    fp = (g - gu).astype(np.float64)
+
+    def keep(x):
+        d = (n[x] - cu[x]).astype(np.float64) - fp           # false positives of x lost in H (H within x)
+        e = (gu - cu[x]).astype(np.float64)                  # unit pixels H adds to x (H contains x)
+        return np.where(op == OR, e > superset[x], d > subset[x])
+
+    return keep(a) & np.where(op == ANDNOT, True, keep(c))
+
+
+def _exact(engine, pairs, n, cu, usize, length, incumbents):
     """Branch and bound per unit: expand prefixes level by level, best bound first, pruning at the incumbent.
 
     Bounds and IoUs are exact integer arithmetic (in float64, below 2**53)
@@ -386,23 +540,48 @@ def _exact(engine, n, cu, usize, length, incumbents):
             continue
         topsum = np.concatenate([[0], np.cumsum(np.sort(cu[u])[::-1])]).astype(np.float64)
         frontier = _frontier(n, cu[u])
-        # A level: parallel arrays of prefixes (concept lists, ops) with their counts.
-        level_con = [(c,) for c in range(num_concepts)]
-        level_ops = [(None,)] * num_concepts
-        level_g, level_gu = n.copy(), cu[u].copy()
-        pair_i = np.zeros((num_concepts, num_concepts), np.int64)
-        pair_f = np.zeros((num_concepts, num_concepts), np.int64)
-        have = np.zeros(num_concepts, bool)
-        for depth in range(1, length):
+        # Every length-2 formula's counts at once (exact pair counts): no scan of the concept blocks.
+        pair_i, pair_f = pairs.unit(u), pairs.all
+        f2, i2 = _children(n, cu[u], pair_f, pair_i, n, cu[u])            # [a, c, op]
+        score = _iou(i2, f2, us)
+        t = int(np.argmax(score))
+        if score.reshape(-1)[t] > best[0]:
+            a, c, o = np.unravel_index(t, f2.shape)
+            best = (float(score.reshape(-1)[t]), (int(a), int(c)), (None, _CHILD_OPS[o]), int(i2[a, c, o]),
+                    int(f2[a, c, o]))
+        if length == 2:
+            results.append(best[1:])
+            continue
+        # Length-2 prefixes that may still lead to a better formula: cheap bounds first, then tighter ones.
+        steps = length - 2
+        gu2, fp2 = i2.reshape(-1).astype(np.float64), (f2 - i2).reshape(-1).astype(np.float64)
+        if steps == 1:
+            keep = np.nonzero(_quick_bound(gu2 + fp2, gu2, us, frontier) > best[0])[0]
+        else:
+            keep = np.arange(gu2.size)
+        parts = [keep[s : s + 65536] for s in range(0, len(keep), 65536)]
+        keep = np.concatenate([k[_bound(f2.reshape(-1)[k], i2.reshape(-1)[k], steps, us, frontier, topsum) > best[0]]
+                               for k in parts] or [keep])
+        a, rest = np.divmod(keep, 3 * num_concepts)
+        c, o = np.divmod(rest, 3)
+        ops = np.asarray(_CHILD_OPS)[o]
+        # One prefix per mask of a symmetric pair: (a AND c) = (c AND a), (a OR c) = (c OR a).
+        ok = (ops == ANDNOT) | (a <= c) | ~np.isin(c * 3 * num_concepts + a * 3 + o, keep)
+        a, c, ops = a[ok], c[ok], ops[ok]
+        g, gu = f2[a, c, o[ok]], i2[a, c, o[ok]]
+        if steps == 1 and len(a):
+            ok = _delta_keep(a, ops, c, g, gu, _delta_thresholds(f2, i2, us, best[0]), n, cu[u])
+            a, c, ops, g, gu = a[ok], c[ok], ops[ok], g[ok], gu[ok]
+            ok = _pair_bound(a, ops, c, g, gu, pair_i, pair_f, n, cu[u], us) > best[0]
+            a, c, ops, g, gu = a[ok], c[ok], ops[ok], g[ok], gu[ok]
+        level_con = [(int(x), int(y)) for x, y in zip(a, c)]
+        level_ops = [(None, int(x)) for x in ops]
+        level_g, level_gu = g.astype(np.int64), gu.astype(np.int64)
+        for depth in range(2, length):
             steps = length - depth
+            if not level_con:
+                break
             bound = _bound(level_g, level_gu, steps, us, frontier, topsum)
-            if depth == 2 and steps == 1:
-                a = np.asarray([x[0] for x in level_con])
-                b = np.asarray([x[1] for x in level_con])
-                op = np.asarray([x[1] for x in level_ops])
-                ok = np.nonzero(have[a] & have[b])[0]
-                bound[ok] = np.minimum(bound[ok], _pair_bound(a[ok], op[ok], b[ok], level_g[ok], level_gu[ok],
-                                                              pair_i, pair_f, n, cu[u], us))
             order = np.argsort(-bound, kind="stable")
             next_con, next_ops, next_g, next_gu = [], [], [], []
             group = engine.batch * 4
@@ -413,8 +592,6 @@ def _exact(engine, n, cu, usize, length, incumbents):
                 pcon, pops = _prefix_arrays([(level_con[q], level_ops[q]) for q in sel], depth)
                 cnt, cntu = engine.counts(np.full(len(sel), u), pcon, pops)
                 f, i = _children(level_g[sel], level_gu[sel], cnt, cntu, n, cu[u])
-                if depth == 1:
-                    pair_i[sel], pair_f[sel], have[sel] = cntu, cnt, True
                 score = _iou(i, f, us)
                 t = int(np.argmax(score))
                 if score.reshape(-1)[t] > best[0]:

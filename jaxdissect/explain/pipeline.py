@@ -1,75 +1,119 @@
 """Formulas and significance inside ``jaxdissect.dissect``, from the masks of its IoU pass.
 
-:class:`MaskCollector` keeps, per batch of pass 3, each layer's unit masks
+:class:`MaskCollector` writes, per batch of pass 3, each layer's unit masks
 (``upsampled activation > exact threshold`` at the segmentation resolution)
-and the concept masks of the labels, bit-packed on the host (``np.packbits``),
-keyed by batch index. :func:`explain_layer` then runs
-:func:`~jaxdissect.explain.compositional` and the significance tests on them.
+and the concept masks of the labels to one file in the pass's work
+directory, bit-packed per image and keeping only the non-empty (mask, image)
+pairs (:class:`~jaxdissect.explain.packed.ImageMasks`): a label absent from
+an image, or a unit silent on it, costs nothing. The file is written
+(atomically) inside the step, so before the checkpoint that covers the batch:
+a killed pass 3 resumes from its checkpoint and :meth:`MaskCollector.masks`
+reads the earlier batches back. :func:`explain_layer` then runs
+:func:`~jaxdissect.explain.compositional` and the significance tests on the
+per-image masks, without making a dense mask.
 
-Host memory: ``(units of all layers + labels) x images x S^2`` bits kept (S =
-the segmentation resolution), e.g. 512 units x 10,000 images x 56^2 = 2 GB;
-:meth:`MaskCollector.masks` unpacks one layer's units and every label to one
-byte per pixel (8 times that) for the search and the tests.
+Disk and memory: the set pixels' 32-bit words of each (unit or label, image)
+pair that has any, e.g. at most ``512 x 10,000 x 98`` words (2 GB) for a
+512-unit layer on 10,000 images at 56 x 56, much less as units fire on few images.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from jaxdissect.explain.compositional import compositional, formula_mask
+from jaxdissect.explain.compositional import compositional, formula_image_masks
+from jaxdissect.explain.packed import ImageMasks, pack_bits
 from jaxdissect.explain.significance import (benjamini_hochberg, bootstrap_iou, label_significance,
                                              mask_significance)
 
 
-def concept_masks(seg, image_labels, num_labels: int) -> np.ndarray:
-    """Boolean ``[B, L, S*S]``: pixel of image b carries label l (any channel of ``seg [B, K, S, S]``, or
-    an image-level label of ``image_labels [B, J]``, which covers the whole image). Label 0 = none."""
+def concept_image_masks(seg, image_labels, num_labels: int) -> ImageMasks:
+    """Label masks of ``B`` images: pixel of image b carries label l in any channel of ``seg [B, K, S, S]``,
+    or l is an image-level label of ``image_labels [B, J]`` (the whole image). Label 0 (none) and labels
+    outside ``[1, num_labels)`` are never set; only present (label, image) pairs are stored."""
     seg = np.asarray(seg)
-    b, _, h, w = seg.shape
-    out = np.zeros((b, num_labels + 1, h * w), bool)
-    flat = np.clip(seg.reshape(b, seg.shape[1], h * w), 0, num_labels).astype(np.int64)
-    rows = np.arange(b)[:, None]
-    cols = np.arange(h * w)[None]
-    for k in range(flat.shape[1]):
-        out[rows, flat[:, k], cols] = True
+    b, k, h, w = seg.shape
+    p = h * w
+    if b == 0:
+        return ImageMasks.from_pairs([], [], np.zeros((0, -(-p // 32)), np.uint32), num_labels, 0, p)
+    flat = seg.reshape(b, k * p).astype(np.int64)
+    img, pos = np.nonzero((flat > 0) & (flat < num_labels))
+    keys = [flat[img, pos] * b + img]
     if image_labels is not None:
-        img = np.clip(np.asarray(image_labels).astype(np.int64), 0, num_labels)
-        for j in range(img.shape[1]):
-            out[np.arange(b), img[:, j]] = True
-    out[:, 0] = False
-    return out[:, :num_labels]
+        il = np.asarray(image_labels).astype(np.int64).reshape(b, -1)
+        ii, jj = np.nonzero((il > 0) & (il < num_labels))
+        keys.append(il[ii, jj] * b + ii)
+    uniq, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    bits = np.zeros((len(uniq), p), bool)
+    bits[inverse[: len(img)], pos % p] = True
+    bits[inverse[len(img):]] = True
+    return ImageMasks.from_pairs(uniq // b, uniq % b, pack_bits(bits), num_labels, b, p)
+
+
+def _npz_atomic(path: str, arrays: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+_FIELDS = ("mask_ids", "image_ids", "words")
 
 
 class MaskCollector:
-    """Bit-packed unit and concept masks per batch of a pass (``add``), in batch order (``masks``)."""
+    """Unit and concept masks of each batch of a pass, one file per batch in ``directory``.
 
-    def __init__(self, num_labels: int):
+    ``layers`` fixes the layer order in the files; ``num_batches`` is the
+    pass's batch count (every batch gets a file, one without valid images too).
+    """
+
+    def __init__(self, directory: str, layers, num_labels: int, num_batches: int):
+        self.directory = directory
+        self.layers = list(layers)
         self.num_labels = num_labels
-        self.units: dict[int, dict[str, np.ndarray]] = {}
-        self.concepts: dict[int, np.ndarray] = {}
-        self.positions = None
+        self.num_batches = num_batches
+        os.makedirs(directory, exist_ok=True)
+
+    def path(self, batch: int) -> str:
+        return os.path.join(self.directory, f"batch-{batch:06d}.npz")
 
     def add(self, batch: int, unit_masks: dict, seg, image_labels, valid) -> None:
         """``unit_masks {layer: bool [B, S, S, U]}``; only the ``valid`` images are kept."""
         valid = np.asarray(valid, bool)
-        if not valid.any():
-            return
-        self.units[batch] = {n: np.packbits(np.moveaxis(np.asarray(m)[valid].reshape(valid.sum(), -1,
-                                                                                   m.shape[-1]), -1, 0), axis=-1)
-                             for n, m in unit_masks.items()}
-        cm = concept_masks(np.asarray(seg)[valid], None if image_labels is None else
-                           np.asarray(image_labels)[valid], self.num_labels)
-        self.positions = cm.shape[-1]
-        self.concepts[batch] = np.packbits(np.moveaxis(cm, 1, 0), axis=-1)     # [L, b, S*S/8]
+        count = int(valid.sum())
+        seg = np.asarray(seg)[valid]
+        concepts = concept_image_masks(seg, None if image_labels is None else np.asarray(image_labels)[valid],
+                                       self.num_labels)
+        arrays = {"images": np.int64(count), "positions": np.int64(concepts.positions)}
+        arrays.update({f"concept_{k}": getattr(concepts, k) for k in _FIELDS})
+        for i, n in enumerate(self.layers):
+            m = np.asarray(unit_masks[n])[valid]
+            m = np.moveaxis(m.reshape(count, m.shape[1] * m.shape[2], m.shape[-1]), -1, 0)      # [U, b, S*S]
+            units = ImageMasks.from_words(pack_bits(m), m.shape[-1])
+            arrays[f"units{i}"] = np.int64(units.num_masks)
+            arrays.update({f"units{i}_{k}": getattr(units, k) for k in _FIELDS})
+        _npz_atomic(self.path(batch), arrays)
 
-    def masks(self, layer: str) -> tuple[np.ndarray, np.ndarray, int]:
-        """``(unit_masks [U, N*P], concept_masks [L, N*P], N)`` boolean, images in batch order."""
-        order = sorted(self.units)
-        units = np.concatenate([self.units[b][layer] for b in order], 1)
-        concepts = np.concatenate([self.concepts[b] for b in order], 1)
-        n = units.shape[1]
-        unpack = lambda x: np.unpackbits(x, axis=-1, count=self.positions).astype(bool).reshape(x.shape[0], -1)  # noqa: E731
-        return unpack(units), unpack(concepts), n
+    def masks(self, layer: str) -> tuple[ImageMasks, ImageMasks, int]:
+        """``(unit_masks, concept_masks, N)`` of one layer over all batches' images, in batch order."""
+        missing = [b for b in range(self.num_batches) if not os.path.exists(self.path(b))]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {self.num_batches} batches' masks are missing from {self.directory} (first: "
+                f"batch {missing[0]}); delete {os.path.dirname(self.directory)} to recompute pass 3")
+        i = self.layers.index(layer)
+        units, concepts = [], []
+        for b in range(self.num_batches):
+            with np.load(self.path(b)) as f:
+                n, p = int(f["images"]), int(f["positions"])
+                concepts.append(ImageMasks(*(f[f"concept_{k}"] for k in _FIELDS), self.num_labels, n, p))
+                units.append(ImageMasks(*(f[f"units{i}_{k}"] for k in _FIELDS), int(f[f"units{i}"]), n, p))
+        units, concepts = ImageMasks.concat_images(units), ImageMasks.concat_images(concepts)
+        return units, concepts, units.num_images
 
 
 def explain_layer(unit_masks, concept_masks_, label_names, num_images: int, *, length: int = 0,
@@ -77,10 +121,15 @@ def explain_layer(unit_masks, concept_masks_, label_names, num_images: int, *, l
                   seed: int = 0) -> list[dict]:
     """Per unit: ``formula``, ``formula_iou`` (``length`` > 0) and ``p_value``, ``q_value``,
     ``significant``, ``iou_ci`` of its best label, ``formula_p_value``, ``formula_q_value``
-    (``permutations`` > 0). Label 0 (no label) is never used; BH runs over every tested pair."""
+    (``permutations`` > 0). Masks: boolean ``[U, P]``, ``[L, P]`` or :class:`ImageMasks`.
+    Label 0 (no label) is never used; BH runs over every tested pair."""
+    if not isinstance(unit_masks, ImageMasks):
+        unit_masks = ImageMasks.from_dense(unit_masks, num_images)
+    if not isinstance(concept_masks_, ImageMasks):
+        concept_masks_ = ImageMasks.from_dense(concept_masks_, num_images)
     names = list(label_names)[1:]
-    concepts = concept_masks_[1:]
-    num_units = unit_masks.shape[0]
+    concepts = concept_masks_.take(np.arange(1, concept_masks_.num_masks))
+    num_units = unit_masks.num_masks
     out = [{} for _ in range(num_units)]
     found = None
     if length > 0:
@@ -89,11 +138,11 @@ def explain_layer(unit_masks, concept_masks_, label_names, num_images: int, *, l
             out[u].update(formula=e.formula, formula_iou=float(e.iou))
     if permutations > 0:
         sig = label_significance(unit_masks, concepts, num_images, permutations=permutations, seed=seed)
-        best = concepts[sig["label"]]
+        best = concepts.take(sig["label"])
         ci = bootstrap_iou(unit_masks, best, num_images, samples=permutations, seed=seed)
         p = [sig["p_value"]]
         if found is not None:
-            fm = np.stack([formula_mask(concepts, e) for e in found])
+            fm = formula_image_masks(concepts, found)
             p.append(mask_significance(unit_masks, fm, num_images, permutations=permutations, seed=seed)["p_value"])
         significant, adjusted = benjamini_hochberg(np.concatenate(p), q)
         for u in range(num_units):

@@ -15,8 +15,9 @@ IoU as high as their chance level instead of looking significant.
 * :func:`benjamini_hochberg`: FDR control across all tested pairs.
 * :func:`bootstrap_iou`: percentile interval of the dataset IoU, resampling images.
 
-Masks are packed per image (``[N, W]`` words per mask) and concepts are kept
-as a per-image table of the concepts present, so absent concepts cost nothing.
+Masks are boolean ``[M, N * P]`` or :class:`~jaxdissect.explain.packed.ImageMasks`
+(bit-packed per image, non-empty images only); concepts are kept as a
+per-image table of the concepts present, so absent concepts cost nothing.
 """
 
 from __future__ import annotations
@@ -27,36 +28,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.explain.packed import pack_bits
+from jaxdissect.explain.packed import ImageMasks
 
 _PERM_CHUNK = 8       # permutations evaluated together (memory: chunk x images x concepts per image x words)
 
 
-def _per_image(masks, num_images, what):
+def _per_image(masks, num_images, what) -> ImageMasks:
+    if isinstance(masks, ImageMasks):
+        if masks.num_images != num_images:
+            raise ValueError(f"{what} cover {masks.num_images} images, not num_images={num_images}")
+        return masks
     masks = np.asarray(masks)
     if masks.ndim != 2 or masks.dtype != bool:
         raise ValueError(f"{what} must be boolean [masks, pixels], got {masks.dtype} {masks.shape}")
     if num_images < 1 or masks.shape[1] % num_images:
         raise ValueError(f"{what} have {masks.shape[1]} pixels, not a multiple of num_images={num_images}")
-    return pack_bits(masks.reshape(masks.shape[0], num_images, -1))
+    return ImageMasks.from_dense(masks, num_images)
 
 
-def _concept_table(packed):
-    """``[L, N, W]`` words -> per-image blocks ``[N, C, W]`` of the concepts present and their ids ``[N, C]``.
+def _concept_table(masks: ImageMasks):
+    """Per-image blocks ``[N, C, W]`` of the concepts present and their ids ``[N, C]``.
 
     ``C`` is the most concepts present in one image; empty slots are zero
     blocks with id L. Ids are also returned flattened in sorted order with
     the permutation that sorts them, for a sorted segment sum.
     """
-    num_concepts, num_images, words = packed.shape
-    present = packed.any(-1).T                                    # [N, L]
-    width = max(1, int(present.sum(1).max(initial=0)))
+    num_concepts, num_images, words = masks.num_masks, masks.num_images, masks.words_per_image
+    per_image = np.bincount(masks.image_ids, minlength=num_images)
+    width = max(1, int(per_image.max(initial=0)))
+    order = np.lexsort((masks.mask_ids, masks.image_ids))           # by image, then concept
+    img, con = masks.image_ids[order], masks.mask_ids[order]
+    slot = np.arange(len(order)) - np.concatenate([[0], np.cumsum(per_image)])[img]
     blocks = np.zeros((num_images, width, words), np.uint32)
     concept = np.full((num_images, width), num_concepts, np.int32)
-    for i in range(num_images):
-        cs = np.nonzero(present[i])[0]
-        blocks[i, : len(cs)] = packed[cs, i]
-        concept[i, : len(cs)] = cs
+    blocks[img, slot] = masks.words[order]
+    concept[img, slot] = con
     order = np.argsort(concept.reshape(-1), kind="stable").astype(np.int32)
     return jnp.asarray(blocks), jnp.asarray(order), jnp.asarray(concept.reshape(-1)[order])
 
@@ -79,21 +85,24 @@ def _permuted_intersections(unit, blocks, order, sorted_ids, inverse_perms, *, n
     return out.reshape(t, num_concepts)
 
 
-def _null_test(unit_masks, packed_targets, num_images, permutations, seed, best_of_all):
-    units = _per_image(unit_masks, num_images, "unit_masks")
-    blocks, order, sorted_ids = _concept_table(packed_targets)
-    num_targets = packed_targets.shape[0]
-    a = np.asarray(unit_masks).sum(1, dtype=np.int64)
-    n = np.asarray([int(np.unpackbits(t.view(np.uint8)).sum()) for t in packed_targets], np.int64)
+def _null_test(units: ImageMasks, targets: ImageMasks, num_images, permutations, seed, best_of_all):
+    if units.positions != targets.positions:
+        raise ValueError(f"unit masks have {units.positions} positions per image but the other masks "
+                         f"{targets.positions}; both must be over the same images and positions")
+    blocks, order, sorted_ids = _concept_table(targets)
+    num_targets = targets.num_masks
+    a = units.counts
+    n = targets.counts
     rng = np.random.default_rng(seed)
     ident = np.arange(num_images, dtype=np.int32)[None]
     out = {"iou": [], "label": [], "p_value": [], "null_mean": [], "null_95": []}
-    for u in range(units.shape[0]):
+    for u in range(units.num_masks):
         pad = -(permutations + 1) % _PERM_CHUNK
         perms = rng.permuted(np.repeat(ident, permutations, 0), axis=1)
         perms = jnp.asarray(np.concatenate([ident, perms] + [ident] * pad))
-        inter = np.asarray(_permuted_intersections(jnp.asarray(units[u]), blocks, order, sorted_ids, perms,
-                                                   num_concepts=num_targets))[: permutations + 1].astype(np.float64)
+        inter = np.asarray(_permuted_intersections(jnp.asarray(units.dense_words(u)), blocks, order, sorted_ids,
+                                                   perms, num_concepts=num_targets)
+                           )[: permutations + 1].astype(np.float64)
         union = a[u] + n[None] - inter
         iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
         if best_of_all:
@@ -117,20 +126,20 @@ def label_significance(unit_masks, concept_masks, num_images: int, *, permutatio
     """p-value of each unit's best label (max IoU over concepts) under image permutation.
 
     ``unit_masks [U, P]``, ``concept_masks [L, P]`` boolean, P = ``num_images``
-    x positions (image-major). Returns ``label``, ``iou``, ``p_value``,
+    x positions (image-major), or :class:`ImageMasks`. Returns ``label``, ``iou``, ``p_value``,
     ``null_mean``, ``null_95`` (per unit; statistics of the null best-label
     IoU) and ``permutations`` (the Monte Carlo count).
     """
-    concepts = _per_image(concept_masks, num_images, "concept_masks")
-    return _null_test(unit_masks, concepts, num_images, permutations, seed, True)
+    return _null_test(_per_image(unit_masks, num_images, "unit_masks"),
+                      _per_image(concept_masks, num_images, "concept_masks"), num_images, permutations, seed, True)
 
 
 def mask_significance(unit_masks, masks, num_images: int, *, permutations: int = 1000, seed: int = 0) -> dict:
     """p-value of ``IoU(unit u, masks[u])`` for one given mask per unit (e.g. its formula's mask)."""
-    masks = np.asarray(masks)
-    if masks.shape != np.asarray(unit_masks).shape:
-        raise ValueError(f"need one mask per unit: masks {masks.shape} vs unit_masks {np.asarray(unit_masks).shape}")
-    return _null_test(unit_masks, _per_image(masks, num_images, "masks"), num_images, permutations, seed, False)
+    units, masks = _per_image(unit_masks, num_images, "unit_masks"), _per_image(masks, num_images, "masks")
+    if masks.num_masks != units.num_masks:
+        raise ValueError(f"need one mask per unit: {masks.num_masks} masks for {units.num_masks} units")
+    return _null_test(units, masks, num_images, permutations, seed, False)
 
 
 def benjamini_hochberg(p_values, q: float = 0.05):
@@ -159,10 +168,16 @@ def _bootstrap(counts, key, *, samples):
 
 
 def image_counts(unit_masks, masks, num_images: int) -> np.ndarray:
-    """Per-image ``(|u & m|, |u|, |m|)`` ``[U, N, 3]`` for unit u against ``masks[u]``."""
-    u = np.asarray(unit_masks, bool).reshape(len(unit_masks), num_images, -1)
-    m = np.asarray(masks, bool).reshape(u.shape)
-    return np.stack([(u & m).sum(2), u.sum(2), m.sum(2)], -1).astype(np.float32)
+    """Per-image ``(|u & m|, |u|, |m|)`` ``[U, N, 3]`` for unit u against ``masks[u]`` (boolean or ImageMasks)."""
+    units, masks = _per_image(unit_masks, num_images, "unit_masks"), _per_image(masks, num_images, "masks")
+    if masks.num_masks != units.num_masks:
+        raise ValueError(f"need one mask per unit: {masks.num_masks} masks for {units.num_masks} units")
+    out = np.zeros((units.num_masks, num_images, 3), np.float32)
+    for u in range(units.num_masks):
+        a, b = units.dense_words(u), masks.dense_words(u)
+        out[u] = np.stack([np.bitwise_count(a & b).sum(1), np.bitwise_count(a).sum(1),
+                           np.bitwise_count(b).sum(1)], -1)
+    return out
 
 
 def bootstrap_iou(unit_masks, masks, num_images: int, *, samples: int = 1000, level: float = 0.95,

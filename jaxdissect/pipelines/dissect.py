@@ -553,13 +553,11 @@ class _Run:
         return state
 
     def collect(self, batch, acts, extra):
-        """Keep this batch's unit masks (upsampled act > threshold) and concept masks, bit-packed."""
+        """Write this batch's unit masks (upsampled act > threshold) and concept masks to the pass's work dir."""
         valid = np.asarray(batch["valid"], bool)
-        if not valid.any():
-            return
-        first = int(np.asarray(batch["index"])[valid][0]) // self.batch_size
+        number = int(np.asarray(batch["index"])[0]) // self.batch_size
         masks = {n: np.asarray(_unit_mask_fn(p)(acts[n], self._thresholds[n])) for n, p in self.plans.items()}
-        self.collector.add(first, masks, extra["seg"], extra.get("image_labels"), valid)
+        self.collector.add(number, masks, extra["seg"], extra.get("image_labels"), valid)
 
     def explain_layers(self, results_dir):
         """Formulas and significance per layer from the collected masks; saved as ``explain-<layer>.json``."""
@@ -616,11 +614,11 @@ class _Run:
         keys = self.label_keys()
         init = {n: p.pass3_init(thresholds[n]) for n, p in plans.items()}
         if self.explain:
-            # The masks are kept in memory only: pass 3 starts over instead of resuming a checkpoint.
+            # One mask file per batch, written inside the step (before its checkpoint): pass 3 resumes.
             from jaxdissect.explain.pipeline import MaskCollector
 
-            shutil.rmtree(os.path.join(wd.directory, "pass3"), ignore_errors=True)
-            self.collector = MaskCollector(len(self.label_names))
+            self.collector = MaskCollector(os.path.join(wd.directory, "pass3", "masks"), self.layers,
+                                           len(self.label_names), self.num_batches)
             self._thresholds = {n: jnp.asarray(t, jnp.float32) for n, t in thresholds.items()}
         state = self.run_pass(wd, "pass3", init, keys,
                               extra_config={"thresholds": {n: _hash_array(t) for n, t in thresholds.items()}})
@@ -1022,11 +1020,11 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
       permutations: > 0: image-permutation p-values of each unit's best label
         (and formula) with this many Monte Carlo draws, Benjamini-Hochberg
         ``q_value``/``significant`` at FDR ``q`` over every tested pair, and a
-        bootstrap ``iou_ci``. Both add no pass: pass 3 keeps the unit masks
-        (act > threshold, segmentation resolution) and concept masks bit-packed in
-        host memory ((units + labels) x images x S^2 bits; one layer's units and
-        all labels are unpacked to bytes for the search) and always starts over
-        instead of resuming a checkpoint. Results go into ``report.json``, the
+        bootstrap ``iou_ci``. Both add no pass: pass 3 writes the unit masks
+        (act > threshold, segmentation resolution) and concept masks of each
+        batch to ``work/pass3/masks`` (bit-packed per image, only the non-empty
+        (unit or label, image) pairs), so it resumes like the other passes; one
+        layer's masks are read back at a time, never as dense masks. Results go into ``report.json``, the
         summary and ``index.html``; the returned ``DissectionResult``s are unchanged.
       label_metrics: score every unit against its chosen label with IoU, F1,
         AUPRC, Pearson correlation and cosine, at pixel level (upsampled

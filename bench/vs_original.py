@@ -3,7 +3,8 @@
     python -m bench.vs_original --original=/path/to/davidbau/dissect --results=bench/RESULTS.md
 
 (defaults ``--images=24 --images_b=24 --layers_b=conv1_1,conv5_3 --batch=8``:
-about 8 minutes on 2 quiet CPUs; ``--layers_b=all`` runs every layer of the
+an estimated 8 minutes on 2 quiet CPUs, 23 measured at load 6-10; ``--layers_b=all``
+runs every layer of the
 original, about 20 minutes more.)
 
 (``--original`` is a local checkout of https://github.com/davidbau/dissect;

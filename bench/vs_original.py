@@ -3,9 +3,8 @@
     python -m bench.vs_original --original=/path/to/davidbau/dissect --results=bench/RESULTS.md
 
 (defaults ``--images=24 --images_b=24 --layers_b=conv1_1,conv5_3 --batch=8``:
-an estimated 8 minutes on 2 quiet CPUs, 23 measured at load 6-10; ``--layers_b=all``
-runs every layer of the
-original, about 20 minutes more.)
+an estimated 8 minutes on 2 quiet CPUs, 23 measured at load 6-10;
+``--layers_b=all`` runs the original on every layer, an estimated 17 minutes more.)
 
 (``--original`` is a local checkout of https://github.com/davidbau/dissect;
 nothing is fetched.) Both sides dissect the same synthetic JPEGs (smooth
@@ -70,6 +69,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -510,6 +510,11 @@ def case(paths, original, ours_layers, orig_layers, images, batch, workdir, reus
 def main(argv):
     del argv
     F = flags.FLAGS
+    if not F.worker and not F.original:
+        raise SystemExit("error: --original=PATH is required: a local checkout of davidbau/dissect")
+    orig_layers = list(VGG_CONV_LAYERS) if F.layers_b == "all" else F.layers_b.split(",")
+    if not F.worker and (set(orig_layers) - set(VGG_CONV_LAYERS) or len(set(orig_layers)) < 2):
+        raise SystemExit(f"error: --layers_b={F.layers_b}: give 'all' or at least 2 of {', '.join(VGG_CONV_LAYERS)}")
     workdir = F.workdir or tempfile.mkdtemp(prefix="vs_original-")
     paths = prepare(workdir, sorted({F.images, F.images_b})) if not F.worker else None
     if F.worker:
@@ -524,8 +529,15 @@ def main(argv):
         with open(F.worker_out, "w") as f:
             json.dump(summary, f)
         return
-    if not F.original:
-        raise SystemExit("error: --original=PATH is required: a local checkout of davidbau/dissect")
+    try:
+        drive(F, paths, workdir, orig_layers)
+    finally:
+        if not F.workdir:   # our own temporary directory: about 1.3 GB of weights and conversions
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def drive(F, paths: dict, workdir: str, orig_layers: list[str]) -> None:
+    """Run the cases and write the report."""
     with open(os.path.join(workdir, "paths.json"), "w") as f:
         json.dump(paths, f)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
@@ -541,10 +553,6 @@ def main(argv):
 
             write_section(F.results, SECTION, report(meta, a, None))
     if F.cases in ("b", "both"):
-        orig_layers = list(VGG_CONV_LAYERS) if F.layers_b == "all" else F.layers_b.split(",")
-        bad = [x for x in orig_layers if x not in VGG_CONV_LAYERS]
-        if bad or len(orig_layers) < 2:
-            raise SystemExit(f"error: --layers_b={F.layers_b}: give 'all' or at least 2 of {VGG_CONV_LAYERS}")
         reuse = meta.get("original_run") if a is not None and F.images_b == F.images else None
         b, m = case(paths, F.original, list(VGG_CONV_LAYERS), orig_layers, F.images_b, F.batch, workdir, reuse)
         meta.update(m)

@@ -395,7 +395,7 @@ def report(r: dict) -> str:
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs (load average {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} (1/5/15 min) at "
         f"the start, {load1[0]:.1f} at the end: "
-        + ("a quiet machine" if max(load0[0], load1[0]) < 1.5 else
+        + ("nothing else running" if max(load0[0], load1[0]) < 2.5 else
            "the machine was shared with other jobs, so wall-clock rates are low and noisy")
         + f"; images per CPU-second is the robust figure), jax {jax.__version__}, numpy "
         f"{np.__version__}, {r['devices']} JAX device(s), batch {r['batch']}, data `{r['data']}`. 512 units, 6 label "

@@ -542,7 +542,7 @@ def drive(F, paths: dict, workdir: str, orig_layers: list[str]) -> None:
         json.dump(paths, f)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "cpus": os.cpu_count(), "argv": " ".join(sys.argv[1:]),
-            "note": "shared with other jobs" if os.getloadavg()[0] > 1.0 else "quiet at the start"}
+            "note": "shared with other jobs" if os.getloadavg()[0] > 2.5 else "nothing else running"}
     a = b = None
     if F.cases in ("a", "both"):
         a, m = case(paths, F.original, ["conv5_3"], ["conv5_3"], F.images, F.batch, workdir)

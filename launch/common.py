@@ -22,7 +22,9 @@ one line saying where the same command resumes, and exits 130 (a second
 Ctrl-C stops at once; the checkpoints are written atomically either way).
 Log lines lose absl's prefixes; orbax's INFO chatter and JAX's "Unable to
 initialize backend" note are dropped; without an accelerator JAX is told to
-use the CPU (``JAX_PLATFORMS=cpu`` unless set).
+use the CPU (``JAX_PLATFORMS=cpu`` unless set). Compiled XLA programs are kept
+in the per-user cache (:func:`compilation_cache`), so a second run does not
+compile the model, the segmenter and the kernels again.
 """
 
 from __future__ import annotations
@@ -117,6 +119,26 @@ def default_cache_dir() -> str:
 def cache_dir(value: str | None) -> str:
     """``--cache_dir`` if given, else :func:`default_cache_dir`."""
     return os.path.abspath(os.path.expanduser(value)) if value else default_cache_dir()
+
+
+def compilation_cache() -> str | None:
+    """Keep XLA's compiled programs in ``<cache dir>/xla``: a later run of any launcher skips compiling them.
+
+    The cache directory is ``--cache_dir`` where the launcher has it, else
+    :func:`default_cache_dir`. JAX's own settings win: with
+    ``$JAX_COMPILATION_CACHE_DIR`` or ``$JAX_ENABLE_COMPILATION_CACHE`` set, nothing
+    is changed. Returns the directory used (None when left to JAX).
+    """
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or "JAX_ENABLE_COMPILATION_CACHE" in os.environ:
+        return None
+    from absl import flags
+
+    import jax
+
+    value = flags.FLAGS["cache_dir"].value if "cache_dir" in flags.FLAGS else None
+    directory = os.path.join(cache_dir(value), "xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory
 
 
 # --------------------------------------------------------------------------
@@ -396,6 +418,7 @@ def run(main: Callable[[list[str]], object], extra_errors: tuple[type, ...] = ()
         try:
             if len(argv) > 1:
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            compilation_cache()
             main(argv)
         except KeyboardInterrupt as e:
             sys.exit(_interrupted(e))

@@ -99,6 +99,22 @@ def test_output_dir_refused_unless_same_run_or_overwrite(tmp_path, cache):
         launcher.build(dict(config, quantile=0.02))
 
 
+def test_compilation_cache_in_the_user_cache_unless_jax_is_told_otherwise(tmp_path, monkeypatch):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("JAXDISSECT_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("JAX_ENABLE_COMPILATION_CACHE", raising=False)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere/else")
+    assert common.compilation_cache() is None and jax.config.jax_compilation_cache_dir == before
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    try:
+        assert common.compilation_cache() == str(tmp_path / "c" / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c" / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_one_per_user_cache(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("JAXDISSECT_CACHE", raising=False)
@@ -153,11 +169,14 @@ def test_ctrl_c_exits_130_in_one_line_and_resumes_to_the_same_bytes(tmp_path):
                 "--layers=conv3,conv4", "--batch_size=2", "--checkpoint_every=1", "--topk=3", "--thumbsize=16",
                 f"--output_dir={out}"]
 
-    env = _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    # The launchers keep compiled programs in the per-user cache (here JAXDISSECT_CACHE), every entry written.
+    env = _env(JAXDISSECT_CACHE=str(tmp_path / "user_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     full, stopped = str(tmp_path / "full"), str(tmp_path / "stopped")
     done = subprocess.run(command(full), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert len(os.listdir(tmp_path / "user_cache" / "xla")) > 3     # the compiled model, kernels, ...
     assert done.stdout.count("report: ") == 1 and "report: " not in done.stderr
     assert "Unable to initialize backend" not in done.stderr and "] " not in done.stderr  # no absl prefixes
 

@@ -21,9 +21,12 @@ NUM_BATCHES = 40
 # An order-sensitive toy stream: a histogram plus a running polynomial hash of
 # the batch sums, so a skipped, repeated or reordered batch changes the result.
 TOY_STREAM = """
-import json, os, sys, time
+import json, os, signal, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from jaxdissect import streaming
+
+# Ctrl-C raises KeyboardInterrupt even when started from a shell that ignores SIGINT for background jobs.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 workdir, sleep, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 every = int(sys.argv[4]) if len(sys.argv) > 4 else 4

@@ -42,7 +42,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench.results import write_section
+from bench.results import load_note, write_section
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,8 +228,7 @@ def cache_report(c) -> str:
         f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
         f"({jax.default_backend()}), in one run (`python -m bench.dissect --images=0 --layer_images=0 "
         f"--cache_images={c['images']}`); load average {c['load'][0]:.1f} at the start, {c['load'][1]:.1f} at "
-        "the end (" + ("nothing else running" if max(c["load"]) < 2.5 else
-                      "the machine was shared with other jobs: absolute times are noisy, the ratio less so") + ").", "",
+        f"the end ({load_note(*c['load'])}).", "",
         f"VGG16 `conv5_3`, {c['images']} images of 224x224, batch {c['batch']}, random-weight UPP segmenter "
         "(netpq). A first dissection (model A) fills the cache; then a second model B (other weights) is "
         "dissected without and with it, alternately twice, fastest of each:", "",

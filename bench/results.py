@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+def load_note(*loads: float) -> str:
+    """How busy the machine was, from 1-minute load averages taken during a run (2 = a benchmark's own two threads)."""
+    return ("nothing else running" if max(loads) < 2.5 else
+            "the machine was shared with other jobs, so absolute times are noisy, ratios less so")
+
+
 def write_section(path: str, section: str, body: str) -> None:
     """Replace (or append) the section headed ``section`` with ``body``, leaving the others alone."""
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"

@@ -55,7 +55,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from bench.results import write_section
+from bench.results import load_note, write_section
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,28 +207,14 @@ def jax_stats(batches, num_batches: int, size: int, sparse: bool = True) -> dict
 
 
 def _import_original(path: str):
-    """``netdissect.runningstats``, ``.upsample``, ``.tally`` from a local checkout of the original."""
-    import importlib
-    import types
+    """``netdissect.runningstats``, ``.upsample``, ``.tally`` from a local checkout of the original, importable
+    on this CPU as bench/vs_original.py makes it (stand-ins for packages it imports but the tally code does not use)."""
+    from bench.vs_original import import_original
 
-    if not os.path.isdir(os.path.join(path, "netdissect")):
-        raise SystemExit(f"error: --original={path} has no netdissect/ directory; pass a checkout of "
-                         "davidbau/dissect")
-    for name in ("statsmodels", "statsmodels.stats", "statsmodels.stats.correlation_tools", "torchvision",
-                 "torchvision.transforms"):
-        try:
-            importlib.import_module(name)
-        except ImportError:  # imported by the original's modules but not used by the tally code timed here
-            sys.modules[name] = types.ModuleType(name)
-    tools = sys.modules["statsmodels.stats.correlation_tools"]
-    for attr in ("cov_nearest", "corr_nearest"):
-        if not hasattr(tools, attr):
-            setattr(tools, attr, None)
-    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-    sys.path.insert(0, path)
-    from netdissect import runningstats, tally, upsample
+    mods = import_original(path)
+    from netdissect import runningstats
 
-    return runningstats, tally, upsample
+    return runningstats, mods["tally"], mods["upsample"]
 
 
 def original_stats(batches, num_batches: int, size: int, path: str) -> dict:
@@ -395,8 +381,7 @@ def report(r: dict) -> str:
         f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs (load average {load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} (1/5/15 min) at "
         f"the start, {load1[0]:.1f} at the end: "
-        + ("nothing else running" if max(load0[0], load1[0]) < 2.5 else
-           "the machine was shared with other jobs, so wall-clock rates are low and noisy")
+        + load_note(load0[0], load1[0])
         + f"; images per CPU-second is the robust figure), jax {jax.__version__}, numpy "
         f"{np.__version__}, {r['devices']} JAX device(s), batch {r['batch']}, data `{r['data']}`. 512 units, 6 label "
         f"channels, {NUM_LABELS - 1} labels, level = 0.99 quantile, top-{TOPK}. Rates are marginal between "

@@ -538,11 +538,13 @@ def main(argv):
 
 def drive(F, paths: dict, workdir: str, orig_layers: list[str]) -> None:
     """Run the cases and write the report."""
+    from bench.results import load_note
+
     with open(os.path.join(workdir, "paths.json"), "w") as f:
         json.dump(paths, f)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "cpus": os.cpu_count(), "argv": " ".join(sys.argv[1:]),
-            "note": "shared with other jobs" if os.getloadavg()[0] > 2.5 else "nothing else running"}
+            "note": load_note(os.getloadavg()[0])}
     a = b = None
     if F.cases in ("a", "both"):
         a, m = case(paths, F.original, ["conv5_3"], ["conv5_3"], F.images, F.batch, workdir)

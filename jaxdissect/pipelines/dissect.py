@@ -102,18 +102,6 @@ def _model_input(batch: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
     raise DissectError(f"data source batches need an 'image' or 'z' array; got keys {sorted(batch)}")
 
 
-_fingerprint_variables = segcache.variables_digest
-
-
-def _segmenter_fingerprint(segmentation) -> Any:
-    if isinstance(segmentation, str):
-        return segmentation
-    seg, seg_vars = segmentation
-    names = [str(n) for n in getattr(seg, "label_names", ())]
-    return {"class": type(seg).__name__, "variables": _fingerprint_variables(seg_vars),
-            "labels": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}
-
-
 def _resolve_layers(module, variables, x, layers: Sequence[str]):
     from jaxdissect.layers import layer_shapes
 
@@ -259,8 +247,9 @@ class _Run:
             for n in self.layers}
         self.config = {
             "model": {"class": f"{type(module).__module__}.{type(module).__name__}",
-                      "variables": _fingerprint_variables(variables)},
-            "data": data.fingerprint(), "segmentation": _segmenter_fingerprint(segmentation),
+                      "variables": segcache.variables_digest(variables)},
+            # One digest of the segmenter (variables, labels, static settings): the run's identity and the cache key.
+            "data": data.fingerprint(), "segmentation": segcache.segmenter_digest(segmentation),
             "layers": self.layers, "quantile": quantile, "topk": topk, "geometry": geometry,
             "resolution": list(self.resolution), "num_images": self.num_images,
             "batch_size": self.batch_size, "devices": self.devices,
@@ -342,7 +331,7 @@ class _Run:
         if not self.segcache_opened:
             self.segcache_opened = True
             if self.segmentation_cache and not isinstance(self.segmentation, str):
-                key = {"data": self.config["data"], "segmenter": segcache.segmenter_digest(self.segmentation),
+                key = {"data": self.config["data"], "segmenter": self.config["segmentation"],
                        "downsample": 4, "image_size": list(self.image_size), "resolution": list(self.resolution),
                        "channels": self.seg_channels}
                 if self.generator:  # what gets segmented is the generator's output

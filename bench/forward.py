@@ -39,11 +39,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Forward pass (bench/forward.py)"
 
 # name -> (XLA_FLAGS, number of CPU devices the batch is split over). CPU_XLA_FLAGS
-# (jaxdissect.models.set_cpu_xla_flags) runs each conv/dot as its own YNNPACK call.
+# (jaxdissect.models.set_cpu_xla_flags) turns YNNPACK off: XLA's own convs and dots.
+YNN_PER_OP = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
 VARIANTS = {
     "jit": ("", 1),
-    "jit, YNNPACK per op (CPU_XLA_FLAGS)": (CPU_XLA_FLAGS, 1),
-    "jit, YNNPACK per op, batch split over 2 host devices": (
+    "jit, YNNPACK per op": (YNN_PER_OP, 1),
+    "jit, YNNPACK off (CPU_XLA_FLAGS)": (CPU_XLA_FLAGS, 1),
+    "jit, YNNPACK off, batch split over 2 host devices": (
         CPU_XLA_FLAGS + " --xla_force_host_platform_device_count=2", 2),
     "jit, oneDNN (--xla_cpu_use_onednn)": ("--xla_cpu_use_onednn=true", 1),
     "jit, batch split over 8 host devices": ("--xla_force_host_platform_device_count=8", 8),

@@ -94,7 +94,7 @@ def report(r: dict) -> str:
         "",
         "| implementation | images/s |",
         "|---|---|",
-        f"| Flax, jit (this package) | {r['flax_ips']:.2f} |",
+        f"| Flax, jit (this package; XLA_FLAGS `{os.environ.get('XLA_FLAGS', '')}`) | {r['flax_ips']:.2f} |",
         f"| PyTorch reference (tests/torch_segmenter_reference.py) | {r['torch_ips']:.2f} |",
         f"| PyTorch reference, channels_last | {r['torch_cl_ips']:.2f} |",
         "",

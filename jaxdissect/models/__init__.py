@@ -21,10 +21,12 @@
 
 Load converted weights with :func:`jaxdissect.load_model`.
 
-On CPU, call :func:`set_cpu_xla_flags` before JAX's first computation: with
-jaxlib 0.10 XLA hands a whole VGG16 (13 convs, pools, fc6, fc7) to YNNPACK as
-one fused subgraph, which costs 2-3x the CPU time of running each conv and
-dot as its own YNNPACK call (bench/RESULTS.md, "Forward pass").
+On CPU, call :func:`set_cpu_xla_flags` before JAX's first computation: by
+default jaxlib 0.10 hands a whole VGG16 (13 convs, pools, fc6, fc7) to
+YNNPACK as one fused subgraph, which costs 2-3x the CPU time of XLA's own
+convolutions, and even one YNNPACK call per conv leaves the segmenter's wide
+decoder convolutions about 1.5x slower than XLA's own (bench/RESULTS.md,
+"Forward pass" and "Segmenter").
 """
 
 import os
@@ -40,8 +42,8 @@ from jaxdissect.models.vgg16 import VGG16
 __all__ = ["VGG16", "ProgressiveGenerator", "ToyGenerator", "HybridLayerNormEncoder", "AlexNet", "TorchvisionAlexNet",
            "OldResNet152", "ResNet", "DenseNet", "CPU_XLA_FLAGS", "set_cpu_xla_flags"]
 
-# Offload convolutions and dots to YNNPACK one by one instead of as fused subgraphs.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+# Offload nothing to YNNPACK: XLA's own (Eigen) convolutions and dots.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 # jaxlib versions where the flag exists and was measured (XLA aborts on unknown flags).
 _CPU_FLAG_JAXLIB = ("0.10.",)
 

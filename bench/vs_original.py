@@ -4,7 +4,9 @@
 
 (defaults ``--images=24 --images_b=24 --layers_b=conv1_1,conv5_3 --batch=8``:
 an estimated 8 minutes on 2 quiet CPUs, 23 measured at load 6-10;
-``--layers_b=all`` runs the original on every layer, an estimated 17 minutes more.)
+``--layers_b=all`` runs the original on every layer, an estimated 17 minutes more;
+``--images_small=N`` runs both cases again over N images, about half as long again
+for N = half the images.)
 
 (``--original`` is a local checkout of https://github.com/davidbau/dissect;
 nothing is fetched.) Both sides dissect the same synthetic JPEGs (smooth
@@ -55,6 +57,11 @@ the timed path does not use).
 Our side (another subprocess): ``jaxdissect.dissect`` on the converted model
 and segmenter with the data source and segmenter ``launch.dissect`` builds
 (``folder:`` spec, the model's preprocessing), ``output_dir=None``.
+
+With ``--images_small`` each case also runs over fewer images, and the
+difference between the two runs gives each side's cost per extra image:
+compilation and set-up cancel out, so its ratio is the one that holds at
+Places365 scale (36,500 images), where they are a negligible share.
 
 Both sides: model and segmenter loading and imports are NOT timed; image and
 HTML writing (unit strips, report.json, SVG) is left out on both sides; JAX's
@@ -441,7 +448,14 @@ def agreement(orig: dict, ours: dict, layer: str) -> dict:
     return out
 
 
-def report(meta: dict, a: dict | None, b: dict | None) -> str:
+def marginal(big: dict, small: dict) -> dict:
+    """Each side's wall and CPU seconds per extra image between two runs of one case."""
+    extra = big["images"] - small["images"]
+    return {"extra": extra, **{f"{side}_{k}": (big[f"{side}_total"][k] - small[f"{side}_total"][k]) / extra
+                               for side in ("orig", "ours") for k in ("wall", "cpu")}}
+
+
+def report(meta: dict, a: dict | None, b: dict | None, small: dict | None = None) -> str:
     lines = [SECTION, "",
              f"Measured {meta['date']} on {meta['machine']}, {meta['cpus']} CPUs ({meta['note']}); "
              f"torch {meta.get('torch', '?')} ({meta.get('threads', '?')} threads), jax {meta.get('jax', '?')} "
@@ -481,6 +495,21 @@ def report(meta: dict, a: dict | None, b: dict | None) -> str:
                       f"labels matched by name, best IoU median absolute difference {agr['best_iou_median_abs']:.4f} "
                       f"(median best IoU {agr['best_iou_median']:.3f})")
             notes.append(s + ".")
+    if small:
+        lines += ["", "Cost per extra image (the difference between the runs above and runs over "
+                  f"{small['images']} images; compilation and set-up cancel out):", "",
+                  "| case | extra images | original wall s / image | ours wall s / image | ratio (wall) | "
+                  "ratio (CPU) | goal met (wall / CPU) |", "|---|---|---|---|---|---|---|"]
+        for name, big, goal in (("A: conv5_3", a, 1.5), ("B: 13 conv layers", b, 10.0)):
+            key = name[0].lower()
+            if big is None or key not in small:
+                continue
+            m = marginal(big, small[key])
+            ratio, cratio = m["orig_wall"] / m["ours_wall"], m["orig_cpu"] / m["ours_cpu"]
+            est = " (est.)" if big["estimated"] else ""
+            lines.append(f"| {name} | {m['extra']} | {m['orig_wall']:.2f}{est} | {m['ours_wall']:.2f} | {ratio:.2f}x | "
+                         f"{cratio:.2f}x | {goal:g}x: {'yes' if ratio >= goal else 'NO'} / "
+                         f"{'yes' if cratio >= goal else 'NO'} |")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -516,7 +545,10 @@ def main(argv):
     if not F.worker and (set(orig_layers) - set(VGG_CONV_LAYERS) or len(set(orig_layers)) < 2):
         raise SystemExit(f"error: --layers_b={F.layers_b}: give 'all' or at least 2 of {', '.join(VGG_CONV_LAYERS)}")
     workdir = F.workdir or tempfile.mkdtemp(prefix="vs_original-")
-    paths = prepare(workdir, sorted({F.images, F.images_b})) if not F.worker else None
+    if not F.worker and F.images_small and F.images_small >= min(F.images, F.images_b):
+        raise SystemExit(f"error: --images_small={F.images_small} must be below --images and --images_b")
+    counts = sorted({F.images, F.images_b} | ({F.images_small} if F.images_small else set()))
+    paths = prepare(workdir, counts) if not F.worker else None
     if F.worker:
         with open(os.path.join(workdir, "paths.json")) as f:
             paths = json.load(f)
@@ -559,7 +591,15 @@ def drive(F, paths: dict, workdir: str, orig_layers: list[str]) -> None:
         b, m = case(paths, F.original, list(VGG_CONV_LAYERS), orig_layers, F.images_b, F.batch, workdir, reuse)
         meta.update(m)
         print(json.dumps({k: v for k, v in b.items()}, default=str, indent=1))
-    body = report(meta, a, b)
+    small = {}
+    if F.images_small:
+        if a is not None:
+            small["a"], m = case(paths, F.original, ["conv5_3"], ["conv5_3"], F.images_small, F.batch, workdir)
+        if b is not None:
+            small["b"], m = case(paths, F.original, list(VGG_CONV_LAYERS), orig_layers, F.images_small, F.batch,
+                                 workdir, m.get("original_run") if a is not None else None)
+        small["images"] = F.images_small
+    body = report(meta, a, b, small)
     print(body)
     if F.results:
         from bench.results import write_section
@@ -574,6 +614,8 @@ def define_flags() -> None:
                          "conv5_3 run of case A counts for case B too).")
     flags.DEFINE_string("layers_b", "conv1_1,conv5_3", "Layers the ORIGINAL runs in case B ('all' or a comma list of at "
                         "least 2; the rest are estimated from them and reported as estimates).")
+    flags.DEFINE_integer("images_small", 0, "Also run the cases over this many images (fewer than --images and "
+                         "--images_b) and report each side's cost per extra image; 0 = off.")
     flags.DEFINE_enum("cases", "both", ["a", "b", "both"], "Which cases to run.")
     flags.DEFINE_integer("batch", 8, "Our batch size.")
     flags.DEFINE_string("workdir", "", "Where images, weights and conversions go (default: a new temp dir).")

@@ -11,7 +11,7 @@ can hold values ``>= c``; the others are skipped without being upsampled.
 Post-ReLU maps are mostly zero and the statistics look only at the top
 quantile, so after the first batches a few percent of the cells are "hot".
 
-The hot cells of a batch are listed once (``jnp.nonzero``) and visited in
+The hot cells of a batch are counted once (a running count) and visited in
 chunks of static size in a ``while_loop``, so a batch costs in proportion to
 its hot cells and the histograms are updated in place (a ``lax.switch`` over
 capacity tiers copied the 256 MiB pass-2 state on XLA:CPU). NaN/Inf corners
@@ -139,23 +139,37 @@ def _values(acts, entries, ch: AxisCells, cw: AxisCells):
     return values, unit, img, jnp.maximum(ty, 0), jnp.maximum(tx, 0), inside
 
 
+def _prefix_count(flat):
+    """Inclusive running count of ``flat`` (bool) as int32: a cumsum along rows of 256, plus row offsets.
+
+    A quarter of the time of ``jnp.nonzero``'s compaction on XLA:CPU, which
+    sums over the whole array and then scatters every index.
+    """
+    r = 256
+    rows = jnp.pad(flat, (0, (-flat.size) % r)).reshape(-1, r)
+    within = jnp.cumsum(rows, axis=1, dtype=jnp.int32)
+    offsets = jnp.cumsum(within[:, -1]) - within[:, -1]
+    return (within + offsets[:, None]).reshape(-1)[:flat.size]
+
+
 def _foreach_hot(hot, fn, carry):
     """Fold ``fn(entries, ok, carry)`` over the hot cells, ``CHUNK``-th of the cells at a time.
 
-    One ``jnp.nonzero`` lists the hot cells; a ``while_loop`` takes them in
-    chunks of static size, so a batch costs in proportion to its hot cells
-    and the (large) histogram state is updated in place.
+    A running count of the hot cells is made once; each step of a
+    ``while_loop`` finds its chunk of (static size) hot cells in it by binary
+    search, in increasing order, so a batch costs in proportion to its hot
+    cells and the (large) histogram state is updated in place.
     """
     total = hot.size
     cap = max(1, total // CHUNK)
-    flat = hot.reshape(-1)
-    n = flat.sum(dtype=jnp.int32)
-    order = jnp.nonzero(flat, size=total, fill_value=total)[0].astype(jnp.int32)
-    order = jnp.concatenate([order, jnp.full((cap,), total, jnp.int32)])
+    prefix = _prefix_count(hot.reshape(-1))
+    n = prefix[-1]
+    offsets = jnp.arange(1, cap + 1, dtype=jnp.int32)
 
     def body(c):
         k, carry = c
-        entries = jax.lax.dynamic_slice(order, (k * cap,), (cap,))
+        # The j-th hot cell is the first whose running count reaches j + 1; past the last, ``total``.
+        entries = jnp.searchsorted(prefix, k * cap + offsets, side="left").astype(jnp.int32)
         return k + 1, fn(jnp.minimum(entries, total - 1), entries < total, carry)
 
     return jax.lax.while_loop(lambda c: c[0] * cap < n, body, (jnp.int32(0), carry))[1]

@@ -78,11 +78,14 @@ def exact_sum_words(values, mask):
     sign = jnp.where((bits >> 31) == 1, -1, 1)
     ok = mask & (exponent < 255)
     rows = jnp.arange(u, dtype=jnp.int32) * WORDS
-    flat = jnp.zeros(u * WORDS, jnp.int32)
-    for i in range(4):
-        piece = ((shifted >> (8 * i)) & 0xFF).astype(jnp.int32) * sign
-        index = jnp.where(ok, rows + word + i, u * WORDS)
-        flat = flat.at[index.reshape(-1)].add(piece.reshape(-1), mode="drop")
+    # One scatter adds each value's four 8-bit pieces to its four consecutive words (a window of 4);
+    # a skipped value's window starts past the end and is dropped.
+    pieces = jnp.stack([((shifted >> (8 * i)) & 0xFF).astype(jnp.int32) * sign for i in range(4)], -1)
+    index = jnp.where(ok, rows + word, u * WORDS)
+    dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(),
+                                           scatter_dims_to_operand_dims=(0,))
+    flat = jax.lax.scatter_add(jnp.zeros(u * WORDS, jnp.int32), index.reshape(-1, 1), pieces.reshape(-1, 4), dims,
+                               mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
     return flat.reshape(u, WORDS)
 
 

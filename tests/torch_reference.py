@@ -24,6 +24,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 VGG_CONV_LAYERS = (
     "conv1_1", "conv1_2",
@@ -59,7 +60,7 @@ class TorchVGG16(nn.Module):
             block, idx = name[4:].split("_")
             if idx == "1" and block != "1":
                 features[f"pool{int(block) - 1}"] = nn.MaxPool2d(kernel_size=2, stride=2)
-            features[name] = nn.Conv2d(in_ch, width, kernel_size=3, padding=1)
+            features[name] = skip_init(nn.Conv2d, in_ch, width, kernel_size=3, padding=1)
             features[f"relu{block}_{idx}"] = nn.ReLU(inplace=True)
             in_ch = width
         features["pool5"] = nn.MaxPool2d(kernel_size=2, stride=2)
@@ -67,15 +68,16 @@ class TorchVGG16(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
             OrderedDict(
-                fc6=nn.Linear(512 * 7 * 7, 4096),
+                fc6=skip_init(nn.Linear, 512 * 7 * 7, 4096),
                 relu6=nn.ReLU(inplace=True),
                 drop6=nn.Dropout(0.5),
-                fc7=nn.Linear(4096, 4096),
+                fc7=skip_init(nn.Linear, 4096, 4096),
                 relu7=nn.ReLU(inplace=True),
                 drop7=nn.Dropout(0.5),
-                fc8a=nn.Linear(4096, num_classes),
+                fc8a=skip_init(nn.Linear, 4096, num_classes),
             )
         )
+        # Every weight and bias is drawn here (skip_init leaves PyTorch's default init out: 2-3 s for fc6 alone).
         g = _generator(seed)
         with torch.no_grad():
             for m in self.modules():

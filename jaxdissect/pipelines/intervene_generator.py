@@ -61,18 +61,19 @@ def unit_quantile(module, variables, layer: str, z: np.ndarray, level: float, re
     from jaxdissect.kernels import quantile as qk
     from jaxdissect.kernels import upsample as up
 
-    def acts(batch):
+    def acts(variables, batch):
         _, captured = layer_api.capture(module, variables, batch, [layer])
         a = up.upsample(captured[layer], (resolution, resolution))
         return a.reshape(-1, a.shape[-1])
 
-    high = jax.jit(lambda state, batch, i: qk.high_update(state, acts(batch), batch_id=i))
-    low = jax.jit(lambda state, batch: qk.low_update(state, acts(batch)))
+    # The weights are arguments, not constants closed over: XLA would fold a real ProGAN's into the program.
+    high = jax.jit(lambda state, variables, batch, i: qk.high_update(state, acts(variables, batch), batch_id=i))
+    low = jax.jit(lambda state, variables, batch: qk.low_update(state, acts(variables, batch)))
     batches = [jnp.asarray(z[i:i + batch_size]) for i in range(0, len(z), batch_size)]
-    shape = jax.eval_shape(acts, batches[0])
+    shape = jax.eval_shape(acts, variables, batches[0])
     state = qk.high_init(shape.shape[-1])
     for i, b in enumerate(batches):
-        state = high(state, b, i)
+        state = high(state, variables, b, i)
     state = jax.device_get(state)
     bad = np.nonzero(np.asarray(state["nonfinite"]))[0]
     if bad.size:
@@ -83,7 +84,7 @@ def unit_quantile(module, variables, layer: str, z: np.ndarray, level: float, re
     selection = qk.select(state, level)
     low_state = qk.low_init(selection)
     for b in batches:
-        low_state = low(low_state, b)
+        low_state = low(low_state, variables, b)
     return np.asarray(qk.finish(selection, jax.device_get(low_state)))
 
 

@@ -26,12 +26,14 @@ in the small CNN). A layer with neither raises, saying how to mark it.
 
 Edits are pytrees whose leaves are arrays, so a jitted function taking the
 edit as an argument compiles once for every unit set of the same shape, and
-``jax.vmap`` over a stacked edit evaluates many interventions in one call::
+``jax.vmap`` over a stacked edit evaluates many interventions in one call
+(the weights are an argument too: closed over, XLA folds them into the
+program as constants, which compiles slowly)::
 
-    f = jax.jit(lambda e: run(model, variables, x, edits={"conv5_3": e}))
-    f(Ablate(np.eye(512, dtype=bool)[7]))           # compiled once ...
-    f(Ablate(np.eye(512, dtype=bool)[9]))           # ... reused
-    jax.vmap(f)(Ablate(np.eye(512, dtype=bool)))    # 512 single-unit ablations
+    f = jax.jit(lambda v, e: run(model, v, x, edits={"conv5_3": e}))
+    f(variables, Ablate(np.eye(512, dtype=bool)[7]))           # compiled once ...
+    f(variables, Ablate(np.eye(512, dtype=bool)[9]))           # ... reused
+    jax.vmap(f, in_axes=(None, 0))(variables, Ablate(np.eye(512, dtype=bool)))   # 512 ablations
 
 Conventions: activations are NHWC (or ``[N, U]`` for dense layers); *units* are
 the last axis. A module called several times in one forward pass (a shared

@@ -97,7 +97,8 @@ def make_mesh(devices=None) -> Mesh:
                          devices=devices)
 
 
-def _sharding(mesh: Mesh) -> NamedSharding:
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """How :func:`shard_batch` places a batch: axis 0 split over ``'data'`` (for abstract shapes too)."""
     return NamedSharding(mesh, P(AXIS))
 
 
@@ -108,7 +109,7 @@ def stack_init(mesh: Mesh, state) -> Any:
     deterministic ``init`` function).
     """
     d = mesh.size
-    sharding = _sharding(mesh)
+    sharding = batch_sharding(mesh)
 
     def stack(x):
         x = np.asarray(x)
@@ -159,7 +160,7 @@ def shard_batch(mesh: Mesh, tree):
     the global batch of all slices in process order. The (local) batch size
     must divide by the (local) number of devices; pad with :func:`pad_batch`.
     """
-    sharding = _sharding(mesh)
+    sharding = batch_sharding(mesh)
     local = len(mesh.local_devices)
     leaves = jax.tree.leaves(tree)
     if leaves:

@@ -58,7 +58,7 @@ def variables_digest(variables) -> str:
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         a = np.asarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # the bytes, not a copy of them
     return h.hexdigest()[:16]
 
 

@@ -177,3 +177,48 @@ def test_segmentation_size_is_floor_of_image_size(models):
     out = jax.eval_shape(lambda v, x: segmenter.apply(v, x, 4), variables,
                          jax.ShapeDtypeStruct((2, 227, 227, 3), jnp.float32))
     assert out.shape[0] == 2 and out.shape[2:] == (56, 56)
+
+
+class _Scenes:
+    """Smooth random 64x64 images: the model reads ``image``, the segmenter ``display``."""
+
+    name = "scenes"
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def fingerprint(self):
+        return {"kind": "scenes", "n": self.n}
+
+    def get_batch(self, indices):
+        rng = np.random.default_rng([7] + [int(i) for i in indices])
+        coarse = rng.integers(0, 256, (len(indices), 8, 8, 3)).astype(np.uint8)
+        display = coarse.repeat(8, 1).repeat(8, 2)
+        return {"image": display.astype(np.float32) / 127.5 - 1, "display": display,
+                "valid": np.ones(len(indices), bool)}
+
+
+def test_dissection_traces_the_segmenter_once(models, monkeypatch):
+    """Setting up a dissection traces the segmenter at the run's batch shape and placement; the first batch
+    reuses that trace (tracing the network again cost about 1 s for the full-size UPP segmenter)."""
+    import jaxdissect.segmentation as S
+    from jaxdissect.models.small_cnn import SmallCNN
+    from jaxdissect.pipelines.dissect import dissect
+
+    traced = []
+    real = S.upp_preprocess
+    monkeypatch.setattr(S, "upp_preprocess", lambda images, size: traced.append(images.shape) or real(images, size))
+    segmenter, variables = load_segmenter(models["upp_dir"], None, "netp")
+    segmenter = segmenter.clone(upp_segsizes=(UPP_SIZE,))
+    module = SmallCNN(widths=(4, 4))
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    model_vars = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    # A batch size no other test here uses, so no earlier trace is in JAX's caches; three batches.
+    result = dissect(module, model_vars, ["conv2"], _Scenes(15), (segmenter, variables), quantile=0.2,
+                     topk=2, batch_size=5, output_dir=None, progress=False)["conv2"]
+    assert traced == [(5, 64, 64, 3)]
+    assert int(result.images) == 15

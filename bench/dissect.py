@@ -219,6 +219,11 @@ def segmentation_cache_saving(n, batch, workdir):
             "with": min(times["with"]), "load": load}
 
 
+def _command() -> str:
+    """The command line of this run, as the sections quote it."""
+    return " ".join(["python -m bench.dissect"] + sys.argv[1:])
+
+
 def cache_report(c) -> str:
     import jax
 
@@ -226,8 +231,7 @@ def cache_report(c) -> str:
     return "\n".join([
         CACHE_SECTION, "",
         f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
-        f"({jax.default_backend()}), in one run (`python -m bench.dissect --images=0 --layer_images=0 "
-        f"--cache_images={c['images']}`); load average {c['load'][0]:.1f} at the start, {c['load'][1]:.1f} at "
+        f"({jax.default_backend()}), in one run (`{_command()}`); load average {c['load'][0]:.1f} at the start, {c['load'][1]:.1f} at "
         f"the end ({load_note(*c['load'])}).", "",
         f"VGG16 `conv5_3`, {c['images']} images of 224x224, batch {c['batch']}, random-weight UPP segmenter "
         "(netpq). A first dissection (model A) fills the cache; then a second model B (other weights) is "
@@ -248,7 +252,7 @@ def report(a, b) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [SECTION, "",
              f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
-             f"({jax.default_backend()}), in one run (`python -m bench.dissect`); load average "
+             f"({jax.default_backend()}), in one run (`{_command()}`); load average "
              f"{os.getloadavg()[0]:.1f} (1-minute) at the end.", ""]
     if a:
         lines += [

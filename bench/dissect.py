@@ -231,8 +231,8 @@ def cache_report(c) -> str:
     return "\n".join([
         CACHE_SECTION, "",
         f"Measured {now} on {platform.machine()} with {os.cpu_count()} CPU cores, JAX {jax.__version__} "
-        f"({jax.default_backend()}), in one run (`{_command()}`); load average {c['load'][0]:.1f} at the start, {c['load'][1]:.1f} at "
-        f"the end ({load_note(*c['load'])}).", "",
+        f"({jax.default_backend()}), in one run (`{_command()}`); load average {c['load'][0]:.1f} at the "
+        f"start, {c['load'][1]:.1f} at the end ({load_note(*c['load'])}).", "",
         f"VGG16 `conv5_3`, {c['images']} images of 224x224, batch {c['batch']}, random-weight UPP segmenter "
         "(netpq). A first dissection (model A) fills the cache; then a second model B (other weights) is "
         "dissected without and with it, alternately twice, fastest of each:", "",

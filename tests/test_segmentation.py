@@ -207,6 +207,7 @@ def test_dissection_traces_the_segmenter_once(models, monkeypatch):
     import jaxdissect.segmentation as S
     from jaxdissect.models.small_cnn import SmallCNN
     from jaxdissect.pipelines.dissect import dissect
+    from test_launch_dissect import numpy_init
 
     traced = []
     real = S.upp_preprocess
@@ -214,9 +215,7 @@ def test_dissection_traces_the_segmenter_once(models, monkeypatch):
     segmenter, variables = load_segmenter(models["upp_dir"], None, "netp")
     segmenter = segmenter.clone(upp_segsizes=(UPP_SIZE,))
     module = SmallCNN(widths=(4, 4))
-    rng = np.random.default_rng(0)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-    model_vars = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    model_vars = numpy_init(module, (1, 64, 64, 3))
     # A batch size no other test here uses, so no earlier trace is in JAX's caches; three batches.
     result = dissect(module, model_vars, ["conv2"], _Scenes(15), (segmenter, variables), quantile=0.2,
                      topk=2, batch_size=5, output_dir=None, progress=False)["conv2"]

@@ -106,7 +106,7 @@ def random_segmenter(workdir):
     except ImportError as e:
         print(f"no segmenter ({e}); using the images' random labels", file=sys.stderr)
         return None
-    from converters import segmenter as seg_converter
+    from jaxdissect.convert import segmenter as seg_converter
     from jaxdissect.segmentation import load_segmenter
 
     out = os.path.join(workdir, "upp")

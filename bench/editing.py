@@ -60,8 +60,8 @@ def _jax_setup(sizes, seed=0):
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import torch_reference as R
 
-    from converters import proggan as conv_gan
-    from converters import vgg16_places365 as conv_vgg
+    from jaxdissect.convert import proggan as conv_gan
+    from jaxdissect.convert import vgg16_places365 as conv_vgg
 
     tgen = R.TorchProGAN(sizes, seed=seed)
     tvgg = R.TorchVGG16(seed=seed)

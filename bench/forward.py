@@ -114,8 +114,8 @@ def run(batch: int, repeats: int, models=("vgg16", "proggan"), log=print) -> dic
     sys.path.insert(0, os.path.join(REPO, "tests"))
     import torch_reference as R
 
-    from converters import proggan as proggan_converter
-    from converters import vgg16_places365 as vgg_converter
+    from jaxdissect.convert import proggan as proggan_converter
+    from jaxdissect.convert import vgg16_places365 as vgg_converter
     from jaxdissect.checkpoint import save_model
 
     results = {}

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 from bench.results import write_section  # noqa: E402
 import torch_segmenter_reference as R  # noqa: E402
 
-from converters import segmenter as converter  # noqa: E402
+from jaxdissect.convert import segmenter as converter  # noqa: E402
 from jaxdissect.checkpoint import load_model  # noqa: E402
 
 

@@ -120,8 +120,8 @@ def prepare(workdir: str, counts) -> dict:
     import torch_reference
     import torch_segmenter_reference
 
-    from converters import segmenter as seg_converter
-    from converters import vgg16_places365
+    from jaxdissect.convert import segmenter as seg_converter
+    from jaxdissect.convert import vgg16_places365
 
     paths = {"vgg_pth": os.path.join(workdir, "vgg16_random.pth"),
              "vgg": os.path.join(workdir, "vgg16"),

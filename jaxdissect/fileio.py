@@ -217,3 +217,15 @@ def require_writable_dir(path: str, what: str = "output folder") -> str:
         reason = e.strerror or str(e)
         raise FileIOError(f"cannot write to {what} {full}: {reason}; choose a folder you can write to") from None
     return full
+
+
+def default_cache_dir() -> str:
+    """The one per-user cache: ``$JAXDISSECT_CACHE``, ``$XDG_CACHE_HOME/jaxdissect`` or ``~/.cache/jaxdissect``.
+
+    Everything cached for a user lives under it: converted published models and
+    data (:mod:`jaxdissect.zoo`), the demo model, segmentations, compiled programs.
+    """
+    if os.environ.get("JAXDISSECT_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["JAXDISSECT_CACHE"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "jaxdissect")

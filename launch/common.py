@@ -36,6 +36,7 @@ import sys
 from typing import Callable, Sequence
 
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.fileio import default_cache_dir
 
 SYNTHETIC_IMAGES = 512
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -106,14 +107,6 @@ def segmentation_cache(config: dict) -> tuple[str | None, int | None]:
     if mb == 0:
         return None, None
     return cache_dir(config.get("cache_dir")), mb
-
-
-def default_cache_dir() -> str:
-    """The one per-user cache directory: ``$JAXDISSECT_CACHE``, ``$XDG_CACHE_HOME/jaxdissect`` or ``~/.cache/jaxdissect``."""
-    if os.environ.get("JAXDISSECT_CACHE"):
-        return os.path.abspath(os.path.expanduser(os.environ["JAXDISSECT_CACHE"]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(base), "jaxdissect")
 
 
 def cache_dir(value: str | None) -> str:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from converters import adain as conv
-from converters.common import ConversionError
+from jaxdissect.convert import adain as conv
+from jaxdissect.convert.common import ConversionError
 from jaxdissect.checkpoint import load_model
 from jaxdissect.models import adain as ad
 

@@ -308,7 +308,7 @@ def converted(torch_model, converter):
 
 def test_ablation_matches_pytorch_vgg16_conv5_3():
     pytest.importorskip("torch")
-    import converters.vgg16_places365 as vgg_converter
+    import jaxdissect.convert.vgg16_places365 as vgg_converter
     from tests.torch_reference import TorchVGG16, run_torch
 
     torch_model = TorchVGG16(seed=3)
@@ -330,7 +330,7 @@ def test_ablation_matches_pytorch_vgg16_conv5_3():
 
 def test_ablation_matches_pytorch_proggan_layer4():
     pytest.importorskip("torch")
-    import converters.proggan as proggan_converter
+    import jaxdissect.convert.proggan as proggan_converter
     from tests.torch_reference import TorchProGAN, run_torch
 
     # layer4 as published (8x8, 512 units); fewer upper blocks keep the test fast.

@@ -17,9 +17,9 @@ torch = pytest.importorskip("torch")
 from torch_reference import TorchProGAN, run_torch, save_state_dict, to_old_format  # noqa: E402
 
 import jaxdissect  # noqa: E402
-from converters import proggan as proggan_converter  # noqa: E402
-from converters import vgg16_places365 as vgg_converter  # noqa: E402
-from converters.common import ConversionError  # noqa: E402
+from jaxdissect.convert import proggan as proggan_converter  # noqa: E402
+from jaxdissect.convert import vgg16_places365 as vgg_converter  # noqa: E402
+from jaxdissect.convert.common import ConversionError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NARROW = (32, 32, 32, 32, 16, 16, 8, 8)

@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 import torch_zoo_reference as ref  # noqa: E402
 
 import jaxdissect  # noqa: E402
-from converters import torchvision as tv_converter  # noqa: E402
-from converters.common import ConversionError  # noqa: E402
+from jaxdissect.convert import torchvision as tv_converter  # noqa: E402
+from jaxdissect.convert.common import ConversionError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -67,7 +67,7 @@ def test_torchvision_vgg16_dataparallel():
 
 
 def test_alexnet_places365_matches_reference():
-    from converters import alexnet_places365
+    from jaxdissect.convert import alexnet_places365
 
     model = ref.places_alexnet(seed=2)
     module, variables = alexnet_places365.convert_state_dict(
@@ -79,7 +79,7 @@ def test_alexnet_places365_matches_reference():
 
 def test_resnet152_places365_matches_reference_and_torchvision_layout():
     """The Torch7 numeric layout against its reference; the same weights in torchvision's layout convert alike."""
-    from converters import resnet152_places365
+    from jaxdissect.convert import resnet152_places365
 
     model = ref.old_resnet152(seed=3, pool=torch.nn.AdaptiveAvgPool2d(1))
     state = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -186,7 +186,7 @@ def test_torchvision_bad_inputs(tmp_path):
 
 
 def test_places_converters_name_the_other_model():
-    from converters import alexnet_places365, resnet152_places365
+    from jaxdissect.convert import alexnet_places365, resnet152_places365
 
     tv_alex = {k: v.numpy() for k, v in ref.TVAlexNet(3).state_dict().items()}
     with pytest.raises(ConversionError, match="converters.torchvision --arch=alexnet"):

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from torch_reference import TorchProGAN, run_torch, save_state_dict  # noqa: E402
 
 import jaxdissect  # noqa: E402
-from converters import proggan as proggan_converter  # noqa: E402
+from jaxdissect.convert import proggan as proggan_converter  # noqa: E402
 from jaxdissect.data.latents import standard_z_sample  # noqa: E402
 from jaxdissect.models import ProgressiveGenerator  # noqa: E402
 

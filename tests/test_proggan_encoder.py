@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from converters import common, proggan_encoder as conv
+from jaxdissect.convert import common, proggan_encoder as conv
 from jaxdissect import capture, load_model
 
 

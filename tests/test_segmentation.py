@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torch_segmenter_reference as R
-from converters.segmenter import convert
+from jaxdissect.convert.segmenter import convert
 from jaxdissect.segmentation import SegmenterError, load_segmenter, segment
 from test_segment_labels import _reference_quad
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_segmenter_reference as R
-from converters import common
-from converters import segmenter as conv
+from jaxdissect.convert import common
+from jaxdissect.convert import segmenter as conv
 from jaxdissect.checkpoint import load_metadata, load_model
 from jaxdissect.segmenters import (
     ColorSegmenter,

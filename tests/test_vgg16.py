@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from torch_reference import VGG_CONV_LAYERS, TorchVGG16, run_torch, save_state_dict  # noqa: E402
 
 import jaxdissect  # noqa: E402
-from converters import vgg16_places365  # noqa: E402
+from jaxdissect.convert import vgg16_places365  # noqa: E402
 from jaxdissect.preprocess import renormalize, vgg_preprocess  # noqa: E402
 
 

@@ -13,20 +13,13 @@ import numpy as np
 
 from jaxdissect.app.painter import Painter
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.fileio import default_cache_dir
 
 DEFAULT_NUM_IMAGES = 16
 
 
 class AppError(JaxDissectError, ValueError):
     """A model, dissection or setting the app cannot use; the message says which and how to fix it."""
-
-
-def default_cache_dir() -> str:
-    """``$JAXDISSECT_CACHE``, else ``$XDG_CACHE_HOME/jaxdissect``, else ``~/.cache/jaxdissect``."""
-    if os.environ.get("JAXDISSECT_CACHE"):
-        return os.environ["JAXDISSECT_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "jaxdissect")
 
 
 def toy_dissection(cache_dir: str | None = None) -> str:

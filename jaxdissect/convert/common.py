@@ -1,23 +1,23 @@
-"""Shared pieces of the PyTorch -> orbax converters: reading, verifying, re-laying tensors.
+"""Shared pieces of the converters: reading, verifying and re-laying the tensors of a PyTorch state dict.
 
-Every converter reads the ``.pth`` file with ``torch.load(weights_only=True)``,
-checks it against the exact set of keys and shapes the architecture needs
-(missing, unexpected and mis-shaped tensors are all reported at once), re-lays
-the tensors for Flax (NHWC convs, ``[in, out]`` dense kernels) and writes a
-model directory with :func:`jaxdissect.checkpoint.save_model`.
+Every converter reads its ``.pth`` files with :func:`load_state_dict` (the
+restricted reader of :mod:`jaxdissect.convert.torchfile`: arrays only, no
+pickled code run, no PyTorch needed), checks them against the exact set of
+keys and shapes the architecture needs (missing, unexpected and mis-shaped
+tensors are all reported at once), re-lays the tensors for Flax (NHWC convs,
+``[in, out]`` dense kernels) and writes a model directory with
+:func:`jaxdissect.checkpoint.save_model`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import re
-import sys
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from jaxdissect.checkpoint import CheckpointError, require_new_directory
+from jaxdissect.convert import torchfile
 from jaxdissect.errors import JaxDissectError
 
 
@@ -33,19 +33,6 @@ def require_empty_output(output_dir: str) -> None:
         raise ConversionError(str(e)) from None
 
 
-def run_cli(convert: Callable[[], dict], summary: Callable[[dict], str]) -> None:
-    """Body of a converter's absl ``main``: orbax's per-step INFO logs off, one-line errors, a summary."""
-    from absl import flags, logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    try:
-        metadata = convert()
-    except (ConversionError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    print(summary(metadata))
-
-
 def sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,38 +42,26 @@ def sha256(path: str) -> str:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read a PyTorch state_dict as float32/int NumPy arrays.
+    """Read a PyTorch state_dict as NumPy arrays (bfloat16 widened to float32).
 
-    Accepts a plain state_dict or one wrapped as ``{'state_dict': {...}}``.
-    Loading uses ``weights_only=True``: no pickled code is ever run.
+    Accepts a plain state_dict or one wrapped as ``{'state_dict': {...}}``, in
+    the zip or the legacy format; only arrays are built, so no pickled code is
+    ever run (a whole pickled model is refused, as ``torch.load(weights_only=True)``
+    refuses it).
     """
-    import torch
-
-    if not os.path.exists(path):
-        raise ConversionError(f"checkpoint file {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if pickled:
-            raise ConversionError(
-                f"{path} holds a whole pickled model or object ({pickled.group(1)}), not a state_dict; it "
-                "cannot be read without running its pickled code. Re-save it as a state dict where it loads: "
-                "model = torch.load(path, weights_only=False); torch.save(model.state_dict(), 'model_state.pth')"
-            ) from None
-        raise ConversionError(
-            f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
-            "the file may be truncated or corrupt: download it again"
-        ) from e
+        obj = torchfile.load(path)
+    except torchfile.TorchFileError as e:
+        raise ConversionError(str(e)) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors")
     out = {}
     for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, np.ndarray):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        out[str(key)] = value.detach().cpu().numpy()
+        out[str(key)] = value
     return out
 
 

@@ -133,9 +133,20 @@ def _read_record(directory: str) -> dict:
     return record
 
 
+def model_directory(name_or_path: str) -> str:
+    """``name_or_path`` as an absolute directory: a path as given, or a registered name (``"vgg16_places365"``)
+    fetched and converted into the per-user cache on first use (:func:`jaxdissect.zoo.model_dir`)."""
+    from jaxdissect import zoo
+
+    value = os.path.expanduser(str(name_or_path))
+    if os.path.exists(value) or zoo.looks_like_path(value):
+        return os.path.abspath(value)
+    return os.path.abspath(zoo.model_dir(value))
+
+
 def load_metadata(directory: str) -> dict:
-    """The ``metadata`` dict stored with a model (label lists, source file, preprocessing)."""
-    return _from_json(_read_record(os.path.abspath(directory))["metadata"])
+    """The ``metadata`` dict stored with a model (label lists, source file, preprocessing); a name works too."""
+    return _from_json(_read_record(model_directory(directory))["metadata"])
 
 
 def _module_class(qualified: str):
@@ -151,15 +162,18 @@ def _module_class(qualified: str):
 
 
 def load_model(directory: str, dtype=None):
-    """Load a converted model: returns ``(module, variables)``.
+    """Load a converted model from its directory or by name: returns ``(module, variables)``.
 
+    ``directory`` is a model directory, or a registered name such as
+    ``"vgg16_places365"`` or ``"proggan_church"`` (``python -m jaxdissect.zoo list``),
+    downloaded, verified and converted into the per-user cache on first use.
     ``module.apply(variables, x)`` is the plain forward pass. ``dtype`` (e.g.
     ``jnp.bfloat16``) overrides the compute dtype of modules that have one;
     parameters stay float32.
     """
     import orbax.checkpoint as ocp
 
-    directory = os.path.abspath(directory)
+    directory = model_directory(directory)
     record = _read_record(directory)
     cls = _module_class(record["class"])
     config = {k: _from_json(v) for k, v in record["config"].items()}

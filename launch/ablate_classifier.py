@@ -108,6 +108,7 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
         sizes = [int(s) for s in sizes]
     except ValueError:
         raise LaunchError(f"--sizes={','.join(map(str, sizes))}: give integers, e.g. --sizes=1,2,3,4,5,20") from None
+    model = common.model_dir(model)
     if not os.path.isdir(model):
         raise LaunchError(f"--model={model}: no such directory; convert the classifier first "
                           "(python -m converters.vgg16_places365 ...)")

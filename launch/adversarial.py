@@ -90,9 +90,7 @@ def main(argv):
     if FLAGS.eps is not None and FLAGS.attack != "pgd":
         raise common.LaunchError("--eps applies to --attack=pgd only")
     common.parse_data_spec(FLAGS.data)
-    if not os.path.isdir(FLAGS.model):
-        raise common.LaunchError(f"--model={FLAGS.model}: no such directory; convert a checkpoint first, e.g. "
-                                 "python -m converters.vgg16_places365 --input=... --output=DIR")
+    common.model_dir(FLAGS.model, fetch=False)
     identity = {n: getattr(FLAGS, n) for n in ("model", "layer", "data", "ablation", "targets", "num_images",
                                                "attack", "steps", "eps", "batch_size", "on_bad_image")}
     common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite,

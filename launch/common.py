@@ -40,9 +40,10 @@ from jaxdissect.fileio import default_cache_dir
 
 SYNTHETIC_IMAGES = 512
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-DATA_SCHEMES = ("places", "folder", "broden", "tfds", "z", "synthetic")
-DATA_HELP = ("places:<dir>, folder:<dir>, broden:<dir>, tfds:places365_small[:split], z:<count> or "
-             "synthetic:<count>")
+DATA_SCHEMES = ("places", "folder", "broden", "minilsun", "tfds", "z", "synthetic")
+DATA_HELP = ("places:<dir>, folder:<dir>, broden:<dir>, tfds:places365_small[:split], z:<count>, synthetic:<count>, "
+             "or a published data set by name (fetched once into the per-user cache): places (= places:val), "
+             "places:train, broden (= broden:224), broden:227, broden:384, minilsun:<scene> (e.g. minilsun:church)")
 
 
 class LaunchError(JaxDissectError, ValueError):
@@ -53,7 +54,8 @@ class LaunchError(JaxDissectError, ValueError):
 # Flags
 
 
-def define_model_flag(help: str = "Converted model directory (python -m converters.<model> ...).") -> None:
+def define_model_flag(help: str = "Converted model directory (python -m converters.<model> ...), or a published "
+                      "model by name, e.g. vgg16_places365 (python -m jaxdissect.zoo list).") -> None:
     """``--model``: the one name of the converted-model flag in every launcher."""
     from absl import flags
 
@@ -162,10 +164,14 @@ def parse_data_spec(spec: str, flag: str = "data") -> tuple[str, str]:
     Folder schemes need a path; ``z:`` and ``synthetic:`` counts must be
     positive integers; only ``tfds:places365_small[:split]`` is supported.
     """
+    from jaxdissect import zoo
+
     scheme, sep, arg = str(spec).partition(":")
     if scheme not in DATA_SCHEMES:
         raise LaunchError(f"--{flag}={spec}: unknown kind {scheme!r}; use {DATA_HELP}")
-    if scheme in ("places", "folder", "broden") and not arg:
+    if scheme == "minilsun" and not arg:
+        raise LaunchError(f"--{flag}={spec}: give the scene, e.g. --{flag}=minilsun:church")
+    if scheme in ("places", "folder", "broden") and not arg and not zoo.data_name(spec):
         raise LaunchError(f"--{flag}={spec}: give the folder, e.g. --{flag}={scheme}:/path/to/images")
     if scheme in ("z", "synthetic") and arg:
         try:
@@ -197,19 +203,19 @@ def make_data(spec: str, *, kind: str = "classifier", crop: int = 224, on_bad_im
     from jaxdissect.data import folders, places
 
     scheme, arg = parse_data_spec(spec, flag)
+    root = data_root(spec, flag) if scheme in ("places", "folder", "broden", "minilsun") else None
     if kind == "generator" and scheme != "z":
         raise LaunchError(f"--{flag}={spec}: a generator is dissected on z vectors (--{flag}=z:<count>)")
     pre = dict(preprocessing or {"normalization": normalization, "resize": 256, "crop": crop})
     transform = folders.transform_for(pre) if preprocessing or normalization != "imagenet" else None
     crop = int(pre.get("crop", crop) or crop)
-    if scheme in ("places", "folder"):
-        root = os.path.expanduser(arg)
+    if scheme in ("places", "folder", "minilsun"):
         if not os.path.isdir(root):
             raise LaunchError(f"--{flag}={spec}: {root} is not a directory; give a folder of images")
         if scheme == "places":
             return places.PlacesFolder(root, crop=crop, transform=transform, on_error=on_bad_image), "places"
-        return (folders.ImageFolder(root, crop=crop, transform=transform, on_error=on_bad_image),
-                os.path.basename(os.path.normpath(root)))
+        name = f"minilsun-{arg}" if scheme == "minilsun" else os.path.basename(os.path.normpath(root))
+        return folders.ImageFolder(root, crop=crop, transform=transform, on_error=on_bad_image), name
     if scheme == "tfds":
         split = arg.partition(":")[2]
         return places.Places365TFDS(split or "validation", crop=crop, transform=transform), "places365_small"
@@ -218,7 +224,7 @@ def make_data(spec: str, *, kind: str = "classifier", crop: int = 224, on_bad_im
 
         norm = pre.get("normalization", "imagenet")
         preprocess = broden.imagenet_normalize if norm == "imagenet" else broden.to_zc
-        return broden.BrodenSource(os.path.expanduser(arg), preprocess=preprocess, on_error=on_bad_image), "broden"
+        return broden.BrodenSource(root, preprocess=preprocess, on_error=on_bad_image), "broden"
     if scheme == "z":
         if kind != "generator":
             raise LaunchError(f"--{flag}={spec} feeds z vectors, but the model is a classifier; give images")
@@ -227,6 +233,40 @@ def make_data(spec: str, *, kind: str = "classifier", crop: int = 224, on_bad_im
     from jaxdissect.data.synthetic import SyntheticScenes
 
     return SyntheticScenes(int(arg or SYNTHETIC_IMAGES), seed=0), "synthetic"
+
+
+def data_root(spec: str, flag: str = "data") -> str:
+    """The folder of a folder-kind ``--data`` spec: its path as given, or a published data set by name
+    (``places``, ``broden:227``, ``minilsun:church``; an existing path wins), fetched and unpacked on first use."""
+    from jaxdissect import zoo
+
+    arg = os.path.expanduser(str(spec).partition(":")[2])
+    if (arg and os.path.exists(arg)) or not zoo.data_name(spec):
+        return arg
+    return zoo.data_dir(spec, flag=flag)
+
+
+def model_dir(value: str, flag: str = "model", kind: str | None = None, fetch: bool = True) -> str:
+    """A ``--model``/``--encoder``/... value as a directory: a converted model directory as given, or a published
+    model by name, downloaded and converted into the per-user cache on first use (nothing fetched when
+    ``fetch`` is False: the check before any work). An unusable value is a :class:`LaunchError` saying how
+    to get a model."""
+    from jaxdissect import zoo
+
+    try:
+        return zoo.model_dir(value, flag=flag, kind=kind, fetch_now=fetch)
+    except zoo.UnknownName as e:
+        raise LaunchError(str(e)) from None
+
+
+def segmenter_spec(spec: str, fetch: bool = True) -> str:
+    """A ``--segmenter`` value with published names (``netpqc``, ``upp``, ``color``) resolved to directories."""
+    from jaxdissect import zoo
+
+    try:
+        return zoo.segmenter_spec(spec, fetch_now=fetch)
+    except zoo.UnknownName as e:
+        raise LaunchError(str(e)) from None
 
 
 def model_preprocessing(metadata: dict, flag: str = "model", path: str = "") -> dict:

@@ -96,9 +96,7 @@ def build(config: dict) -> dict:
         raise LaunchError("--data is required, e.g. --data=broden:datasets/broden1_224")
     loaded, pipelines = [], []
     for d in dirs:
-        if not os.path.isdir(d):
-            raise LaunchError(f"--models: {d} is not a directory; convert the checkpoint first (python -m "
-                              "converters.<architecture> --input=... --output=DIR)")
+        d = common.model_dir(d, flag="models")
         try:
             module, variables = load_model(d)
             metadata = load_metadata(d) or {}

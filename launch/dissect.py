@@ -186,7 +186,7 @@ def make_segmentation(spec: str, **options):
         return "dataset", "dataset"
     from jaxdissect.segmentation import segmenter_from_spec
 
-    segmenter, variables = segmenter_from_spec(spec, **options)
+    segmenter, variables = segmenter_from_spec(common.segmenter_spec(spec), **options)
     return (segmenter, variables), segmenter.setting
 
 
@@ -226,11 +226,7 @@ def build(config: dict) -> dict:
     else:
         from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
 
-        model_dir = config["model"]
-        if not os.path.isdir(model_dir):
-            raise LaunchError(f"--model={model_dir}: no such directory; convert a checkpoint first, e.g. "
-                              "python -m converters.vgg16_places365 --input=vgg16_places365-0bafbc55.pth "
-                              f"--output={model_dir}")
+        model_dir = common.model_dir(config["model"])
         try:
             module, variables = load_model(model_dir)
             metadata = load_metadata(model_dir) or {}

@@ -75,10 +75,11 @@ def _check_flags() -> None:
     if FLAGS.strength is not None and not (FLAGS.strength.isdigit() and int(FLAGS.strength) > 0) \
             and FLAGS.strength not in ("low", "med", "high"):
         raise common.LaunchError(f"--strength={FLAGS.strength}: give a unit count (e.g. 4, 10, 15) or low/med/high")
-    for name in ("model", "encoder", "perceptual", "dissection"):
-        value = getattr(FLAGS, name)
-        if value and not os.path.isdir(value):
-            raise common.LaunchError(f"--{name}={value}: no such directory")
+    for name, kind in (("model", "generator"), ("encoder", "encoder"), ("perceptual", "classifier")):
+        if getattr(FLAGS, name):
+            common.model_dir(getattr(FLAGS, name), flag=name, kind=kind, fetch=False)
+    if FLAGS.dissection and not os.path.isdir(FLAGS.dissection):
+        raise common.LaunchError(f"--dissection={FLAGS.dissection}: no such directory")
     if FLAGS.image and not os.path.isfile(FLAGS.image):
         raise common.LaunchError(f"--image={FLAGS.image}: no such file")
     if FLAGS.model and not FLAGS.image:
@@ -116,7 +117,7 @@ def main(argv):
         module, variables = T.toy_generator()
     else:
         module, variables = load_model(FLAGS.model)
-    encoder = load_model(FLAGS.encoder) if FLAGS.encoder else None
+    encoder = load_model(common.model_dir(FLAGS.encoder, flag="encoder", kind="encoder")) if FLAGS.encoder else None
     perceptual = load_model(FLAGS.perceptual) if FLAGS.perceptual else None
     size = int(module.apply(variables, _zeros_like_latent(module)).shape[1])
     photo = pipeline.load_photo(FLAGS.image, size) if FLAGS.image else _toy_photo()

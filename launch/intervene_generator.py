@@ -61,7 +61,7 @@ def main(argv):
     from jaxdissect.segmentation import segmenter_from_spec
 
     module, variables = load_model(FLAGS.model)
-    segmenter, segmenter_variables = segmenter_from_spec(FLAGS.segmenter)
+    segmenter, segmenter_variables = segmenter_from_spec(common.segmenter_spec(FLAGS.segmenter))
     dissection = experiment.load_dissection(FLAGS.dissection, FLAGS.layer)
     z = standard_z_sample(FLAGS.num_samples, seed=FLAGS.seed)
     summaries = experiment.run_experiment(

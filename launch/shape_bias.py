@@ -64,7 +64,8 @@ def main(argv):
         raise common.LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
     common.positive("batch_size", FLAGS.batch_size, allow_none=False)
     common.positive("num_images", FLAGS.num_images)
-    for name in ("model", "original", "stylized"):
+    common.model_dir(FLAGS.model, fetch=False)
+    for name in ("original", "stylized"):
         if not os.path.isdir(getattr(FLAGS, name)):
             raise common.LaunchError(f"--{name}={getattr(FLAGS, name)}: no such directory")
     identity = {n: getattr(FLAGS, n) for n in ("model", "layers", "original", "stylized", "dissection", "batch_size",

@@ -97,8 +97,7 @@ def main(argv):
     common.positive("num_images", FLAGS.num_images)
     common.in_range("fraction", FLAGS.fraction, 0.0, 1.0, low_open=False)
     common.parse_data_spec(FLAGS.data)
-    if not os.path.isdir(FLAGS.model):
-        raise common.LaunchError(f"--model={FLAGS.model}: no such directory; convert a checkpoint first")
+    common.model_dir(FLAGS.model, fetch=False)
     identity = {n: getattr(FLAGS, n) for n in ("model", "layer", "unit", "data", "classes", "pre_relu", "segmenter",
                                                "concept", "fraction", "batch_size", "num_images", "on_bad_image")}
     common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite)

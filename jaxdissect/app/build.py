@@ -34,6 +34,16 @@ def toy_dissection(cache_dir: str | None = None) -> str:
     return directory
 
 
+def _model_dir(value: str, flag: str, kind: str) -> str:
+    """A converted model directory, or a published name fetched on first use (:func:`jaxdissect.zoo.model_dir`)."""
+    from jaxdissect import zoo
+
+    try:
+        return zoo.model_dir(value, flag=flag, kind=kind)
+    except zoo.UnknownName as e:
+        raise AppError(str(e)) from None
+
+
 def _latent_size(module, metadata: dict) -> int:
     shape = (metadata.get("input") or {}).get("shape")
     if shape and len(shape) == 2 and isinstance(shape[1], int):
@@ -100,9 +110,7 @@ def build_painter(model: str | None = None, dissection: str | None = None, *, la
         if not dissection:
             raise AppError("--dissection is required with --model: the output directory of python -m "
                            "launch.dissect for this generator")
-        if not os.path.isdir(model):
-            raise AppError(f"--model={model}: no such directory; convert a generator first, e.g. python -m "
-                           f"converters.proggan --input=proggan_churchoutdoor-7e701dd5.pth --output={model}")
+        model = _model_dir(model, "model", "generator")
         try:
             module, variables = load_model(model)
             metadata = load_metadata(model) or {}
@@ -122,10 +130,7 @@ def build_painter(model: str | None = None, dissection: str | None = None, *, la
     if encoder is not None:
         from jaxdissect.checkpoint import CheckpointError, load_model
 
-        if not os.path.isdir(encoder):
-            raise AppError(f"--encoder={encoder}: no such directory; convert the ganseeing encoder with "
-                           f"python -m converters.proggan_encoder --input=church_invert_hybrid_cse-43e52428.pth "
-                           f"--output={encoder}")
+        encoder = _model_dir(encoder, "encoder", "encoder")
         try:
             encoder_model = load_model(encoder)
         except CheckpointError as e:

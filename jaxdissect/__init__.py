@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it.
 _EXPORTS = {
-    # Checkpoints of models converted or trained by us.
+    # Checkpoints of models converted or trained by us; load_model also takes a published name (jaxdissect.zoo).
     "load_model": "jaxdissect.checkpoint",
     "save_model": "jaxdissect.checkpoint",
     "load_metadata": "jaxdissect.checkpoint",
@@ -67,11 +67,12 @@ _EXPORTS = {
     "PreActivation": "jaxdissect.layers",
 }
 
-__all__ = sorted(_EXPORTS) + ["attacks", "editing", "explain", "interventions", "kernels"]
+_SUBPACKAGES = ("attacks", "convert", "editing", "explain", "interventions", "kernels", "zoo")
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 
 
 def __getattr__(name):
-    if name in ("attacks", "editing", "explain", "interventions", "kernels"):
+    if name in _SUBPACKAGES:
         return importlib.import_module(f"jaxdissect.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -117,7 +117,7 @@ def build(config: dict) -> dict:
                           "all, so compare models with the same preprocessing (or run them separately)")
     data, data_name = make_data(config["data"], kind="classifier", on_bad_image=config.get("on_bad_image") or "raise",
                                 preprocessing=pipelines[0])
-    seg_spec = config.get("segmenter") or ("dataset" if config["data"].startswith(("broden:", "synthetic"))
+    seg_spec = config.get("segmenter") or ("dataset" if config["data"].startswith(("broden", "synthetic"))
                                            else None)
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "

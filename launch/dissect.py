@@ -221,7 +221,7 @@ def build(config: dict) -> dict:
         module, variables = train_synthetic.abstract_model(**settings)
         kind, model_name, preprocessing = "classifier", "demo", train_synthetic.preprocessing(**settings)
         data_spec = config.get("data") or f"synthetic:{SYNTHETIC_IMAGES}"
-        seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden:", "synthetic"))
+        seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden", "synthetic"))
                                                else None)
     else:
         from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
@@ -238,7 +238,7 @@ def build(config: dict) -> dict:
         if data_spec is None:
             raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
         preprocessing = _preprocessing(metadata, model_dir, data_spec) if kind == "classifier" else None
-        seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden:", "synthetic"))
+        seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden", "synthetic"))
                                                else None)
     data, data_name = make_data(data_spec, kind=kind, on_bad_image=config.get("on_bad_image", "raise"),
                                 preprocessing=preprocessing)

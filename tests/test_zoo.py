@@ -392,11 +392,14 @@ def test_data_by_name_places_and_minilsun(env, server):
         common.data_root("minilsun:kitchen")
 
 
-def _broden_zip(tmp_path) -> bytes:
-    from test_broden import _write_broden
+def _broden_zip(tmp_path, monkeypatch) -> bytes:
+    """test_broden's planted Broden folder, with 64-pixel images (a ResNet needs at least 32), zipped."""
+    import test_broden
 
+    monkeypatch.setattr(test_broden, "I", 64)
+    monkeypatch.setattr(test_broden, "S", 32)
     root = tmp_path / "b" / "broden1_224"
-    _write_broden(str(root))
+    test_broden._write_broden(str(root))
     return _zip({os.path.relpath(p, tmp_path / "b"): open(p, "rb").read()
                  for p in glob.glob(str(root / "**" / "*"), recursive=True) if os.path.isfile(p)})
 
@@ -408,11 +411,11 @@ def _tiny_resnet_bytes():
 
 
 @pytest.mark.slow
-def test_launcher_downloads_verifies_converts_and_dissects_by_name(env, server, tmp_path):
+def test_launcher_downloads_verifies_converts_and_dissects_by_name(env, server, tmp_path, monkeypatch):
     """``launch.dissect --model=NAME --data=broden``: then the same names again with the server stopped."""
     from jaxdissect.convert import torchvision
 
-    broden, weights = _broden_zip(tmp_path), _tiny_resnet_bytes()
+    broden, weights = _broden_zip(tmp_path, monkeypatch), _tiny_resnet_bytes()
     server.files.update({"data/broden1_224.zip": broden, "mine/resnet18.pth": weights})
     env.registry({"broden1_224": {"url": server.url("data/broden1_224.zip"), "sha256": sha(broden)},
                   "tiny_resnet": {"kind": "classifier", "url": server.url("mine/resnet18.pth"), "sha256": sha(weights),

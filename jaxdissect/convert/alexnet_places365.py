@@ -13,11 +13,9 @@ PyTorch's (c, h, w) flatten to the NHWC (h, w, c) flatten of
 
 from __future__ import annotations
 
-import os
 
 
 from jaxdissect.convert import common
-from jaxdissect.checkpoint import save_model
 from jaxdissect.models.alexnet import CONV_LAYERS, PLACES_UPSAMPLE_CONVOLUTIONS, AlexNet
 
 WHAT = "AlexNet-Places365 (experiment/oldalexnet.py)"
@@ -60,23 +58,8 @@ def convert_state_dict(state) -> tuple[AlexNet, dict]:
 
 def convert(input_path: str, output_dir: str, classes_path: str | None = None) -> dict:
     """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
-    common.require_empty_output(output_dir)
-    state = common.load_state_dict(input_path)
-    module, variables = convert_state_dict(state)
-    metadata = {
-        "model": "alexnet_places365",
-        "source_file": os.path.basename(input_path),
-        "source_sha256": common.sha256(input_path),
-        "num_classes": module.num_classes,
-        "preprocessing": {"normalization": "imagenet", "resize": 256, "crop": CROP,
-                          "function": "jaxdissect.preprocess.vgg_preprocess"},
-        "input": {"layout": "NHWC", "shape": [None, CROP, CROP, 3], "dtype": "float32"},
-        "layers": list(CONV_LAYERS),
-        "layer_note": "conv layer outputs are post-ReLU, as the original's retained tensors",
-        # The original upsampled every layer with the pool5 receptive-field grid (dissect-spec.md 2.2).
-        "upsample": {"convolutions": [list(c) for c in PLACES_UPSAMPLE_CONVOLUTIONS], "image_size": CROP},
-    }
-    if classes_path:
-        metadata["classes"] = common.read_classes(classes_path, module.num_classes)
-    save_model(output_dir, module, variables, metadata)
-    return metadata
+    # The original upsampled every layer with the pool5 receptive-field grid (dissect-spec.md 2.2).
+    return common.convert_classifier(
+        "alexnet_places365", input_path, output_dir, convert_state_dict, crop=CROP, classes_path=classes_path,
+        layers=list(CONV_LAYERS), layer_note="conv layer outputs are post-ReLU, as the original's retained tensors",
+        upsample={"convolutions": [list(c) for c in PLACES_UPSAMPLE_CONVOLUTIONS], "image_size": CROP})

@@ -12,6 +12,7 @@ tensors are all reported at once), re-lays the tensors for Flax (NHWC convs,
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -63,6 +64,31 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         out[str(key)] = value
     return out
+
+
+def convert_classifier(name: str, input_path: str, output_dir: str, from_state: Callable, *, crop: int = 224,
+                       classes_path: str | None = None, **extra) -> dict:
+    """The shared body of the classifier converters: read ``input_path``, ``from_state(state) -> (module,
+    variables)``, write ``output_dir`` with the classic preprocessing (resize 256, centre crop ``crop``,
+    ImageNet normalisation) and the class names of ``classes_path``; returns the metadata (plus ``extra``)."""
+    from jaxdissect.checkpoint import save_model
+
+    require_empty_output(output_dir)
+    module, variables = from_state(load_state_dict(input_path))
+    metadata = {
+        "model": name,
+        "source_file": os.path.basename(input_path),
+        "source_sha256": sha256(input_path),
+        "num_classes": module.num_classes,
+        "preprocessing": {"normalization": "imagenet", "resize": 256, "crop": crop,
+                          "function": "jaxdissect.preprocess.vgg_preprocess"},
+        "input": {"layout": "NHWC", "shape": [None, crop, crop, 3], "dtype": "float32"},
+        **extra,
+    }
+    if classes_path:
+        metadata["classes"] = read_classes(classes_path, module.num_classes)
+    save_model(output_dir, module, variables, metadata)
+    return metadata
 
 
 def read_classes(path: str, num_classes: int) -> list[str]:

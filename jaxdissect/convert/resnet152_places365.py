@@ -14,11 +14,9 @@ BatchNorm ``weight``/``running_*`` -> ``scale``/``batch_stats``.
 
 from __future__ import annotations
 
-import os
 
 
 from jaxdissect.convert import common
-from jaxdissect.checkpoint import save_model
 from jaxdissect.models.resnet import OldResNet152
 
 WHAT = "ResNet152-Places365 (experiment/oldresnet152.py)"
@@ -72,21 +70,6 @@ def convert_state_dict(state) -> tuple[OldResNet152, dict]:
 
 def convert(input_path: str, output_dir: str, classes_path: str | None = None) -> dict:
     """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
-    common.require_empty_output(output_dir)
-    state = common.load_state_dict(input_path)
-    module, variables = convert_state_dict(state)
-    metadata = {
-        "model": "resnet152_places365",
-        "source_file": os.path.basename(input_path),
-        "source_sha256": common.sha256(input_path),
-        "num_classes": module.num_classes,
-        "preprocessing": {"normalization": "imagenet", "resize": 256, "crop": 224,
-                          "function": "jaxdissect.preprocess.vgg_preprocess"},
-        "input": {"layout": "NHWC", "shape": [None, 224, 224, 3], "dtype": "float32"},
-        "layers": list(LAYERS),
-        "layer_note": "'0' is the stem conv before BatchNorm; '4'..'7' are stage outputs after ReLU",
-    }
-    if classes_path:
-        metadata["classes"] = common.read_classes(classes_path, module.num_classes)
-    save_model(output_dir, module, variables, metadata)
-    return metadata
+    return common.convert_classifier(
+        "resnet152_places365", input_path, output_dir, convert_state_dict, classes_path=classes_path,
+        layers=list(LAYERS), layer_note="'0' is the stem conv before BatchNorm; '4'..'7' are stage outputs after ReLU")

@@ -34,13 +34,11 @@ Use :func:`convert_state_dict` to convert in memory.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
 from jaxdissect.convert import common
-from jaxdissect.checkpoint import save_model
 
 ARCHS = ("resnet18", "resnet50", "resnet152", "densenet161", "alexnet", "vgg16")
 
@@ -180,21 +178,8 @@ def convert(input_path: str, output_dir: str, arch: str, num_classes: int, class
     """Convert ``input_path`` (.pth) into the model directory ``output_dir``; returns the metadata written."""
     _check_arch(arch)
     common.require_empty_output(output_dir)
-    classes = common.read_classes(classes_path, num_classes) if classes_path else None
-    state = common.load_state_dict(input_path)
-    module, variables = convert_state_dict(state, arch, num_classes)
-    crop = 224
-    metadata = {
-        "model": f"{arch}_torchvision",
-        "arch": arch,
-        "source_file": os.path.basename(input_path),
-        "source_sha256": common.sha256(input_path),
-        "num_classes": int(num_classes),
-        "preprocessing": {"normalization": "imagenet", "resize": 256, "crop": crop,
-                          "function": "jaxdissect.preprocess.vgg_preprocess"},
-        "input": {"layout": "NHWC", "shape": [None, crop, crop, 3], "dtype": "float32"},
-    }
-    if classes:
-        metadata["classes"] = classes
-    save_model(output_dir, module, variables, metadata)
-    return metadata
+    if classes_path:
+        common.read_classes(classes_path, num_classes)  # a bad class file is refused before the weights are read
+    return common.convert_classifier(f"{arch}_torchvision", input_path, output_dir,
+                                     lambda state: convert_state_dict(state, arch, num_classes),
+                                     classes_path=classes_path, arch=arch)

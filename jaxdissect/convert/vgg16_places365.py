@@ -12,12 +12,10 @@ permuted from PyTorch's channel-major flatten (c, h, w) to the NHWC flatten
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from jaxdissect.convert import common
-from jaxdissect.checkpoint import save_model
 from jaxdissect.models.vgg16 import CONV_LAYERS, CONV_WIDTHS, VGG16
 
 WHAT = "VGG16-Places365 (experiment/oldvgg16.py)"
@@ -81,21 +79,6 @@ def convert(input_path: str, output_dir: str, classes_path: str | None = None) -
     ``classes_path``: a class-name file (first word a line, e.g. ``categories_places365.txt``); the
     names go to ``model.json`` so launchers can match class folders to outputs by name.
     """
-    common.require_empty_output(output_dir)
-    state = common.load_state_dict(input_path)
-    module, variables = convert_state_dict(state)
-    metadata = {
-        "model": "vgg16_places365",
-        "source_file": os.path.basename(input_path),
-        "source_sha256": common.sha256(input_path),
-        "num_classes": module.num_classes,
-        "preprocessing": {"normalization": "imagenet", "resize": 256, "crop": 224,
-                          "function": "jaxdissect.preprocess.vgg_preprocess"},
-        "input": {"layout": "NHWC", "shape": [None, 224, 224, 3], "dtype": "float32"},
-        "layers": list(CONV_LAYERS),
-        "layer_note": "conv layer outputs are post-ReLU, as the original's retained tensors",
-    }
-    if classes_path:
-        metadata["classes"] = common.read_classes(classes_path, module.num_classes)
-    save_model(output_dir, module, variables, metadata)
-    return metadata
+    return common.convert_classifier(
+        "vgg16_places365", input_path, output_dir, convert_state_dict, classes_path=classes_path,
+        layers=list(CONV_LAYERS), layer_note="conv layer outputs are post-ReLU, as the original's retained tensors")

@@ -58,8 +58,8 @@ def built(name: str, cache_dir: str | None = None) -> str | None:
     digests = []
     for f in entry.files:
         pin = download.read_pin(file_path(f, cache_dir))
-        if pin is None:
-            return None
+        if pin is None or (f.sha256 and pin != f.sha256) or (f.sha256_prefix and not pin.startswith(f.sha256_prefix)):
+            return None  # not fetched, or fetched from other bytes than the registry now names
         digests.append(pin)
     target = _built_path(entry, digests, cache_dir)
     return target if os.path.isdir(target) else None
@@ -72,9 +72,10 @@ def fetch(name: str, cache_dir: str | None = None) -> str:
     call (any process) finds it in the cache and touches no network.
     """
     entry = get(name)
-    files = _files(entry, cache_dir)
-    target = _built_path(entry, [sha for _, sha, _ in files], cache_dir)
-    if not os.path.isdir(target):
+    target = built(name, cache_dir)  # ready: the downloaded files themselves are not needed (nor read) again
+    if target is None:
+        files = _files(entry, cache_dir)
+        target = _built_path(entry, [sha for _, sha, _ in files], cache_dir)
 
         def build(tmp: str) -> None:
             # The files are read now: check a cached copy's bytes against its pin first.

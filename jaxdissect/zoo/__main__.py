@@ -36,13 +36,11 @@ def _list(args) -> int:
 
 def _resolve(name: str, cache_dir) -> str:
     from jaxdissect.zoo import store
-    from jaxdissect.zoo.registry import entries
+    from jaxdissect.zoo.registry import get
 
-    if name in entries():
-        return store.fetch(name, cache_dir)
-    if store.data_name(name):
+    if store.data_name(name):  # places, places:val, broden:227, minilsun:church ...
         return store.data_dir(name, flag="data", cache_dir=cache_dir)
-    return store.model_dir(name, flag="name", cache_dir=cache_dir)
+    return store.fetch(get(name).name, cache_dir)  # an unknown name: the error lists the known ones
 
 
 def _fetch(args) -> int:

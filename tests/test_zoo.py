@@ -132,7 +132,9 @@ def test_unknown_name_lists_the_known_ones(env):
     assert "did you mean vgg16_places365" in msg and "proggan_church" in msg and "upp" in msg
     with pytest.raises(zoo.UnknownName, match="no such directory"):
         zoo.model_dir("models/nothing_here")
-    with pytest.raises(jaxdissect.checkpoint.CheckpointError, match="does not exist"):
+    from jaxdissect.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not exist"):
         jaxdissect.load_model("./nothing_here")
     with pytest.raises(zoo.UnknownName, match="did you mean proggan_church"):
         jaxdissect.load_model("proggan_chruch")

@@ -2,7 +2,8 @@
 
 With no model the embedded default is used: the planted toy generator
 (``jaxdissect.models.toy_generator``) and its dissection, computed once (a few
-seconds) and cached under :func:`default_cache_dir`; nothing is downloaded.
+seconds) and cached under ``jaxdissect.pipelines.demo.default_cache_dir()``;
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from jaxdissect.app.painter import Painter
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.pipelines.demo import default_cache_dir  # noqa: F401 (exported by jaxdissect.app)
 
 DEFAULT_NUM_IMAGES = 16
 
@@ -21,24 +23,11 @@ class AppError(JaxDissectError, ValueError):
     """A model, dissection or setting the app cannot use; the message says which and how to fix it."""
 
 
-def default_cache_dir() -> str:
-    """``$JAXDISSECT_CACHE``, else ``$XDG_CACHE_HOME/jaxdissect``, else ``~/.cache/jaxdissect``."""
-    if os.environ.get("JAXDISSECT_CACHE"):
-        return os.environ["JAXDISSECT_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "jaxdissect")
-
-
 def toy_dissection(cache_dir: str | None = None) -> str:
-    """The toy generator's dissection directory, computed on first use; returns its path."""
-    from jaxdissect.models import toy_generator as toy
+    """The toy generator's dissection directory, computed once (across processes) on first use; returns its path."""
+    from jaxdissect.pipelines import demo
 
-    directory = os.path.join(cache_dir or default_cache_dir(), "ganpaint-toy-dissection")
-    if not os.path.exists(os.path.join(directory, toy.EDIT_LAYER, "arrays.npz")):
-        from jaxdissect import progress
-
-        toy.dissect_toy(directory, toy.EDIT_LAYER, progress=progress.enabled())
-    return directory
+    return demo.toy_dissection(cache_dir or default_cache_dir())
 
 
 def _latent_size(module, metadata: dict) -> int:

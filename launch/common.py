@@ -14,7 +14,11 @@ trained), and runs through :func:`run`::
         common.run(main)
 
 :func:`run` gives every launcher the same behaviour: ``--help`` prints the
-module docstring and the flags and exits 0; a bad flag or a known error
+module docstring and the flags and exits 0; every path the launcher writes
+(``--output_dir``, ``--output``, ``--cache_dir``: :data:`WRITABLE_FLAGS`) is
+checked before any work, and one that cannot be written is a one-line error
+naming it; :func:`check_output_dir` holds the output folder's lock for the
+run, so a second run into it waits for the first; a bad flag or a known error
 (:data:`KNOWN_ERRORS`, :class:`LaunchError`) prints one line ``error: ...``
 (exit 2 for flag errors, 1 otherwise); Ctrl-C lets a running streaming pass
 (``jaxdissect.streaming.run_stream``) finish its batch and checkpoint, prints
@@ -72,12 +76,12 @@ def define_data_flag(help: str | None = None, name: str = "data") -> None:
 WRITABLE_FLAGS: dict[str, str] = {}
 
 
-def define_output_flags(help: str = "Results directory.", default: str | None = None) -> None:
+def define_output_flags(help: str = "Results directory.") -> None:
     """``--output_dir`` and ``--overwrite`` (see :func:`check_output_dir`)."""
     from absl import flags
 
     WRITABLE_FLAGS["output_dir"] = "folder"
-    flags.DEFINE_string("output_dir", default, help + " A non-empty directory is refused unless it holds a run "
+    flags.DEFINE_string("output_dir", None, help + " A non-empty directory is refused unless it holds a run "
                         "of the same configuration (which then resumes) or --overwrite is given.")
     flags.DEFINE_bool("overwrite", False, "Replace the results of another configuration in --output_dir.")
 

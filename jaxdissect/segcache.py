@@ -38,6 +38,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import logging
 
+from jaxdissect import fileio
+
 FORMAT = 1
 SUBDIR = "segmentation"
 CHUNK_BYTES = 32 * 2**20
@@ -423,19 +425,12 @@ def open_cache(root: str, key: dict, tables: dict, num_channels: int, resolution
                             "rebuild)", directory, what)
             return None
     else:
-        try:
+        try:  # two runs creating the entry at once write the same file, each under its own temporary name
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".entry.json.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with open(tmp, "w") as f:
-                    json.dump({"key": key, "tables": tables, "channels": int(num_channels),
+            fileio.write_json(os.path.join(directory, "entry.json"),
+                              {"key": key, "tables": tables, "channels": int(num_channels),
                                "resolution": [int(s) for s in resolution],
-                               "dtype": np.dtype(label_dtype(len(tables["label_names"]))).name}, f, indent=1,
-                              sort_keys=True)
-                os.replace(tmp, os.path.join(directory, "entry.json"))
-            except OSError:
-                _remove(tmp)
-                raise
+                               "dtype": np.dtype(label_dtype(len(tables["label_names"]))).name}, sort_keys=True)
         except OSError as e:
             logging.warning("segmentation cache: cannot write to %s (%s); segmenting as without a cache", base, e)
             return None

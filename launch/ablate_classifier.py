@@ -1,4 +1,10 @@
-r"""Classifier unit ablation (spec 3.3): which units of a layer each class needs.
+r"""Classifier unit ablation: which units of a layer each class needs.
+
+With no flags, a first look on the embedded demo (the small CNN trained once on
+synthetic scenes, cached in ``--cache_dir``; nothing is downloaded): its
+``conv4`` units ranked on 256 of its training scenes, evaluated on 256 others::
+
+  python -m launch.ablate_classifier
 
 For VGG16-Places365 at conv5_3, as in the paper::
 
@@ -17,91 +23,50 @@ never recomputed.
 
 The images are read with the model's own preprocessing (``preprocessing`` in
 its ``model.json``), and the class folders are matched to the model's outputs
-by name through ``classes`` in ``model.json``; without that list,
-``--class_order=sorted_folders`` states that output ``i`` is the ``i``-th
-class folder in sorted order (true of Places365 and the converted VGG16).
+by name through ``classes`` in ``model.json`` (``jaxdissect.data.classes``);
+without that list, ``--class_order=sorted_folders`` states that output ``i`` is
+the ``i``-th class folder in sorted order (true of Places365 and the converted
+VGG16). A folder that is not a class of the model is an error.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 
-import numpy as np
 from absl import flags
 
 from launch import common
 from launch.common import LaunchError
 
 FLAGS = flags.FLAGS
+SIZES = (1, 2, 3, 4, 5, 20, 64, 128, 256)
+DEMO = dict(layer="conv4", data="synthetic:256", train_images=256, sizes=(1, 2, 4, 8, 16, 32))
 
 
 def image_source(spec: str, preprocessing: dict, on_bad_image: str, flag: str = "data"):
-    """A labelled image source from ``places:<dir>`` (or a bare ``<dir>``) or ``tfds:places365_small[:split]``."""
+    """A labelled source: ``places:<dir>`` (or a bare ``<dir>``), ``tfds:places365_small[:split]`` or ``synthetic:<n>``."""
     scheme = spec.partition(":")[0]
     if scheme not in common.DATA_SCHEMES:
         spec = f"places:{spec}"
         scheme = "places"
-    if scheme not in ("places", "tfds"):
+    if scheme not in ("places", "tfds", "synthetic"):
         raise LaunchError(f"--{flag}={spec}: give labelled images, places:<dir> (class folders "
-                          "<dir>/<class>/<image>) or tfds:places365_small[:split]")
+                          "<dir>/<class>/<image>), tfds:places365_small[:split] or synthetic:<count>")
     source, _ = common.make_data(spec, preprocessing=preprocessing, on_bad_image=on_bad_image, flag=flag)
     return source
 
 
-class Relabelled:
-    """A labelled source whose labels are mapped to the model's class indices (``mapping[folder index]``)."""
-
-    def __init__(self, source, mapping: np.ndarray, classes: list[str]):
-        self.source, self.mapping, self.classes = source, np.asarray(mapping, np.int32), list(classes)
-        self.name = getattr(source, "name", "data")
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getattr__(self, name):
-        return getattr(self.source, name)
-
-    def get_batch(self, indices) -> dict:
-        batch = dict(self.source.get_batch(indices))
-        batch["label"] = self.mapping[np.asarray(batch["label"], np.int64)]
-        return batch
-
-    def fingerprint(self) -> dict:
-        return {**self.source.fingerprint(), "label_mapping": self.mapping.tolist()}
-
-
-def class_mapping(folders: list[str], model_classes: list[str] | None, num_outputs: int, class_order: str,
-                  flag: str = "data") -> tuple[np.ndarray, list[str]]:
-    """``(model index per folder class, the model's class names)``; an error when it cannot be established."""
-    if model_classes:
-        index = {c: i for i, c in enumerate(model_classes)}
-        unknown = [c for c in folders if c not in index]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], list(index), n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise LaunchError(f"--{flag}: class folder(s) {', '.join(map(repr, unknown[:5]))} are not classes of "
-                              f"the model{hint}; its model.json lists {len(model_classes)} classes, e.g. "
-                              f"{', '.join(model_classes[:5])}")
-        return np.array([index[c] for c in folders], np.int32), list(model_classes)
-    if class_order != "sorted_folders":
-        raise LaunchError(f"--{flag}: the model's model.json lists no 'classes', so its outputs cannot be matched "
-                          "to the class folders; add \"classes\": [...] to model.json, or pass "
-                          "--class_order=sorted_folders if output i is the i-th class folder in sorted order")
-    if len(folders) != num_outputs:
-        raise LaunchError(f"--class_order=sorted_folders: {len(folders)} class folders but the model has "
-                          f"{num_outputs} outputs; give every class folder, or add 'classes' to model.json")
-    return np.arange(len(folders), dtype=np.int32), list(folders)
-
-
-def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str = "conv5_3",
-        sizes=(1, 2, 3, 4, 5, 20, 64, 128, 256), plot_class: str | None = None, full_classes=(),
-        iou: str | None = None,
+def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "conv5_3", sizes=SIZES,
+        plot_class: str | None = None, full_classes=(), iou: str | None = None,
         batch_size: int = 32, num_images: int | None = None, train_images: int | None = None,
         method: str = "auto", on_bad_image: str = "raise", class_order: str = "metadata",
         overwrite: bool = False) -> dict:
-    """Load the model and data, run the experiment, print the headline numbers, return the summary."""
+    """Load the model and data, run the experiment, print the headline numbers, return the summary.
+
+    ``train_data``: a ``--data`` spec, or a labelled source (the demo's training scenes).
+    """
     from jaxdissect.checkpoint import load_metadata, load_model
+    from jaxdissect.data import classes as class_lib
     from jaxdissect.interventions import classifier as ci
 
     try:
@@ -112,9 +77,10 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
     if not os.path.isdir(model):
         raise LaunchError(f"--model={model}: no such directory; convert the classifier first "
                           "(python -m converters.vgg16_places365 ...)")
+    train_spec = train_data if isinstance(train_data, str) else getattr(train_data, "fingerprint", dict)()
     # The cached pieces are named, not keyed by the data: a directory of other settings is refused.
     common.check_output_dir(output_dir, {"model": os.path.abspath(model), "layer": layer, "data": data,
-                                         "train_data": train_data, "num_images": num_images,
+                                         "train_data": train_spec, "num_images": num_images,
                                          "train_images": train_images, "on_bad_image": on_bad_image,
                                          "class_order": class_order}, overwrite=overwrite,
                             remove=("pra_*.npz", "summary.json", "results.npz"))
@@ -122,18 +88,13 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
     meta = load_metadata(model) or {}
     preprocessing = common.model_preprocessing(meta, path=model)
     val = image_source(data, preprocessing, on_bad_image)
-    train = image_source(train_data, preprocessing, on_bad_image, flag="train_data")
-    folders = getattr(val, "classes", None)
-    if folders is not None and getattr(train, "classes", folders) != folders:
-        raise LaunchError("--data and --train_data have different class folders; both must list the same classes")
-    classes = None
-    if folders is not None:
-        import jax
-
-        x = np.asarray(val.get_batch([0])["image"][:1])
-        num_outputs = int(jax.eval_shape(module.apply, variables, x).shape[-1])
-        mapping, classes = class_mapping(list(folders), meta.get("classes"), num_outputs, class_order)
-        val, train = Relabelled(val, mapping, classes), Relabelled(train, mapping, classes)
+    train = (image_source(train_data, preprocessing, on_bad_image, flag="train_data")
+             if isinstance(train_data, str) else train_data)
+    outputs = class_lib.num_outputs(module, variables, val)
+    val = class_lib.model_labelled(val, meta.get("classes"), outputs, class_order=class_order,
+                                   data=f"--data={data}", model=f"--model={model}")
+    train = class_lib.model_labelled(train, meta.get("classes"), outputs, class_order=class_order,
+                                     data="--train_data", model=f"--model={model}")  # each on its own: same outputs
     bars: dict = {}
 
     def progress(what, b, n):
@@ -146,7 +107,7 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
             bars.pop(what).close()
 
     summary = ci.classifier_ablation_experiment(
-        module, variables, layer, val, train, output_dir, class_names=classes, sizes=sizes,
+        module, variables, layer, val, train, output_dir, class_names=val.classes, sizes=sizes,
         plot_class=plot_class, full_classes=full_classes, iou_path=iou, batch_size=batch_size,
         val_items=num_images, train_items=train_images, method=method, progress=progress)
     mba = summary["mean_balanced_accuracy"]
@@ -161,13 +122,19 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing this module is free)."""
-    common.define_model_flag("Converted classifier directory (python -m converters.vgg16_places365 ...).")
-    flags.DEFINE_string("layer", "conv5_3", "Layer whose units are ablated.")
+    common.define_model_flag("Converted classifier directory (python -m converters.vgg16_places365 ...); absent: "
+                             "the demo CNN.")
+    flags.DEFINE_string("layer", None, f"Layer whose units are ablated (default conv5_3; demo {DEMO['layer']}).")
     common.define_data_flag("Evaluation images: places:<dir> with class folders <dir>/<class>/<image> "
-                            "(a bare <dir> too) or tfds:places365_small[:split].")
-    flags.DEFINE_string("train_data", None, "Images the units are ranked on (same forms as --data).")
-    common.define_output_flags("Results and cache directory (created; reused to resume).")
-    flags.DEFINE_list("sizes", ["1", "2", "3", "4", "5", "20", "64", "128", "256"], "Numbers n of top units per class.")
+                            f"(a bare <dir> too), tfds:places365_small[:split] or synthetic:<count> (demo: "
+                            f"{DEMO['data']}).")
+    flags.DEFINE_string("train_data", None, "Images the units are ranked on (same forms as --data; demo: 256 of "
+                        "the scenes it was trained on).")
+    common.define_output_flags("Results and cache directory (created; reused to resume; default "
+                               "results/ablate_classifier-<model>-<layer>).")
+    common.define_cache_dir_flag()
+    flags.DEFINE_list("sizes", None, f"Numbers n of top units per class (default {','.join(map(str, SIZES))}; demo "
+                      f"{','.join(map(str, DEMO['sizes']))}).")
     flags.DEFINE_string("plot_class", None, "Class shown in ice-one-class.png (default: the most damaged by one unit).")
     flags.DEFINE_list("full_classes", [], "Classes for which every n = 1 .. units-1 is evaluated (the paper: "
                       "computer_room,hangar-indoor,ski_resort,volleyball_court-outdoor).")
@@ -185,18 +152,27 @@ def define_flags() -> None:
 
 def main(argv):
     del argv
-    missing = [n for n in ("model", "data", "train_data", "output_dir") if not getattr(FLAGS, n)]
-    if missing:
-        raise LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
+    demo = FLAGS.model is None
+    if not demo:
+        missing = [n for n in ("data", "train_data") if not getattr(FLAGS, n)]
+        if missing:
+            raise LaunchError(f"missing {', '.join('--' + n for n in missing)} (see --help)")
     common.positive("batch_size", FLAGS.batch_size, allow_none=False)
     common.positive("num_images", FLAGS.num_images)
     common.positive("train_images", FLAGS.train_images)
-    common.set_resume_hint(f"run the same command to resume ({FLAGS.output_dir})")
-    run(FLAGS.model, FLAGS.data, FLAGS.train_data, FLAGS.output_dir, layer=FLAGS.layer, sizes=FLAGS.sizes,
-        plot_class=FLAGS.plot_class, full_classes=FLAGS.full_classes, iou=FLAGS.iou,
-        batch_size=FLAGS.batch_size, num_images=FLAGS.num_images, train_images=FLAGS.train_images,
-        method=FLAGS.method, on_bad_image=FLAGS.on_bad_image, class_order=FLAGS.class_order,
-        overwrite=FLAGS.overwrite)
+    layer = FLAGS.layer or (DEMO["layer"] if demo else "conv5_3")
+    output_dir = FLAGS.output_dir or os.path.join(
+        "results", f"ablate_classifier-{'demo' if demo else os.path.basename(os.path.normpath(FLAGS.model))}-{layer}")
+    common.set_resume_hint(f"run the same command to resume ({output_dir})")
+    from jaxdissect.pipelines import demo as demo_lib
+
+    train_data = FLAGS.train_data or demo_lib.training_scenes(DEMO["train_images"])
+    model = FLAGS.model or demo_lib.model_dir(common.cache_dir(FLAGS.cache_dir), log=common.log)
+    run(model, FLAGS.data or DEMO["data"], train_data, output_dir, layer=layer,
+        sizes=FLAGS.sizes or (DEMO["sizes"] if demo else SIZES), plot_class=FLAGS.plot_class,
+        full_classes=FLAGS.full_classes, iou=FLAGS.iou, batch_size=FLAGS.batch_size, num_images=FLAGS.num_images,
+        train_images=FLAGS.train_images, method=FLAGS.method, on_bad_image=FLAGS.on_bad_image,
+        class_order=FLAGS.class_order, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@ r"""Smoke-check a converted model: load it, run a small sample, print what every
     python -m launch.check_model --model=models/vgg16_places365 [--image=a.jpg --image=b.jpg]
     python -m launch.check_model --model=models/proggan_church --num_samples=8 --output=grid.png
 
-Classifiers (VGG16) run on ``--image`` files (preprocessed as in spec 1.2) or,
-without them, on a deterministic synthetic batch, and print logit statistics
-and the top-5 classes. Generators (ProGAN) run on the original's z's
+With no ``--model`` it checks the embedded demo CNN (trained once on synthetic
+scenes, cached in ``--cache_dir``; nothing is downloaded)::
+
+    python -m launch.check_model
+
+Classifiers run on ``--image`` files (read with the model's own preprocessing
+from its model.json) or, without them, on a deterministic synthetic batch, and
+print logit statistics and the top-5 classes (by the names in model.json). Generators (ProGAN) run on the original's z's
 (``standard_z_sample``, seed 1), print per-channel image statistics and write
 a PNG grid. Both print shape, mean and max of every named layer's output, and
 fail clearly if any output is not finite.
@@ -41,8 +46,13 @@ def _synthetic_images(n: int, size: int, normalization: str = "imagenet") -> np.
 
 
 def save_grid(images_uint8: np.ndarray, path: str) -> None:
-    """Tile ``[N, H, W, 3]`` bytes into a near-square grid PNG."""
+    """Tile ``[N, H, W, 3]`` bytes into a near-square grid image (format from the extension, PNG by default)."""
+    import io
+    import os
+
     from PIL import Image
+
+    from jaxdissect import fileio
 
     n, h, w, _ = images_uint8.shape
     cols = math.ceil(math.sqrt(n))
@@ -51,7 +61,9 @@ def save_grid(images_uint8: np.ndarray, path: str) -> None:
     for i, img in enumerate(images_uint8):
         r, c = divmod(i, cols)
         grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
+    fileio.write_bytes(path, buf.getvalue())
 
 
 def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None = None, log=print) -> dict:
@@ -128,9 +140,12 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
             f"min {out.min():+.4f}  max {out.max():+.4f}")
         p = np.exp(out - out.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
+        names = meta.get("classes") or []
+        if len(names) != out.shape[-1]:
+            names = [str(k) for k in range(out.shape[-1])]   # no (or mismatched) names: output numbers
         for i, row in enumerate(p):
             top = np.argsort(-row)[:5]
-            log(f"  sample {i}: top-5 classes " + ", ".join(f"{k} ({row[k]:.3f})" for k in top))
+            log(f"  sample {i}: top-5 classes " + ", ".join(f"{names[k]} ({row[k]:.3f})" for k in top))
         if output:
             save_grid(renormalize(x, meta["preprocessing"].get("normalization", "imagenet"), "byte"), output)
             log(f"wrote {output} (the inputs)")
@@ -139,19 +154,24 @@ def check(checkpoint: str, num_samples: int = 8, images=(), output: str | None =
 
 def define_flags() -> None:
     """Command-line flags (defined only when run as a script, so importing this module is side-effect free)."""
-    common.define_model_flag()
+    common.define_model_flag("Converted model directory (python -m converters.<model> ...); absent: the demo CNN.")
     flags.DEFINE_integer("num_samples", 8, "Number of z samples (generators) or synthetic images (classifiers).")
     flags.DEFINE_multi_string("image", [], "Image file(s) for a classifier; repeat the flag for several.")
-    flags.DEFINE_string("output", "grid.png", "PNG grid of the generated (or input) images; '' to skip.")
+    common.define_output_path_flag("output", "file", "PNG grid of the generated (or input) images; '' to skip.",
+                                   default="grid.png")
+    common.define_cache_dir_flag()
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    if not f.model:
-        raise common.LaunchError("--model is required: a converted model directory (python -m converters.<model> ...)")
     common.positive("num_samples", f.num_samples, allow_none=False)
-    check(f.model, f.num_samples, f.image, f.output or None)
+    model = f.model
+    if model is None:
+        from jaxdissect.pipelines import demo
+
+        model = demo.model_dir(common.cache_dir(f.cache_dir), log=common.log)
+    check(model, f.num_samples, f.image, f.output or None)
 
 
 if __name__ == "__main__":

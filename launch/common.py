@@ -14,7 +14,11 @@ trained), and runs through :func:`run`::
         common.run(main)
 
 :func:`run` gives every launcher the same behaviour: ``--help`` prints the
-module docstring and the flags and exits 0; a bad flag or a known error
+module docstring and the flags and exits 0; every path the launcher writes
+(``--output_dir``, ``--output``, ``--cache_dir``: :data:`WRITABLE_FLAGS`) is
+checked before any work, and one that cannot be written is a one-line error
+naming it; :func:`check_output_dir` holds the output folder's lock for the
+run, so a second run into it waits for the first; a bad flag or a known error
 (:data:`KNOWN_ERRORS`, :class:`LaunchError`) prints one line ``error: ...``
 (exit 2 for flag errors, 1 otherwise); Ctrl-C lets a running streaming pass
 (``jaxdissect.streaming.run_stream``) finish its batch and checkpoint, prints
@@ -29,6 +33,7 @@ compile the model, the segmenter and the kernels again.
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import os
 import signal
@@ -69,10 +74,16 @@ def define_data_flag(help: str | None = None, name: str = "data") -> None:
     flags.DEFINE_string(name, None, help or f"Data: {DATA_HELP}.")
 
 
+# Flags naming paths the launcher writes: name -> "folder" (created), "file" (its folder is created) or
+# "cache" (the per-user cache; its default when absent). run() checks them before any work.
+WRITABLE_FLAGS: dict[str, str] = {}
+
+
 def define_output_flags(help: str = "Results directory.") -> None:
     """``--output_dir`` and ``--overwrite`` (see :func:`check_output_dir`)."""
     from absl import flags
 
+    WRITABLE_FLAGS["output_dir"] = "folder"
     flags.DEFINE_string("output_dir", None, help + " A non-empty directory is refused unless it holds a run "
                         "of the same configuration (which then resumes) or --overwrite is given.")
     flags.DEFINE_bool("overwrite", False, "Replace the results of another configuration in --output_dir.")
@@ -82,6 +93,7 @@ def define_cache_dir_flag() -> None:
     """``--cache_dir`` (default :func:`default_cache_dir`)."""
     from absl import flags
 
+    WRITABLE_FLAGS["cache_dir"] = "cache"
     flags.DEFINE_string("cache_dir", None, "Per-user cache (trained demo model, ...); default "
                         "$XDG_CACHE_HOME/jaxdissect or ~/.cache/jaxdissect.")
 
@@ -109,6 +121,14 @@ def segmentation_cache(config: dict) -> tuple[str | None, int | None]:
     if mb == 0:
         return None, None
     return cache_dir(config.get("cache_dir")), mb
+
+
+def define_output_path_flag(name: str, kind: str, help: str, default: str | None = None) -> None:
+    """A flag naming a ``kind`` = ``'folder'`` or ``'file'`` the launcher writes (checked by :func:`run` up front)."""
+    from absl import flags
+
+    WRITABLE_FLAGS[name] = kind
+    flags.DEFINE_string(name, default, help)
 
 
 def cache_dir(value: str | None) -> str:
@@ -289,8 +309,13 @@ def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, 
                      remove: Sequence[str] = ("work",)) -> None:
     """Refuse a non-empty ``output_dir`` unless it holds a run of this ``config`` or ``overwrite`` is set.
 
-    The configuration is written to ``output_dir/record`` so a rerun of the
-    same command (which resumes) is recognised. With ``overwrite`` only the
+    The folder must be writable (checked first, naming the path and why).
+    Inside :func:`run` the run then holds the folder's lock (``.<record>.lock``)
+    until the launcher returns: a second run into the same folder started
+    meanwhile waits for it (saying so, up to ``$JAXDISSECT_LOCK_TIMEOUT``), then
+    finds its results (a run of the same configuration resumes: nothing is
+    recomputed). The configuration is written to ``output_dir/record`` so a
+    rerun of the same command is recognised. With ``overwrite`` only the
     run's own resumable state (``remove``: names or glob patterns, e.g. the
     ``work`` directory and cached pieces) is deleted, so it is recomputed;
     the outputs are then rewritten in place and nothing else is touched.
@@ -299,9 +324,17 @@ def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, 
     import json
     import shutil
 
+    from jaxdissect import fileio
+
+    fileio.require_writable_dir(output_dir, "output folder")
+    lock = os.path.abspath(os.path.join(output_dir, f".{record}.lock"))
+    if _HELD and lock not in _HELD[1]:
+        _HELD[0].enter_context(fileio.lock(lock, what=f"the run writing {os.path.abspath(output_dir)}",
+                                           log=log))
+        _HELD[1].add(lock)
     config = json.loads(json.dumps(config, sort_keys=True, default=str))
     path = os.path.join(output_dir, record)
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if set(os.listdir(output_dir)) - {os.path.basename(lock), os.path.basename(lock) + ".owner"}:
         stored = None
         if os.path.exists(path):
             try:
@@ -324,11 +357,57 @@ def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, 
                         shutil.rmtree(full)
                     else:
                         os.remove(full)
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    fileio.write_json(path, config, indent=1, sort_keys=True)
+
+
+def writable_folder(path: str, what: str) -> None:
+    """Check that ``path`` can be created (if missing) and written, leaving nothing behind; else one error.
+
+    ``jaxdissect.fileio.require_writable_dir`` names the path and the reason
+    (an existing file, no permission, a read-only file system, ...); folders it
+    had to create for the check are removed again, so a run refused later (a
+    bad flag) leaves no trace.
+    """
+    from jaxdissect import fileio
+
+    full = os.path.abspath(os.path.expanduser(path))
+    missing = []
+    probe = full
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    fileio.require_writable_dir(full, what)
+    for created in missing:  # deepest first; a folder another process filled meanwhile stays
+        try:
+            os.rmdir(created)
+        except OSError:
+            break
+
+
+def check_writable_flags() -> None:
+    """Every path flag the launcher writes (:data:`WRITABLE_FLAGS`) is a folder it can write: else one error.
+
+    ``--cache_dir`` is checked whether given or not (its default is the
+    per-user cache, which holds the compiled programs of every run).
+    """
+    from absl import flags
+
+    from jaxdissect import fileio
+
+    for name, kind in WRITABLE_FLAGS.items():
+        if name not in flags.FLAGS:
+            continue
+        value = flags.FLAGS[name].value
+        if kind == "cache":
+            writable_folder(cache_dir(value), f"cache folder (--cache_dir{'' if value else ' default'})")
+        elif not value:
+            continue
+        elif kind == "folder":
+            writable_folder(value, f"--{name} folder")
+        else:
+            if os.path.isdir(value):
+                raise fileio.FileIOError(f"--{name}={value} is a folder; give a file name, e.g. {value}/out.png")
+            writable_folder(os.path.dirname(os.path.abspath(value)), f"folder of --{name}")
 
 
 # --------------------------------------------------------------------------
@@ -384,6 +463,13 @@ def quiet_logs() -> None:
 # Errors, Ctrl-C, the main wrapper
 
 _RESUME_HINT: list[str] = []
+_HELD: list = []   # [ExitStack, lock paths] of the running launcher's locks (released when its main returns)
+
+
+def log(message: str) -> None:
+    """A progress line on stderr (what launchers say while they build the demo's cached pieces or wait)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def set_resume_hint(text: str) -> None:
@@ -451,8 +537,14 @@ def run(main: Callable[[list[str]], object], extra_errors: tuple[type, ...] = ()
         try:
             if len(argv) > 1:
                 raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            check_writable_flags()
             compilation_cache()
-            main(argv)
+            with contextlib.ExitStack() as held:
+                _HELD[:] = [held, set()]
+                try:
+                    main(argv)
+                finally:
+                    _HELD.clear()
         except KeyboardInterrupt as e:
             sys.exit(_interrupted(e))
         except app.UsageError as e:

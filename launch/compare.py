@@ -1,5 +1,11 @@
 r"""Compare networks, training snapshots, layers or random-rotation powers in one dissection run.
 
+With no flags, a first look on the embedded demo: the small CNN trained once on
+synthetic scenes against an untrained copy of it (both kept in ``--cache_dir``;
+nothing is downloaded), on 256 synthetic scenes with their own labels::
+
+  python -m launch.compare
+
 Networks on Broden with the 2017 method (one pass over the data for all)::
 
   python -m launch.compare --models=models/alexnet_places365,models/resnet152_places365 \
@@ -74,8 +80,11 @@ def build(config: dict) -> dict:
     from launch.dissect import _model_kind, _preprocessing, make_data, make_segmentation, parse_layers
 
     dirs = _split(config.get("models"))
-    if not dirs:
-        raise LaunchError("--models is required: a comma list of converted model directories")
+    if not dirs:  # the embedded demo: the demo CNN and an untrained copy of it, on synthetic scenes
+        from jaxdissect.pipelines import demo
+
+        dirs = demo.compare_model_dirs(common.cache_dir(config.get("cache_dir")), log=common.log)
+        config = dict(config, data=config.get("data") or demo.COMPARE_DATA)
     names = _split(config.get("names")) or None
     if names is not None and len(names) != len(dirs):
         raise LaunchError(f"--names lists {len(names)} names for {len(dirs)} models; give one name per model")
@@ -174,7 +183,8 @@ def get_config() -> dict:
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program)."""
-    flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots).")
+    flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots); "
+                        "absent: the demo CNN and an untrained copy.")
     flags.DEFINE_string("names", None, "Comma list of display names, one per model (default: model.json's).")
     flags.DEFINE_string("iterations", None, "Comma list of training iterations, one per model (snapshots).")
     flags.DEFINE_string("layers", None, "Layers for every model (comma list, ranges, 'conv', 'all'), or one "

@@ -14,8 +14,10 @@ alpha); repeat them for several strokes (paints first, then erases).
 
 With no ``--model`` it runs on the planted toy generator (32 px, red/green/blue
 units at layer4), which it dissects once into the per-user ``--cache_dir``; without ``--image`` the photo
-is a toy image with a colour shift the generator cannot make::
+is a toy image with a colour shift the generator cannot make, and with no
+stroke it paints red into the upper left quarter, into ``results/edit_photo-toy``::
 
+  python -m launch.edit_photo
   python -m launch.edit_photo --paint=red:8,8,20,20 --output_dir=results/edit_toy
 
 Writes ``input.png``, ``inversion.png``, ``adapted.png``, ``edit.png``,
@@ -30,6 +32,8 @@ from absl import flags
 from launch import common
 
 FLAGS = flags.FLAGS
+TOY_OUTPUT = os.path.join("results", "edit_photo-toy")
+TOY_PAINT = "red:0,0,16,16"
 
 
 def define_flags() -> None:
@@ -51,7 +55,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("invert_steps", None, "Inversion steps (default 3000; toy 300).")
     flags.DEFINE_integer("adapt_steps", None, "Adaptation steps (default 1000; toy 200).")
     flags.DEFINE_integer("init_samples", 64, "Random latents tried as the start when there is no --encoder.")
-    common.define_output_flags("Where the images go.")
+    common.define_output_flags("Where the images go (required with --model; toy default results/edit_photo-toy).")
     common.define_cache_dir_flag()
 
 
@@ -67,7 +71,7 @@ def _toy_photo():
 
 def _check_flags() -> None:
     """Every check that needs no model (before JAX starts)."""
-    if not FLAGS.output_dir:
+    if FLAGS.model and not FLAGS.output_dir:
         raise common.LaunchError("missing --output_dir (see --help)")
     for name in ("invert_steps", "adapt_steps"):
         common.positive(name, getattr(FLAGS, name))
@@ -100,19 +104,23 @@ def main(argv):
     _check_flags()
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax's per-checkpoint INFO lines off the progress bars
+    toy = FLAGS.model is None
+    output_dir = FLAGS.output_dir or TOY_OUTPUT
+    paint = FLAGS.paint or ([TOY_PAINT] if toy and not FLAGS.erase else [])
     identity = {n: getattr(FLAGS, n) for n in ("image", "model", "encoder", "perceptual", "dissection", "layer",
-                                               "paint", "erase", "strength", "adapt_layers", "invert_steps",
+                                               "erase", "strength", "adapt_layers", "invert_steps",
                                                "adapt_steps", "init_samples")}
-    common.check_output_dir(FLAGS.output_dir, identity, overwrite=FLAGS.overwrite, remove=())
+    identity["paint"] = paint
+    common.check_output_dir(output_dir, identity, overwrite=FLAGS.overwrite, remove=())
     common.set_resume_hint("nothing of the edit was saved; run the same command again to start it over")
 
     from jaxdissect.checkpoint import load_model
     from jaxdissect.editing import Brushes
     from jaxdissect.editing.adaptation import PROGGAN_ADAPT_LAYERS
     from jaxdissect.models import toy_generator as T
+    from jaxdissect.pipelines import demo
     from jaxdissect.pipelines import edit_photo as pipeline
 
-    toy = FLAGS.model is None
     if toy:
         module, variables = T.toy_generator()
     else:
@@ -121,27 +129,21 @@ def main(argv):
     perceptual = load_model(FLAGS.perceptual) if FLAGS.perceptual else None
     size = int(module.apply(variables, _zeros_like_latent(module)).shape[1])
     photo = pipeline.load_photo(FLAGS.image, size) if FLAGS.image else _toy_photo()
-    dissection = FLAGS.dissection
-    if dissection is None:
-        name = "ganpaint-toy-dissection" if FLAGS.layer == T.EDIT_LAYER else f"toy-dissection-{FLAGS.layer}"
-        dissection = os.path.join(common.cache_dir(FLAGS.cache_dir), name)  # shared with launch.ganpaint's toy
-        if not os.path.exists(os.path.join(dissection, FLAGS.layer, "arrays.npz")):
-            T.dissect_toy(dissection, FLAGS.layer)
+    dissection = FLAGS.dissection or demo.toy_dissection(common.cache_dir(FLAGS.cache_dir), FLAGS.layer)
     brushes = Brushes.from_dissection(dissection, FLAGS.layer)
     strength = FLAGS.strength or ("4" if toy else "15")
     strength = int(strength) if strength.isdigit() else strength
-    strokes = [pipeline.parse_stroke(s, size, erase=False, strength=strength) for s in FLAGS.paint]
+    strokes = [pipeline.parse_stroke(s, size, erase=False, strength=strength) for s in paint]
     strokes += [pipeline.parse_stroke(s, size, erase=True, strength=strength) for s in FLAGS.erase]
     for s in strokes:
         brushes.units(s.concept, s.strength)  # unknown concepts fail before the optimisations
     adapt_layers = FLAGS.adapt_layers or (T.ADAPT_LAYERS if toy else PROGGAN_ADAPT_LAYERS)
     summary = pipeline.edit_photo(
-        module, variables, photo, strokes, brushes, FLAGS.output_dir, encoder=encoder, perceptual=perceptual,
+        module, variables, photo, strokes, brushes, output_dir, encoder=encoder, perceptual=perceptual,
         layer=FLAGS.layer, adapt_layers=adapt_layers,
         invert_steps=FLAGS.invert_steps or (300 if toy else 3000),
         adapt_steps=FLAGS.adapt_steps or (200 if toy else 1000), init_samples=FLAGS.init_samples)
-    print(f"inversion PSNR {summary['inversion_psnr']:.2f} dB, adapted {summary['adapted_psnr']:.2f} dB; "
-          f"images in {FLAGS.output_dir} (side_by_side.png)")
+    print(f"images in {output_dir}: side_by_side.png ({', '.join(summary['panels'])}), summary.json")
 
 
 def _zeros_like_latent(module):

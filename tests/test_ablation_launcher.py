@@ -40,18 +40,21 @@ def test_demo_model_ablation_accuracy_equals_its_training_evaluation(tmp_path):
     assert info["test_accuracy"] > 0.25   # above chance (1/6), so a wrong mapping would show
 
 
-def test_class_mapping_by_name_or_an_error():
-    mapping, classes = launcher.class_mapping(["a", "b", "c"], ["c", "a", "b"], 3, "metadata")
-    assert mapping.tolist() == [1, 2, 0] and classes == ["c", "a", "b"]
-    mapping, _ = launcher.class_mapping(["b"], ["c", "a", "b"], 3, "metadata")   # a subset of the classes
-    assert mapping.tolist() == [2]
-    with pytest.raises(LaunchError, match="'kitchn'.*not classes of the model.*did you mean kitchen"):
-        launcher.class_mapping(["kitchn"], ["kitchen", "street"], 2, "metadata")
-    with pytest.raises(LaunchError, match="lists no 'classes'.*--class_order=sorted_folders"):
-        launcher.class_mapping(["a", "b"], None, 2, "metadata")
-    assert launcher.class_mapping(["a", "b"], None, 2, "sorted_folders")[0].tolist() == [0, 1]
-    with pytest.raises(LaunchError, match="2 class folders but the model has 3 outputs"):
-        launcher.class_mapping(["a", "b"], None, 3, "sorted_folders")
+def test_folders_the_model_does_not_name_are_an_error(tmp_path):
+    """The folders are matched by the names of model.json (jaxdissect.data.classes, tested in test_classes)."""
+    from PIL import Image
+
+    from jaxdissect.data.classes import ClassMappingError
+    from jaxdissect.pipelines import train_synthetic
+
+    settings = dict(num_train=32, num_test=8, steps=2, batch_size=8, widths=(4, 4, 4, 4), image_size=32)
+    _, _, info = train_synthetic.train_or_load(str(tmp_path / "cache"), log=None, progress=False, **settings)
+    for name in ("kitchn", "bedroom"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / "val" / name / "0.png")
+    with pytest.raises(ClassMappingError, match="'kitchn' is not a class of --model=.*did you mean kitchen"):
+        launcher.run(info["path"], f"places:{tmp_path / 'val'}", f"places:{tmp_path / 'val'}", str(tmp_path / "o"),
+                     layer="conv4", sizes=[1])
 
 
 def test_model_without_preprocessing_is_an_error(tmp_path):

@@ -447,3 +447,43 @@ def test_allowed_hosts_refuse_other_host_headers(painter):
     with TestClient(create_app(painter, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1") as c:
         assert c.get("/api/images").status_code == 200
         assert c.get("/api/images", headers={"host": "evil.example:8080"}).status_code == 400
+
+
+def _blank_png(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG of ``width`` x ``height`` black pixels (a few kB however large)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = zlib.compress(b"\0" * ((width + 7) // 8 + 1) * height, 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def test_a_huge_valid_image_is_too_large_not_unreadable(client):
+    """Item 6 of issue 23: a valid 20000x20000 PNG is refused as too large (413), before it is decoded."""
+    raw = _blank_png(20000, 20000)
+    assert len(raw) < 200_000   # within the upload limit: refused for its pixels, not its bytes
+    small = Image.open(io.BytesIO(_blank_png(64, 48)))
+    small.load()
+    assert small.size == (64, 48)   # the writer makes valid PNG files
+    check_error(client.post("/api/upload", content=raw, headers={"content-type": "image/png"}), 413, "too large")
+    check_error(client.post("/api/upload", content=_blank_png(7000, 7000), headers={"content-type": "image/png"}),
+                413, "7000x7000 pixels")
+
+
+def test_an_enormous_mask_value_is_refused_without_a_warning(client):
+    """Item 6 of issue 23: 1e308 in a list mask is refused (422) with no NumPy overflow warning logged."""
+    import warnings
+
+    from jaxdissect.app.codec import ApiError, decode_mask
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ApiError, match=r"\[0, 1\]"):
+            decode_mask([[1e308] * 32] * 32, (32, 32))
+        check_error(client.post("/api/generate", json={"image": 0, "strokes": [{"concept": "red",
+                                                                                "mask": [[1e308] * 32] * 32}]}),
+                    422, "[0, 1]")

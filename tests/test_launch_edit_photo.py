@@ -37,3 +37,20 @@ def test_load_photo_resizes_and_centre_crops(tmp_path):
     assert x[:, :, 2:-2].min() > 0.9 and x.max() <= 1.0  # bilinear edges aside
     with pytest.raises(P.PhotoEditError, match="does not exist"):
         P.load_photo(str(tmp_path / "missing.jpg"), 32)
+
+
+def test_side_by_side_is_large_and_titled():
+    """Item 5 of issue 23: the toy's 32-pixel panels are enlarged (whole factor, nearest) and titled."""
+    rng = np.random.default_rng(0)
+    panels = {t: rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32) for t in ("input", "inversion", "adapted", "edit")}
+    out = P.side_by_side(panels)
+    scale = P.SIDE_BY_SIDE_PANEL // 32
+    band = out.shape[0] - 32 * scale
+    step = 32 * scale + 8                                  # a panel and an 8-pixel gap
+    assert band > 8 and out.shape[1] == 4 * step - 8
+    for i, img in enumerate(panels.values()):
+        x = i * step
+        np.testing.assert_array_equal(out[band:, x:x + 32 * scale],
+                                      P.to_uint8(img).repeat(scale, 0).repeat(scale, 1))   # nearest enlargement
+        title = out[:band, x:x + 32 * scale]
+        assert (title < 100).any() and (title == 255).mean() > 0.5       # dark text on white above each panel

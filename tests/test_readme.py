@@ -28,3 +28,12 @@ def test_readme_functional_api_example_runs_as_written():
     assert namespace["acts"]["block2"].shape == (4, 16, 16, 16)
     assert float(namespace["acts"]["block2"].min()) >= 0.0          # post-ReLU, as the README says
     assert float(namespace["acts"]["conv1"].min()) < 0.0            # pre-ReLU
+
+
+def test_readme_cites_no_missing_spec_and_says_what_the_tests_and_app_need():
+    """Issue 23 item 5: no section numbers of a spec that is not in the repository; the browser test's
+    Debian packages are named; the toy app's default strength is the one it uses."""
+    text = open(README, encoding="utf-8").read()
+    assert not re.search(r"spec[ .]*\d|spec\.md|\(\d+\.\d+\) \|", text), re.findall(r".{30}spec.{20}", text)
+    assert "chromium-driver" in text and "tests/test_app_browser.py" in text
+    assert "default high for a converted generator, low for the toy" in " ".join(text.split())

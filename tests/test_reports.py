@@ -23,6 +23,7 @@ from jaxdissect.reports import bargraph, html, report_json, strips, summary
 import screenshot as shot
 
 YELLOW = np.array([255, 255, 0], np.uint8)
+BLACK = np.array([0, 0, 0], np.uint8)
 SVG = "{http://www.w3.org/2000/svg}"
 NASTY = "<script>alert(1)</script>"
 AMP = 'a&b "q"'
@@ -94,10 +95,11 @@ def test_masked_thumbnail_planted_square():
     assert not mask[20, 20] and mask[50, 50] and mask.sum() < 60 * 60
     small = img.repeat(2, 0).repeat(2, 1)  # nearest 50 -> 100
     ring = _outside_ring(mask)
+    outer = _outside_ring(mask | ring)   # a black ring outside the yellow one: visible on yellow objects too
     np.testing.assert_array_equal(out[mask], small[mask])
-    assert (out[ring] == YELLOW).all()
-    assert ring[19, 50] and ring[80, 50] and not ring[18, 50]
-    rest = ~mask & ~ring
+    assert (out[ring] == YELLOW).all() and (out[outer] == BLACK).all()
+    assert ring[19, 50] and ring[80, 50] and not ring[18, 50] and outer[18, 50] and not outer[17, 50]
+    rest = ~mask & ~ring & ~outer
     np.testing.assert_array_equal(out[rest], (small[rest] // 2).astype(np.uint8))
 
 
@@ -108,11 +110,24 @@ def test_masked_thumbnail_against_torch_reference():
     out = strips.masked_thumbnail(img, act, level, thumb=100)
     mask = _torch_upsample(act, 100) > level
     border = _outside_ring(mask)
+    outer = _outside_ring(mask | border)
     small = img[(np.arange(100) * 56) // 100][:, (np.arange(100) * 56) // 100]
     assert border.any() and mask.any()
     np.testing.assert_array_equal(out[mask], small[mask])
-    assert (out[border] == YELLOW).all()
-    np.testing.assert_array_equal(out[~mask & ~border], small[~mask & ~border] // 2)
+    assert (out[border] == YELLOW).all() and (out[outer] == BLACK).all()
+    rest = ~mask & ~border & ~outer
+    np.testing.assert_array_equal(out[rest], small[rest] // 2)
+
+
+def test_outline_contrasts_with_a_yellow_object():
+    """Item 5 of issue 23: on a yellow object the yellow ring vanishes, the black ring outside it does not."""
+    act = np.zeros((10, 10))
+    act[3:7, 3:7] = 1.0
+    out = strips.masked_thumbnail(np.full((50, 50, 3), YELLOW, np.uint8), act, 0.5, thumb=100)
+    mask = strips.upsample(act, 100) > 0.5
+    ring = _outside_ring(mask)
+    outer = _outside_ring(mask | ring)
+    assert outer.sum() > ring.sum() > 0 and (out[outer] == BLACK).all() and (out[mask] == YELLOW).all()
 
 
 def test_masked_thumbnail_rejects_bad_input():
@@ -341,3 +356,12 @@ def test_layer_summary_and_files(tmp_path):
     assert len(md) == 2 + len(rows) and md[3].startswith("| conv4 | 11 | 8 | 6 |")
     root = ET.parse(paths["svg"]).getroot()
     assert root.tag == f"{SVG}svg"
+
+
+def test_a_unit_with_iou_0_shows_no_concept(tmp_path):
+    """Item 5 of issue 23: IoU 0 means the unit overlaps no concept, so the page names none."""
+    units = [dict(unit=0, label="door", cat="object", iou=0.0), dict(unit=1, label="sky", cat="object", iou=0.2)]
+    page = html.render_run_report("r", [dict(name="conv4", units=units)], str(tmp_path))
+    got = json.loads(_embedded(page))["layers"][0]["units"]
+    assert [u["label"] for u in got] == ["", "sky"]
+    assert '"(no concept)"' in page    # what the table shows in its label cell

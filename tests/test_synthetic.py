@@ -162,7 +162,8 @@ def test_train_or_load_learns_and_caches(tmp_path):
     assert info["cached"] is False
     # Chance is 1/6.
     assert info["train_accuracy"] > 0.35 and info["test_accuracy"] > 0.22, info
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(info["path"])]
+    name = os.path.basename(info["path"])
+    assert sorted(os.listdir(tmp_path)) == [name, name + ".lock"]   # the model and the lock that built it once
     assert load_metadata(info["path"])["settings"]["steps"] == 120
     module2, variables2, info2 = train_or_load(str(tmp_path), log=None, **settings)
     assert info2["cached"] is True and module2 == module and info2["path"] == info["path"]

@@ -2,7 +2,8 @@
 
 With no model the embedded default is used: the planted toy generator
 (``jaxdissect.models.toy_generator``) and its dissection, computed once (a few
-seconds) and cached under :func:`default_cache_dir`; nothing is downloaded.
+seconds) and cached under ``jaxdissect.fileio.default_cache_dir()``;
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,15 +24,10 @@ class AppError(JaxDissectError, ValueError):
 
 
 def toy_dissection(cache_dir: str | None = None) -> str:
-    """The toy generator's dissection directory, computed on first use; returns its path."""
-    from jaxdissect.models import toy_generator as toy
+    """The toy generator's dissection directory, computed once (across processes) on first use; returns its path."""
+    from jaxdissect.pipelines import demo
 
-    directory = os.path.join(cache_dir or default_cache_dir(), "ganpaint-toy-dissection")
-    if not os.path.exists(os.path.join(directory, toy.EDIT_LAYER, "arrays.npz")):
-        from jaxdissect import progress
-
-        toy.dissect_toy(directory, toy.EDIT_LAYER, progress=progress.enabled())
-    return directory
+    return demo.toy_dissection(cache_dir or default_cache_dir())
 
 
 def _model_dir(value: str, flag: str, kind: str) -> str:

@@ -53,18 +53,28 @@ def decode_data_url(value, what: str, *, max_bytes: int) -> tuple[str, bytes]:
 
 
 def _open_image(raw: bytes, what: str, formats=PHOTO_FORMATS, max_pixels: int = 40_000_000):
+    """Pillow image of ``raw``: 415 when it is not an image of ``formats``, 413 when it has over ``max_pixels``.
+
+    The size is read from the header before any pixel is decoded (Pillow's own
+    decompression-bomb check, which refuses huge images while opening them,
+    is answered as too large, not as unreadable).
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(io.BytesIO(raw))
-        if image.format not in formats:
-            raise ApiError(415, f"{what} is a {image.format} image; send one of {', '.join(formats)}")
-        if image.width * image.height > max_pixels:
-            raise ApiError(413, f"{what} is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+    except Image.DecompressionBombError:
+        raise ApiError(413, f"{what} is too large: over {max_pixels} pixels (the limit); send a smaller image") \
+            from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ApiError(415, f"{what} is not a readable image; send a PNG or JPEG photo") from None
+    if image.format not in formats:
+        raise ApiError(415, f"{what} is a {image.format} image; send one of {', '.join(formats)}")
+    if image.width * image.height > max_pixels:
+        raise ApiError(413, f"{what} is {image.width}x{image.height} pixels; the limit is {max_pixels} pixels")
+    try:
         image.load()
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ApiError(415, f"{what} is not a readable image; send a PNG or JPEG photo") from None
     return image
 
@@ -78,16 +88,16 @@ def decode_mask(value, shape: tuple[int, int], what: str = "mask", *, max_bytes:
     """
     h, w = shape
     if isinstance(value, list):
-        try:
-            mask = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):
+        try:  # float64 first: JSON numbers beyond float32's range are refused below, not overflowed to inf
+            mask = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
             raise ApiError(400, f"{what}: a list mask must be {h} rows of {w} numbers") from None
         if mask.shape != (h, w):
             raise ApiError(422, f"{what} has shape {list(mask.shape)}; this model's strokes are {h}x{w} "
                                 "(see mask_size in GET /api/concepts)")
         if not np.all(np.isfinite(mask)) or mask.min(initial=0) < 0 or mask.max(initial=0) > 1:
             raise ApiError(422, f"{what}: values must be finite numbers in [0, 1]")
-        return mask
+        return mask.astype(np.float32)
     _, raw = decode_data_url(value, what, max_bytes=max_bytes)
     image = _open_image(raw, what, formats=("PNG",))
     if image.size != (w, h):

@@ -7,19 +7,19 @@ serves every later edit), then the strokes are applied to the inverted
 representation through the adapted generator, whose maps are switched off
 inside the edited region. Outputs in ``output_dir``: ``input.png``,
 ``inversion.png``, ``adapted.png``, ``edit.png``, ``side_by_side.png`` (the
-four in a row), ``losses.npz`` (loss curves) and ``summary.json`` (PSNRs,
+four in a row, titled, small images enlarged), ``losses.npz`` (loss curves) and ``summary.json`` (PSNRs,
 strokes, settings).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Sequence
 
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect.editing import Brushes, EditError, Stroke, adapt, apply_strokes, invert
 from jaxdissect.errors import JaxDissectError
 
@@ -52,10 +52,48 @@ def to_uint8(images) -> np.ndarray:
     return np.clip((np.asarray(images) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
-def save_png(path: str, image) -> None:
+def _png_bytes(image_uint8: np.ndarray) -> bytes:
+    import io
+
     from PIL import Image
 
-    Image.fromarray(to_uint8(image)).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image_uint8, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(path: str, image) -> None:
+    """``image`` in [-1, 1] as a PNG file (written atomically)."""
+    from jaxdissect import fileio
+
+    fileio.write_bytes(path, _png_bytes(to_uint8(image)))
+
+
+SIDE_BY_SIDE_PANEL = 192   # panels are enlarged (nearest, whole factors) to at least this many pixels
+
+
+def side_by_side(panels: dict, min_size: int = SIDE_BY_SIDE_PANEL) -> np.ndarray:
+    """uint8 ``[H, W, 3]``: the ``{title: image in [-1, 1]}`` panels in a row, each under its title.
+
+    Small images (the toy's 32 pixels) are enlarged by a whole factor with
+    nearest neighbours, so every pixel stays visible; white gaps separate them.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = [to_uint8(img) for img in panels.values()]
+    h, w = images[0].shape[:2]
+    scale = max(1, -(-min_size // max(h, w)))
+    font = ImageFont.load_default()
+    band = 8 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag", font=font)[3])
+    gap = max(8, w * scale // 32)
+    canvas = Image.new("RGB", (len(images) * (w * scale + gap) - gap, band + h * scale), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (title, img) in enumerate(zip(panels, images)):
+        x = i * (w * scale + gap)
+        canvas.paste(Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST), (x, band))
+        text_w = draw.textbbox((0, 0), title, font=font)[2]
+        draw.text((x + max(0, (w * scale - text_w) // 2), 4), title, fill="black", font=font)
+    return np.asarray(canvas)
 
 
 def parse_stroke(spec: str, size: int, *, erase: bool, strength) -> Stroke:
@@ -118,22 +156,17 @@ def edit_photo(generator, variables, photo: np.ndarray, strokes: Sequence[Stroke
               "adapted": np.asarray(ad.reconstruction)[0], "edit": np.asarray(edited)[0]}
     for name, img in images.items():
         save_png(os.path.join(output_dir, f"{name}.png"), img)
-    gap = np.ones((photo.shape[1], max(2, photo.shape[2] // 32), 3), np.float32)
-    row = []
-    for img in images.values():
-        row += [img, gap]
-    save_png(os.path.join(output_dir, "side_by_side.png"), np.concatenate(row[:-1], axis=1))
-    np.savez(os.path.join(output_dir, "losses.npz"), inversion=inv.losses[:, 0], adaptation=ad.losses[:, 0])
+    fileio.write_bytes(os.path.join(output_dir, "side_by_side.png"), _png_bytes(side_by_side(images)))
+    fileio.savez(os.path.join(output_dir, "losses.npz"), inversion=inv.losses[:, 0], adaptation=ad.losses[:, 0])
     summary = {
         "inversion_psnr": float(inv.psnr[0]), "adapted_psnr": float(ad.psnr[0]),
         "strokes": [{"concept": s.concept, "erase": s.erase, "strength": s.strength,
                      "units": [int(u) for u in brushes.units(s.concept, s.strength)]} for s in strokes],
         "layer": layer, "adapt_layers": list(adapt_layers), "invert_steps": invert_steps, "adapt_steps": adapt_steps,
         "start": "encoder" if encoder is not None else f"best of {init_samples} random latents",
-        "perceptual": perceptual is not None,
+        "perceptual": perceptual is not None, "panels": list(images),
     }
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    fileio.write_json(os.path.join(output_dir, "summary.json"), summary)
     return summary
 
 

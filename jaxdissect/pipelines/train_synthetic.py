@@ -21,7 +21,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import numpy as np
@@ -188,49 +187,58 @@ def train(num_train: int = 2048, num_test: int = 512, steps: int = 300, batch_si
     return module, variables, info
 
 
-def train_or_load(cache_dir: str, num_train: int = 2048, steps: int = 300, seed: int = 0, log=print,
-                  progress: bool | None = None, **kwargs):
-    """The synthetic default model: ``(module, variables, info)``, trained once per settings.
-
-    The model directory ``cache_dir/small_cnn-<hash of settings>`` is written
-    atomically (a finished directory is complete), and a later call with the
-    same settings loads it; ``info['cached']`` says which happened. Extra
-    keyword arguments go to :func:`train` and are part of the key. Training
-    checkpoints to ``cache_dir/.small_cnn-<hash>.train`` and resumes from there.
-    """
-    from jaxdissect.checkpoint import load_metadata, load_model, save_model
-
+def model_path(cache_dir: str, num_train: int = 2048, steps: int = 300, seed: int = 0, **kwargs) -> str:
+    """The cache directory ``cache_dir/small_cnn-<hash of settings>`` of :func:`train_or_load`'s model."""
     defaults = _train_defaults()
     unknown = sorted(set(kwargs) - set(defaults))
     if unknown:
         raise TypeError(f"train_or_load got unknown settings {unknown}; known: {sorted(defaults)}")
     settings = dict(defaults, num_train=num_train, steps=steps, seed=seed, **kwargs)
     settings["widths"] = list(settings["widths"])
-    path = os.path.join(cache_dir, f"small_cnn-{settings_key(settings)}")
-    if os.path.exists(os.path.join(path, "model.json")):
-        module, variables = load_model(path)
-        info = dict(load_metadata(path), cached=True, path=path)
+    return os.path.join(cache_dir, f"small_cnn-{settings_key(settings)}")
+
+
+def train_or_load(cache_dir: str, num_train: int = 2048, steps: int = 300, seed: int = 0, log=print,
+                  progress: bool | None = None, **kwargs):
+    """The synthetic default model: ``(module, variables, info)``, trained once per settings.
+
+    The model directory :func:`model_path` is built once across processes
+    (``jaxdissect.fileio.build_once``): a second process started meanwhile
+    waits for the first (saying so, up to ``$JAXDISSECT_LOCK_TIMEOUT``) and
+    loads what it made. A later call with the same settings loads it;
+    ``info['cached']`` says which happened. Extra keyword arguments go to
+    :func:`train` and are part of the key. Training checkpoints to
+    ``cache_dir/.small_cnn-<hash>.train`` and resumes from there.
+    """
+    from jaxdissect import fileio
+    from jaxdissect.checkpoint import load_metadata, load_model, save_model
+
+    path = model_path(cache_dir, num_train=num_train, steps=steps, seed=seed, **kwargs)
+    settings = dict(_train_defaults(), num_train=num_train, steps=steps, seed=seed, **kwargs)
+    settings["widths"] = list(settings["widths"])
+    trained = {}
+
+    def build(tmp: str) -> None:
+        workdir = os.path.join(cache_dir, f".{os.path.basename(path)}.train")
+        module, variables, info = train(**settings, log=log, workdir=workdir, progress=progress)
+        save_model(tmp, module, variables, metadata=info)
+        shutil.rmtree(workdir, ignore_errors=True)
+        trained.update(module=module, variables=variables, info=info)
+
+    if not os.path.exists(path):
+        fileio.build_once(path, build, what=f"the demo model {path} (trained once, in about two minutes)",
+                          log=log or (lambda message: None))
+    if trained:
+        info = trained["info"]
         if log:
-            log(f"train_synthetic: loaded {path} (test accuracy {info['test_accuracy']:.3f})")
-        return module, variables, info
-    if os.path.exists(path):
-        raise RuntimeError(f"{path} exists but holds no model.json (not a finished model); remove it and run again")
-    os.makedirs(cache_dir, exist_ok=True)
-    workdir = os.path.join(cache_dir, f".small_cnn-{settings_key(settings)}.train")
-    module, variables, info = train(**settings, log=log, workdir=workdir, progress=progress)
-    tmp = tempfile.mkdtemp(prefix=".small_cnn-", dir=cache_dir)
-    try:
-        save_model(os.path.join(tmp, "model"), module, variables, metadata=info)
-        if os.path.exists(os.path.join(path, "model.json")):  # another process finished it first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(os.path.join(tmp, "model"), path)
-            os.rmdir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(workdir, ignore_errors=True)
+            log(f"train_synthetic: train accuracy {info['train_accuracy']:.3f}, test accuracy "
+                f"{info['test_accuracy']:.3f} in {info['seconds']} s; saved {path}")
+        return trained["module"], trained["variables"], dict(info, cached=False, path=path)
+    if not os.path.exists(os.path.join(path, "model.json")):
+        raise fileio.FileIOError(f"{path} exists but holds no model.json (not a finished model); remove it and "
+                                 "run again")
+    module, variables = load_model(path)
+    info = dict(load_metadata(path), cached=True, path=path)
     if log:
-        log(f"train_synthetic: train accuracy {info['train_accuracy']:.3f}, test accuracy "
-            f"{info['test_accuracy']:.3f} in {info['seconds']} s; saved {path}")
-    return module, variables, dict(info, cached=False, path=path)
+        log(f"train_synthetic: loaded {path} (test accuracy {info['test_accuracy']:.3f})")
+    return module, variables, info

@@ -16,7 +16,6 @@ and plot a KDE of each group with its images as jittered points
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -60,9 +59,12 @@ def _unit_index(unit: int, num_units: int) -> int:
     return int(unit)
 
 
-def classifier_unit_peaks(module, variables, layer: str, unit: int, source, workdir: str, *, pre_relu: bool = True,
-                          batch_size: int = 32, num_images: int | None = None) -> dict:
-    """Per image the unit's peak (pre-ReLU by default) activation and the label: ``{"peak", "label"}``."""
+def classifier_unit_peaks(module, variables, layer: str, unit: int | None, source, workdir: str, *,
+                          pre_relu: bool = True, batch_size: int = 32, num_images: int | None = None) -> dict:
+    """Per image the unit's peak (pre-ReLU by default) activation and the label: ``{"peak", "label"}``.
+
+    ``unit=None`` takes every unit of the layer in the same pass: ``peak`` is then ``[N, units]``.
+    """
     from jaxdissect.data.loader import batches as loader_batches
 
     name = f"{layer}:pre" if pre_relu else layer
@@ -70,12 +72,15 @@ def classifier_unit_peaks(module, variables, layer: str, unit: int, source, work
     x0 = np.asarray(source.get_batch([0])["image"], np.float32)
     shape = jax.eval_shape(lambda x: layer_api.capture(module, variables, x, [name])[1][name],
                            jax.ShapeDtypeStruct(x0.shape, jnp.float32))
-    unit = _unit_index(unit, shape.shape[-1])
+    units = shape.shape[-1]
+    if unit is not None:
+        unit = _unit_index(unit, units)
 
     @jax.jit
     def peaks(v, x):
-        a = layer_api.capture(module, v, x, [name])[1][name][..., unit]
-        return a.reshape(a.shape[0], -1).max(1)
+        a = layer_api.capture(module, v, x, [name])[1][name]
+        a = a.reshape(a.shape[0], -1, a.shape[-1]).max(1)
+        return a if unit is None else a[:, unit]
 
     num_batches = -(-n // batch_size)
 
@@ -94,11 +99,12 @@ def classifier_unit_peaks(module, variables, layer: str, unit: int, source, work
             yield {"image": batch["image"], "label": batch["label"], "valid": valid & (pos < n),
                    "pos": np.where(pos < n, pos, n)}
 
-    state = {"peak": jnp.zeros((n,), jnp.float32), "label": jnp.zeros((n,), jnp.int32),
-             "valid": jnp.zeros((n,), bool)}
+    state = {"peak": jnp.zeros((n,) if unit is not None else (n, units), jnp.float32),
+             "label": jnp.zeros((n,), jnp.int32), "valid": jnp.zeros((n,), bool)}
     fp = getattr(source, "fingerprint", lambda: {"count": len(source)})()
+    desc = f"{name} unit {unit}" if unit is not None else f"{name} units"
     state = _stream(step, state, batches, num_batches, workdir,
-                    {"layer": name, "unit": unit, "data": fp, "n": n, "batch_size": batch_size}, f"{name} unit {unit}")
+                    {"layer": name, "unit": unit, "data": fp, "n": n, "batch_size": batch_size}, desc)
     valid = np.asarray(state["valid"])
     return {"peak": np.asarray(state["peak"])[valid], "label": np.asarray(state["label"])[valid]}
 
@@ -151,10 +157,16 @@ def generator_unit_peaks(module, variables, layer: str, unit: int, z, segment: C
     return {"peak": np.asarray(state["peak"]), "share": share, "has_concept": share > fraction}
 
 
-def classifier_unit_plot(module, variables, layer: str, unit: int, source, output_dir: str, *,
+def classifier_unit_plot(module, variables, layer: str, unit: int | None, source, output_dir: str, *,
                          class_names: Sequence[str], classes: Sequence[str], pre_relu: bool = True,
                          batch_size: int = 32, num_images: int | None = None) -> dict:
-    """Peaks of a classifier unit by class; writes ``unit_plot.{png,json,npz}``; returns the summary."""
+    """Peaks of a classifier unit by class; writes ``unit_plot.{png,json,npz}``; returns the summary.
+
+    ``source``'s labels index ``class_names`` (``jaxdissect.data.classes.model_labelled``
+    maps a data set's labels to a model's classes). ``unit=None``: the unit
+    of the layer whose best single threshold separates ``classes`` from the
+    other images best (ties: the lowest index), from the same pass.
+    """
     wanted = [lookup(class_names, c, "class") for c in classes]
     if not wanted:
         raise InterventionError("give at least one class to split the images by")
@@ -163,6 +175,10 @@ def classifier_unit_plot(module, variables, layer: str, unit: int, source, outpu
                                 pre_relu=pre_relu, batch_size=batch_size, num_images=num_images)
     peak, label = res["peak"], res["label"]
     chosen = np.isin(label, wanted)
+    if unit is None:
+        scores = [best_threshold(p[chosen], p[~chosen])[1] for p in peak.T]
+        unit = int(np.argmax(scores))
+        peak = peak[:, unit]
     groups = {class_names[c]: peak[label == c] for c in wanted}
     groups["other classes"] = peak[~chosen]
     threshold, ba = best_threshold(peak[chosen], peak[~chosen])
@@ -197,15 +213,15 @@ def generator_unit_plot(module, variables, layer: str, unit: int, z, segment: Ca
 
 
 def _write(output_dir, summary, groups, what, threshold, ba, **arrays) -> None:
+    from jaxdissect import fileio
+
     def clean(v):
         if isinstance(v, float) and not np.isfinite(v):
             return None
         return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
 
-    with open(os.path.join(output_dir, "unit_plot.json.tmp"), "w") as f:
-        json.dump(clean(summary), f, indent=1)
-    os.replace(os.path.join(output_dir, "unit_plot.json.tmp"), os.path.join(output_dir, "unit_plot.json"))
-    np.savez(os.path.join(output_dir, "unit_plot.npz"), **arrays)
+    fileio.write_json(os.path.join(output_dir, "unit_plot.json"), clean(summary))
+    fileio.savez(os.path.join(output_dir, "unit_plot.npz"), **arrays)
     plot_groups(groups, os.path.join(output_dir, "unit_plot.png"), what, threshold, ba)
 
 

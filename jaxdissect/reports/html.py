@@ -14,9 +14,9 @@ escapes inside the data block, and the script inserts text with
 
 Units below the IoU cut-off (``interpretable: false``) are greyed out, as
 NetDissect showed them, and a unit that never fires (``dead: true``: no pixel
-above its threshold) shows no label. The header lists the run's settings,
-explains the strips, links the cross-layer ``summary.svg`` and lists the
-images that could not be read.
+above its threshold) or matches no concept (IoU 0) shows no label. The header
+lists the run's settings, explains the strips, links the cross-layer
+``summary.svg`` and lists the images that could not be read.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 from urllib.parse import quote
 
 from jaxdissect.reports.bargraph import CATEGORIES
-from jaxdissect.reports.strips import BORDER_COLOR, strip_path
+from jaxdissect.reports.strips import BORDER_COLOR, OUTER_BORDER_COLOR, strip_path
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1em 2em; color: #222; }
@@ -123,7 +123,7 @@ _SCRIPT = r"""
         if (u.dead) row.title = "never fires: no pixel above the unit's threshold";
         else if (u.interpretable === false) row.title = "best IoU below the cut-off: not a detector";
         cell(row, String(u.unit), "num");
-        cell(row, u.dead ? "(never fires)" : u.label, "label");
+        cell(row, u.dead ? "(never fires)" : (u.label || "(no concept)"), "label");
         cell(row, u.dead ? "" : u.cat, "cat");
         cell(row, typeof u.iou === "number" ? u.iou.toFixed(4) : "NaN", "num");
         if (data.formulas) {
@@ -222,13 +222,15 @@ def _header(settings: Mapping | None, skipped_files: Sequence[str], output_dir: 
         rows = "".join(f"<dt>{esc(str(k))}</dt><dd>{esc(_format(v))}</dd>" for k, v in settings.items())
         parts.append(f'<dl class="settings">{rows}</dl>')
     colour = "rgb({}, {}, {})".format(*BORDER_COLOR)
+    outer = "rgb({}, {}, {})".format(*OUTER_BORDER_COLOR)
     parts.append(
         '<p class="legend">Each unit\'s strip shows its top images; the <span class="swatch" '
-        f'style="border-color: {colour}"></span> yellow outline surrounds the region where the unit\'s '
+        f'style="border-color: {colour}; outline: 1px solid {outer}"></span> yellow-and-black outline '
+        "(yellow inside, black outside, so it shows on any colour) surrounds the region where the unit's "
         "activation, upsampled to the image, is above its threshold (the top quantile of all its "
         "activations); the rest of the image is dimmed. Units whose best IoU is not above the cut-off "
         "are greyed out: they are not counted as detectors. A unit that never exceeds its threshold "
-        "(it never fires) has no label.</p>")
+        "(it never fires) has no label, nor has a unit whose best IoU is 0 (it matches no concept).</p>")
     links = [f'<a href="{esc(_url(n))}">{esc(n)}</a>' for n in ("summary.svg", "summary.md", "summary.csv")
              if os.path.exists(os.path.join(output_dir, n))]
     if links:
@@ -267,7 +269,7 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
             for flag in ("interpretable", "dead"):
                 if flag in u:
                     entry[flag] = bool(u[flag])
-            if entry.get("dead"):
+            if entry.get("dead") or entry["iou"] == 0:  # never fires, or overlaps no concept: no label
                 entry["label"] = ""
             if "formula" in u:
                 entry["formula"] = str(u["formula"])

@@ -2,7 +2,9 @@
 
 A thumbnail shows the image where the unit's upsampled activation exceeds its
 level, the rest dimmed to half brightness, and a one-pixel yellow border just
-outside the active region. A unit's strip is its top-k thumbnails side by side
+outside the active region with a one-pixel black border outside that: yellow
+shows on dark pixels, black on bright ones (a yellow object), so the outline
+is visible on any colour. A unit's strip is its top-k thumbnails side by side
 with white gaps. These are a handful of small images per unit, so NumPy is
 used throughout.
 """
@@ -18,6 +20,7 @@ import numpy as np
 from jaxdissect.kernels.upsample import axis_taps
 
 BORDER_COLOR = (255, 255, 0)
+OUTER_BORDER_COLOR = (0, 0, 0)
 GAP = 5
 JPEG_QUALITY = 95
 
@@ -75,7 +78,8 @@ def masked_thumbnail(image_uint8: np.ndarray, act: np.ndarray, level: float, thu
     upsampled activations over the dataset). ``mask``: the region above ``level``
     already upsampled by the dissection's own geometry (boolean ``[s, s]``, e.g.
     the receptive-field grid of AlexNet), nearest-resized to the thumbnail
-    instead of thresholding the default bilinear upsampling of ``act``.
+    instead of thresholding the default bilinear upsampling of ``act``. The
+    outline: yellow just outside the region, black outside the yellow.
     """
     image = np.asarray(image_uint8)
     if image.ndim != 3 or image.shape[-1] != 3:
@@ -92,6 +96,7 @@ def masked_thumbnail(image_uint8: np.ndarray, act: np.ndarray, level: float, thu
         mask = nearest_resize(np.asarray(mask, bool), thumb)
     border = outside_border(mask)
     out = np.where(mask[..., None], small, 0.5 * small)
+    out[outside_border(mask | border)] = OUTER_BORDER_COLOR
     out[border] = BORDER_COLOR
     # The original truncates to bytes (0.5 * 255 -> 127).
     return np.clip(out, 0, 255).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""Converters from published PyTorch / safetensors checkpoints to jaxdissect model directories."""

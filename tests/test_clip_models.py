@@ -259,3 +259,17 @@ def test_converter_clis(tmp_path, clip_vit, tv_vit):
     (tmp_path / "classes.txt").write_text("".join(f"class{i} extra\n" for i in range(10)))
     metadata = vit_cli.convert(str(tmp_path / "vit.pth"), str(tmp_path / "vit"), str(tmp_path / "classes.txt"), heads=2)
     assert metadata["classes"][3] == "class3"
+
+
+def test_clip_preprocess_resizes_crops_and_normalises():
+    from jaxdissect.models.clip import CLIP_MEAN, CLIP_STD, clip_preprocess
+
+    grey = np.full((2, 48, 96, 3), 0.5, np.float32)
+    out = np.asarray(clip_preprocess(grey, 32))
+    assert out.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(out[0, 5, 5], (0.5 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), rtol=1e-5)
+    # Centre crop of the wide side: a bright band at the left and right edges is cut away.
+    banded = grey.copy()
+    banded[:, :, :8] = 1.0
+    banded[:, :, -8:] = 1.0
+    np.testing.assert_allclose(np.asarray(clip_preprocess(banded, 32)), out, atol=1e-5)

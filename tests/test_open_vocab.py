@@ -266,3 +266,20 @@ def test_one_and_eight_devices_identical():
             assert value == out["1-" + key[2:]], f"{key} differs from the 1-device result"
         if "-units-" in key:
             assert value == out[key.replace("-units-", "-concepts-")], f"{key}: units and concepts shards differ"
+
+
+def test_pooling_and_labels():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    np.testing.assert_allclose(open_vocab.pooled_units(x), x.mean((1, 2)))
+    np.testing.assert_array_equal(open_vocab.pooled_units(x[:, 0]), x[:, 0, 0])  # tokens: the CLS token
+    np.testing.assert_array_equal(open_vocab.pooled_units(x[:, 0, 0]), x[:, 0, 0])
+    with pytest.raises(open_vocab.OpenVocabError, match="cannot pool"):
+        open_vocab.pooled_units(x[0, 0, 0])
+    clip, target, _ = planted(images=200, concepts=20, planted_units=4)
+    names = [f"c{i}" for i in range(clip.shape[1])]
+    out = open_vocab.label_units(clip, target, names, "soft_wpmi", top=3, top_k=20)
+    assert out["label"] == ["c0", "c1", "c2", "c3"] and out["top_index"].shape == (4, 3)
+    np.testing.assert_array_equal(out["top_index"][:, 0], out["index"])
+    assert (np.diff(out["top_score"], axis=1) <= 0).all()
+    with pytest.raises(open_vocab.OpenVocabError, match="3 concept names"):
+        open_vocab.label_units(clip, target, names[:3])

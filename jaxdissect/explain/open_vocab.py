@@ -64,7 +64,7 @@ from jaxdissect import parallel
 from jaxdissect.errors import JaxDissectError
 
 __all__ = ["OpenVocabError", "SIMILARITIES", "best_concepts", "concept_activations", "cos_similarity",
-           "cos_similarity_cubed", "rank_reorder", "similarity", "soft_wpmi", "wpmi"]
+           "cos_similarity_cubed", "label_units", "pooled_units", "rank_reorder", "similarity", "soft_wpmi", "wpmi"]
 
 AXIS = parallel.AXIS
 SHARDS = ("concepts", "units")
@@ -425,6 +425,43 @@ def _normalised_matmul(img, txt):
     img = img / jnp.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / jnp.linalg.norm(txt, axis=-1, keepdims=True)
     return jnp.matmul(img, txt.T, precision=_HIGHEST)
+
+
+def pooled_units(activation):
+    """One value per image and unit, CLIP-Dissect's ``pool_mode='avg'``: ``[B, U]`` from any layer.
+
+    A feature map ``[B, H, W, U]`` (a CNN's, or a ViT layer laid on its patch
+    grid) gives its spatial mean; tokens ``[B, T, U]`` give the CLS token
+    (CLIP-Dissect's choice for a ViT; jaxdissect's ``<block>.residual_cls``
+    layers are that token already); ``[B, U]`` passes unchanged. Jit-friendly.
+    """
+    ndim = getattr(activation, "ndim", None)
+    if ndim == 4:
+        return jnp.mean(activation, axis=(1, 2))
+    if ndim == 3:
+        return activation[:, 0]
+    if ndim == 2:
+        return activation
+    raise OpenVocabError(f"cannot pool an activation of shape {tuple(getattr(activation, 'shape', ()))} to "
+                         "[images, units]; give a [B, H, W, U] map, [B, T, U] tokens or [B, U] values")
+
+
+def label_units(clip_feats, target_feats, concepts: Sequence[str], similarity_fn: str = "soft_wpmi", top: int = 5,
+                **kwargs) -> dict:
+    """Score every unit against every concept and keep each unit's best ``top`` concepts.
+
+    Returns ``{"similarity": name, "label": [U] names, "index": [U], "score": [U],
+    "top_index": [U, top], "top_score": [U, top]}`` (``top_*`` best first, ties
+    to the lower concept index); ``kwargs`` go to the similarity function.
+    """
+    if len(concepts) != np.shape(clip_feats)[-1]:
+        raise OpenVocabError(f"{len(concepts)} concept names for clip_feats with {np.shape(clip_feats)[-1]} columns")
+    scores = similarity(similarity_fn)(clip_feats, target_feats, **kwargs)
+    top = min(top, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    names, index, best = best_concepts(scores, concepts)
+    return {"similarity": similarity_fn, "label": names, "index": index, "score": best, "top_index": order,
+            "top_score": np.take_along_axis(scores, order, axis=1)}
 
 
 def best_concepts(scores, concepts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -266,6 +266,24 @@ class CLIP(nn.Module):
         return per_image, per_image.T
 
 
+def clip_preprocess(images, resolution: int = 224):
+    """Images NHWC in [0, 1] (``pt`` convention) -> CLIP's input: short side to ``resolution``, centre crop, normalised.
+
+    The resize is ``jax.image.resize``'s antialiased bicubic, close to (not
+    bit-equal with) the PIL bicubic of OpenAI's pipeline; jit-friendly (the
+    shapes are static), so the display images of a dissection batch can be
+    embedded on the device.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    b, h, w, _ = images.shape
+    scale = resolution / min(h, w)
+    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
+    images = jax.image.resize(images, (b, nh, nw, 3), method="cubic", antialias=True)
+    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    images = images[:, top:top + resolution, left:left + resolution]
+    return (images - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
 def clip_model(name: str, dtype=jnp.float32) -> CLIP:
     """One of OpenAI's released architectures (:data:`CONFIGS`: ``RN50``, ``ViT-B/32``, ``ViT-B/16``)."""
     if name not in CONFIGS:

@@ -141,22 +141,22 @@ def report(rows, images, concepts, units, loads) -> str:
 
     from bench.results import load_note
 
-    lines = [SECTION, "",
-             f"{images} images x {concepts} concepts, {units} units (planted), CPU ({platform.processor() or 'cpu'}, "
-             f"{os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} with "
-             f"{torch.get_num_threads()} threads), both sides in one run; load average {loads[0]:.1f} -> "
-             f"{loads[1]:.1f}: {load_note(*loads)}.", "",
-             "| function | JAX images/s | PyTorch images/s | JAX / PyTorch | JAX first call (s) | same label | "
-             "max diff / max score |", "|---|---|---|---|---|---|---|"]
+    setting = (f"{images} images x {concepts} concepts, {units} units (planted), CPU "
+               f"({platform.processor() or 'cpu'}, {os.cpu_count()} cores; jax {jax.__version__}, torch "
+               f"{torch.__version__} with {torch.get_num_threads()} threads), both sides in one run; load average "
+               f"{loads[0]:.1f} -> {loads[1]:.1f}: {load_note(*loads)}.")
+    header = ("| function | JAX images/s | PyTorch images/s | JAX / PyTorch | JAX first call (s) | same label | "
+              "max diff / max score |")
+    lines = [SECTION, "", setting, "", header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['function']} | {images / r['jax_s']:,.0f} | {images / r['torch_s']:,.0f} | "
                      f"{r['torch_s'] / r['jax_s']:.2f}x | {r['first_call_s']:.2f} | {r['same_label']:.1%} | "
                      f"{r['max_rel_diff']:.1e} |")
-    lines += ["", "PyTorch side: the same formulas vectorised over 64-unit chunks (faster than CLIP-Dissect's "
-              "per-unit loops), rank_reorder with one sort on both sides. Score differences come from tied "
-              "activations at the top-k boundary (float32 rounding makes ties), where torch.topk may take "
-              "another image than the lower-index one jaxdissect takes; one such unit moves log P(c), so every "
-              "unit's WPMI scores shift a little. tests/test_open_vocab.py checks jaxdissect against float64."]
+    lines += ["", ("PyTorch side: the same formulas vectorised over 64-unit chunks (faster than CLIP-Dissect's "
+                   "per-unit loops), rank_reorder with one sort on both sides. Score differences come from tied "
+                   "activations at the top-k boundary (float32 rounding makes ties), where torch.topk may take "
+                   "another image than the lower-index one jaxdissect takes; one such unit moves log P(c), so every "
+                   "unit's WPMI scores shift a little. tests/test_open_vocab.py checks jaxdissect against float64.")]
     return "\n".join(lines) + "\n"
 
 

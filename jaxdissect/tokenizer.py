@@ -85,7 +85,7 @@ class ClipTokenizer:
         self._tokenizer = tok
 
     @classmethod
-    def from_bpe_file(cls, path: str, context_length: int = CONTEXT_LENGTH) -> "ClipTokenizer":
+    def from_bpe_file(cls, path: str, context_length: int = CONTEXT_LENGTH) -> ClipTokenizer:
         """Read OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (gzip or plain text: a header line, then merges)."""
         try:
             opener = gzip.open if path.endswith(".gz") else open

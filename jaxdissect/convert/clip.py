@@ -14,14 +14,12 @@ stored float32 (the releases are float16).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from jaxdissect.checkpoint import save_model
-from jaxdissect.convert.state import (ConversionError, build_variables, check_state, count, shape_of, torch_layout)
+from jaxdissect.convert.state import ConversionError, build_variables, check_state, count, save, shape_of, torch_layout
 from jaxdissect.models.clip import CLIP, CLIP_MEAN, CLIP_STD, init_variables
 
 WHAT = "OpenAI CLIP (clip/model.py)"
@@ -35,15 +33,15 @@ def architecture(state: Mapping[str, np.ndarray], head_width: int = HEAD_WIDTH) 
     if "visual.proj" in state:
         width, _, patch, _ = shape_of(state, "visual.conv1.weight", WHAT)
         grid = round((shape_of(state, "visual.positional_embedding", WHAT)[0] - 1) ** 0.5)
-        vision = dict(vision_layers=count(state, "visual.transformer.resblocks.", ".attn.in_proj_weight"),
-                      vision_width=width, vision_patch_size=patch, image_resolution=patch * grid,
-                      vision_heads=width // head_width)
+        vision = {"vision_layers": count(state, "visual.transformer.resblocks.", ".attn.in_proj_weight"),
+                  "vision_width": width, "vision_patch_size": patch, "image_resolution": patch * grid,
+                  "vision_heads": width // head_width}
     else:
         width = shape_of(state, "visual.layer1.0.conv1.weight", WHAT)[0]
         side = round((shape_of(state, "visual.attnpool.positional_embedding", WHAT)[0] - 1) ** 0.5)
         layers = tuple(count(state, f"visual.layer{b}.", ".conv1.weight") for b in (1, 2, 3, 4))
-        vision = dict(vision_layers=layers, vision_width=width, vision_patch_size=0, image_resolution=32 * side,
-                      vision_heads=width * 32 // head_width)
+        vision = {"vision_layers": layers, "vision_width": width, "vision_patch_size": 0,
+                  "image_resolution": 32 * side, "vision_heads": width * 32 // head_width}
     text_width = shape_of(state, "ln_final.weight", WHAT)[0]
     return CLIP(embed_dim=shape_of(state, "text_projection", WHAT)[1],
                 context_length=shape_of(state, "positional_embedding", WHAT)[0],
@@ -84,13 +82,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], head_width: int = HEAD_W
 def write(state: Mapping[str, np.ndarray], output_dir: str, source_path: str | None = None,
           source_sha256: str | None = None, head_width: int = HEAD_WIDTH) -> dict:
     """Convert ``state`` and save it with :func:`jaxdissect.checkpoint.save_model`; returns the metadata."""
-    module, variables, metadata = convert_state_dict(state, head_width)
-    if source_path:
-        metadata["source_file"] = os.path.basename(source_path)
-    if source_sha256:
-        metadata["source_sha256"] = source_sha256
-    save_model(output_dir, module, variables, metadata)
-    return metadata
+    return save(output_dir, convert_state_dict(state, head_width), source_path, source_sha256)
 
 
 __all__ = ["ConversionError", "architecture", "convert_state_dict", "layout", "write"]

@@ -116,3 +116,16 @@ def shape_of(state: Mapping[str, np.ndarray], key: str, what: str) -> tuple[int,
         raise ConversionError(f"this state dict has no {key!r}, so it is not {what}; "
                               f"its first keys are {sorted(state)[:5]}")
     return tuple(np.shape(state[key]))
+
+
+def save(output_dir: str, converted, source_path: str | None = None, source_sha256: str | None = None) -> dict:
+    """Write ``(module, variables, metadata)`` with :func:`jaxdissect.checkpoint.save_model`, noting the source file."""
+    from jaxdissect.checkpoint import save_model
+
+    module, variables, metadata = converted
+    if source_path:
+        metadata["source_file"] = os.path.basename(source_path)
+    if source_sha256:
+        metadata["source_sha256"] = source_sha256
+    save_model(output_dir, module, variables, metadata)
+    return metadata

@@ -1,4 +1,4 @@
-"""torchvision ``VisionTransformer`` state dicts (e.g. ``vit_b_16-c867db91.pth``) -> :class:`~jaxdissect.models.vit.VisionTransformer`.
+"""torchvision ``VisionTransformer`` state dicts (``vit_b_16-c867db91.pth``) -> our ``VisionTransformer``.
 
 Keys: ``conv_proj.{weight,bias}``, ``class_token``, ``encoder.pos_embedding``,
 ``encoder.layers.encoder_layer_N.{ln_1, self_attention.{in_proj_weight,
@@ -11,15 +11,13 @@ torchvision's).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.checkpoint import save_model
-from jaxdissect.convert.state import ConversionError, build_variables, check_state, count, shape_of, torch_layout
+from jaxdissect.convert.state import ConversionError, build_variables, check_state, count, save, shape_of, torch_layout
 from jaxdissect.models.vit import VisionTransformer
 
 WHAT = "torchvision VisionTransformer"
@@ -47,7 +45,7 @@ def layout(module: VisionTransformer) -> dict:
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], heads: int | None = None, classes=None):
-    """A torchvision ViT state dict -> ``(VisionTransformer, Flax variables, metadata)``; every key and shape checked."""
+    """A torchvision ViT state dict -> ``(VisionTransformer, variables, metadata)``; all keys and shapes checked."""
     module = architecture(state, heads)
     expected = layout(module)
     check_state(state, expected, what=WHAT)
@@ -72,13 +70,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], heads: int | None = None
 def write(state: Mapping[str, np.ndarray], output_dir: str, source_path: str | None = None,
           source_sha256: str | None = None, heads: int | None = None, classes=None) -> dict:
     """Convert ``state`` and save it with :func:`jaxdissect.checkpoint.save_model`; returns the metadata."""
-    module, variables, metadata = convert_state_dict(state, heads, classes)
-    if source_path:
-        metadata["source_file"] = os.path.basename(source_path)
-    if source_sha256:
-        metadata["source_sha256"] = source_sha256
-    save_model(output_dir, module, variables, metadata)
-    return metadata
+    return save(output_dir, convert_state_dict(state, heads, classes), source_path, source_sha256)
 
 
 __all__ = ["ConversionError", "architecture", "convert_state_dict", "layout", "write"]

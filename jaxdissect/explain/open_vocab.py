@@ -58,13 +58,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdissect import parallel
 from jaxdissect.errors import JaxDissectError
 
-__all__ = ["OpenVocabError", "SIMILARITIES", "best_concepts", "concept_activations", "cos_similarity",
-           "cos_similarity_cubed", "label_units", "pooled_units", "rank_reorder", "similarity", "soft_wpmi", "wpmi"]
+__all__ = [
+    "SIMILARITIES",
+    "OpenVocabError",
+    "best_concepts",
+    "concept_activations",
+    "cos_similarity",
+    "cos_similarity_cubed",
+    "label_units",
+    "pooled_units",
+    "rank_reorder",
+    "similarity",
+    "soft_wpmi",
+    "wpmi",
+]
 
 AXIS = parallel.AXIS
 SHARDS = ("concepts", "units")

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.models.blocks import AvgPool, Conv, batch_norm
-from jaxdissect.models.transformer import Blocks, LayerNorm, patch_grid
+from jaxdissect.models.resnet import Downsample
+from jaxdissect.models.transformer import Blocks, LayerNorm, patch_grid, with_cls_token
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -83,12 +84,11 @@ class VisionTransformer(nn.Module):
     def __call__(self, x):
         grid = patch_grid(x.shape, self.patch_size, self.input_resolution, "CLIP's ViT image tower")
         x = Conv(self.width, self.patch_size, self.patch_size, use_bias=False, dtype=self.dtype, name="conv1")(x)
-        b, gh, gw, c = x.shape
+        _, gh, gw, c = x.shape
         scale = c ** -0.5
         cls = self.param("class_embedding", nn.initializers.normal(scale), (c,), jnp.float32)
         pos = self.param("positional_embedding", nn.initializers.normal(scale), (gh * gw + 1, c), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)), x.reshape(b, gh * gw, c)], axis=1)
-        x = LayerNorm(name="ln_pre")(x + pos.astype(x.dtype))
+        x = LayerNorm(name="ln_pre")(with_cls_token(x, cls) + pos.astype(x.dtype))
         x = Transformer(c, self.layers, self.heads, grid=grid, dtype=self.dtype, name="transformer")(x)
         x = LayerNorm(name="ln_post")(x[:, 0])
         proj = self.param("proj", nn.initializers.normal(scale), (c, self.output_dim), jnp.float32)
@@ -111,23 +111,11 @@ class Bottleneck(nn.Module):
             y = AvgPool(s, s, name="avgpool")(y)
         y = batch_norm("bn3", d)(Conv(out_ch, 1, use_bias=False, dtype=d, name="conv3")(y))
         if s > 1 or x.shape[-1] != out_ch:
-            x = Downsample(out_ch, s, d, name="downsample")(x)
+            # The shortcut: average pool (the stride; PyTorch's "downsample.-1"), then 1x1 conv "0" + BN "1".
+            if s > 1:
+                x = nn.avg_pool(x, (s, s), strides=(s, s), padding="VALID")
+            x = Downsample(out_ch, 1, d, name="downsample")(x)
         return nn.relu(y + x)
-
-
-class Downsample(nn.Module):
-    """Shortcut ``downsample``: average pool ``-1`` (the stride), 1x1 conv ``0``, BatchNorm ``1``."""
-
-    features: int
-    stride: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        if self.stride > 1:
-            x = nn.avg_pool(x, (self.stride, self.stride), strides=(self.stride, self.stride), padding="VALID")
-        x = Conv(self.features, 1, use_bias=False, dtype=self.dtype, name="0")(x)
-        return batch_norm("1", self.dtype)(x)
 
 
 class Stage(nn.Module):

@@ -126,7 +126,7 @@ class LayerNorm(nn.Module):
 
 
 class MultiheadAttention(nn.Module):
-    """``torch.nn.MultiheadAttention`` self-attention: fused ``in_proj`` ``[C, 3C]``, ``out_proj``; optional causal mask."""
+    """``torch.nn.MultiheadAttention`` self-attention: fused ``in_proj`` ``[C, 3C]``, ``out_proj``; causal optional."""
 
     heads: int
     causal: bool = False
@@ -157,7 +157,7 @@ class Activation(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``Linear -> activation -> Linear``; with a grid, the post-activation neurons as ``neurons`` (+ ``neurons_cls``)."""
+    """``Linear -> activation -> Linear``; with a grid, the post-activation neurons as ``neurons`` (and ``_cls``)."""
 
     hidden: int
     layout: str = "clip"
@@ -197,7 +197,7 @@ class ResidualBlock(nn.Module):
 
 
 class Blocks(nn.Module):
-    """A ``torch.nn.Sequential`` of :class:`ResidualBlock` named ``name_format.format(i)`` (``0``, ``encoder_layer_0``)."""
+    """A ``torch.nn.Sequential`` of :class:`ResidualBlock`, each named ``name_format.format(i)``."""
 
     layers: int
     heads: int
@@ -216,6 +216,13 @@ class Blocks(nn.Module):
             x = ResidualBlock(self.heads, self.mlp_dim, self.layout, self.activation, self.epsilon, self.causal,
                               self.grid, self.dtype, name=self.name_format.format(i))(x)
         return x
+
+
+def with_cls_token(patches, cls):
+    """A patch embedding ``[B, gh, gw, C]`` as tokens ``[B, 1 + gh*gw, C]``: the learnt CLS token, then the patches."""
+    b, gh, gw, c = patches.shape
+    cls = jnp.broadcast_to(cls.reshape(1, 1, c).astype(patches.dtype), (b, 1, c))
+    return jnp.concatenate([cls, patches.reshape(b, gh * gw, c)], axis=1)
 
 
 def patch_grid(image_shape, patch_size: int, image_size: int, model: str) -> tuple[int, int]:

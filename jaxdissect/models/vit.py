@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdissect.models.blocks import Conv
-from jaxdissect.models.transformer import Blocks, LayerNorm, patch_grid
+from jaxdissect.models.transformer import Blocks, LayerNorm, patch_grid, with_cls_token
 
 # torchvision's architectures: (patch, layers, heads, width, MLP width).
 ARCHS = {
@@ -95,9 +95,8 @@ class VisionTransformer(nn.Module):
     def __call__(self, x):
         patch_grid(x.shape, self.patch_size, self.image_size, "VisionTransformer")
         x = Conv(self.hidden_dim, self.patch_size, self.patch_size, dtype=self.dtype, name="conv_proj")(x)
-        b, gh, gw, c = x.shape
-        cls = self.param("class_token", nn.initializers.zeros, (1, 1, c), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, c)), x.reshape(b, gh * gw, c)], axis=1)
+        cls = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim), jnp.float32)
+        x = with_cls_token(x, cls)
         x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.grid, self.dtype, name="encoder")(x)
         return Heads(self.num_classes, self.dtype, name="heads")(x[:, 0])
 

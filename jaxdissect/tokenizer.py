@@ -100,6 +100,24 @@ class ClipTokenizer:
                                  "bpe_simple_vocab_16e6.txt.gz?")
         return cls(merges, context_length)
 
+    @classmethod
+    def from_model_dir(cls, directory: str) -> ClipTokenizer:
+        """The tokenizer a converted CLIP directory carries (``jaxdissect.convert.clip.convert(vocab_path=...)``)."""
+        import json
+        import os
+
+        try:
+            with open(os.path.join(directory, "model.json")) as f:
+                tokenizer = json.load(f).get("metadata", {}).get("tokenizer") or {}
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"cannot read {directory}/model.json: {e}") from None
+        if not tokenizer.get("bpe_file"):
+            raise TokenizerError(f"{directory} holds no tokenizer vocabulary; convert it again with "
+                                 "python -m converters.clip --input=... --vocab=bpe_simple_vocab_16e6.txt.gz, "
+                                 "or use the published name clip_vit_b16")
+        return cls.from_bpe_file(os.path.join(directory, tokenizer["bpe_file"]),
+                                 tokenizer.get("context_length", CONTEXT_LENGTH))
+
     def tokenize(self, text: str) -> list[int]:
         """The BPE ids of one text, without start and end tokens."""
         return self._tokenizer.encode(clean(text), add_special_tokens=False).ids

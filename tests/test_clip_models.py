@@ -20,7 +20,7 @@ import jaxdissect  # noqa: E402
 from jaxdissect import layers  # noqa: E402
 from jaxdissect.convert import clip as convert_clip  # noqa: E402
 from jaxdissect.convert import vit as convert_vit  # noqa: E402
-from jaxdissect.convert.state import ConversionError  # noqa: E402
+from jaxdissect.convert.common import ConversionError  # noqa: E402
 from jaxdissect.models.transformer import GridError, tokens_to_grid  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -176,8 +176,11 @@ def test_wrong_image_size_is_one_line(tv_vit, clip_resnet):
 
 
 def test_converted_models_save_and_load(tmp_path, clip_resnet, tv_vit):
+    from safetensors.numpy import save_file
+
     model, module, variables, _ = clip_resnet
-    convert_clip.write(state_of(model), str(tmp_path / "clip"), source_path="/x/RN.safetensors", head_width=32)
+    save_file(state_of(model), str(tmp_path / "RN.safetensors"))
+    convert_clip.convert(str(tmp_path / "RN.safetensors"), str(tmp_path / "clip"), head_width=32)
     loaded, loaded_vars = jaxdissect.load_model(str(tmp_path / "clip"))
     _, x_nhwc = images(size=64)
     close(loaded.apply(loaded_vars, x_nhwc), module.apply(variables, x_nhwc), rel=1e-6)
@@ -185,7 +188,9 @@ def test_converted_models_save_and_load(tmp_path, clip_resnet, tv_vit):
     close(loaded.apply(loaded_vars, t, method="encode_text"), module.apply(variables, t, method="encode_text"),
           rel=1e-6)
     model, module, variables, _ = tv_vit
-    convert_vit.write(state_of(model), str(tmp_path / "vit"), heads=2, classes=[f"c{i}" for i in range(10)])
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    (tmp_path / "classes.txt").write_text("".join(f"c{i}\n" for i in range(10)))
+    convert_vit.convert(str(tmp_path / "vit.pth"), str(tmp_path / "vit"), str(tmp_path / "classes.txt"), heads=2)
     loaded, loaded_vars = jaxdissect.load_model(str(tmp_path / "vit"))
     _, x_nhwc = images()
     close(loaded.apply(loaded_vars, x_nhwc), module.apply(variables, x_nhwc), rel=1e-6)
@@ -194,7 +199,7 @@ def test_converted_models_save_and_load(tmp_path, clip_resnet, tv_vit):
 def test_safetensors_file_reads_without_torch(tmp_path, tv_vit):
     from safetensors.numpy import save_file
 
-    from jaxdissect.convert.state import read_safetensors
+    from jaxdissect.convert.common import read_safetensors
 
     model = tv_vit[0]
     save_file(state_of(model), str(tmp_path / "vit.safetensors"))
@@ -238,28 +243,38 @@ def test_full_size_vit_b_16():
     assert acts["encoder.layers.encoder_layer_11.mlp.neurons"].shape == (1, 14, 14, 3072)
 
 
-def test_converter_clis(tmp_path, clip_vit, tv_vit):
-    """converters.clip reads .safetensors without torch and refuses a TorchScript archive by name."""
+def test_converters_read_safetensors_refuse_torchscript_and_carry_the_tokenizer(tmp_path, clip_vit, tv_vit):
+    """convert.clip reads .safetensors without torch, refuses a TorchScript archive by name and keeps the
+    BPE vocabulary in the model directory; convert.vit reads a .pth with class names."""
     import zipfile
 
     from safetensors.numpy import save_file
 
-    from converters import clip as clip_cli
-    from converters import common
-    from converters import vit as vit_cli
+    from jaxdissect.convert import clip as convert_clip
+    from jaxdissect.convert import vit as convert_vit
+    from jaxdissect.tokenizer import ClipTokenizer, TokenizerError
 
     save_file(state_of(clip_vit[0]), str(tmp_path / "clip.safetensors"))
-    metadata = clip_cli.convert(str(tmp_path / "clip.safetensors"), str(tmp_path / "clip"), head_width=32)
+    vocab = tmp_path / "bpe.txt"
+    vocab.write_text("#version: 0.2\nc a\nca t</w>\n", encoding="utf-8")
+    metadata = convert_clip.convert(str(tmp_path / "clip.safetensors"), str(tmp_path / "clip"), str(vocab),
+                                    head_width=32)
     assert metadata["source_file"] == "clip.safetensors" and len(metadata["source_sha256"]) == 64
+    tokens = ClipTokenizer.from_model_dir(str(tmp_path / "clip"))("cat")[0]
+    assert tokens[1] == ClipTokenizer.from_bpe_file(str(vocab))("cat")[0][1]
     with zipfile.ZipFile(tmp_path / "ViT-B-16.pt", "w") as z:
         z.writestr("ViT-B-16/code/__torch__/model.py", "")
         z.writestr("ViT-B-16/constants.pkl", b"")
-    with pytest.raises(common.ConversionError, match="TorchScript archive .* open_clip_model.safetensors"):
-        clip_cli.convert(str(tmp_path / "ViT-B-16.pt"), str(tmp_path / "out"))
+    with pytest.raises(ConversionError, match="TorchScript archive .* open_clip_model.safetensors"):
+        convert_clip.convert(str(tmp_path / "ViT-B-16.pt"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     torch.save(tv_vit[0].state_dict(), tmp_path / "vit.pth")
     (tmp_path / "classes.txt").write_text("".join(f"class{i} extra\n" for i in range(10)))
-    metadata = vit_cli.convert(str(tmp_path / "vit.pth"), str(tmp_path / "vit"), str(tmp_path / "classes.txt"), heads=2)
+    metadata = convert_vit.convert(str(tmp_path / "vit.pth"), str(tmp_path / "vit"), str(tmp_path / "classes.txt"),
+                                   heads=2)
     assert metadata["classes"][3] == "class3"
+    with pytest.raises(TokenizerError, match="holds no tokenizer vocabulary"):
+        ClipTokenizer.from_model_dir(str(tmp_path / "vit"))
 
 
 def test_clip_preprocess_resizes_crops_and_normalises():

@@ -116,7 +116,7 @@ def test_registry_checksums_match_the_published_file_names():
                 assert f.sha256_prefix is None
         if entry.kind != "dataset":
             assert jaxdissect.convert.get(entry.converter).convert
-    assert checked == 14  # 3 Places365 classifiers, 8 ProGANs, 2 encoders, torchvision VGG16
+    assert checked == 15  # 3 Places365 classifiers, 8 ProGANs, 2 encoders, torchvision VGG16 and ViT-B/16
     published_md5 = {"places_val": "593bbc21590cf7c396faac2e600cd30c",
                      "places_train": "d1db6ad3fc1d69b94da325ac08886a01",
                      "minilsun": "4bf19f711555a5771220384db4c97999"}  # the issue's and the originals' md5s

@@ -46,7 +46,7 @@ class UnknownConverter(JaxDissectError, KeyError):
 
 def names() -> list[str]:
     """The converters of this jaxdissect (module names under ``jaxdissect.convert``)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("common", "torchfile"))
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("common", "state", "torchfile"))
 
 
 def get(name: str):

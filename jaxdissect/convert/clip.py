@@ -14,12 +14,16 @@ stored float32 (the releases are float16).
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from jaxdissect.convert.state import ConversionError, build_variables, check_state, count, save, shape_of, torch_layout
+from jaxdissect.convert import common
+from jaxdissect.convert.common import ConversionError
+from jaxdissect.convert.state import build_variables, check_state, count, save, shape_of, torch_layout
 from jaxdissect.models.clip import CLIP, CLIP_MEAN, CLIP_STD, init_variables
 
 WHAT = "OpenAI CLIP (clip/model.py)"
@@ -79,10 +83,32 @@ def convert_state_dict(state: Mapping[str, np.ndarray], head_width: int = HEAD_W
     return module, variables, metadata
 
 
-def write(state: Mapping[str, np.ndarray], output_dir: str, source_path: str | None = None,
-          source_sha256: str | None = None, head_width: int = HEAD_WIDTH) -> dict:
-    """Convert ``state`` and save it with :func:`jaxdissect.checkpoint.save_model`; returns the metadata."""
-    return save(output_dir, convert_state_dict(state, head_width), source_path, source_sha256)
+RELEASE = ("open_clip_model.safetensors of timm/vit_base_patch16_clip_224.openai (ViT-B/16) or "
+           "timm/resnet50_clip.openai (RN50)")
 
 
-__all__ = ["ConversionError", "architecture", "convert_state_dict", "layout", "write"]
+def convert(input_path: str, output_dir: str, vocab_path: str | None = None, head_width: int = HEAD_WIDTH) -> dict:
+    """Convert ``input_path`` into the model directory ``output_dir``; returns the metadata written.
+
+    ``input_path``: a ``.safetensors`` file with OpenAI's key names (open_clip's release of the
+    ``openai`` weights) or a PyTorch state dict; OpenAI's TorchScript archives are refused (reading
+    them runs their code). ``vocab_path``: CLIP's BPE vocabulary (``bpe_simple_vocab_16e6.txt.gz``),
+    copied into the model directory so its tokenizer travels with it
+    (:func:`jaxdissect.tokenizer.ClipTokenizer.from_model_dir`).
+    """
+    common.require_empty_output(output_dir)
+    state = common.load_state_dict(input_path, release=RELEASE)
+    module, variables, metadata = convert_state_dict(state, head_width)
+    if vocab_path:
+        from jaxdissect.tokenizer import ClipTokenizer
+
+        ClipTokenizer.from_bpe_file(vocab_path)  # a vocabulary that does not read is refused before anything is written
+        metadata["tokenizer"]["bpe_file"] = os.path.basename(vocab_path)
+        metadata["tokenizer"]["bpe_sha256"] = common.sha256(vocab_path)
+    metadata = save(output_dir, (module, variables, metadata), input_path, common.sha256(input_path))
+    if vocab_path:
+        shutil.copyfile(vocab_path, os.path.join(output_dir, os.path.basename(vocab_path)))
+    return metadata
+
+
+__all__ = ["ConversionError", "convert", "architecture", "convert_state_dict", "layout"]

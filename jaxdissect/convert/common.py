@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -42,14 +43,24 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Read a PyTorch state_dict as NumPy arrays (bfloat16 widened to float32).
+def load_state_dict(path: str, release: str | None = None) -> dict[str, np.ndarray]:
+    """Read a checkpoint's tensors as NumPy arrays (bfloat16 widened to float32), without PyTorch.
 
-    Accepts a plain state_dict or one wrapped as ``{'state_dict': {...}}``, in
-    the zip or the legacy format; only arrays are built, so no pickled code is
-    ever run (a whole pickled model is refused, as ``torch.load(weights_only=True)``
-    refuses it).
+    ``.safetensors`` files are read with ``safetensors``. PyTorch files may be a
+    plain state_dict or one wrapped as ``{'state_dict': {...}}``, in the zip or
+    the legacy format; only arrays are built, so no pickled code is ever run (a
+    whole pickled model is refused, as ``torch.load(weights_only=True)`` refuses
+    it, and so is a TorchScript archive, naming ``release`` as the file to use).
     """
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist()):
+                raise ConversionError(
+                    f"{path} is a TorchScript archive (a whole compiled model, not a state dict); reading it "
+                    "would run its code. " + (f"Use {release} instead" if release else
+                                              "Save its state_dict() where it loads and convert that"))
     try:
         obj = torchfile.load(path)
     except torchfile.TorchFileError as e:
@@ -64,6 +75,20 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         out[str(key)] = value
     return out
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a ``.safetensors`` file as a NumPy array (no PyTorch, no code run)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not os.path.exists(path):
+        raise ConversionError(f"checkpoint file {path} does not exist")
+    try:
+        return dict(load_file(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"cannot read {path} as safetensors ({e}); the file may be truncated: "
+                              "download it again") from None
 
 
 def convert_classifier(name: str, input_path: str, output_dir: str, from_state: Callable, *, crop: int = 224,

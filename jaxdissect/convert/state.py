@@ -11,7 +11,7 @@ LayerNorm/BatchNorm ``scale`` is ``weight``, BatchNorm statistics
 ``weight``; other parameters keep their name and layout);
 :func:`check_state` reports every missing, unexpected and mis-shaped tensor at
 once; :func:`build_variables` re-lays the tensors. Reading ``.safetensors``
-needs no PyTorch (:func:`read_safetensors`).
+needs no PyTorch (:func:`jaxdissect.convert.common.load_state_dict`).
 """
 
 from __future__ import annotations
@@ -22,28 +22,10 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from jaxdissect.errors import JaxDissectError
+from jaxdissect.convert.common import ConversionError, check_state_dict
 
 _LEAF = {("params", "scale"): "weight", ("params", "bias"): "bias", ("params", "embedding"): "weight",
          ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
-
-
-class ConversionError(JaxDissectError, ValueError):
-    """A state dict that does not fit the architecture, or a file that is not one; the message says why."""
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of a ``.safetensors`` file as a NumPy array (no PyTorch, no code run)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not os.path.exists(path):
-        raise ConversionError(f"checkpoint file {path} does not exist")
-    try:
-        return dict(load_file(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {path} as safetensors ({e}); the file may be truncated: "
-                              "download it again") from None
 
 
 def torch_layout(shapes) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
@@ -69,25 +51,8 @@ def torch_layout(shapes) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
 
 def check_state(state: Mapping[str, np.ndarray], layout: Mapping[str, tuple], *, what: str,
                 ignore: tuple[str, ...] = ()) -> None:
-    """Raise :class:`ConversionError` unless ``state`` has exactly ``layout``'s keys and shapes.
-
-    Keys ending in one of ``ignore`` may be present and are not used.
-    """
-    present = {k for k in state if not (ignore and k.endswith(ignore))}
-    missing = sorted(set(layout) - present)
-    unexpected = sorted(present - set(layout))
-    misshaped = sorted(f"{k}: file has {tuple(np.shape(state[k]))}, {what} needs {layout[k][1]}"
-                       for k in set(layout) & present if tuple(np.shape(state[k])) != layout[k][1])
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"this state dict does not match {what}:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-        if items:
-            more = [f"... and {len(items) - 12} more"] if len(items) > 12 else []
-            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:12] + more))
-    if len(missing) == len(layout):
-        lines.append("  none of the expected keys is present: is this a checkpoint of a different model?")
-    raise ConversionError("\n".join(lines))
+    """:func:`jaxdissect.convert.common.check_state_dict` against a :func:`torch_layout`."""
+    check_state_dict(state, {k: shape for k, (_, shape) in layout.items()}, what=what, ignore=ignore)
 
 
 def build_variables(state: Mapping[str, np.ndarray], layout: Mapping[str, tuple]) -> dict:

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.convert.state import ConversionError, build_variables, check_state, count, save, shape_of, torch_layout
+from jaxdissect.convert import common
+from jaxdissect.convert.common import ConversionError
+from jaxdissect.convert.state import build_variables, check_state, count, save, shape_of, torch_layout
 from jaxdissect.models.vit import VisionTransformer
 
 WHAT = "torchvision VisionTransformer"
@@ -67,10 +69,14 @@ def convert_state_dict(state: Mapping[str, np.ndarray], heads: int | None = None
     return module, build_variables(state, expected), metadata
 
 
-def write(state: Mapping[str, np.ndarray], output_dir: str, source_path: str | None = None,
-          source_sha256: str | None = None, heads: int | None = None, classes=None) -> dict:
-    """Convert ``state`` and save it with :func:`jaxdissect.checkpoint.save_model`; returns the metadata."""
-    return save(output_dir, convert_state_dict(state, heads, classes), source_path, source_sha256)
+def convert(input_path: str, output_dir: str, classes_path: str | None = None, heads: int | None = None) -> dict:
+    """Convert ``input_path`` (a torchvision ViT state dict, ``.pth`` or ``.safetensors``) into the model
+    directory ``output_dir``; ``classes_path``: class names (first word a line); returns the metadata written."""
+    common.require_empty_output(output_dir)
+    state = common.load_state_dict(input_path, release="torchvision's vit_b_16-c867db91.pth state dict")
+    module = architecture(state, heads)
+    classes = common.read_classes(classes_path, module.num_classes) if classes_path else None
+    return save(output_dir, convert_state_dict(state, heads, classes), input_path, common.sha256(input_path))
 
 
-__all__ = ["ConversionError", "architecture", "convert_state_dict", "layout", "write"]
+__all__ = ["ConversionError", "convert", "architecture", "convert_state_dict", "layout"]

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 from jaxdissect.errors import JaxDissectError
 
-KINDS = ("classifier", "generator", "encoder", "segmenter", "dataset")
-MODEL_KINDS = KINDS[:4]
+KINDS = ("classifier", "generator", "encoder", "segmenter", "scorer", "dataset")
+MODEL_KINDS = KINDS[:5]
 _FILE_FIELDS = ("url", "sha256", "sha256_prefix", "md5", "size")
 _HEX = re.compile(r"[0-9a-f]+")
 

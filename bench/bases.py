@@ -142,7 +142,8 @@ def report(r: dict) -> str:
         "`numpy.quantile` of NumPy-upsampled values bit for bit, active counts equal NumPy's.", "",
         f"SAE training (TopK, {c_u} features, k={r['k']}, minibatch 4096): {r['train_samples_per_s']:,.0f} samples "
         f"(positions) per second over {r['train_samples']:,} samples; FVU {r['fvu'][0]:.3f} on the first batch, "
-        f"{r['fvu'][1]:.3f} on the last; {r['dead']} dead features.",
+        f"{r['fvu'][1]:.3f} on the last; {r['dead']} dead features (a throughput run: a "
+        "few batches, not a trained SAE).",
     ]
     return "\n".join(lines) + "\n"
 

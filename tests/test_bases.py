@@ -146,7 +146,7 @@ def planted_run():
 
 
 def test_sae_recovers_planted_directions_and_labels(planted_run):
-    units, rotated, seg, basis, params, curve = planted_run
+    units, rotated, seg, basis, params, _ = planted_run
     w = params["w_dec"] / np.linalg.norm(params["w_dec"], axis=1, keepdims=True)
     cos = w @ Q                                                      # [features, concepts]
     assert (cos.max(0) > 0.9).all(), np.round(cos.max(0), 3)
@@ -268,3 +268,43 @@ def test_trained_once_per_identity_and_settings_in_the_cache(tmp_path):
     resolved = spec.resolve("sae:2,k=3", 8, cache_dir=str(tmp_path), identity=identity, activations=untouched,
                             settings=SMALL)
     assert resolved[2]["path"] == info["path"] and resolved[2]["spec"] == "sae:2,k=3"
+
+
+def test_activation_batches_stream_a_layer_from_any_start():
+    from jaxdissect.data.synthetic import SyntheticScenes
+    from jaxdissect.layers import capture
+    from jaxdissect.models.small_cnn import SmallCNN
+
+    source = SyntheticScenes(6, seed=2)
+    module = SmallCNN(widths=(4, 8, 8, 8))
+    variables = module.init(jax.random.PRNGKey(0), source.get_batch([0])["image"])
+    batches = sae.activation_batches(module, variables, "conv2", source, batch_size=4, num_batches=4, seed=3)
+    whole = list(batches())
+    assert len(whole) == 4 and whole[0].shape == (4, 32, 32, 8)
+    np.testing.assert_array_equal(list(batches(2))[0], whole[2])       # the same batch from any start
+    # Batch 1 holds epoch 0's last two images and epoch 1's first two, in each epoch's own order.
+    order = np.concatenate([np.random.RandomState(3).permutation(6), np.random.RandomState(4).permutation(6)])
+    want = capture(module, variables, source.get_batch(order[4:8])["image"], ["conv2"])[1]["conv2"]
+    np.testing.assert_allclose(whole[1], np.asarray(want), rtol=1e-5, atol=1e-6)
+    _, params, curve = sae.train(batches, 8, sae.Settings(expansion=1, k=2, num_batches=4, minibatch=512),
+                                 progress=False)
+    assert params["w_dec"].shape == (8, 8) and len(curve["fvu"]) == 4
+
+
+def test_probe_is_cached_and_resolved_from_its_spec(tmp_path):
+    units, seg = planted(seed=2)
+    data = lambda: ((units[i:i + 16], seg[i:i + 16]) for i in range(0, 32, 16))  # noqa: E731
+    identity = {"model": "planted", "layer": "units", "data": "planted:32"}
+    settings = probe.Settings(epochs=2)
+    basis, params, info = spec.resolve("probe:net2vec", K, cache_dir=str(tmp_path), identity=identity,
+                                       labelled=data, num_labels=K + 1, settings=settings)
+    assert isinstance(basis, probe.Probe) and info["spec"] == "probe:net2vec" and len(info["heldout_iou"]) == K
+
+    def untouched():
+        raise AssertionError("a cached probe was trained again")
+
+    again = probe.train_or_load(str(tmp_path), identity, untouched, K + 1, settings=settings)
+    assert again[2]["path"] == info["path"] and again[0] == basis
+    np.testing.assert_array_equal(again[1]["matrix"], params["matrix"])
+    with pytest.raises(BasisError, match="labelled=batches"):
+        spec.resolve("probe:net2vec", K, cache_dir=str(tmp_path), identity=identity)

@@ -6,13 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_bases import numpy_topk, random_sae
 
 from jaxdissect.bases import Linear, sae
-from jaxdissect.layers import Ablate, FeatureEdit, LayerError, Replace, SetUnits, capture, run
+from jaxdissect.layers import (
+    Ablate,
+    FeatureEdit,
+    LayerError,
+    Replace,
+    SetUnits,
+    capture,
+    run,
+)
 from jaxdissect.models.small_cnn import SmallCNN
-from jaxdissect.models.toy_generator import toy_generator, sample_z
+from jaxdissect.models.toy_generator import sample_z, toy_generator
 from jaxdissect.rotation import random_rotation_powers
-from test_bases import numpy_topk, random_sae
 
 U, KSAE = 40, 5
 

@@ -107,7 +107,7 @@ def test_state_memory_per_unit_does_not_grow_with_units():
     """Pass-1 state per unit: two 4096-bucket windows (32 KiB) instead of a 65,536-bucket histogram (256 KiB)."""
     for units in (512, 4096):
         plan = _plan(units, 0.01)
-        state = jax.eval_shape(lambda: plan.pass1_init(1000)["quantile"])
+        state = jax.eval_shape(lambda plan=plan: plan.pass1_init(1000)["quantile"])
         per_unit = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)) / units
         assert per_unit < 33 * 1024, per_unit
     dense = jax.eval_shape(lambda: quantile_k.high_init(512))

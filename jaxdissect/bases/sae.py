@@ -266,8 +266,8 @@ def train_or_load(cache_dir: str, identity: Mapping[str, Any], batches: Callable
     identity = dict(identity)
 
     def build(tmp, workdir):
-        basis, params, curve = train(batches, channels, settings, workdir=workdir, progress=progress,
-                                     config={"identity": identity})
+        _, params, curve = train(batches, channels, settings, workdir=workdir, progress=progress,
+                                 config={"identity": identity})
         cache.save(tmp, params, {"format": "jaxdissect-sae", "settings": settings_json, "identity": identity,
                                  "channels": channels, "units": settings.units(channels), "curve": curve,
                                  "final_fvu": curve["fvu"][-1], "dead": curve["dead"][-1]})

@@ -321,7 +321,6 @@ def low_fold(state: dict, keys, unit, ok) -> dict:
     One scatter per key into the rows; the minima are taken over each
     entry's keys first, so they cost one scatter per entry.
     """
-    u = state["lo"].shape[0]
     extra = (None,) * (keys.ndim - 1)
     lo, hi, row = (state[k][unit][(slice(None),) + extra] for k in ("lo", "hi", "row"))
     inside = ok & (keys >= lo) & (keys <= hi)

@@ -308,3 +308,29 @@ def test_probe_is_cached_and_resolved_from_its_spec(tmp_path):
     np.testing.assert_array_equal(again[1]["matrix"], params["matrix"])
     with pytest.raises(BasisError, match="labelled=batches"):
         spec.resolve("probe:net2vec", K, cache_dir=str(tmp_path), identity=identity)
+
+
+TWICE = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from test_bases import SMALL, stream
+    from jaxdissect.bases import sae
+
+    def batches(start=0):
+        with open({marks!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        return (stream(i) for i in range(start, SMALL.num_batches))
+
+    sae.train_or_load({cache!r}, {{"model": "stream"}}, batches, 8, SMALL, progress=False)
+''')
+
+
+def test_two_processes_train_the_same_sae_once(tmp_path):
+    code = TWICE.format(tests=os.path.join(ROOT, "tests"), marks=str(tmp_path / "marks"), cache=str(tmp_path / "c"))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    assert len(set(open(tmp_path / "marks").read().split())) == 1       # one process trained, the other loaded
+    assert len(os.listdir(tmp_path / "c" / "bases")) == 2                # the SAE and its lock file

@@ -29,6 +29,7 @@ _EXPORTS = {
     "layer_names": "jaxdissect.layers",
     "Replace": "jaxdissect.layers",
     "run_from": "jaxdissect.layers",
+    "FeatureEdit": "jaxdissect.layers",
     # Streaming statistics over activations (functional API).
     "dissect_activations": "jaxdissect.statistics",
     "run_stream": "jaxdissect.streaming",

@@ -13,7 +13,19 @@ XLA fold them into the program as constants).
 * :class:`Linear`: ``u = W a`` with ``params = {"matrix": W [U, C]}``; the 2017
   random rotation (``jaxdissect.rotation``) is ``Linear`` with ``W = Q^alpha``.
 
-Learned bases (sparse autoencoders, probes) implement the same interface.
+Learned bases implement the same interface:
+
+* :class:`jaxdissect.bases.sae.TopKSAE`: a TopK sparse autoencoder
+  (Gao et al. 2024), trained on a layer's activations, resumable and cached
+  per user (:func:`jaxdissect.bases.sae.train_or_load`);
+* :class:`jaxdissect.bases.probe.Probe`: Net2Vec concept directions trained
+  on segmentation labels (:func:`jaxdissect.bases.probe.train_or_load`).
+
+:mod:`jaxdissect.bases.spec` reads the specs users write (``neurons``,
+``rotation:ALPHA[:SEED]``, ``sae:EXPANSION[,k=K]``, ``probe:net2vec``) and
+:func:`jaxdissect.bases.spec.resolve` turns one into ``(basis, params,
+info)``. :class:`jaxdissect.layers.FeatureEdit` removes or inserts a
+basis's features in a forward pass.
 """
 
 from __future__ import annotations

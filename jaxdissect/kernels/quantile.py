@@ -12,17 +12,22 @@ values. numpy's linear quantile needs the order statistics of rank
 ``floor(h)`` and ``floor(h) + 1`` with ``h = (n - 1) * level``.
 
 * Pass 1 (:func:`high_update`): per unit, a histogram of the high 16 bits of
-  the key, ``[U, 65536]`` int32. :func:`select` (host) finds, for both ranks,
-  the bucket holding it and the rank inside that bucket.
-* Pass 2 (:func:`low_update`): per unit, histograms of the low 16 bits of
-  the values that fall in those (at most 2) buckets, ``[U, 2, 65536]``
-  (one increment per value in either bucket).
-  :func:`finish` (host) reads the two exact values and interpolates exactly
-  as numpy does (float32 arithmetic).
+  the key, ``[U, 65536]`` int32. :func:`select` (host) finds the key range
+  (a bucket, or the single key of +0.0) holding the lower order statistic
+  and the ranks of both statistics inside it.
+* Pass 2 (:func:`low_update`): for the bucket holding the lower order
+  statistic, a histogram of the low 16 bits of its values, one row
+  ``[65536]`` per unit that needs it (:func:`low_init`: not for a level of
+  +0.0 or a level that is the smallest value of its bucket), with counts as
+  narrow as the bucket's count allows (uint8, uint16, int32); the upper
+  statistic is in the same bucket or is the smallest value above it (a
+  per-unit minimum). :func:`finish` (host) reads the two exact values and
+  interpolates exactly as numpy does (float32 arithmetic).
 
-Memory: 256 KiB per unit in pass 1 and 512 KiB in pass 2 (128 MiB and
-256 MiB for 512 units), per device. Cost: each pass reads every value once
-and does at most one histogram increment (a scatter-add) per value.
+Memory: 256 KiB per unit in pass 1 and at most 256 KiB per unit in pass 2,
+per device; the sparse pass 1 (:mod:`~jaxdissect.kernels.sparse`) keeps
+32 KiB per unit. Cost: each pass reads every value once and does at most one
+histogram increment (a scatter-add) per value.
 
 Counts are int32 per device state: at most 2**31 - 1 values per unit and
 device (the driver checks this up front); merges on the host use int64. Non-finite values are not histogrammed; they are
@@ -40,9 +45,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect.errors import JaxDissectError
+
 NUM_BUCKETS = 1 << 16
 NO_BATCH = np.iinfo(np.int32).max  # "no non-finite value seen yet"
 MAX_COUNT = np.iinfo(np.int32).max
+NO_KEY = 0xFFFFFFFF                # "no value seen" for the per-unit key minima of pass 2 (a NaN's key)
+ZERO_KEY = 0x80000000              # the key of +0.0
+WINDOW_OCTAVES = 32                # the sparse pass 1's windows span this many octaves (128 buckets each)
 
 
 def float_keys(x):
@@ -140,72 +150,203 @@ def _ranks(n: np.ndarray, level: float):
 
 
 def _locate(counts: np.ndarray, ranks: np.ndarray):
-    """For histograms ``counts [D, U, B]`` (summed over D) and ``ranks [U, R]``: bucket and rank inside it.
+    """For histograms ``counts [D, R, 65536]`` (summed over D) and ``ranks [R, K]``: bucket and rank inside
+    it ``[R, K]``, and each histogram's total ``[R]``.
 
-    Works on 64 units at a time, so the int64 copy stays small.
+    Coarse to fine (256 blocks of 256 buckets), 64 histograms at a time, so
+    the int64 copies stay small.
     """
+    d, r, nb = counts.shape
+    side = 256
     buckets = np.zeros(ranks.shape, np.int64)
     inside = np.zeros(ranks.shape, np.int64)
-    for start in range(0, counts.shape[1], 64):
+    totals = np.zeros(r, np.int64)
+    for start in range(0, r, 64):
         part = slice(start, start + 64)
-        c = counts[:, part].sum(0, dtype=np.int64)
-        cum = np.cumsum(c, axis=1)
-        r = ranks[part]
-        b = np.stack([np.searchsorted(row, rr, side="right") for row, rr in zip(cum, r)])
-        b = np.minimum(b, counts.shape[2] - 1)
-        buckets[part] = b
-        inside[part] = r - np.take_along_axis(cum, b, 1) + np.take_along_axis(c, b, 1)
-    return buckets, inside
+        c = counts[:, part].reshape(d, -1, nb // side, side)
+        rk = ranks[part]
+        rows = np.arange(c.shape[1])[:, None]
+        coarse = c.sum((0, 3), dtype=np.int64)
+        cum = np.cumsum(coarse, 1)
+        cb = np.minimum((cum[:, None, :] <= rk[:, :, None]).sum(2), nb // side - 1)
+        before = cum[rows, cb] - coarse[rows, cb]
+        fine = c[:, rows, cb].sum(0, dtype=np.int64)                         # [r, K, side]
+        fcum = np.cumsum(fine, -1)
+        fb = np.minimum((fcum <= (rk - before)[..., None]).sum(-1), side - 1)
+        buckets[part] = cb * side + fb
+        inside[part] = rk - before - np.take_along_axis(fcum - fine, fb[..., None], -1)[..., 0]
+        totals[part] = cum[:, -1]
+    return buckets, inside, totals
+
+
+class QuantileRangeError(JaxDissectError, ValueError):
+    """A unit's level lies where the compact pass-1 state kept no fine counts; the message names the fix."""
+
+
+def _segments_dense(high_state: dict):
+    """The dense state as descending segments: every 16-bit bucket, high to low (all resolved)."""
+    hist = np.asarray(high_state["hist"])
+    hist = hist[None] if hist.ndim == 2 else hist
+    count = hist.sum(axis=(0, 2), dtype=np.int64)
+
+    def desc(part):
+        return hist[:, part, ::-1].sum(0, dtype=np.int64)
+
+    def ranges(seg):
+        bucket = (NUM_BUCKETS - 1 - seg).astype(np.uint32)
+        return bucket << 16, (bucket << 16) | np.uint32(0xFFFF), np.ones(seg.shape, bool)
+
+    return count, desc, ranges
+
+
+def _segments_window(high_state: dict):
+    """The windowed state as descending segments (see :mod:`~jaxdissect.kernels.sparse`):
+    positive window, values below it (unresolved), exact +0.0, negative window, the rest (unresolved).
+
+    Per-device windows (leading axis) are aligned on the highest base, as one
+    device would have moved them when its maximum rose: a lower window's
+    lowest buckets drop out (positive ones into the values below it).
+    """
+    hs = {k: np.asarray(high_state[k]) for k in ("window", "base", "zeros", "below_pos", "count")}
+    if hs["window"].ndim == 3:
+        hs = {k: v[None] for k, v in hs.items()}
+    window, base = hs["window"], hs["base"].astype(np.int64)
+    width = window.shape[-1]
+    top = base.max(0)
+    shift = top[None] - base                                                   # [D, U, 2]
+    count = hs["count"].astype(np.int64).sum(0)
+    zeros = hs["zeros"].astype(np.int64).sum(0)
+    idx = np.arange(width)
+
+    def desc(part):
+        w = window[:, part].astype(np.int64)
+        below = hs["below_pos"][:, part].astype(np.int64).sum(0)
+        sh = shift[:, part]
+        if sh.any():
+            src = idx + sh[..., None]
+            below = below + np.where(idx < sh[..., 1, None], w[:, :, 1], 0).sum((0, 2))
+            w = np.where(src < width, np.take_along_axis(w, np.minimum(src, width - 1), 3), 0)
+        w = w.sum(0)
+        rest = count[part] - w.sum((1, 2)) - zeros[part] - below
+        if (rest < 0).any():
+            raise ValueError("quantile state: more histogrammed values than counted ones (damaged state)")
+        return np.concatenate([w[:, 1, ::-1], below[:, None], zeros[part, None], w[:, 0, ::-1], rest[:, None]], 1)
+
+    def ranges(seg, units):
+        pos, neg = seg < width, (seg > width + 1) & (seg < 2 * width + 2)
+        bucket = np.where(pos, top[units, 1] + width - 1 - seg, top[units, 0] + 2 * width + 1 - seg)
+        bucket = np.clip(bucket, 0, NUM_BUCKETS - 1).astype(np.uint32)
+        lo = np.where(pos | neg, bucket << 16, np.uint32(ZERO_KEY)).astype(np.uint32)
+        hi = np.where(pos | neg, (bucket << 16) | np.uint32(0xFFFF), np.uint32(ZERO_KEY)).astype(np.uint32)
+        lo = np.where(pos & (bucket == ZERO_KEY >> 16), np.uint32(ZERO_KEY + 1), lo)  # +0.0 has its own count
+        return lo, hi, pos | neg | (seg == width + 1)
+
+    return count, desc, ranges
 
 
 def select(high_state: dict, level: float) -> dict:
-    """Host step between the passes: where the two order statistics of each unit lie.
+    """Host step between the passes: the key range that holds each unit's order statistics.
 
-    ``high_state`` may carry a leading device axis (partial states are
-    summed). Returns NumPy arrays: ``count [U]`` (finite values), ``gamma [U]``
-    (interpolation weight), ``bucket [U, 2]``, ``inside [U, 2]``.
+    ``high_state`` (dense, or the windowed state of the sparse pass 1) may
+    carry a leading device axis (partial states are merged). Returns NumPy
+    arrays: ``count [U]`` (finite values), ``gamma [U]`` (interpolation
+    weight), ``lo``/``hi [U]`` (uint32 key range, inclusive: a 16-bit bucket,
+    or the single key of +0.0), ``in_range [U]`` (values in it) and
+    ``inside [U, 2]``: the ranks of the two order statistics among those
+    values, ``-1`` when the upper one is the smallest value above the range.
+    Raises :class:`QuantileRangeError` when a level lies where a windowed
+    state kept no fine counts.
     """
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"quantile level must lie in [0, 1], got {level}")
-    hist = np.asarray(high_state["hist"])
-    hist = hist[None] if hist.ndim == 2 else hist
-    if "count" in high_state:  # values below a floor were counted, not histogrammed: bucket 0 (no finite value)
-        below = np.asarray(high_state["count"]).reshape(hist.shape[:2]).astype(np.int64) - hist.sum(2, dtype=np.int64)
-        if (below < 0).any():
-            raise ValueError("quantile state: more histogrammed values than counted ones (damaged state)")
-        hist = hist.copy()
-        hist[:, :, 0] += below.astype(hist.dtype)
-    count = hist.sum(axis=(0, 2), dtype=np.int64)
+    windowed = "window" in high_state
+    count, desc, ranges = (_segments_window if windowed else _segments_dense)(high_state)
+    u = count.shape[0]
     prev, nxt, gamma = _ranks(count, level)
-    bucket, inside = _locate(hist, np.maximum(np.stack([prev, nxt], 1), 0))
-    return {"count": count, "gamma": gamma, "bucket": bucket, "inside": inside}
+    out = {"count": count, "gamma": gamma, "lo": np.zeros(u, np.uint32), "hi": np.zeros(u, np.uint32),
+           "in_range": np.zeros(u, np.int64), "inside": np.zeros((u, 2), np.int64)}
+    for start in range(0, u, 64):
+        units = np.arange(start, min(start + 64, u))
+        d = desc(slice(start, start + 64))
+        cum = np.cumsum(d, axis=1)
+        t = count[units] - 1 - prev[units]                           # rank of the lower statistic from the top
+        seg = np.minimum((cum <= t[:, None]).sum(1), d.shape[1] - 1)
+        r = np.arange(len(units))
+        size = d[r, seg]
+        before = cum[r, seg] - size
+        lo, hi, resolved = ranges(seg, units) if windowed else ranges(seg)
+        has = count[units] > 0
+        if windowed and (has & ~resolved).any():
+            bad = units[has & ~resolved]
+            raise QuantileRangeError(
+                f"unit {int(bad[0])} ({len(bad)} units): its level lies more than "
+                f"{WINDOW_OCTAVES} octaves below its largest value (or of another sign), where the "
+                "memory-bounded pass 1 keeps no fine counts; dissect this layer with sparse=False")
+        inside0 = size - 1 - (t - before)
+        step = nxt[units] - prev[units]
+        inside1 = np.where(step == 0, inside0, np.where(inside0 + 1 < size, inside0 + 1, -1))
+        out["lo"][units] = np.where(has, lo, 0)
+        out["hi"][units] = np.where(has, hi, 0)
+        out["in_range"][units] = np.where(has, size, 0)
+        out["inside"][units] = np.where(has[:, None], np.stack([inside0, inside1], 1), 0)
+    return out
 
 
 def low_init(selection: dict) -> dict:
-    """Pass-2 state: low-16-bit histograms of the two selected buckets of every unit."""
-    bucket = jnp.asarray(np.asarray(selection["bucket"], np.int32))
-    u = bucket.shape[0]
-    return {"bucket": bucket, "hist": jnp.zeros((u, 2, NUM_BUCKETS), jnp.int32)}
+    """Pass-2 state: a low-16-bit histogram row only for units whose statistics lie inside a bucket.
+
+    A unit whose range is one key (+0.0) needs nothing; one whose statistics
+    are the smallest value in its range or the smallest above it needs only
+    those minima (``min_in``, ``min_above``). The rows' integer type is the
+    narrowest that holds the largest count in a selected range (a row's
+    counts never exceed it), so small streams use 1- or 2-byte counts.
+    """
+    lo = np.asarray(selection["lo"], np.uint32)
+    hi = np.asarray(selection["hi"], np.uint32)
+    inside = np.asarray(selection["inside"])
+    single = lo == hi
+    rowed = ~single & (inside > 0).any(1)
+    row = np.where(rowed, np.cumsum(rowed) - 1, -1).astype(np.int32)
+    need = rowed | ~single | (inside[:, 1] < 0)
+    most = int(np.asarray(selection["in_range"])[rowed].max(initial=0))
+    dtype = jnp.uint8 if most <= 0xFF else jnp.uint16 if most <= 0xFFFF else jnp.int32
+    return {"lo": jnp.asarray(lo), "hi": jnp.asarray(hi), "row": jnp.asarray(row), "need": jnp.asarray(need),
+            "hist": jnp.zeros((max(int(rowed.sum()), 1), NUM_BUCKETS), dtype),
+            "min_in": jnp.full(lo.shape, NO_KEY, jnp.uint32), "min_above": jnp.full(lo.shape, NO_KEY, jnp.uint32)}
+
+
+def low_fold(state: dict, keys, unit, ok) -> dict:
+    """Fold keys ``[E, ...]`` of units ``unit [E]`` (where ``ok``) into the pass-2 state.
+
+    One scatter per key into the rows; the minima are taken over each
+    entry's keys first, so they cost one scatter per entry.
+    """
+    extra = (None,) * (keys.ndim - 1)
+    lo, hi, row = (state[k][unit][(slice(None),) + extra] for k in ("lo", "hi", "row"))
+    inside = ok & (keys >= lo) & (keys <= hi)
+    above = ok & (keys > hi)
+    rows = state["hist"].shape[0]
+    slot = jnp.where(inside & (row >= 0), row * NUM_BUCKETS + (keys & jnp.uint32(0xFFFF)).astype(jnp.int32),
+                     rows * NUM_BUCKETS)
+    hist = state["hist"].reshape(-1).at[slot.reshape(-1)].add(1, mode="drop").reshape(rows, NUM_BUCKETS)
+    axes = tuple(range(1, keys.ndim))
+    no = jnp.uint32(NO_KEY)
+    min_in = state["min_in"].at[unit].min(jnp.where(inside, keys, no).min(axes), mode="drop")
+    min_above = state["min_above"].at[unit].min(jnp.where(above, keys, no).min(axes), mode="drop")
+    return {**state, "hist": hist, "min_in": min_in, "min_above": min_above}
 
 
 def low_update(state: dict, values, valid=None, method: str = "scatter") -> dict:
-    """Fold ``values [P, U]`` (rows where ``valid [P]``) into the pass-2 state."""
+    """Fold ``values [P, U]`` (rows where ``valid [P]``) into the pass-2 state.
+
+    ``method`` is accepted for symmetry with :func:`high_update`; pass 2 is
+    one scatter into the (few) rows and two per-unit minima.
+    """
     values = jnp.asarray(values, jnp.float32)
-    p = values.shape[0]
+    p, u = values.shape
     valid = jnp.ones((p,), bool) if valid is None else jnp.asarray(valid, bool)
-    keys = float_keys(values)
-    high = (keys >> 16).astype(jnp.int32)
-    low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
-    ok = jnp.isfinite(values) & valid[:, None]
-    u = values.shape[1]
-    b0, b1 = state["bucket"][None, :, 0], state["bucket"][None, :, 1]
-    # One histogram increment per value: slot 1 only when the second bucket differs from the first
-    # (otherwise :func:`finish` reads slot 0 for both order statistics).
-    second = (high == b1) & (b1 != b0)
-    mask = ok & ((high == b0) | second)
-    slot = low + jnp.where(second, NUM_BUCKETS, 0)
-    hist = accumulate(state["hist"].reshape(u, 2 * NUM_BUCKETS), slot, mask, method=method)
-    return {"bucket": state["bucket"], "hist": hist.reshape(u, 2, NUM_BUCKETS)}
+    ok = jnp.isfinite(values) & valid[:, None] & state["need"][None]
+    return low_fold(state, float_keys(values).T, jnp.arange(u, dtype=jnp.int32), ok.T)
 
 
 def lerp(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
@@ -227,20 +368,35 @@ def lerp(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
 def finish(selection: dict, low_state: dict) -> np.ndarray:
     """Exact levels ``[U]`` float32 from the selection and the pass-2 state (device axis allowed).
 
-    Units without any finite value get NaN.
+    Units without any finite value get NaN. Raises ``ValueError`` when pass 2
+    saw other values than pass 1 in a selected range (another data stream).
     """
+    lo = np.asarray(selection["lo"], np.uint32)
+    hi = np.asarray(selection["hi"], np.uint32)
+    inside = np.asarray(selection["inside"])
+    count = np.asarray(selection["count"])
+    row = np.asarray(low_state["row"])
+    row = row[0] if row.ndim == 2 else row
     hist = np.asarray(low_state["hist"])
-    hist = hist[None] if hist.ndim == 3 else hist
-    u = hist.shape[1]
-    values = np.zeros((u, 2), np.float32)
-    same = selection["bucket"][:, 0] == selection["bucket"][:, 1]
-    for j in range(2):
-        counts = np.where(same[None, :, None], hist[:, :, 0], hist[:, :, j])
-        low, _ = _locate(counts, selection["inside"][:, j : j + 1])
-        keys = (selection["bucket"][:, j].astype(np.uint64) << 16) | low[:, 0].astype(np.uint64)
-        values[:, j] = keys_to_floats(keys.astype(np.uint32))
-    out = lerp(values[:, 0], values[:, 1], selection["gamma"])
-    out[selection["count"] == 0] = np.nan
+    hist = hist[None] if hist.ndim == 2 else hist
+    min_in = np.asarray(low_state["min_in"]).reshape(-1, lo.shape[0]).min(0)
+    min_above = np.asarray(low_state["min_above"]).reshape(-1, lo.shape[0]).min(0)
+    rowed = np.flatnonzero(row >= 0)                          # rows are numbered in unit order
+    keys = np.where(lo == hi, lo, min_in)[:, None].repeat(2, 1)
+    if rowed.size:
+        low, _, seen = _locate(hist[:, :rowed.size], np.maximum(inside[rowed], 0))
+        wrong = seen != np.asarray(selection["in_range"])[rowed]
+        if wrong.any():
+            raise ValueError(f"unit {int(rowed[np.flatnonzero(wrong)[0]])}: pass 2 saw other values than pass 1 "
+                             "in its selected range; both passes must read the same data")
+        keys[rowed] = (lo[rowed, None] & np.uint32(0xFFFF0000)) | low.astype(np.uint32)
+    keys = np.where(inside < 0, min_above[:, None], keys).astype(np.uint32)
+    missing = (count > 0) & (keys == NO_KEY).any(1)
+    if missing.any():
+        raise ValueError(f"unit {int(np.flatnonzero(missing)[0])}: pass 2 did not see the values pass 1 "
+                         "selected; both passes must read the same data")
+    out = lerp(keys_to_floats(keys[:, 0]), keys_to_floats(keys[:, 1]), selection["gamma"])
+    out[count == 0] = np.nan
     return out
 
 

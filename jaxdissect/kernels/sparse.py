@@ -11,28 +11,42 @@ can hold values ``>= c``; the others are skipped without being upsampled.
 Post-ReLU maps are mostly zero and the statistics look only at the top
 quantile, so after the first batches a few percent of the cells are "hot".
 
-The hot cells of a batch are counted once (a running count) and visited in
-chunks of static size in a ``while_loop``, so a batch costs in proportion to
-its hot cells and the histograms are updated in place (a ``lax.switch`` over
-capacity tiers copied the 256 MiB pass-2 state on XLA:CPU). NaN/Inf corners
-make a cell hot, so non-finite values are counted as by the dense kernels.
-Hot-cell values are computed with exactly the dense upsample's arithmetic
-(rows, then columns, the same expression per tap pair), so both paths see
-bit-identical values; tests compare them.
+The hot flags of a batch are packed 32 to a word and counted once (a
+running count of the words' set bits); the hot cells are visited in chunks
+of static size in a ``while_loop``, so a batch costs in proportion to its hot
+cells and the states are updated in place (a ``lax.switch`` over capacity
+tiers copied the pass-2 state on XLA:CPU). Per-unit counters and minima are
+reduced per cell before their scatter, so each visited value costs one
+scatter. Cells whose four corners are +0.0 hold only +0.0: they are never
+visited, and their pixels are counted as the valid pixels minus those
+visited (sparse codes are mostly such cells). NaN/Inf corners make a cell
+hot, so non-finite values are counted as by the dense kernels. Hot-cell
+values are computed with exactly the dense upsample's arithmetic (rows, then
+columns, the same expression per tap pair), so both paths see bit-identical
+values; tests compare them.
 
 The three passes:
 
-* pass 1: the quantile's high-16-bit histogram only for values whose bucket
-  is at or above a running per-unit *floor* ``b*``: the highest bucket such
-  that at least ``K = n - floor((n - 1) * level)`` values seen so far lie at
-  or above it, where ``n`` is an upper bound on the final number of values
-  (from the number of images). ``K`` values ``>= c`` guarantee the final
-  level ``>= c``, so every bucket the level can fall in is counted fully;
-  values below the floor are only counted (``count``), and
-  :func:`jaxdissect.kernels.quantile.select` puts that count into bucket 0,
-  which no finite value uses.
-* pass 2: the low-16-bit histogram of the two selected buckets; hot cells
-  are those whose bound reaches the lower edge of the first bucket.
+* pass 1: high-16-bit bucket counts only for values whose bucket is at or
+  above a running per-unit *floor* ``b*``: the highest bucket such that at
+  least ``K = n - floor((n - 1) * level)`` values seen so far lie at or above
+  it, where ``n`` is an upper bound on the final number of values (from the
+  number of images). ``K`` values ``>= c`` guarantee the final level
+  ``>= c``, so every bucket the level can fall in is counted fully; values
+  below the floor are only counted (``count``). The counts are kept in two
+  windows of ``WINDOW`` buckets (32 octaves) per unit, one for negative and
+  one for positive values, each anchored just under the largest value of its
+  sign seen so far (windows only move up; a positive bucket falling out of
+  its window goes to ``below_pos``), plus the count of exact +0.0 values:
+  32 KiB per unit instead of a 65,536-bucket histogram (256 KiB).
+  :func:`jaxdissect.kernels.quantile.select` finds the level in them, or
+  raises :class:`~jaxdissect.kernels.quantile.QuantileRangeError` (fix:
+  ``sparse=False``) for a level more than 32 octaves under the largest value
+  of its sign, or positive under values dropped below the window.
+* pass 2 (:func:`jaxdissect.kernels.quantile.low_init`): a low-16-bit row
+  only for units whose level lies inside a bucket, plus per-unit minima;
+  hot cells are those whose bound reaches the selected range, for the units
+  that need pass 2 at all (a level of +0.0 needs nothing).
 * pass 3: active pixels ``value > T_u`` exist only in cells whose bound
   exceeds ``T_u``; intersections are scattered from those pixels only, and
   the unit-independent counts (pixels, label pixels) come from the labels.
@@ -57,8 +71,11 @@ from jaxdissect.kernels.upsample import Taps
 SLACK = 2.0 ** -16
 CHUNK = 64                   # hot cells are visited 1/64 of a batch's cells at a time
 DENSE_IOU = 16               # pass 3 takes the dense kernel when more than 1/16 of the cells are hot
-_COARSE = 256                # the floor search: 256 coarse buckets of 256 fine ones
 _FIRST_FINITE = 0x0080       # smallest high-16-bit key bucket of a finite float32 (-FLT_MAX)
+ZERO_KEY = quantile_k.ZERO_KEY
+_ZERO_BUCKET = ZERO_KEY >> 16  # the 16-bit bucket of +0.0
+WINDOW = 128 * quantile_k.WINDOW_OCTAVES   # 16-bit buckets per window (128 per octave)
+_ZK = np.uint32(ZERO_KEY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,38 +156,46 @@ def _values(acts, entries, ch: AxisCells, cw: AxisCells):
     return values, unit, img, jnp.maximum(ty, 0), jnp.maximum(tx, 0), inside
 
 
-def _prefix_count(flat):
-    """Inclusive running count of ``flat`` (bool) as int32: a cumsum along rows of 256, plus row offsets.
+def _select_bit(words, rank):
+    """Position of the ``rank``-th (0-based) set bit of each uint32 word (a binary search on popcounts)."""
+    pos = jnp.zeros(words.shape, jnp.int32)
+    for width in (16, 8, 4, 2, 1):
+        mask = jnp.uint32((1 << width) - 1)
+        low = jax.lax.population_count(words & mask).astype(jnp.int32)
+        up = rank >= low
+        rank = jnp.where(up, rank - low, rank)
+        words = jnp.where(up, words >> width, words & mask)
+        pos = pos + jnp.where(up, width, 0)
+    return pos
 
-    A quarter of the time of ``jnp.nonzero``'s compaction on XLA:CPU, which
-    sums over the whole array and then scatters every index.
-    """
-    r = 256
-    rows = jnp.pad(flat, (0, (-flat.size) % r)).reshape(-1, r)
-    within = jnp.cumsum(rows, axis=1, dtype=jnp.int32)
-    offsets = jnp.cumsum(within[:, -1]) - within[:, -1]
-    return (within + offsets[:, None]).reshape(-1)[:flat.size]
 
+def foreach_hot(hot, fn, carry):
+    """Fold ``fn(entries, ok, carry)`` over the True entries of ``hot`` (flat indices), ``CHUNK``-th of
+    them at a time; ``ok`` marks the real ones in the last chunk.
 
-def _foreach_hot(hot, fn, carry):
-    """Fold ``fn(entries, ok, carry)`` over the hot cells, ``CHUNK``-th of the cells at a time.
-
-    A running count of the hot cells is made once; each step of a
-    ``while_loop`` finds its chunk of (static size) hot cells in it by binary
-    search, in increasing order, so a batch costs in proportion to its hot
-    cells and the (large) histogram state is updated in place.
+    The hot flags are packed 32 to a word and a running count of the words'
+    set bits made once (a pass over the flags and a cumsum over 1/32 of
+    them); each step of a ``while_loop`` finds its chunk of (static size)
+    hot cells by binary search in it and a bit search in the word, in
+    increasing order, so a batch costs in proportion to its hot cells and the
+    (large) histogram state is updated in place.
     """
     total = hot.size
     cap = max(1, total // CHUNK)
-    prefix = _prefix_count(hot.reshape(-1))
+    flags = jnp.pad(hot.reshape(-1), (0, (-total) % 32)).reshape(-1, 32)
+    words = (flags.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32)).sum(1, dtype=jnp.uint32)
+    prefix = jnp.cumsum(jax.lax.population_count(words).astype(jnp.int32))
     n = prefix[-1]
-    offsets = jnp.arange(1, cap + 1, dtype=jnp.int32)
+    offsets = jnp.arange(cap, dtype=jnp.int32)
 
     def body(c):
         k, carry = c
-        # The j-th hot cell is the first whose running count reaches j + 1; past the last, ``total``.
-        entries = jnp.searchsorted(prefix, k * cap + offsets, side="left").astype(jnp.int32)
-        return k + 1, fn(jnp.minimum(entries, total - 1), entries < total, carry)
+        j = k * cap + offsets                                          # the j-th hot cell (0-based)
+        w = jnp.minimum(jnp.searchsorted(prefix, j + 1, side="left").astype(jnp.int32), prefix.size - 1)
+        before = jnp.where(w > 0, prefix[jnp.maximum(w - 1, 0)], 0)
+        entries = w * 32 + _select_bit(words[w], j - before)
+        ok = j < n
+        return k + 1, fn(jnp.where(ok, jnp.minimum(entries, total - 1), total - 1), ok, carry)
 
     return jax.lax.while_loop(lambda c: c[0] * cap < n, body, (jnp.int32(0), carry))[1]
 
@@ -192,8 +217,14 @@ def floor_target(images: int | None, pixels: int, level: float) -> int:
 
 
 def pass1_init(num_units: int, target: int) -> dict:
-    state = quantile_k.high_init(num_units)
-    state.update({"coarse": jnp.zeros((num_units, _COARSE), jnp.int32),
+    """Pass-1 state: per unit two windows of ``WINDOW`` high-16-bit buckets (negative and positive values,
+    each just below its largest value), the count of exact +0.0 values and of positive values below the
+    positive window, and the floor (see the module doc)."""
+    state = {k: v for k, v in quantile_k.high_init(num_units).items() if k != "hist"}
+    state.update({"window": jnp.zeros((num_units, 2, WINDOW), jnp.int32),
+                  "base": jnp.asarray(np.tile(np.array([0, _ZERO_BUCKET], np.int32), (num_units, 1))),
+                  "zeros": jnp.zeros((num_units,), jnp.int32),
+                  "below_pos": jnp.zeros((num_units,), jnp.int32),
                   "count": jnp.zeros((num_units,), jnp.int32),
                   "floor": jnp.zeros((num_units,), jnp.int32),
                   "target": jnp.full((), target, jnp.int32)})
@@ -202,57 +233,152 @@ def pass1_init(num_units: int, target: int) -> dict:
 
 def _bucket_floats(buckets):
     """Smallest float32 of each high-16-bit key bucket (device side of ``keys_to_floats``)."""
-    keys = buckets.astype(jnp.uint32) << 16
+    return _key_floats(buckets.astype(jnp.uint32) << 16)
+
+
+def _key_floats(keys):
+    """The float32 of each uint32 key (device side of ``quantile.keys_to_floats``)."""
     bits = jnp.where(keys >> 31 == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _new_floor(state):
-    """Raise each unit's floor to the highest bucket with at least ``target`` counted values above it."""
-    hist, coarse, target = state["hist"], state["coarse"], state["target"]
-    u = hist.shape[0]
-    top = jnp.cumsum(coarse[:, ::-1], axis=1)[:, ::-1]                       # values in coarse >= c
-    idx = jnp.arange(_COARSE, dtype=jnp.int32)
-    cb = jnp.max(jnp.where(top >= target, idx, -1), axis=1)
-    above = jnp.where(cb + 1 < _COARSE, jnp.take_along_axis(top, jnp.minimum(cb + 1, _COARSE - 1)[:, None], 1)[:, 0], 0)
-    fine = jnp.take_along_axis(hist.reshape(u, _COARSE, _COARSE), jnp.maximum(cb, 0)[:, None, None], 1)[:, 0]
-    ftop = jnp.cumsum(fine[:, ::-1], axis=1)[:, ::-1] + above[:, None]
-    fb = jnp.max(jnp.where(ftop >= target, idx, -1), axis=1)
-    found = (target > 0) & (cb >= 0) & (fb >= 0)
-    return jnp.maximum(state["floor"], jnp.where(found, cb * _COARSE + fb, 0))
+    """Raise each unit's floor to the highest bucket with at least ``target`` counted values at or above it.
+
+    Counts from the top, as :func:`jaxdissect.kernels.quantile.select` does:
+    blocks of 256 buckets of the positive window, the values below it and
+    the zeros (both at or above bucket ``+0.0``), blocks of the negative
+    window; then the buckets of the block that reaches the target. Values a
+    window dropped count as nothing, which can only lower the bucket found:
+    still a floor.
+    """
+    window, base, target = state["window"], state["base"], state["target"]
+    u = window.shape[0]
+    side = 256
+    blocks = window.reshape(u, 2, WINDOW // side, side).sum(-1)                      # [U, 2, nb]
+    nb = WINDOW // side
+    desc = jnp.concatenate([blocks[:, 1, ::-1], state["below_pos"][:, None], state["zeros"][:, None],
+                            blocks[:, 0, ::-1]], 1)                                  # [U, 2 nb + 2]
+    cum = jnp.cumsum(desc, 1)
+    seg = (cum < target).sum(1)                                                      # first reaching it
+    reached = (target > 0) & (seg < desc.shape[1])
+    seg = jnp.minimum(seg, desc.shape[1] - 1)
+    units = jnp.arange(u)
+    before = cum[units, seg] - desc[units, seg]
+    neg = seg > nb + 1
+    block = jnp.where(neg, 2 * nb + 1 - seg, nb - 1 - jnp.minimum(seg, nb - 1))
+    sign = jnp.where(neg, 0, 1)
+    rows = window[units, sign].reshape(u, nb, side)[units, block]                    # [U, side]
+    ftop = jnp.cumsum(rows[:, ::-1], 1)[:, ::-1] + before[:, None]
+    fine = jnp.max(jnp.where(ftop >= target, jnp.arange(side, dtype=jnp.int32), 0), 1)
+    bucket = base[units, sign] + block * side + fine
+    bucket = jnp.where((seg == nb) | (seg == nb + 1), _ZERO_BUCKET, bucket)
+    return jnp.maximum(state["floor"], jnp.where(reached, bucket, 0))
+
+
+def _corners_any(flag, ch: AxisCells, cw: AxisCells):
+    """``[B, Ch, Cw, U]``: whether any of a cell's four source corners has ``flag [B, h, w, U]``."""
+    rows = flag[:, ch.i0] | flag[:, ch.i1]
+    return rows[:, :, cw.i0] | rows[:, :, cw.i1]
+
+
+def _pixels(ch: AxisCells, cw: AxisCells) -> int:
+    """Target pixels per image."""
+    return int((ch.members >= 0).sum()) * int((cw.members >= 0).sum())
+
+
+def _zero_cells(acts, ch: AxisCells, cw: AxisCells):
+    """``[B, Ch, Cw, U]``: cells whose four corners are +0.0, so that every value in them is +0.0.
+
+    Such cells are never visited; the passes count their pixels as the
+    valid pixels minus those visited.
+    """
+    bits = jax.lax.bitcast_convert_type(acts, jnp.uint32)
+    rows = jnp.maximum(bits[:, ch.i0], bits[:, ch.i1])
+    return jnp.maximum(rows[:, :, cw.i0], rows[:, :, cw.i1]) == 0
+
+
+def _slide(window, base, new_base):
+    """Move each window up to ``new_base`` (never down): ``(window, positive counts that fell below)``."""
+    shift = new_base - base                                                   # [U, 2] >= 0
+    idx = jnp.arange(WINDOW, dtype=jnp.int32)
+    src = idx + shift[..., None]
+    kept = jnp.where(src < WINDOW, jnp.take_along_axis(window, jnp.minimum(src, WINDOW - 1), 2), 0)
+    lost = jnp.where(idx < shift[:, 1, None], window[:, 1], 0).sum(1)
+    return kept, lost
 
 
 def pass1_update(state, acts, valid, batch_id, ch, cw):
     """Pass-1 quantile state after one batch of raw ``acts [B, h, w, U]`` (see the module doc)."""
     b, _, _, u = acts.shape
-    pixels = int((ch.members >= 0).sum()) * int((cw.members >= 0).sum())
+    pixels = _pixels(ch, cw)
     acts = jnp.asarray(acts, jnp.float32)
     valid = jnp.asarray(valid, bool)
     batch_id = jnp.broadcast_to(jnp.asarray(batch_id, jnp.int32), (b,))
-    cut = jnp.where(state["floor"] >= _FIRST_FINITE, _bucket_floats(state["floor"]), -jnp.inf)
-    hot = _hot(cell_bounds(acts, ch, cw), cut, valid)
-    nb = quantile_k.NUM_BUCKETS
+    floor = state["floor"]
+    cut = jnp.where(floor >= _FIRST_FINITE, _bucket_floats(floor), -jnp.inf)
+    bounds = cell_bounds(acts, ch, cw)
+    hot = _hot(bounds, cut, valid) & ~_zero_cells(acts, ch, cw)
+    nb = WINDOW
 
-    def visit(entries, ok, state):
+    # Anchor the windows at this batch's largest values before counting them, so none lies above a window:
+    # the positive one at the bound of the largest raw value (no upsampled value exceeds it) ...
+    m = jnp.maximum(jnp.max(jnp.where(valid[:, None, None, None] & jnp.isfinite(acts), acts, 0.0)
+                            .reshape(-1, u), axis=0), 0.0)
+    top_pos = (quantile_k.float_keys(m + m * SLACK) >> 16).astype(jnp.int32)
+    # ... the negative one at the largest negative upsampled value, found in the cells with a negative corner.
+    negative = hot & _corners_any(jax.lax.bitcast_convert_type(acts, jnp.uint32) >> 31 == 1, ch, cw)
+
+    def negative_top(_):
+        def visit(entries, ok, top):
+            values, unit, _, _, _, inside = _values(acts, entries, ch, cw)
+            keys = quantile_k.float_keys(values)
+            high = (keys >> 16).astype(jnp.int32)
+            neg = ok[:, None, None] & inside & jnp.isfinite(values) & (keys < _ZK) & (high >= floor[unit][:, None, None])
+            units = jnp.broadcast_to(unit[:, None, None], values.shape)
+            return top.at[jnp.where(neg, units, u).reshape(-1)].max(high.reshape(-1), mode="drop")
+
+        return foreach_hot(negative, visit, none)
+
+    # Made from the state, so they carry its device-varying type under shard_map.
+    none = jnp.full_like(state["floor"], -1)
+    top_neg = jax.lax.cond(negative.any(), negative_top, lambda _: none, None)
+    new_base = jnp.maximum(state["base"], jnp.stack([top_neg, top_pos], 1) - (WINDOW - 1))
+    window, lost = jax.lax.cond((new_base > state["base"]).any(), _slide,
+                                lambda w, b, nb_: (w, jnp.zeros_like(state["below_pos"])),
+                                state["window"], state["base"], new_base)
+    start = {**state, "window": window, "base": new_base, "below_pos": state["below_pos"] + lost}
+
+    def visit(entries, ok, carry):
+        state, counters = carry
         values, unit, img, _, _, inside = _values(acts, entries, ch, cw)
         seen = ok[:, None, None] & inside
         finite = jnp.isfinite(values)
         bad = seen & ~finite
-        high = (quantile_k.float_keys(values) >> 16).astype(jnp.int32)
-        keep = seen & finite & (high >= state["floor"][unit][:, None, None])
-        units = jnp.broadcast_to(unit[:, None, None], values.shape)
-        fine = state["hist"].reshape(-1).at[jnp.where(keep, units * nb + high, u * nb).reshape(-1)].add(
-            1, mode="drop").reshape(u, nb)
-        coarse = state["coarse"].reshape(-1).at[jnp.where(keep, units * _COARSE + (high >> 8), u * _COARSE)
-                                                .reshape(-1)].add(1, mode="drop").reshape(u, _COARSE)
-        nonfinite = state["nonfinite"].at[jnp.where(bad, units, u).reshape(-1)].add(1, mode="drop")
-        first = state["first_bad_batch"].at[jnp.where(bad, units, u).reshape(-1)].min(
-            jnp.broadcast_to(batch_id[img][:, None, None], values.shape).reshape(-1), mode="drop")
-        return {**state, "hist": fine, "coarse": coarse, "nonfinite": nonfinite, "first_bad_batch": first}
+        keys = quantile_k.float_keys(values)
+        high = (keys >> 16).astype(jnp.int32)
+        keep = seen & finite & (high >= floor[unit][:, None, None])
+        sign = (keys >= _ZK).astype(jnp.int32)                           # 0 negative, 1 positive
+        slot = high - jnp.where(sign == 1, state["base"][unit, 1][:, None, None], state["base"][unit, 0][:, None, None])
+        nonzero = keep & (keys != _ZK)
+        inwin = nonzero & (slot >= 0) & (slot < nb)
+        units = unit[:, None, None]
+        win = state["window"].reshape(-1).at[jnp.where(inwin, (units * 2 + sign) * nb + slot, u * 2 * nb)
+                                             .reshape(-1)].add(1, mode="drop").reshape(u, 2, nb)
+        # Per-unit counters, summed per cell first (one small scatter): pixels visited, exact zeros,
+        # positive values below the positive window, NaN/Inf.
+        per_cell = jnp.stack([seen, keep & (keys == _ZK), nonzero & (slot < 0) & (sign == 1), bad], -1)
+        counters = counters.at[jnp.where(ok, unit, u)].add(per_cell.sum((1, 2), dtype=jnp.int32), mode="drop")
+        first = state["first_bad_batch"].at[jnp.where(ok & bad.any((1, 2)), unit, u)].min(batch_id[img], mode="drop")
+        return {**state, "window": win, "first_bad_batch": first}, counters
 
-    new = _foreach_hot(hot, visit, state)
-    count = state["count"] + valid.sum(dtype=jnp.int32) * pixels - (new["nonfinite"] - state["nonfinite"])
-    new = {**new, "count": count}
+    new, counters = foreach_hot(hot, visit, (start, jnp.zeros_like(state["window"][:, 0, :4])))
+    visited, zeros, below, bad = (counters[:, i] for i in range(4))
+    # With the floor at or below +0.0 every cell but the all-zero ones is hot: their pixels are the rest.
+    seen = valid.sum(dtype=jnp.int32) * pixels
+    bulk = jnp.where(floor <= _ZERO_BUCKET, seen - visited, 0)
+    new = {**new, "count": state["count"] + seen - bad, "zeros": new["zeros"] + zeros + bulk,
+           "below_pos": new["below_pos"] + below, "nonfinite": state["nonfinite"] + bad}
     return {**new, "floor": _new_floor(new)}
 
 
@@ -261,31 +387,34 @@ def pass1_update(state, acts, valid, batch_id, ch, cw):
 
 
 def pass2_update(state, acts, valid, ch, cw):
-    """Pass-2 low-bit histograms, upsampling only cells that can reach the selected buckets."""
+    """Pass-2 state (:func:`jaxdissect.kernels.quantile.low_init`) after one batch, upsampling only the
+    cells that can reach a unit's selected range, for the units that need pass 2 at all."""
     u = acts.shape[-1]
     acts = jnp.asarray(acts, jnp.float32)
     valid = jnp.asarray(valid, bool)
-    first = jnp.minimum(state["bucket"][:, 0], state["bucket"][:, 1])
-    cut = jnp.where(first >= _FIRST_FINITE, _bucket_floats(first), -jnp.inf)
-    hot = _hot(cell_bounds(acts, ch, cw), cut, valid)
-    nb = quantile_k.NUM_BUCKETS
+    lo, hi, need = state["lo"], state["hi"], state["need"]
+    cut = jnp.where(need, _key_floats(lo), jnp.inf)
+    hot = _hot(cell_bounds(acts, ch, cw), cut, valid) & ~_zero_cells(acts, ch, cw) & need
 
-    def visit(entries, ok, state):
+    def visit(entries, ok, carry):
+        state, visited = carry
         values, unit, _, _, _, inside = _values(acts, entries, ch, cw)
-        keys = quantile_k.float_keys(values)
-        high = (keys >> 16).astype(jnp.int32)
-        low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
-        b0 = state["bucket"][unit, 0][:, None, None]
-        b1 = state["bucket"][unit, 1][:, None, None]
-        # As quantile.low_update: slot 1 only when the second bucket differs from the first.
-        second = (high == b1) & (b1 != b0)
-        keep = ok[:, None, None] & inside & jnp.isfinite(values) & ((high == b0) | second)
-        slot = unit[:, None, None] * 2 * nb + low + jnp.where(second, nb, 0)
-        hist = state["hist"].reshape(-1).at[jnp.where(keep, slot, u * 2 * nb).reshape(-1)].add(
-            1, mode="drop").reshape(u, 2, nb)
-        return {"bucket": state["bucket"], "hist": hist}
+        seen = ok[:, None, None] & inside
+        visited = visited.at[jnp.where(ok, unit, u)].add(seen.sum((1, 2), dtype=jnp.int32), mode="drop")
+        return quantile_k.low_fold(state, quantile_k.float_keys(values), unit, seen & jnp.isfinite(values)), visited
 
-    return _foreach_hot(hot, visit, state)
+    state, visited = foreach_hot(hot, visit, (state, jnp.zeros_like(state["row"])))
+    # A unit whose cut is at most +0.0 had every cell visited but the all-zero ones: +0.0 (key ZERO_KEY,
+    # low bits 0) that many times.
+    zk = _ZK
+    zeros = jnp.where(need & (lo <= zk), valid.sum(dtype=jnp.int32) * _pixels(ch, cw) - visited, 0)
+    some = zeros > 0
+    z_in = some & (lo <= zk) & (zk <= hi)
+    rows = state["hist"].shape[0]
+    hist = state["hist"].at[jnp.where(z_in & (state["row"] >= 0), state["row"], rows), 0].add(
+        zeros.astype(state["hist"].dtype), mode="drop")
+    return {**state, "hist": hist, "min_in": jnp.where(z_in, jnp.minimum(state["min_in"], zk), state["min_in"]),
+            "min_above": jnp.where(some & (zk > hi), jnp.minimum(state["min_above"], zk), state["min_above"])}
 
 
 # --------------------------------------------------------------------------
@@ -326,7 +455,7 @@ def pass3_update(counts, acts, thresholds, seg, valid, batch_id, image_labels, u
         # Zeros made from the state, so they carry its device-varying type under shard_map.
         start = (jnp.pad(jnp.zeros_like(counts["intersection"]), ((0, 0), (0, 1))).reshape(-1),
                  jnp.zeros_like(counts["active"]))
-        inter, act_n = _foreach_hot(hot, visit, start)
+        inter, act_n = foreach_hot(hot, visit, start)
         inter = inter.reshape(u, cols)
         label_pixels = jnp.zeros((cols,), jnp.int32)
         for j in range(chans.shape[1]):

@@ -63,30 +63,48 @@ def _normalize(words):
     return words
 
 
-def exact_sum_words(values, mask):
-    """Exact per-column sums of ``values [P, U]`` where ``mask``, as unnormalised words ``[U, WORDS]``."""
-    p, u = values.shape
-    if p > _MAX_VALUES_PER_UPDATE:
-        raise ValueError(f"exact sums take at most {_MAX_VALUES_PER_UPDATE} values per unit and update, got {p}; "
-                         "use smaller batches")
+def _pieces(values, mask):
+    """Each value as its word index ``[...]`` and four signed 8-bit pieces ``[..., 4]`` (value = sum of
+    ``piece_i * 256**(word + i) * 2**-149``); masked and non-finite values get zero pieces."""
     bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
     exponent = ((bits >> 23) & 0xFF).astype(jnp.int32)
     mantissa = (bits & 0x7FFFFF) | jnp.where(exponent > 0, jnp.uint32(1 << 23), jnp.uint32(0))
     shift = jnp.maximum(exponent - 1, 0)  # value = mantissa * 2**(shift - 149)
-    word = shift >> 3
     shifted = mantissa << (shift & 7).astype(jnp.uint32)  # < 2**31
-    sign = jnp.where((bits >> 31) == 1, -1, 1)
-    ok = mask & (exponent < 255)
-    rows = jnp.arange(u, dtype=jnp.int32) * WORDS
-    # One scatter adds each value's four 8-bit pieces to its four consecutive words (a window of 4);
-    # a skipped value's window starts past the end and is dropped.
+    sign = jnp.where((bits >> 31) == 1, -1, 1) * (mask & (exponent < 255))
     pieces = jnp.stack([((shifted >> (8 * i)) & 0xFF).astype(jnp.int32) * sign for i in range(4)], -1)
-    index = jnp.where(ok, rows + word, u * WORDS)
+    return shift >> 3, pieces
+
+
+def exact_sum_words(values, mask, words=None):
+    """Exact per-column sums of ``values [P, U]`` where ``mask``, as unnormalised words ``[U, WORDS]``
+    (added to ``words`` when given).
+
+    Only the nonzero values are visited (found with
+    :func:`jaxdissect.kernels.sparse.foreach_hot`): a post-ReLU map or a
+    sparse code is mostly zeros, and a scatter costs far more per value than
+    finding them.
+    """
+    from jaxdissect.kernels.sparse import foreach_hot
+
+    p, u = values.shape
+    if p > _MAX_VALUES_PER_UPDATE:
+        raise ValueError(f"exact sums take at most {_MAX_VALUES_PER_UPDATE} values per unit and update, got {p}; "
+                         "use smaller batches")
+    values = values.astype(jnp.float32)
+    flat = values.reshape(-1)
+    rows = jnp.arange(u, dtype=jnp.int32) * WORDS
     dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(),
                                            scatter_dims_to_operand_dims=(0,))
-    flat = jax.lax.scatter_add(jnp.zeros(u * WORDS, jnp.int32), index.reshape(-1, 1), pieces.reshape(-1, 4), dims,
-                               mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
-    return flat.reshape(u, WORDS)
+
+    def visit(entries, ok, words):
+        word, pieces = _pieces(flat[entries], ok)
+        # One scatter adds each value's four 8-bit pieces to its four consecutive words (a window of 4).
+        return jax.lax.scatter_add(words, (rows[entries % u] + word).reshape(-1, 1), pieces, dims,
+                                   mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+    start = jnp.zeros(u * WORDS, jnp.int32) if words is None else words.reshape(-1)
+    return foreach_hot((values != 0) & mask, visit, start).reshape(u, WORDS)
 
 
 def update(state: dict, acts, valid=None, index=None) -> dict:
@@ -105,7 +123,7 @@ def update(state: dict, acts, valid=None, index=None) -> dict:
                                   jnp.concatenate([state["top_index"], idx], 1), k)
     flat = acts.reshape(b * h * w, u)
     pixel_valid = jnp.repeat(valid, h * w)[:, None]
-    words = _normalize(state["sum_words"] + exact_sum_words(flat, pixel_valid))
+    words = _normalize(exact_sum_words(flat, pixel_valid, state["sum_words"]))
     finite_max = jnp.where(pixel_valid & jnp.isfinite(flat), flat, -jnp.inf).max(0)
     return {
         "top_values": top_values,

@@ -20,7 +20,7 @@ from test_dissect_pipeline import SIZE, Planted, PlantedScenes
 
 import jaxdissect.pipelines.dissect as pipeline
 import jaxdissect.segmentation
-from jaxdissect import segcache
+from jaxdissect.segmentation import cache as segcache
 from jaxdissect.pipelines.dissect import dissect
 
 N, BATCH = 24, 8

@@ -3,7 +3,7 @@
 Random-weight checkpoints in the published key layout are converted with
 ``converters.segmenter``; the reference runs the PyTorch modules on the same
 images, then merges their outputs the way the original ``segment_batch`` does
-(written here from the spec, independently of ``jaxdissect.segmenters.labels``).
+(written here from the spec, independently of ``jaxdissect.segmentation.labels``).
 The integer label maps must be identical.
 """
 
@@ -204,7 +204,7 @@ class _Scenes:
 def test_dissection_traces_the_segmenter_once(models, monkeypatch):
     """Setting up a dissection traces the segmenter at the run's batch shape and placement; the first batch
     reuses that trace (tracing the network again cost about 1 s for the full-size UPP segmenter)."""
-    import jaxdissect.segmentation as S
+    import jaxdissect.segmentation.segmenter as S
     from jaxdissect.models.small_cnn import SmallCNN
     from jaxdissect.pipelines.dissect import dissect
     from test_launch_dissect import numpy_init

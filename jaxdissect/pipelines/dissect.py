@@ -34,7 +34,7 @@ per image (the log says whether the cache is used).
 With ``segmentation_cache`` (a directory; the launchers use the per-user
 cache), the segmenter's label maps are kept on disk and shared by every later
 dissection of the same data: dissecting another model or other layers reads
-them and does not run the segmenter (``jaxdissect.segcache``). The entry is
+them and does not run the segmenter (``jaxdissect.segmentation.cache``). The entry is
 keyed by the data's fingerprint, the segmenter's digest (class, variables,
 labels, settings), the image and label-map sizes, a digest of item 0's
 display image (another resize or crop of the same files is another entry)
@@ -76,7 +76,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxdissect import parallel, segcache, streaming
+from jaxdissect import parallel, streaming
+from jaxdissect.segmentation import cache as segcache
 from jaxdissect.data import loader
 from jaxdissect.kernels import upsample as upsample_k
 from jaxdissect.errors import JaxDissectError
@@ -1033,7 +1034,7 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         label 0), the summary (per-layer medians) and ``index.html``.
       segmentation_cache: a directory (e.g. the per-user cache) where the label
         maps of a ``(segmenter, variables)`` segmentation are kept on disk and
-        shared by every later dissection of the same data (``jaxdissect.segcache``):
+        shared by every later dissection of the same data (``jaxdissect.segmentation.cache``):
         a batch whose items are all there is not segmented again. None (the
         default): no disk cache. Results are identical either way.
       segmentation_cache_mb: size budget of ``segmentation_cache`` in MiB

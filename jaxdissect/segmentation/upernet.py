@@ -1,7 +1,7 @@
 """Unified Perceptual Parsing segmenter (Xiao et al. 2018): deep-stem ResNet-50 + UPerNet, in Flax.
 
 ``UnifiedParsing(...).apply(variables, x, seg_size)`` maps preprocessed images
-(:func:`jaxdissect.segmenters.preprocess.upp_preprocess`) to per-pixel logits
+(:func:`jaxdissect.segmentation.preprocess.upp_preprocess`) to per-pixel logits
 for objects, materials and object parts, bilinearly resized to ``seg_size``,
 plus per-image scene logits. Probabilities and label maps are left to the
 caller (softmax over objects and materials, softmax within each part group).
@@ -16,9 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdissect.segmenters.preprocess import resize_bilinear
-from jaxdissect.segmenters.prroi import prroi_pool
-from jaxdissect.segmenters.resnet import ConvBN, ResNet50, conv
+from jaxdissect.segmentation.preprocess import resize_bilinear
+from jaxdissect.segmentation.prroi import prroi_pool
+from jaxdissect.segmentation.resnet import ConvBN, ResNet50, conv
 
 Dtype = Any
 POOL_SCALES = (1, 2, 3, 6)
@@ -115,7 +115,7 @@ class UPerNet(nn.Module):
 class UnifiedParsing(nn.Module):
     """The UPP segmenter: ``__call__(x, seg_size)`` -> logits resized to ``seg_size`` (float32).
 
-    ``x``: :func:`~jaxdissect.segmenters.preprocess.upp_preprocess` output (NHWC,
+    ``x``: :func:`~jaxdissect.segmentation.preprocess.upp_preprocess` output (NHWC,
     BGR, mean-subtracted, 0..255 scale, normally 256x256); ``seg_size``: static
     ``(h, w)``. Returns ``'object' [N, h, w, n_object]``, ``'material' [N, h, w,
     n_material]``, ``'part' [N, h, w, sum(part_sizes)]`` (consecutive groups,

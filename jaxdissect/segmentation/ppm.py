@@ -1,7 +1,7 @@
 """Colour segmenter: dilated ResNet-18 + pyramid pooling ("ppm_deepsup" head), in Flax.
 
 ``ColorSegmenter(n_labels).apply(variables, x, seg_size)`` maps preprocessed
-images (:func:`jaxdissect.segmenters.preprocess.color_preprocess`) to logits
+images (:func:`jaxdissect.segmentation.preprocess.color_preprocess`) to logits
 ``[N, h, w, n_labels]`` bilinearly resized to ``seg_size``. The deep-supervision
 branch of the original decoder (``cbr_deepsup``, ``conv_last_deepsup``) only
 serves training and is not built. Submodule names mirror the original keys.
@@ -14,8 +14,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdissect.segmenters.preprocess import adaptive_avg_pool, resize_bilinear
-from jaxdissect.segmenters.resnet import DilatedResNet18, batchnorm, conv
+from jaxdissect.segmentation.preprocess import adaptive_avg_pool, resize_bilinear
+from jaxdissect.segmentation.resnet import DilatedResNet18, batchnorm, conv
 
 Dtype = Any
 POOL_SCALES = (1, 2, 3, 6)
@@ -75,7 +75,7 @@ class PPMDeepSup(nn.Module):
 class ColorSegmenter(nn.Module):
     """Colour segmenter: ``__call__(x, seg_size)`` -> float32 logits ``[N, h, w, n_labels]``.
 
-    ``x``: :func:`~jaxdissect.segmenters.preprocess.color_preprocess` output
+    ``x``: :func:`~jaxdissect.segmentation.preprocess.color_preprocess` output
     (NHWC); ``seg_size``: static ``(h, w)``; PyTorch bilinear resizing with
     ``align_corners=False``. Softmax (per category) is left to the caller.
     """

@@ -211,6 +211,15 @@ def test_models_reject_bad_images():
         jax.eval_shape(OldResNet152().init, jax.random.PRNGKey(0), np.zeros((224, 224, 3), np.float32))
 
 
+def test_dilated_stages_are_basic_block_stages():
+    """The segmenters' dilation is that of basic-block stages; a dilated bottleneck stage is refused, not built undilated."""
+    from jaxdissect.models.resnet import Stage
+
+    with pytest.raises(ValueError, match="dilated stages are made of basic blocks"):
+        jax.eval_shape(Stage("bottleneck", 1, 8, 1, dilation=2).init, jax.random.PRNGKey(0),
+                       np.zeros((1, 8, 8, 3), np.float32))
+
+
 def test_alexnet_upsample_geometry_is_the_pool5_grid():
     """The recorded receptive field is the spec's: scale 32, offset 33 at 227 pixels (dissect-spec.md 2.2)."""
     from jaxdissect.kernels.upsample import conv_output_size, receptive_field

@@ -14,8 +14,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdissect.models.blocks import Conv, batch_norm
+from jaxdissect.models.resnet import DilatedResNet18
 from jaxdissect.segmentation.preprocess import adaptive_avg_pool, resize_bilinear
-from jaxdissect.segmentation.resnet import DilatedResNet18, batchnorm, conv
 
 Dtype = Any
 POOL_SCALES = (1, 2, 3, 6)
@@ -31,7 +32,7 @@ class PoolConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = adaptive_avg_pool(x, self.scale)
-        x = batchnorm(self.dtype, "2")(conv(PPM_DIM, 1, dtype=self.dtype, name="1")(x))
+        x = batch_norm("2", self.dtype)(Conv(PPM_DIM, 1, use_bias=False, dtype=self.dtype, name="1")(x))
         return nn.relu(x)
 
 
@@ -55,8 +56,8 @@ class ConvLast(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(batchnorm(self.dtype, "1")(conv(PPM_DIM, 3, dtype=self.dtype, name="0")(x)))
-        return conv(self.n_labels, 1, bias=True, dtype=self.dtype, name="4")(x)
+        x = nn.relu(batch_norm("1", self.dtype)(Conv(PPM_DIM, 3, 1, 1, use_bias=False, dtype=self.dtype, name="0")(x)))
+        return Conv(self.n_labels, 1, dtype=self.dtype, name="4")(x)
 
 
 class PPMDeepSup(nn.Module):

@@ -16,9 +16,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdissect.models.blocks import Conv, ConvBN
+from jaxdissect.models.resnet import DeepStemResNet50
 from jaxdissect.segmentation.preprocess import resize_bilinear
 from jaxdissect.segmentation.prroi import prroi_pool
-from jaxdissect.segmentation.resnet import ConvBN, ResNet50, conv
 
 Dtype = Any
 POOL_SCALES = (1, 2, 3, 6)
@@ -68,7 +69,7 @@ class Head(nn.Module):
         x = ConvBN(FPN_DIM, 3, dtype=self.dtype, name="0")(x)
         if self.global_pool:
             x = jnp.mean(x, axis=(1, 2), keepdims=True)
-        return conv(self.classes, 1, bias=True, dtype=self.dtype, name="2" if self.global_pool else "1")(x)
+        return Conv(self.classes, 1, dtype=self.dtype, name="2" if self.global_pool else "1")(x)
 
 
 class UPerNet(nn.Module):
@@ -133,7 +134,7 @@ class UnifiedParsing(nn.Module):
 
     @nn.compact
     def __call__(self, x, seg_size):
-        features = ResNet50(dtype=self.dtype, name="encoder")(x)
+        features = DeepStemResNet50(dtype=self.dtype, name="encoder")(x)
         out = UPerNet(self.n_object, self.n_material, self.n_scene, int(sum(self.part_sizes)),
                       dtype=self.dtype, name="decoder")(features)
         result = {k: resize_bilinear(out[k], tuple(seg_size)).astype(jnp.float32)

@@ -203,7 +203,7 @@ def test_experiment_outputs_and_resumes(tmp_path, monkeypatch):
               "pra_val_single_units.npz", "pra_train_single_units.npz", "pra_val_classunits_n5.npz"):
         assert os.path.getsize(tmp_path / "w" / f) > 0, f
     # A second run recomputes nothing.
-    monkeypatch.setattr(ci, "_evaluate", lambda *a, **k: pytest.fail("recomputed a cached piece"))
+    monkeypatch.setattr(ci, "evaluate_counts", lambda *a, **k: pytest.fail("recomputed a cached piece"))
     again = ci.classifier_ablation_experiment(model, variables, "feat", val, train, str(tmp_path / "w"), **kwargs)
     assert again == summary
 

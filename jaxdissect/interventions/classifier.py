@@ -334,7 +334,7 @@ def _pad_chunks(a: np.ndarray, chunk: int) -> tuple[np.ndarray, int]:
     return a.reshape((total // chunk, chunk) + a.shape[1:]), n
 
 
-def _evaluate(
+def evaluate_counts(
     module,
     variables,
     layer: str,
@@ -453,13 +453,20 @@ def _atomic_savez(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def clean_counts(counts: dict) -> dict:
+    """The clean model's counts ``[C]`` of an :func:`evaluate_counts` pass, as :func:`perclass_metrics` takes them."""
+    return {"total": counts["total"], "true": counts["true"], "pred": counts["clean_pred"],
+            "correct": counts["clean_correct"]}
+
+
+def set_counts(counts: dict) -> dict:
+    """The unit sets' counts ``[E, C]`` of an :func:`evaluate_counts` pass, as :func:`perclass_metrics` takes them."""
+    return {"total": counts["total"], "true": counts["true"], "pred": counts["pred"], "correct": counts["correct"]}
+
+
 def _with_metrics(counts: dict, which: str) -> dict:
     """Counts + metrics for the clean model (``which='clean'``) or the unit sets (``'sets'``)."""
-    if which == "clean":
-        c = {"total": counts["total"], "true": counts["true"], "pred": counts["clean_pred"],
-             "correct": counts["clean_correct"]}
-    else:
-        c = {"total": counts["total"], "true": counts["true"], "pred": counts["pred"], "correct": counts["correct"]}
+    c = clean_counts(counts) if which == "clean" else set_counts(counts)
     return {**c, **perclass_metrics(c)}
 
 
@@ -477,8 +484,8 @@ def perclass_accuracy(module, variables, data, *, batch_size: int = 32, num_item
     """
     source = as_source(data)
     layer = _any_layer(module, variables, source, apply_kwargs)
-    counts = _evaluate(module, variables, layer, source, batch_size=batch_size, num_items=num_items,
-                       apply_kwargs=apply_kwargs)
+    counts = evaluate_counts(module, variables, layer, source, batch_size=batch_size, num_items=num_items,
+                             apply_kwargs=apply_kwargs)
     return _with_metrics(counts, "clean")
 
 
@@ -498,8 +505,8 @@ def ablate_units(module, variables, layer: str, units, data, *, batch_size: int 
     :func:`perclass_accuracy`, plus ``baseline`` (the clean model's, from the
     same pass).
     """
-    counts = _evaluate(module, variables, layer, data, masks=[units], batch_size=batch_size,
-                       num_items=num_items, apply_kwargs=apply_kwargs)
+    counts = evaluate_counts(module, variables, layer, data, masks=[units], batch_size=batch_size,
+                             num_items=num_items, apply_kwargs=apply_kwargs)
     result = {k: v[0] if isinstance(v, np.ndarray) and v.ndim == 2 else v
               for k, v in _with_metrics(counts, "sets").items()}
     result["baseline"] = _with_metrics(counts, "clean")
@@ -515,9 +522,9 @@ def ablation_sweep(module, variables, layer: str, unit_sets, data, *, batch_size
     ``sets`` holds counts and metrics ``[E, C]``; ``baseline`` those of the
     clean model ``[C]``.
     """
-    counts = _evaluate(module, variables, layer, data, masks=unit_sets, batch_size=batch_size,
-                       num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                       progress=progress, apply_kwargs=apply_kwargs)
+    counts = evaluate_counts(module, variables, layer, data, masks=unit_sets, batch_size=batch_size,
+                             num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                             progress=progress, apply_kwargs=apply_kwargs)
     return _with_metrics(counts, "clean"), _with_metrics(counts, "sets")
 
 
@@ -539,9 +546,9 @@ def single_unit_sweep(module, variables, layer: str, data, *, units=None, method
     units = np.asarray(units)
     if units.size == 0:
         raise InterventionError("units is empty; give at least one unit (default: every unit of the layer)")
-    counts = _evaluate(module, variables, layer, data, single_units=units, method=method, batch_size=batch_size,
-                       num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                       progress=progress, apply_kwargs=apply_kwargs)
+    counts = evaluate_counts(module, variables, layer, data, single_units=units, method=method, batch_size=batch_size,
+                             num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                             progress=progress, apply_kwargs=apply_kwargs)
     return _with_metrics(counts, "clean"), _with_metrics(counts, "sets")
 
 
@@ -680,8 +687,8 @@ def classifier_ablation_experiment(
         return (lambda b, n: progress(name, b, n)) if progress else None
 
     def singles(source, items, name):
-        return lambda ck: _evaluate(module, variables, layer, source, single_units=np.arange(num_units),
-                                    method=method, num_items=items, checkpoint=ck, progress=prog(name), **common)
+        return lambda ck: evaluate_counts(module, variables, layer, source, single_units=np.arange(num_units),
+                                          method=method, num_items=items, checkpoint=ck, progress=prog(name), **common)
 
     x = np.zeros((1,) + np.asarray(val.get_batch([0])["image"]).shape[1:], np.float32)
     shape = layer_api.layer_shapes(module, variables, x, **apply_kwargs).get(layer)
@@ -703,18 +710,18 @@ def classifier_ablation_experiment(
     if not class_names:
         class_names = [str(i) for i in range(num_classes)]
 
-    train_ba = perclass_metrics(_sets(train_single))["balanced_accuracy"]
+    train_ba = perclass_metrics(set_counts(train_single))["balanced_accuracy"]
     order = rank_units(train_ba)
-    val_base = perclass_metrics(_clean(val_single))
-    train_base = perclass_metrics(_clean(train_single))
+    val_base = perclass_metrics(clean_counts(val_single))
+    train_base = perclass_metrics(clean_counts(train_single))
 
     per_n = {}
     for n in sizes:
         ablate, keep = class_unit_masks(order, n)
-        res = piece(f"pra_val_classunits_n{n}", lambda ck, a=ablate, k=keep, n=n: _evaluate(
+        res = piece(f"pra_val_classunits_n{n}", lambda ck, a=ablate, k=keep, n=n: evaluate_counts(
             module, variables, layer, val, masks=np.concatenate([a, k]), num_items=val_items, checkpoint=ck,
             progress=prog(f"val top-{n} sets"), **common))
-        ba = perclass_metrics(_sets(res))["balanced_accuracy"]  # [2C, C]
+        ba = perclass_metrics(set_counts(res))["balanced_accuracy"]  # [2C, C]
         idx = np.arange(num_classes)
         per_n[n] = {"ablate": ba[idx, idx], "keep": ba[num_classes + idx, idx]}
 
@@ -724,10 +731,10 @@ def classifier_ablation_experiment(
         top = np.zeros((len(ns), num_units), bool)
         for i, n in enumerate(ns):
             top[i, order[c, :n]] = True
-        res = piece(f"pra_val_class_{_safe(name)}_all_n", lambda ck, t=top, name=name: _evaluate(
+        res = piece(f"pra_val_class_{_safe(name)}_all_n", lambda ck, t=top, name=name: evaluate_counts(
             module, variables, layer, val, masks=np.concatenate([t, ~t]), num_items=val_items, checkpoint=ck,
             progress=prog(f"val {name} n=1..{num_units - 1}"), **common))
-        ba = perclass_metrics(_sets(res))["balanced_accuracy"][:, c]
+        ba = perclass_metrics(set_counts(res))["balanced_accuracy"][:, c]
         full_curves[name] = {"ablate": ba[: len(ns)], "keep": ba[len(ns):]}
 
     importance = unit_importance(order)
@@ -736,7 +743,7 @@ def classifier_ablation_experiment(
         iou, labels = read_unit_iou(iou_path, num_units)
     buckets = importance_buckets(importance, iou)
 
-    val_single_ba = perclass_metrics(_sets(val_single))["balanced_accuracy"]
+    val_single_ba = perclass_metrics(set_counts(val_single))["balanced_accuracy"]
     summary = {
         "layer": layer,
         "num_units": num_units,
@@ -795,15 +802,6 @@ def _safe(name: str) -> str:
 def _f(v) -> float | None:
     v = float(v)
     return None if math.isnan(v) else v
-
-
-def _clean(counts: dict) -> dict:
-    return {"total": counts["total"], "true": counts["true"], "pred": counts["clean_pred"],
-            "correct": counts["clean_correct"]}
-
-
-def _sets(counts: dict) -> dict:
-    return {"total": counts["total"], "true": counts["true"], "pred": counts["pred"], "correct": counts["correct"]}
 
 
 def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[str], plot_class: int,

@@ -102,7 +102,7 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
         overwrite: bool = False) -> dict:
     """Load the model and data, run the experiment, print the headline numbers, return the summary."""
     from jaxdissect.checkpoint import load_metadata, load_model
-    from jaxdissect.interventions import classifier as ci
+    from jaxdissect.pipelines.ablate_classifier import classifier_ablation_experiment
 
     try:
         sizes = [int(s) for s in sizes]
@@ -144,7 +144,7 @@ def run(model: str, data: str, train_data: str, output_dir: str, *, layer: str =
         if b == n:
             bars.pop(what).close()
 
-    summary = ci.classifier_ablation_experiment(
+    summary = classifier_ablation_experiment(
         module, variables, layer, val, train, output_dir, class_names=classes, sizes=sizes,
         plot_class=plot_class, full_classes=full_classes, iou_path=iou, batch_size=batch_size,
         val_items=num_images, train_items=train_images, method=method, progress=progress)

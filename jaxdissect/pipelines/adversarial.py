@@ -12,7 +12,7 @@ and after; the change ``|peak(adv) - peak(orig)|`` is grouped as
 * **other**: every unit in neither group,
 
 importance being the classifier ablation experiment's ranking on train
-(``results.npz`` ``order`` of ``jaxdissect.interventions.classifier``,
+(``results.npz`` ``order`` of ``jaxdissect.pipelines.ablate_classifier``,
 written by ``python -m launch.ablate_classifier``). Only successful attacks
 count. Per image the mean change of each group is taken; the bar chart shows
 their mean over images with a 99% interval (2.58 standard errors).

@@ -110,6 +110,7 @@ def main(argv):
     from jaxdissect.editing.adaptation import PROGGAN_ADAPT_LAYERS
     from jaxdissect.models import toy_generator as T
     from jaxdissect.pipelines import edit_photo as pipeline
+    from jaxdissect.pipelines.toy import dissect_toy
 
     toy = FLAGS.model is None
     if toy:
@@ -125,7 +126,7 @@ def main(argv):
         name = "ganpaint-toy-dissection" if FLAGS.layer == T.EDIT_LAYER else f"toy-dissection-{FLAGS.layer}"
         dissection = os.path.join(common.cache_dir(FLAGS.cache_dir), name)  # shared with launch.ganpaint's toy
         if not os.path.exists(os.path.join(dissection, FLAGS.layer, "arrays.npz")):
-            T.dissect_toy(dissection, FLAGS.layer)
+            dissect_toy(dissection, FLAGS.layer)
     brushes = Brushes.from_dissection(dissection, FLAGS.layer)
     strength = FLAGS.strength or ("4" if toy else "15")
     strength = int(strength) if strength.isdigit() else strength

@@ -36,8 +36,9 @@ def toy_dissection(cache_dir: str | None = None) -> str:
     directory = os.path.join(cache_dir or default_cache_dir(), "ganpaint-toy-dissection")
     if not os.path.exists(os.path.join(directory, toy.EDIT_LAYER, "arrays.npz")):
         from jaxdissect import progress
+        from jaxdissect.pipelines.toy import dissect_toy
 
-        toy.dissect_toy(directory, toy.EDIT_LAYER, progress=progress.enabled())
+        dissect_toy(directory, toy.EDIT_LAYER, progress=progress.enabled())
     return directory
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxdissect.editing import Brushes, EditError, Stroke, adapt, apply_strokes, invert
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.preprocess import zc_to_uint8
 
 
 class PhotoEditError(JaxDissectError, ValueError):
@@ -47,15 +48,10 @@ def load_photo(path: str, size: int) -> np.ndarray:
     return (np.asarray(img, np.float32) / 127.5 - 1.0)[None]
 
 
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] -> uint8 (the corrected rendering ``(x + 1) / 2``)."""
-    return np.clip((np.asarray(images) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
 def save_png(path: str, image) -> None:
     from PIL import Image
 
-    Image.fromarray(to_uint8(image)).save(path)
+    Image.fromarray(zc_to_uint8(image)).save(path)
 
 
 def parse_stroke(spec: str, size: int, *, erase: bool, strength) -> Stroke:
@@ -137,4 +133,4 @@ def edit_photo(generator, variables, photo: np.ndarray, strokes: Sequence[Stroke
     return summary
 
 
-__all__ = ["PhotoEditError", "EditError", "edit_photo", "load_photo", "parse_stroke", "save_png", "to_uint8"]
+__all__ = ["PhotoEditError", "EditError", "edit_photo", "load_photo", "parse_stroke", "save_png"]

@@ -31,6 +31,7 @@ from absl import logging
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import generator as gi
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.preprocess import zc_to_uint8
 
 CI99 = 2.58
 
@@ -86,11 +87,6 @@ def unit_quantile(module, variables, layer: str, z: np.ndarray, level: float, re
     for b in batches:
         low_state = low(low_state, variables, b)
     return np.asarray(qk.finish(selection, jax.device_get(low_state)))
-
-
-def render(images) -> np.ndarray:
-    """Generator output in [-1, 1] -> uint8 RGB (the corrected rendering, spec 2.6)."""
-    return np.clip((np.asarray(images, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
 def image_grid(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
@@ -173,7 +169,7 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
     rows = []
     for n in shown:
         edits = {layer: layer_api.Ablate(order[:n])} if n else {}
-        rows.append(render(layer_api.run(module, variables, zs, edits=edits)))
+        rows.append(zc_to_uint8(layer_api.run(module, variables, zs, edits=edits)))
     _save_png(os.path.join(output_dir, f"remove_{concept}_grid.png"), image_grid(rows))
     summary["grid_rows"] = shown
     return summary
@@ -218,14 +214,14 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
     zs = jnp.asarray(z[:grid_samples])
     _, acts = layer_api.capture(module, variables, zs, [layer])
     h, w = acts[layer].shape[1:3]
-    clean = render(module.apply(variables, zs))
+    clean = zc_to_uint8(module.apply(variables, zs))
     cell = clean.shape[1] // h
     grid_rows = [clean]
     for y, x in ((h // 2, w // 4), (h - 2, w // 2), (h // 4, 3 * w // 4)):
         region = np.zeros((h, w), np.float32)
         region[y, x] = 1
         edit = layer_api.SetUnits(units, values[units], region)
-        out = render(layer_api.run(module, variables, zs, edits={layer: edit}))
+        out = zc_to_uint8(layer_api.run(module, variables, zs, edits={layer: edit}))
         grid_rows.append(np.stack([_box(img, y * cell, x * cell, cell) for img in out]))
     _save_png(os.path.join(output_dir, f"insert_{concept}_grid.png"), image_grid(grid_rows))
     return summary

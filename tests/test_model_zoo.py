@@ -240,6 +240,7 @@ def test_dissect_all_layer_lists(model, size, spec, expected):
     """The README's dissect_all.sh commands: each --layers spec gives the original's layer list."""
     from jaxdissect.layers import layer_shapes
     from jaxdissect.models import VGG16, AlexNet, OldResNet152, ProgressiveGenerator
+    from launch import common
     from launch import dissect as launcher
 
     module = {"vgg16": VGG16(), "alexnet": AlexNet(), "resnet152": OldResNet152(),
@@ -251,7 +252,7 @@ def test_dissect_all_layer_lists(model, size, spec, expected):
     assert launcher.parse_layers(spec, dissectable) == expected
     if model == "alexnet":
         assert [shapes[n].shape[1] for n in expected] == [55, 27, 13, 13, 13]
-        assert launcher._model_kind({"preprocessing": {"crop": 227}}, module) == "classifier"
+        assert common.model_kind({"preprocessing": {"crop": 227}}, module) == "classifier"
     if model == "resnet152":
         assert [shapes[n].shape[1:] for n in expected] == [(112, 112, 64), (56, 56, 256), (28, 28, 512),
                                                            (14, 14, 1024), (7, 7, 2048)]

@@ -314,10 +314,10 @@ def _geometry(flag, metadata: dict, model_dir):
         raise LaunchError(f"--geometry=receptive_field: {model_dir or 'the demo model'} records no receptive-field "
                           "grid (model.json 'upsample', written by converters.alexnet_places365); use "
                           "--geometry=original or clamped")
-    from jaxdissect.pipelines.dissect import DissectError, _receptive_field
+    from jaxdissect.pipelines.dissect import DissectError, parse_geometry
 
     try:
-        _receptive_field(flag, recorded)
+        parse_geometry(flag, recorded)
     except DissectError as e:
         raise LaunchError(f"--model={model_dir}: model.json 'upsample' is malformed: {e}") from None
     return flag, dict(recorded)

@@ -178,7 +178,7 @@ class _Run:
         self.row0_competes, self.settings = bool(row0_competes), dict(settings or {})
         if not 0 < quantile < 1:
             raise DissectError(f"quantile must be in (0, 1), got {quantile}")
-        self.receptive_field = _receptive_field(geometry, receptive_field)
+        self.receptive_field = parse_geometry(geometry, receptive_field)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.devices = self.mesh.size
         total = len(data)
@@ -901,7 +901,7 @@ def _hash_array(a) -> str:
 GEOMETRIES = ("original", "clamped", "receptive_field")
 
 
-def _receptive_field(geometry, receptive_field) -> dict:
+def parse_geometry(geometry, receptive_field) -> dict:
     """``Plan`` keywords (``convolutions``, ``image_size``) of the geometry; empty unless receptive_field."""
     if geometry not in GEOMETRIES:
         raise DissectError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")

@@ -130,7 +130,8 @@ def transform_for(preprocessing: dict) -> Callable:
     return transform
 
 
-def _open_rgb(path: str):
+def open_rgb(path: str):
+    """The image file at ``path``, decoded (file closed) and converted to RGB (a PIL image)."""
     from PIL import Image
 
     with open(path, "rb") as f:
@@ -184,7 +185,7 @@ class ImageFolder:
     def _load(self, index: int):
         path = self.files[index]
         try:
-            return self.transform(_open_rgb(path))
+            return self.transform(open_rgb(path))
         except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing
             if self.on_error == "raise":
                 raise DataSourceError(

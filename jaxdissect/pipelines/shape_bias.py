@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect import layers as layer_api
-from jaxdissect.data.folders import DataSourceError, _open_rgb, list_image_files
+from jaxdissect.data.folders import DataSourceError, open_rgb, list_image_files
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.kernels import quantile as quantile_k
 from jaxdissect.kernels import topk as topk_k
@@ -117,7 +117,7 @@ class PairedFolders:
 
         out = {}
         for j, kind in enumerate(("original", "stylized")):
-            display = np.stack([resize_crop(_open_rgb(self.pairs[int(i)][j]), self.size) for i in indices])
+            display = np.stack([resize_crop(open_rgb(self.pairs[int(i)][j]), self.size) for i in indices])
             out[kind + "_display"] = display
             out[kind] = renormalize(display.astype(np.float32) / 255.0, "pt", self.normalization).astype(np.float32)
         out["valid"] = np.ones(len(indices), bool)

@@ -34,6 +34,7 @@ from jaxdissect.interventions.classifier import (
     unit_importance,
 )
 from jaxdissect.interventions.common import InterventionError
+from jaxdissect.plotting import pyplot, save_figure
 
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 20, 64, 128, 256)
 
@@ -219,10 +220,7 @@ def _f(v) -> float | None:
 def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[str], plot_class: int,
                  labels: Sequence[str] | None = None) -> list[str]:
     """The paper's three plots from ``results.npz`` arrays; returns the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     written = []
     sizes = arrays["sizes"]
@@ -238,7 +236,7 @@ def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[st
     ax.set_ylabel("mean balanced single-class accuracy (val)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    written.append(_savefig(fig, os.path.join(work_dir, "ice-all-classes.png")))
+    written.append(save_figure(fig, os.path.join(work_dir, "ice-all-classes.png"), dpi=100))
 
     c = plot_class
     top = arrays["order"][c, :8]
@@ -253,7 +251,7 @@ def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[st
     ax.set_title(f"Most important units for {class_names[c]}")
     ax.legend()
     fig.tight_layout()
-    written.append(_savefig(fig, os.path.join(work_dir, "ice-one-class.png")))
+    written.append(save_figure(fig, os.path.join(work_dir, "ice-one-class.png"), dpi=100))
 
     buckets = importance_buckets(arrays["importance"], arrays.get("iou"))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -265,16 +263,8 @@ def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[st
         ax2.plot(buckets["bucket"], [np.nan if v is None else v for v in buckets["mean_iou"]], "o-", color="tab:red")
         ax2.set_ylabel("mean IoU of the unit's best concept", color="tab:red")
     fig.tight_layout()
-    written.append(_savefig(fig, os.path.join(work_dir, "ice-vs-iou.png")))
+    written.append(save_figure(fig, os.path.join(work_dir, "ice-vs-iou.png"), dpi=100))
     return written
-
-
-def _savefig(fig, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _atomic_savez(path: str, **arrays) -> None:

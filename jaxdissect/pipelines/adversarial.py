@@ -41,6 +41,7 @@ from jax.tree_util import Partial
 from jaxdissect import attacks as atk
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError
+from jaxdissect.plotting import pyplot, save_figure
 from jaxdissect.preprocess import renormalize
 
 # Places365 folder names ('hangar-indoor'); the category list's 'hangar/indoor' spelling is accepted too.
@@ -332,10 +333,7 @@ def _write_json(path: str, data) -> None:
 
 def plot_groups(summary: dict, path: str) -> None:
     """Bar chart: per target class the mean peak change of the target, source and other units, 99% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary["targets"])
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.6))
@@ -354,5 +352,4 @@ def plot_groups(summary: dict, path: str) -> None:
     ax.set_title(f"Units changed by the {summary['attack'].upper()} attack (99% intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -31,6 +31,7 @@ from absl import logging
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import generator as gi
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.plotting import pyplot, save_figure
 from jaxdissect.preprocess import zc_to_uint8
 
 CI99 = 2.58
@@ -122,16 +123,11 @@ def _write_json(path: str, data) -> None:
 
 
 def _plot(path: str, draw) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     draw(ax)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def removal_experiment(module, variables, layer, segment, label_names, iou, z, *, concept, max_units,

@@ -42,6 +42,7 @@ from jaxdissect.interventions.common import InterventionError
 from jaxdissect.kernels import quantile as quantile_k
 from jaxdissect.kernels import topk as topk_k
 from jaxdissect.kernels import upsample as upsample_k
+from jaxdissect.plotting import pyplot, save_figure
 
 LEVEL = 0.99
 RESOLUTION = 64
@@ -280,10 +281,7 @@ def _strips(module, variables, layer, source, top_index, levels, directory, thum
 
 def plot_summary(summary: dict, path: str) -> None:
     """Per layer: units with shape-bias score above and at most the cutoff (the original's two graphs in one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary["layers"])
     shape = [summary["layers"][n]["shape_units"] for n in names]
@@ -298,5 +296,4 @@ def plot_summary(summary: dict, path: str) -> None:
     ax.set_title("Shape bias of units (stylized vs original images)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError, lookup
+from jaxdissect.plotting import pyplot, save_figure
 
 
 def best_threshold(positive, negative) -> tuple[float, float]:
@@ -211,11 +212,9 @@ def _write(output_dir, summary, groups, what, threshold, ba, **arrays) -> None:
 
 def plot_groups(groups: dict, path: str, what: str, threshold: float, ba: float, seed: int = 0) -> None:
     """One row per group: its KDE (scaled to the row) and its images as jittered points; the threshold line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from scipy.stats import gaussian_kde
+
+    plt = pyplot()
 
     rng = np.random.default_rng(seed)
     names = list(groups)
@@ -238,5 +237,4 @@ def plot_groups(groups: dict, path: str, what: str, threshold: float, ba: float,
     ax.set_xlabel(what)
     ax.set_title(f"best single threshold: balanced accuracy {ba:.3f}" if np.isfinite(ba) else what)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

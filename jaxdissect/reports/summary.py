@@ -13,6 +13,7 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
+from jaxdissect.plotting import pyplot, save_figure
 from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, unit_fields
 from jaxdissect.reports.report_json import dump_json
 
@@ -95,10 +96,7 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
 
 def plot_summary(path: str, rows: Sequence[Mapping], title: str = "") -> str:
     """Stacked bars per layer: unique concepts (left) and interpretable units (right) by category."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cats = [c for c in _categories(rows)
             if any(r["interpretable_by_category"].get(c, 0) for r in rows)]
@@ -128,9 +126,8 @@ def plot_summary(path: str, rows: Sequence[Mapping], title: str = "") -> str:
     tmp = path + ".tmp"
     fmt = os.path.splitext(path)[1].lstrip(".") or "svg"
     # Fixed ids and no date: the same rows give the same file, byte for byte.
-    with matplotlib.rc_context({"svg.hashsalt": "jaxdissect"}):
-        fig.savefig(tmp, format=fmt, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
-    plt.close(fig)
+    with plt.rc_context({"svg.hashsalt": "jaxdissect"}):
+        save_figure(fig, tmp, format=fmt, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
     os.replace(tmp, path)
     return path
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import classifier as ci
 from jaxdissect.interventions.classifier import (
@@ -91,7 +92,7 @@ def classifier_ablation_experiment(
                 "(the sweep now resumes through jaxdissect.streaming.run_stream); delete it to recompute")
         partial = os.path.join(work_dir, f"{name}.partial")
         result = compute(partial)
-        _atomic_savez(path, **{k: np.asarray(v) for k, v in result.items()})
+        fileio.savez(path, **{k: np.asarray(v) for k, v in result.items()})
         shutil.rmtree(partial, ignore_errors=True)
         return result
 
@@ -197,10 +198,8 @@ def classifier_ablation_experiment(
     }
     if iou is not None:
         arrays["iou"] = iou
-    _atomic_savez(os.path.join(work_dir, "results.npz"), **arrays)
-    with open(os.path.join(work_dir, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(work_dir, "summary.json.tmp"), os.path.join(work_dir, "summary.json"))
+    fileio.savez(os.path.join(work_dir, "results.npz"), **arrays)
+    fileio.write_json(os.path.join(work_dir, "summary.json"), summary)
     if plot_idx is None:
         drops = val_base["balanced_accuracy"] - per_n[sizes[0]]["ablate"]
         plot_idx = int(np.nanargmax(drops))
@@ -265,12 +264,6 @@ def plot_results(work_dir: str, arrays: dict[str, Any], class_names: Sequence[st
     fig.tight_layout()
     written.append(save_figure(fig, os.path.join(work_dir, "ice-vs-iou.png"), dpi=100))
     return written
-
-
-def _atomic_savez(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def read_unit_iou(path: str, num_units: int) -> tuple[np.ndarray, list[str] | None]:

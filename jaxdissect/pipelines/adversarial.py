@@ -39,6 +39,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdissect import attacks as atk
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.plotting import pyplot, save_figure
@@ -172,9 +173,7 @@ def select_images(model: _Model, source, targets: np.ndarray, num_images: int, b
     out = {"indices": np.where(pos >= 0, all_idx[np.maximum(pos, 0)], -1),
            "labels": np.where(pos >= 0, all_labels[np.maximum(pos, 0)], -1),
            "preds": np.where(pos >= 0, all_preds[np.maximum(pos, 0)], -1)}
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, key=np.asarray(key), **out)
-    os.replace(tmp, cache)
+    fileio.savez(cache, key=np.asarray(key), **out)
     return out
 
 
@@ -299,11 +298,9 @@ def _write_images(tdir: str, indices, preds, res: dict, examples: int) -> None:
     parts = [np.load(os.path.join(tdir, "images", f)) for f in shards]
     original = np.concatenate([p["original"] for p in parts])
     adversarial = np.concatenate([p["adversarial"] for p in parts])
-    tmp = os.path.join(tdir, "images.tmp.npz")
-    np.savez(tmp, original=original, adversarial=adversarial, index=indices, source=preds,
-             adversarial_prediction=res["adv_pred"], success=res["success"], original_peak=res["orig_peak"],
-             adversarial_peak=res["adv_peak"])
-    os.replace(tmp, os.path.join(tdir, "images.npz"))
+    fileio.savez(os.path.join(tdir, "images.npz"), original=original, adversarial=adversarial, index=indices,
+                 source=preds, adversarial_prediction=res["adv_pred"], success=res["success"],
+                 original_peak=res["orig_peak"], adversarial_peak=res["adv_peak"])
     m = min(examples, len(original))
     if m:
         from PIL import Image
@@ -326,9 +323,7 @@ def _write_json(path: str, data) -> None:
             return [clean(x) for x in v]
         return v
 
-    with open(path + ".tmp", "w") as f:
-        json.dump(clean(data), f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(path, clean(data))
 
 
 def plot_groups(summary: dict, path: str) -> None:

@@ -13,13 +13,13 @@ strokes, settings).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Sequence
 
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect.editing import Brushes, EditError, Stroke, adapt, apply_strokes, invert
 from jaxdissect.errors import JaxDissectError
 from jaxdissect.preprocess import zc_to_uint8
@@ -128,8 +128,7 @@ def edit_photo(generator, variables, photo: np.ndarray, strokes: Sequence[Stroke
         "start": "encoder" if encoder is not None else f"best of {init_samples} random latents",
         "perceptual": perceptual is not None,
     }
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    fileio.write_json(os.path.join(output_dir, "summary.json"), summary)
     return summary
 
 

@@ -20,7 +20,6 @@ continues from its last checkpoint; finished, it is restored, not recomputed.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import generator as gi
 from jaxdissect.errors import JaxDissectError
@@ -115,13 +115,6 @@ def _save_png(path: str, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _plot(path: str, draw) -> None:
 
     fig, ax = pyplot().subplots(figsize=(6, 3.5))
@@ -148,7 +141,7 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
                     for n, r, s in zip(range(1, max_units + 1), removed, sem)],
     }
     np.savez(os.path.join(output_dir, f"remove_{concept}.npz"), units=order, **stats.arrays())
-    _write_json(os.path.join(output_dir, f"remove_{concept}.json"), summary)
+    fileio.write_json(os.path.join(output_dir, f"remove_{concept}.json"), summary)
 
     def draw(ax):
         n = np.arange(0, max_units + 1)
@@ -198,7 +191,7 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
                "values": [float(v) for v in values[units]], "baseline_count": float(base),
                "min_samples": min_samples, "contexts": rows}
     np.savez(os.path.join(output_dir, f"insert_{concept}.npz"), units=units, **stats.arrays())
-    _write_json(os.path.join(output_dir, f"insert_{concept}.json"), summary)
+    fileio.write_json(os.path.join(output_dir, f"insert_{concept}.json"), summary)
 
     def draw(ax):
         top = rows[:12]
@@ -257,5 +250,5 @@ def run_experiment(module, variables, layer: str, segmenter, segmenter_variables
         summaries["insert"] = insertion_experiment(
             module, variables, layer, segment, label_names, iou, z, concept=insert, num_units=insert_units,
             values=values, batch_size=batch_size, output_dir=output_dir, min_samples=min_samples)
-    _write_json(os.path.join(output_dir, "summary.json"), summaries)
+    fileio.write_json(os.path.join(output_dir, "summary.json"), summaries)
     return summaries

@@ -16,7 +16,6 @@ and plot a KDE of each group with its images as jittered points
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError, lookup
 from jaxdissect.plotting import pyplot, save_figure
@@ -203,10 +203,8 @@ def _write(output_dir, summary, groups, what, threshold, ba, **arrays) -> None:
             return None
         return {k: clean(x) for k, x in v.items()} if isinstance(v, dict) else v
 
-    with open(os.path.join(output_dir, "unit_plot.json.tmp"), "w") as f:
-        json.dump(clean(summary), f, indent=1)
-    os.replace(os.path.join(output_dir, "unit_plot.json.tmp"), os.path.join(output_dir, "unit_plot.json"))
-    np.savez(os.path.join(output_dir, "unit_plot.npz"), **arrays)
+    fileio.write_json(os.path.join(output_dir, "unit_plot.json"), clean(summary))
+    fileio.savez(os.path.join(output_dir, "unit_plot.npz"), **arrays)
     plot_groups(groups, os.path.join(output_dir, "unit_plot.png"), what, threshold, ba)
 
 

@@ -307,10 +307,9 @@ def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, 
                     else:
                         os.remove(full)
     os.makedirs(output_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    from jaxdissect import fileio
+
+    fileio.write_json(path, config, sort_keys=True)
 
 
 # --------------------------------------------------------------------------

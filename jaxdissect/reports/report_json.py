@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Mapping, Sequence
 
+from jaxdissect import fileio
 from jaxdissect.reports.strips import strip_path
 
 
@@ -34,10 +34,7 @@ def _plain(value):
 
 def dump_json(path: str, data) -> None:
     """Write ``data`` as JSON (indent 1, non-finite floats as strings), atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_plain(data), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(_plain(data), indent=1, allow_nan=False))
 
 
 # Optional per-unit entries of ``dissect(formulas=..., permutations=...)`` (jaxdissect.explain.pipeline).

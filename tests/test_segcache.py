@@ -263,9 +263,8 @@ def test_entry_of_another_format_or_segmenter_is_not_used(models, uncached, coun
 
 
 def _faulty_save(error):
-    def save(path, data):
-        with open(path, "wb") as f:
-            f.write(b"\x93NUMPY partial")
+    def save(f, data):
+        f.write(b"\x93NUMPY partial")
         raise error
     return save
 

@@ -224,8 +224,8 @@ def _attack_target(model: _Model, source, target: int, indices: np.ndarray, work
         adv_pred = model.predict(model.variables, adv)
         pos = jnp.asarray(batch["pos"])
         real = np.asarray(batch["pos"]) < n
-        np.savez(os.path.join(shards, f"batch{batch['b']:05d}.npz"), original=batch["x"][real],
-                 adversarial=np.asarray(adv)[real])
+        fileio.savez(os.path.join(shards, f"batch{batch['b']:05d}.npz"), original=batch["x"][real],
+                     adversarial=np.asarray(adv)[real])
         return {"orig_peak": st["orig_peak"].at[pos].set(orig_peak, mode="drop"),
                 "adv_peak": st["adv_peak"].at[pos].set(adv_peak, mode="drop"),
                 "success": st["success"].at[pos].set(success, mode="drop"),

@@ -119,7 +119,7 @@ def edit_photo(generator, variables, photo: np.ndarray, strokes: Sequence[Stroke
     for img in images.values():
         row += [img, gap]
     save_png(os.path.join(output_dir, "side_by_side.png"), np.concatenate(row[:-1], axis=1))
-    np.savez(os.path.join(output_dir, "losses.npz"), inversion=inv.losses[:, 0], adaptation=ad.losses[:, 0])
+    fileio.savez(os.path.join(output_dir, "losses.npz"), inversion=inv.losses[:, 0], adaptation=ad.losses[:, 0])
     summary = {
         "inversion_psnr": float(inv.psnr[0]), "adapted_psnr": float(ad.psnr[0]),
         "strokes": [{"concept": s.concept, "erase": s.erase, "strength": s.strength,

@@ -140,7 +140,7 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
         "removed": [{"n": n, "removed_fraction": float(r), "ci99": float(CI99 * s)}
                     for n, r, s in zip(range(1, max_units + 1), removed, sem)],
     }
-    np.savez(os.path.join(output_dir, f"remove_{concept}.npz"), units=order, **stats.arrays())
+    fileio.savez(os.path.join(output_dir, f"remove_{concept}.npz"), units=order, **stats.arrays())
     fileio.write_json(os.path.join(output_dir, f"remove_{concept}.json"), summary)
 
     def draw(ax):
@@ -170,7 +170,7 @@ def single_unit_experiment(module, variables, layer, segment, num_labels, num_un
     stats = gi.ablation_segstats(module, variables, layer, [[u] for u in range(num_units)], z, segment,
                                  num_labels, batch_size=batch_size,
                                  workdir=os.path.join(output_dir, "work", "single-units"))
-    np.savez(os.path.join(output_dir, "single_units.npz"), **stats.arrays())
+    fileio.savez(os.path.join(output_dir, "single_units.npz"), **stats.arrays())
 
 
 def insertion_experiment(module, variables, layer, segment, label_names, iou, z, *, concept, num_units,
@@ -190,7 +190,7 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
     summary = {"concept": concept, "layer": layer, "units": [int(u) for u in units],
                "values": [float(v) for v in values[units]], "baseline_count": float(base),
                "min_samples": min_samples, "contexts": rows}
-    np.savez(os.path.join(output_dir, f"insert_{concept}.npz"), units=units, **stats.arrays())
+    fileio.savez(os.path.join(output_dir, f"insert_{concept}.npz"), units=units, **stats.arrays())
     fileio.write_json(os.path.join(output_dir, f"insert_{concept}.json"), summary)
 
     def draw(ax):

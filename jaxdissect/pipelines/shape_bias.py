@@ -27,7 +27,6 @@ passes are resumable (``jaxdissect.streaming.run_stream`` in ``work/``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.data.folders import DataSourceError, open_rgb, list_image_files
 from jaxdissect.interventions.common import InterventionError
@@ -223,8 +223,8 @@ def shape_bias(module, variables, layers: Sequence[str], source, output_dir: str
         top = topk_k.merge(jax.tree.map(lambda a: np.asarray(a)[None], st1[name]["top"]), hw[name][0] * hw[name][1])
         d = os.path.join(output_dir, name)
         os.makedirs(d, exist_ok=True)
-        np.savez(os.path.join(d, "shape_bias.npz"), score=score, intersection=inter, s_99=q[name]["s"],
-                 u_99=q[name]["u"], s_top_values=top["top_values"], s_top_index=top["top_index"])
+        fileio.savez(os.path.join(d, "shape_bias.npz"), score=score, intersection=inter, s_99=q[name]["s"],
+                     u_99=q[name]["u"], s_top_values=top["top_values"], s_top_index=top["top_index"])
         iou = _dissection_iou(dissection, name, units[name]) if dissection else None
         graphed = np.ones(units[name], bool) if iou is None else iou >= MIN_IOU
         summary["layers"][name] = {
@@ -235,8 +235,7 @@ def shape_bias(module, variables, layers: Sequence[str], source, output_dir: str
         }
         if strip_images:
             _strips(module, variables, name, source, top["top_index"][:, :strip_images], q[name], d, thumb)
-    with open(os.path.join(output_dir, "shape_bias.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    fileio.write_json(os.path.join(output_dir, "shape_bias.json"), summary)
     plot_summary(summary, os.path.join(output_dir, "shape_bias.png"))
     return summary
 

@@ -724,7 +724,9 @@ class _Run:
     # -- outputs -----------------------------------------------------------
     def report_units(self, name, result):
         """``report.json`` units, with the formulas and p-values of the layer when they were asked for."""
-        units = report_units(result)
+        from jaxdissect.reports import report_json
+
+        units = report_json.report_units(result)
         for u, extra in zip(units, self.explained.get(name, ())):
             u.update(extra)
         for u, entry in zip(units, self.metrics.get(name, ())):
@@ -876,12 +878,6 @@ def _update(name: str, plans: tuple, mesh):
                 for n, p in plans.items()}
 
     return parallel.per_device(update, mesh)
-
-
-def report_units(result) -> list[dict]:
-    """``report.json`` unit entries (``unit``, ``label``, ``cat``, ``iou``) of a ``DissectionResult``."""
-    return [{"unit": u["unit"], "label": u["label"], "cat": u["category"], "iou": u["iou"]}
-            for u in result.labels]
 
 
 def layer_arrays(result) -> dict[str, np.ndarray]:

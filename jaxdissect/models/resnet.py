@@ -134,6 +134,30 @@ class Stage(nn.Module):
         return x
 
 
+# Layer names of the torchvision layout and of the PNAS code's flat ResNet152-Places365, in network order:
+# stem conv, BatchNorm, ReLU, max pool, the four stages, average pool, classifier.
+TORCHVISION_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+OLD_RESNET152_NAMES = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "10")
+
+
+def classifier_resnet(x, depth: int, num_classes: int, dtype, names: tuple[str, ...]):
+    """The 7x7-stem classifier ResNet with layers named ``names``.
+
+    Called inside a module's compact ``__call__``, so the layers are that module's children.
+    """
+    kind, sizes = DEPTHS[depth]
+    conv, bn, relu, pool, *stages, avgpool, fc = names
+    x = jnp.asarray(x).astype(dtype)
+    x = Conv(64, 7, 2, 3, use_bias=False, dtype=dtype, name=conv)(x)
+    x = batch_norm(bn, dtype)(x)
+    x = ReLU(name=relu)(x)
+    x = MaxPool(3, 2, 1, name=pool)(x)
+    for i, (n, width, name) in enumerate(zip(sizes, WIDTHS, stages)):
+        x = Stage(kind, n, width, 1 if i == 0 else 2, dtype, name=name)(x)
+    x = GlobalAvgPool(name=avgpool)(x)
+    return Dense(num_classes, dtype=dtype, name=fc)(x)
+
+
 class ResNet(nn.Module):
     """torchvision ResNet (``depth`` 18, 34, 50, 101 or 152); input ImageNet-normalised ``[N, 224, 224, 3]``."""
 
@@ -146,17 +170,7 @@ class ResNet(nn.Module):
         if self.depth not in DEPTHS:
             raise ValueError(f"ResNet depth {self.depth} is not one of {sorted(DEPTHS)}")
         check_images(x, f"ResNet{self.depth}", 32)
-        kind, sizes = DEPTHS[self.depth]
-        d = self.dtype
-        x = jnp.asarray(x).astype(d)
-        x = Conv(64, 7, 2, 3, use_bias=False, dtype=d, name="conv1")(x)
-        x = batch_norm("bn1", d)(x)
-        x = ReLU(name="relu")(x)
-        x = MaxPool(3, 2, 1, name="maxpool")(x)
-        for i, (n, width) in enumerate(zip(sizes, WIDTHS)):
-            x = Stage(kind, n, width, 1 if i == 0 else 2, d, name=f"layer{i + 1}")(x)
-        x = GlobalAvgPool(name="avgpool")(x)
-        return Dense(self.num_classes, dtype=d, name="fc")(x)
+        return classifier_resnet(x, self.depth, self.num_classes, self.dtype, TORCHVISION_NAMES)
 
 
 class OldResNet152(nn.Module):
@@ -168,17 +182,7 @@ class OldResNet152(nn.Module):
     @nn.compact
     def __call__(self, x):
         check_images(x, "ResNet152-Places365", 32)
-        d = self.dtype
-        x = jnp.asarray(x).astype(d)
-        x = Conv(64, 7, 2, 3, use_bias=False, dtype=d, name="0")(x)
-        x = batch_norm("1", d)(x)
-        x = ReLU(name="2")(x)
-        x = MaxPool(3, 2, 1, name="3")(x)
-        for i, (n, width) in enumerate(zip(DEPTHS[152][1], WIDTHS)):
-            x = Stage("bottleneck", n, width, 1 if i == 0 else 2, d, name=str(4 + i))(x)
-        x = GlobalAvgPool(name="8")(x)
-        return Dense(self.num_classes, dtype=d, name="10")(x)
-
+        return classifier_resnet(x, 152, self.num_classes, self.dtype, OLD_RESNET152_NAMES)
 
 def deep_stem(x, dtype):
     """conv1/bn1 (3->64, stride 2), conv2/bn2 (64->64), conv3/bn3 (64->128), 3x3/2 max pool.

@@ -44,8 +44,8 @@ _EXPORTS = {
     "LatentSource": "jaxdissect.data.folders",
     "SyntheticScenes": "jaxdissect.data.synthetic",
     # The segmenter's label maps kept on disk, shared by every dissection of a dataset.
-    "SegmentationCache": "jaxdissect.segcache",
-    "open_segmentation_cache": "jaxdissect.segcache",
+    "SegmentationCache": "jaxdissect.segmentation.cache",
+    "open_segmentation_cache": "jaxdissect.segmentation.cache",
     # Semantic photo editing with a GAN prior (GANPaint).
     "Brushes": "jaxdissect.editing.strokes",
     "Stroke": "jaxdissect.editing.strokes",

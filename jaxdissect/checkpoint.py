@@ -32,6 +32,9 @@ VERSION = 1
 _MODEL_JSON = "model.json"
 _VARIABLES = "variables"
 _SKIPPED_FIELDS = ("parent", "name")
+# Modules that moved since models were converted: the class path recorded in an older
+# model.json (old module prefix) is read as the new one.
+MOVED_MODULES = {"jaxdissect.segmenters.": "jaxdissect.segmentation."}
 
 
 class CheckpointError(JaxDissectError, ValueError):
@@ -150,6 +153,9 @@ def load_metadata(directory: str) -> dict:
 
 
 def _module_class(qualified: str):
+    for old, new in MOVED_MODULES.items():
+        if qualified.startswith(old):
+            qualified = new + qualified[len(old):]
     modname, _, clsname = qualified.rpartition(".")
     if not (modname == "jaxdissect" or modname.startswith("jaxdissect.")):
         raise CheckpointError(

@@ -4,8 +4,11 @@ Everything jaxdissect writes goes through here, so a kill never leaves a file
 that a later run mistakes for complete, and two processes never build the same
 cached artefact at once:
 
-* :func:`write_json`, :func:`write_text`, :func:`write_bytes`, :func:`savez`:
-  written to a temporary name in the same folder and renamed into place.
+* :func:`write_json`, :func:`write_text`, :func:`write_bytes`, :func:`save`,
+  :func:`savez`, and :func:`atomic_file` for any writer that takes a file
+  object (matplotlib, Pillow, csv): written to a temporary name in the same
+  folder (``.<name>.<pid>-<random>.tmp``, unique across processes and hosts)
+  and renamed into place.
 * :func:`lock`: an exclusive lock on a lock file (``filelock``, released by the
   kernel when its holder dies, so no stale locks); a second process waits,
   saying once what it waits for, up to a timeout.
@@ -26,6 +29,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -56,14 +60,21 @@ def _json_default(value):
 
 
 def _tmp_name(path: str) -> str:
-    return f"{path}.tmp.{os.getpid()}"
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 @contextlib.contextmanager
-def _atomic(path: str, mode: str) -> Iterator[Any]:
+def atomic_file(path: str, mode: str = "wb", **open_kwargs) -> Iterator[Any]:
+    """``open(path, mode, **open_kwargs)`` writing atomically: ``path`` appears, complete, when the block ends.
+
+    The file is written under a temporary name in the same folder, synced to
+    the disk and renamed into place; an error (or a kill) leaves no ``path``
+    and, but for a kill, no temporary file.
+    """
     tmp = _tmp_name(path)
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -76,7 +87,7 @@ def _atomic(path: str, mode: str) -> Iterator[Any]:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary name in the same folder, then rename)."""
-    with _atomic(path, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(data)
 
 
@@ -90,9 +101,15 @@ def write_json(path: str, data, *, indent: int | None = 1, sort_keys: bool = Fal
     write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=_json_default))
 
 
+def save(path: str, array) -> None:
+    """``numpy.save`` of ``array`` to ``path`` atomically (no pickles)."""
+    with atomic_file(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
 def savez(path: str, **arrays) -> None:
     """``numpy.savez`` to ``path`` atomically (``path`` should end in ``.npz``)."""
-    with _atomic(path, "wb") as f:
+    with atomic_file(path, "wb") as f:
         np.savez(f, **arrays)
 
 

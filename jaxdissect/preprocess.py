@@ -71,6 +71,15 @@ def renormalize(x, source: str, target: str):
     return y
 
 
+def zc_to_uint8(images) -> np.ndarray:
+    """Generator output in [-1, 1] (``zc``) -> uint8 RGB, rounded (the corrected rendering, spec 2.6).
+
+    ``renormalize(x, 'zc', 'byte')`` truncates, as the original's reports do;
+    this is the rendering of generated and edited images.
+    """
+    return np.clip((np.asarray(images, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
 def vgg_preprocess(image, crop: int = 224) -> np.ndarray:
     """A PIL image or image file -> the classifier input, float32 ``[crop, crop, 3]`` (spec 1.2).
 

@@ -67,7 +67,7 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
     """
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.data import classes as class_lib
-    from jaxdissect.interventions import classifier as ci
+    from jaxdissect.pipelines.ablate_classifier import classifier_ablation_experiment
 
     try:
         sizes = [int(s) for s in sizes]
@@ -106,7 +106,7 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
         if b == n:
             bars.pop(what).close()
 
-    summary = ci.classifier_ablation_experiment(
+    summary = classifier_ablation_experiment(
         module, variables, layer, val, train, output_dir, class_names=val.classes, sizes=sizes,
         plot_class=plot_class, full_classes=full_classes, iou_path=iou, batch_size=batch_size,
         val_items=num_images, train_items=train_images, method=method, progress=progress)

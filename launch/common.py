@@ -301,6 +301,21 @@ def model_preprocessing(metadata: dict, flag: str = "model", path: str = "") -> 
             "crop": int(pre["crop"])}
 
 
+def model_kind(metadata: dict, module) -> str:
+    """``'generator'`` (a z input, or a ProgressiveGenerator) or ``'classifier'``."""
+    inp = metadata.get("input") or {}
+    if inp.get("name") == "z" or type(module).__name__ == "ProgressiveGenerator":
+        return "generator"
+    return "classifier"
+
+
+def data_preprocessing(metadata: dict, model_dir: str, data_spec: str) -> dict | None:
+    """The classifier's input pipeline from model.json; required when the data are images to preprocess."""
+    if data_spec.partition(":")[0] in ("synthetic", "z"):
+        return None
+    return model_preprocessing(metadata, path=model_dir)
+
+
 # --------------------------------------------------------------------------
 # Output directories
 

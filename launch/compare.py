@@ -77,7 +77,7 @@ def build(config: dict) -> dict:
     from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
     from jaxdissect.layers import layer_shapes
     from jaxdissect.pipelines.compare import Member
-    from launch.dissect import _model_kind, _preprocessing, make_data, make_segmentation, parse_layers
+    from launch.dissect import make_data, make_segmentation, parse_layers
 
     dirs = _split(config.get("models"))
     if not dirs:  # the embedded demo: the demo CNN and an untrained copy of it, on synthetic scenes
@@ -111,11 +111,11 @@ def build(config: dict) -> dict:
             metadata = load_metadata(d) or {}
         except CheckpointError as e:
             raise LaunchError(f"--models: {d}: {e}") from e
-        if _model_kind(metadata, module) != "classifier":
+        if common.model_kind(metadata, module) != "classifier":
             raise LaunchError(f"--models: {d} is a generator; launch.compare compares image classifiers on one "
                               "image data set")
         try:
-            pre = _preprocessing(metadata, d, config["data"])
+            pre = common.data_preprocessing(metadata, d, config["data"])
         except LaunchError as e:
             raise LaunchError(str(e).replace("--model=", "--models: ", 1)) from None
         if pre not in pipelines:

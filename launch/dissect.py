@@ -190,20 +190,6 @@ def make_segmentation(spec: str, **options):
     return (segmenter, variables), segmenter.setting
 
 
-def _model_kind(metadata: dict, module) -> str:
-    inp = metadata.get("input") or {}
-    if inp.get("name") == "z" or type(module).__name__ == "ProgressiveGenerator":
-        return "generator"
-    return "classifier"
-
-
-def _preprocessing(metadata: dict, model_dir: str, data_spec: str) -> dict | None:
-    """The classifier's input pipeline from model.json; required when the data are images to preprocess."""
-    if data_spec.partition(":")[0] in ("synthetic", "z"):
-        return None
-    return common.model_preprocessing(metadata, path=model_dir)
-
-
 def build(config: dict) -> dict:
     """Everything ``jaxdissect.dissect`` needs, from a config (see :func:`get_config`).
 
@@ -232,12 +218,12 @@ def build(config: dict) -> dict:
             metadata = load_metadata(model_dir) or {}
         except CheckpointError as e:
             raise LaunchError(f"--model={model_dir}: {e}") from e
-        kind = _model_kind(metadata, module)
+        kind = common.model_kind(metadata, module)
         model_name = metadata.get("model") or os.path.basename(os.path.normpath(model_dir))
         data_spec = config.get("data") or ("z:10000" if kind == "generator" else None)
         if data_spec is None:
             raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
-        preprocessing = _preprocessing(metadata, model_dir, data_spec) if kind == "classifier" else None
+        preprocessing = common.data_preprocessing(metadata, model_dir, data_spec) if kind == "classifier" else None
         seg_spec = config.get("segmenter") or ("dataset" if data_spec.startswith(("broden", "synthetic"))
                                                else None)
     data, data_name = make_data(data_spec, kind=kind, on_bad_image=config.get("on_bad_image", "raise"),
@@ -324,10 +310,10 @@ def _geometry(flag, metadata: dict, model_dir):
         raise LaunchError(f"--geometry=receptive_field: {model_dir or 'the demo model'} records no receptive-field "
                           "grid (model.json 'upsample', written by converters.alexnet_places365); use "
                           "--geometry=original or clamped")
-    from jaxdissect.pipelines.dissect import DissectError, _receptive_field
+    from jaxdissect.pipelines.dissect import DissectError, parse_geometry
 
     try:
-        _receptive_field(flag, recorded)
+        parse_geometry(flag, recorded)
     except DissectError as e:
         raise LaunchError(f"--model={model_dir}: model.json 'upsample' is malformed: {e}") from None
     return flag, dict(recorded)

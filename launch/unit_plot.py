@@ -49,13 +49,12 @@ def run(model: str, layer: str, unit: int | None, data: str, output_dir: str, *,
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.data import classes as class_lib
     from jaxdissect.pipelines import unit_plot as up
-    from launch.common import LaunchError, make_data
-    from launch.dissect import _model_kind, _preprocessing
+    from launch.common import LaunchError, data_preprocessing, make_data, model_kind
 
     module, variables = load_model(model)
     meta = load_metadata(model) or {}
-    kind = _model_kind(meta, module)
-    preprocessing = _preprocessing(meta, model, data) if kind == "classifier" else None
+    kind = model_kind(meta, module)
+    preprocessing = data_preprocessing(meta, model, data) if kind == "classifier" else None
     source, _ = make_data(data, kind=kind, on_bad_image=on_bad_image, preprocessing=preprocessing)
     if kind == "classifier":
         if not classes:

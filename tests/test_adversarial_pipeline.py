@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdissect.interventions import classifier as ci
+from jaxdissect.pipelines.ablate_classifier import classifier_ablation_experiment
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.pipelines import adversarial as adv
 
@@ -42,8 +43,8 @@ def planted(tmp_path_factory):
     labels = np.asarray(jnp.argmax(model.apply(variables, images), -1)).astype(np.int32)
     source = ci.ArraySource(images, labels, CLASSES)
     ablation = str(tmp_path_factory.mktemp("ablation"))
-    ci.classifier_ablation_experiment(model, variables, "features", source, source, ablation,
-                                      class_names=CLASSES, sizes=(1, 2), batch_size=30)
+    classifier_ablation_experiment(model, variables, "features", source, source, ablation,
+                                   class_names=CLASSES, sizes=(1, 2), batch_size=30)
     return model, variables, source, ablation
 
 

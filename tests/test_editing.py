@@ -7,6 +7,7 @@ import torch
 from jaxdissect import capture
 from jaxdissect.editing import Brushes, EditError, Stroke, apply_strokes, compose, erase, paint, pool_mask
 from jaxdissect.models import toy_generator as T
+from jaxdissect.pipelines.toy import dissect_toy
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def toy():
 @pytest.fixture(scope="module")
 def dissection(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy_dissection"))
-    T.dissect_toy(out, num_images=100)
+    dissect_toy(out, num_images=100)
     return out
 
 

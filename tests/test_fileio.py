@@ -23,6 +23,21 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.json", "b.npz"]
 
 
+def test_atomic_file_appears_complete_or_not_at_all(tmp_path):
+    fileio.save(str(tmp_path / "c.npy"), np.arange(4, dtype=np.uint8))
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), [0, 1, 2, 3])
+    with fileio.atomic_file(str(tmp_path / "d.csv"), "w", newline="", encoding="utf-8") as f:
+        tmp = [n for n in os.listdir(tmp_path) if n != "c.npy"]
+        f.write("a,b\r\n")
+    assert len(tmp) == 1 and tmp[0].startswith(".d.csv.") and tmp[0].endswith(".tmp")  # hidden while written
+    assert (tmp_path / "d.csv").read_bytes() == b"a,b\r\n"
+    with pytest.raises(OSError):
+        with fileio.atomic_file(str(tmp_path / "e.bin")) as f:
+            f.write(b"half")
+            raise OSError("disk full")
+    assert sorted(os.listdir(tmp_path)) == ["c.npy", "d.csv"]
+
+
 def _build_slowly(target, log):
     def build(tmp):
         with open(log, "a") as f:

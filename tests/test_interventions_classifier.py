@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxdissect.interventions import classifier as ci
+from jaxdissect.pipelines import ablate_classifier as experiment
 from jaxdissect.layers import Ablate, run
 
 # ---- independent reference counts ---------------------------------------------
@@ -186,7 +187,8 @@ def test_experiment_outputs_and_resumes(tmp_path, monkeypatch):
     names = ["bedroom", "kitchen", "ski_resort", "church-outdoor"]
     kwargs = dict(class_names=names, sizes=(1, 2, 5), plot_class="ski_resort", full_classes=["ski_resort"],
                   iou_path=str(tmp_path / "report.json"), batch_size=8)
-    summary = ci.classifier_ablation_experiment(model, variables, "feat", val, train, str(tmp_path / "w"), **kwargs)
+    summary = experiment.classifier_ablation_experiment(model, variables, "feat", val, train, str(tmp_path / "w"),
+                                                        **kwargs)
     ski = summary["classes"]["ski_resort"]
     assert ski["top_units"][0]["unit"] == 2 and ski["top_units"][0]["label"] == "concept2"
     assert ski["ablate_top_ba"]["1"] == 0.5  # recall 0, TNR 1
@@ -203,8 +205,9 @@ def test_experiment_outputs_and_resumes(tmp_path, monkeypatch):
               "pra_val_single_units.npz", "pra_train_single_units.npz", "pra_val_classunits_n5.npz"):
         assert os.path.getsize(tmp_path / "w" / f) > 0, f
     # A second run recomputes nothing.
-    monkeypatch.setattr(ci, "_evaluate", lambda *a, **k: pytest.fail("recomputed a cached piece"))
-    again = ci.classifier_ablation_experiment(model, variables, "feat", val, train, str(tmp_path / "w"), **kwargs)
+    monkeypatch.setattr(ci, "evaluate_counts", lambda *a, **k: pytest.fail("recomputed a cached piece"))
+    again = experiment.classifier_ablation_experiment(model, variables, "feat", val, train, str(tmp_path / "w"),
+                                                      **kwargs)
     assert again == summary
 
 

@@ -203,7 +203,7 @@ def test_two_runs_creating_one_segmentation_cache_entry_at_once(tmp_path):
     """Two processes open, fill and read the same segmentation cache entry at the same moment: both succeed and
     read the labels that either wrote (the entry file and chunks are written atomically, the same bytes)."""
     code = ("import os, sys, time, numpy as np\n"
-            "from jaxdissect import segcache\n"
+            "from jaxdissect.segmentation import cache as segcache\n"
             f"root = {str(tmp_path / 'cache')!r}\n"
             f"open(os.path.join({str(tmp_path)!r}, f'ready-{{os.getpid()}}'), 'w').close()\n"
             f"while len([n for n in os.listdir({str(tmp_path)!r}) if n.startswith('ready-')]) < 2: time.sleep(0.01)\n"

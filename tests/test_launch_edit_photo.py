@@ -51,6 +51,6 @@ def test_side_by_side_is_large_and_titled():
     for i, img in enumerate(panels.values()):
         x = i * step
         np.testing.assert_array_equal(out[band:, x:x + 32 * scale],
-                                      P.to_uint8(img).repeat(scale, 0).repeat(scale, 1))   # nearest enlargement
+                                      np.clip(np.floor((img + 1) * 127.5 + 0.5), 0, 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1))   # nearest enlargement
         title = out[:band, x:x + 32 * scale]
         assert (title < 100).any() and (title == 255).mean() > 0.5       # dark text on white above each panel

@@ -211,6 +211,15 @@ def test_models_reject_bad_images():
         jax.eval_shape(OldResNet152().init, jax.random.PRNGKey(0), np.zeros((224, 224, 3), np.float32))
 
 
+def test_dilated_stages_are_basic_block_stages():
+    """The segmenters' dilation is that of basic-block stages; a dilated bottleneck stage is refused, not built undilated."""
+    from jaxdissect.models.resnet import Stage
+
+    with pytest.raises(ValueError, match="dilated stages are made of basic blocks"):
+        jax.eval_shape(Stage("bottleneck", 1, 8, 1, dilation=2).init, jax.random.PRNGKey(0),
+                       np.zeros((1, 8, 8, 3), np.float32))
+
+
 def test_alexnet_upsample_geometry_is_the_pool5_grid():
     """The recorded receptive field is the spec's: scale 32, offset 33 at 227 pixels (dissect-spec.md 2.2)."""
     from jaxdissect.kernels.upsample import conv_output_size, receptive_field
@@ -231,6 +240,7 @@ def test_dissect_all_layer_lists(model, size, spec, expected):
     """The README's dissect_all.sh commands: each --layers spec gives the original's layer list."""
     from jaxdissect.layers import layer_shapes
     from jaxdissect.models import VGG16, AlexNet, OldResNet152, ProgressiveGenerator
+    from launch import common
     from launch import dissect as launcher
 
     module = {"vgg16": VGG16(), "alexnet": AlexNet(), "resnet152": OldResNet152(),
@@ -242,7 +252,7 @@ def test_dissect_all_layer_lists(model, size, spec, expected):
     assert launcher.parse_layers(spec, dissectable) == expected
     if model == "alexnet":
         assert [shapes[n].shape[1] for n in expected] == [55, 27, 13, 13, 13]
-        assert launcher._model_kind({"preprocessing": {"crop": 227}}, module) == "classifier"
+        assert common.model_kind({"preprocessing": {"crop": 227}}, module) == "classifier"
     if model == "resnet152":
         assert [shapes[n].shape[1:] for n in expected] == [(112, 112, 64), (56, 56, 256), (28, 28, 512),
                                                            (14, 14, 1024), (7, 7, 2048)]

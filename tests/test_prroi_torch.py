@@ -70,7 +70,7 @@ def test_spatial_scale_and_empty_roi():
 def test_whole_map_matches_cell_reference_and_jax(bins):
     import torch_segmenter_reference as R
 
-    from jaxdissect.segmenters.prroi import prroi_pool
+    from jaxdissect.segmentation.prroi import prroi_pool
 
     rng = np.random.default_rng(bins)
     x = rng.standard_normal((2, 4, 8, 11)).astype(np.float32)

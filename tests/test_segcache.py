@@ -20,7 +20,7 @@ from test_dissect_pipeline import SIZE, Planted, PlantedScenes
 
 import jaxdissect.pipelines.dissect as pipeline
 import jaxdissect.segmentation
-from jaxdissect import segcache
+from jaxdissect.segmentation import cache as segcache
 from jaxdissect.pipelines.dissect import dissect
 
 N, BATCH = 24, 8
@@ -263,9 +263,8 @@ def test_entry_of_another_format_or_segmenter_is_not_used(models, uncached, coun
 
 
 def _faulty_save(error):
-    def save(path, data):
-        with open(path, "wb") as f:
-            f.write(b"\x93NUMPY partial")
+    def save(f, data):
+        f.write(b"\x93NUMPY partial")
         raise error
     return save
 

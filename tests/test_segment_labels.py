@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdissect.segmenters import labels as L
-from jaxdissect.segmenters.quad import component_roots, quad_split
+from jaxdissect.segmentation import labels as L
+from jaxdissect.segmentation.quad import component_roots, quad_split
 
 merge_upp = jax.jit(L.merge_upp, static_argnums=(3, 4))
 merge_color = jax.jit(L.merge_color, static_argnums=(1,))
@@ -267,7 +267,7 @@ def test_merge_sharded_over_two_devices(tmp_path):
     code = f"""
         import json, jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from jaxdissect.segmenters import labels as L
+        from jaxdissect.segmentation import labels as L
         table = L.upp_labels(json.loads({json.dumps(UPP_JSON)!r}))
         mesh = Mesh(np.array(jax.devices()), ("data",))
         s = {{k: jax.device_put(v, NamedSharding(mesh, P("data")))

@@ -3,7 +3,7 @@
 Random-weight checkpoints in the published key layout are converted with
 ``converters.segmenter``; the reference runs the PyTorch modules on the same
 images, then merges their outputs the way the original ``segment_batch`` does
-(written here from the spec, independently of ``jaxdissect.segmenters.labels``).
+(written here from the spec, independently of ``jaxdissect.segmentation.labels``).
 The integer label maps must be identical.
 """
 
@@ -171,6 +171,28 @@ def test_errors(models, images):
             segment(segmenter, variables, bad)
 
 
+def test_segmenters_converted_before_the_move_still_load(models, tmp_path):
+    """Segmenters converted while they lived in ``jaxdissect.segmenters`` record those class paths in model.json."""
+    import shutil
+
+    old = {"upp_dir": "jaxdissect.segmenters.upernet.UnifiedParsing",
+           "color_dir": "jaxdissect.segmenters.ppm.ColorSegmenter"}
+    dirs = {}
+    for key, path in old.items():
+        dirs[key] = str(tmp_path / key)
+        shutil.copytree(models[key], dirs[key])
+        record_path = tmp_path / key / "model.json"
+        record = json.loads(record_path.read_text())
+        assert record["class"] == path.replace("jaxdissect.segmenters.", "jaxdissect.segmentation.")
+        record["class"] = path
+        record_path.write_text(json.dumps(record))
+    segmenter, variables = load_segmenter(dirs["upp_dir"], dirs["color_dir"], "netpqc")
+    now, now_variables = load_segmenter(models["upp_dir"], models["color_dir"], "netpqc")
+    assert segmenter == now
+    assert jax.tree.structure(variables) == jax.tree.structure(now_variables)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(now_variables)))
+
+
 def test_segmentation_size_is_floor_of_image_size(models):
     """As the original: a 227-pixel AlexNet crop is segmented at 227 // 4 = 56."""
     segmenter, variables = load_segmenter(models["upp_dir"], models["color_dir"], "netpqc")
@@ -204,7 +226,7 @@ class _Scenes:
 def test_dissection_traces_the_segmenter_once(models, monkeypatch):
     """Setting up a dissection traces the segmenter at the run's batch shape and placement; the first batch
     reuses that trace (tracing the network again cost about 1 s for the full-size UPP segmenter)."""
-    import jaxdissect.segmentation as S
+    import jaxdissect.segmentation.segmenter as S
     from jaxdissect.models.small_cnn import SmallCNN
     from jaxdissect.pipelines.dissect import dissect
     from test_launch_dissect import numpy_init

@@ -16,7 +16,7 @@ import torch_segmenter_reference as R
 from jaxdissect.convert import common
 from jaxdissect.convert import segmenter as conv
 from jaxdissect.checkpoint import load_metadata, load_model
-from jaxdissect.segmenters import (
+from jaxdissect.segmentation import (
     ColorSegmenter,
     UnifiedParsing,
     adaptive_avg_pool,
@@ -25,7 +25,7 @@ from jaxdissect.segmenters import (
     resize_bilinear,
     upp_preprocess,
 )
-from jaxdissect.segmenters.prroi import prroi_matrix
+from jaxdissect.segmentation.prroi import prroi_matrix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,15 +22,9 @@ import jax
 import numpy as np
 
 from jaxdissect.app.codec import ApiError, decode_mask, decode_photo, parse_strength
+from jaxdissect.preprocess import zc_to_uint8
 
 MAX_STROKES = 64
-
-
-def render(images) -> np.ndarray:
-    """Generator output in [-1, 1] -> uint8 RGB (the package's one rendering)."""
-    from jaxdissect.pipelines.intervene_generator import render as _render
-
-    return _render(images)
 
 
 class Upload:
@@ -188,7 +182,7 @@ class Painter:
                                         layer=self.layer, pool=self.pool, adaptation=adaptation)
                 except EditError as e:
                     raise ApiError(422, str(e).splitlines()[0]) from None
-            return render(jax.device_get(out))[0]
+            return zc_to_uint8(jax.device_get(out))[0]
 
     # ----- uploads ----------------------------------------------------------------------------
     def upload(self, uid) -> Upload:

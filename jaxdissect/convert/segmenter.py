@@ -125,7 +125,7 @@ def color_label_count(labels: Mapping, path: str = "labels.json") -> int:
 
 def build_module(kind: str, counts):
     """The Flax module of ``kind`` for the label ``counts`` (dict for upp, int for color)."""
-    from jaxdissect.segmenters import ColorSegmenter, UnifiedParsing
+    from jaxdissect.segmentation import ColorSegmenter, UnifiedParsing
 
     if kind == "upp":
         return UnifiedParsing(counts["n_object"], counts["n_material"], counts["n_scene"], counts["part_sizes"])
@@ -279,8 +279,8 @@ def convert(encoder_path: str, decoder_path: str, labels_path: str, output_dir: 
             "labels": os.path.basename(labels_path),
             "dropped_keys": dropped,
         },
-        "preprocessing": ("jaxdissect.segmenters.preprocess.upp_preprocess" if kind == "upp"
-                          else "jaxdissect.segmenters.preprocess.color_preprocess"),
+        "preprocessing": ("jaxdissect.segmentation.preprocess.upp_preprocess" if kind == "upp"
+                          else "jaxdissect.segmentation.preprocess.color_preprocess"),
         "input": {"layout": "NHWC", "size": 256},
     }
     save_model(output_dir, module, variables, metadata)

@@ -46,11 +46,11 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from jaxdissect.data.folders import DataSourceError
+from jaxdissect.data.loader import ThreadedReader
 
 _META = ("image", "split", "ih", "iw", "sh", "sw")
 _INT_RE = re.compile(r"^-?\d+$")
@@ -288,8 +288,7 @@ class BrodenSource:
         self.preprocess = preprocess
         self.on_error = on_error
         self.bad_files: dict[int, str] = {}
-        self._num_threads = num_threads or min(8, os.cpu_count() or 1)
-        self._pool = None
+        self._reader = ThreadedReader(self._load, "Broden images", num_threads)
         self.name = f"broden:{os.path.basename(self.root)}:{split or 'all'}"
         self.label_names = list(self.index.label_names)
         self.label_categories = list(self.index.label_categories)
@@ -316,13 +315,7 @@ class BrodenSource:
         return image, seg, image_labels
 
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        indices = [int(i) for i in indices]
-        for i in indices:
-            if not 0 <= i < len(self):
-                raise IndexError(f"index {i} out of range for {len(self)} Broden images")
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._num_threads)
-        loaded = list(self._pool.map(self._load, indices))
+        indices, loaded = self._reader.read(indices, len(self))
         good = [x for x in loaded if x is not None]
         first = self.rows[indices[0]] if indices else None
         img_shape = good[0][0].shape if good else (self.image_size or (first["ih"], first["iw"])) + (3,)

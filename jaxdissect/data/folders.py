@@ -19,11 +19,11 @@ import hashlib
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxdissect.data.loader import ThreadedReader
 from jaxdissect.errors import JaxDissectError
 
 _IMAGE_RE = re.compile(r"\.(jpe?g|png)$", re.IGNORECASE)
@@ -130,7 +130,8 @@ def transform_for(preprocessing: dict) -> Callable:
     return transform
 
 
-def _open_rgb(path: str):
+def open_rgb(path: str):
+    """The image file at ``path``, decoded (file closed) and converted to RGB (a PIL image)."""
     from PIL import Image
 
     with open(path, "rb") as f:
@@ -166,8 +167,7 @@ class ImageFolder:
         self.on_error = on_error
         self.name = name or os.path.basename(self.root.rstrip(os.sep)) or self.root
         self._transform = transform
-        self._num_threads = num_threads or min(8, os.cpu_count() or 1)
-        self._pool = None
+        self._reader = ThreadedReader(self._load, f"images in {self.root}", num_threads)
         self._lock = threading.Lock()
         self._shape = None
         self.bad_files: dict[int, str] = {}
@@ -184,7 +184,7 @@ class ImageFolder:
     def _load(self, index: int):
         path = self.files[index]
         try:
-            return self.transform(_open_rgb(path))
+            return self.transform(open_rgb(path))
         except Exception as e:  # noqa: BLE001 - any decoding failure means the same thing
             if self.on_error == "raise":
                 raise DataSourceError(
@@ -198,13 +198,7 @@ class ImageFolder:
     def get_batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         from PIL import Image
 
-        indices = [int(i) for i in indices]
-        for i in indices:
-            if not 0 <= i < len(self):
-                raise IndexError(f"index {i} out of range for {len(self)} images in {self.root}")
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._num_threads)
-        loaded = list(self._pool.map(self._load, indices))
+        indices, loaded = self._reader.read(indices, len(self))
         shape = next((x.shape for x, _ in (l for l in loaded if l is not None)), None)
         if shape is None:  # every image of the batch was unreadable: the size of earlier ones
             shape = self._shape or self.transform(Image.new("RGB", (256, 256)))[0].shape

@@ -5,18 +5,45 @@
 in index order, each with ``'index'`` (global item indices) and ``'valid'``.
 ``prefetch(iterator, size)`` runs any iterator in a daemon thread behind a
 bounded queue: order is preserved and an exception raised while producing a
-batch is re-raised in the consumer at that batch.
+batch is re-raised in the consumer at that batch. :class:`ThreadedReader`
+decodes the items of one batch in parallel (the file-backed sources use it).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
-from typing import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 _END = object()
+
+
+class ThreadedReader:
+    """``read(indices, count)``: ``load(i)`` of each index, in order, on a thread pool started on first use.
+
+    ``load`` decodes one item (Pillow releases the GIL while decoding);
+    ``num_threads`` defaults to the CPU count, at most 8; ``what`` names the
+    items in the error for an index out of range.
+    """
+
+    def __init__(self, load: Callable[[int], Any], what: str, num_threads: int | None = None):
+        self.load, self.what = load, what
+        self.num_threads = num_threads or min(8, os.cpu_count() or 1)
+        self._pool = None
+
+    def read(self, indices: Sequence[int], count: int) -> tuple[list[int], list]:
+        """``(indices as ints, [load(i) for i in indices])``; IndexError unless ``0 <= i < count``."""
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not 0 <= i < count:
+                raise IndexError(f"index {i} out of range for {count} {self.what}")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads)
+        return indices, list(self._pool.map(self.load, indices))
 
 
 class _Failure:

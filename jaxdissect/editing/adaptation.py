@@ -37,7 +37,7 @@ import numpy as np
 
 from jaxdissect import layers as layer_api
 from jaxdissect.editing.optimize import as_images, psnr, run_steps
-from jaxdissect.editing.strokes import EditError, _scale_maps, latent_like
+from jaxdissect.editing.strokes import EditError, scale_maps, latent_like
 from jaxdissect.models.proggan import pixel_norm
 
 STEPS = 1000
@@ -132,7 +132,7 @@ def _loss_fn(generator, layer: str, net: NoiseMaps, layers: tuple, penalty: floa
     def one(params, gvars, x, noise, target, keep):
         maps = dict(zip(layers, net.apply(params, noise)))
         inp, edits = _render_input(generator, layer, x[None])
-        edits.update(_scale_maps(maps, None))
+        edits.update(scale_maps(maps, None))
         image = layer_api.run(generator, gvars, inp, edits=edits)[0]
         loss = jnp.abs((image - target) * keep[..., None]).mean()
         for s in maps.values():
@@ -152,7 +152,7 @@ def _finish_fn(generator, layer: str, net: NoiseMaps, layers: tuple):
     def finish(params, gvars, x, noise):
         maps = jax.vmap(lambda p: dict(zip(layers, [m[0] for m in net.apply(p, noise)])))(params)
         inp, edits = _render_input(generator, layer, x)
-        edits.update(_scale_maps(maps, None))
+        edits.update(scale_maps(maps, None))
         return maps, layer_api.run(generator, gvars, inp, edits=edits)
 
     return finish

@@ -272,7 +272,7 @@ def latent_like(module, n: int = 1):
                     "stored representation, or a generator with a 'sizes' or 'latent' attribute")
 
 
-def _scale_maps(maps: dict, region):
+def scale_maps(maps: dict, region):
     """Edits ``layer -> a (1 + s (1 - region resized to the layer))`` for adaptation maps ``s``."""
     def edit(s):
         def f(a):
@@ -296,7 +296,7 @@ def _render_fn(module, layer: str, from_z: bool, maps: tuple, x_aval):
                 return compose(jnp.asarray(x, a.dtype), units, values, alpha)
             inp = jnp.zeros(x_aval.shape, x_aval.dtype)
         edits = {layer: edit}
-        edits.update(_scale_maps(adapt_maps, region))
+        edits.update(scale_maps(adapt_maps, region))
         return layer_api.run(module, variables, inp, edits=edits)
 
     return jax.jit(render)

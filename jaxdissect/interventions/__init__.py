@@ -2,7 +2,8 @@
 
 * :mod:`jaxdissect.interventions.classifier`: per-class accuracy of a
   classifier with units of a layer ablated (spec 3.3): single-unit sweeps,
-  custom unit sets, per-class rankings and unit importance.
+  custom unit sets, per-class rankings and unit importance (the whole
+  experiment is :mod:`jaxdissect.pipelines.ablate_classifier`).
 * :mod:`jaxdissect.interventions.generator`: object removal and insertion in
   a generator (spec 3.4).
 
@@ -15,7 +16,6 @@ _CLASSIFIER = (
     "InterventionError",
     "ablate_units",
     "ablation_sweep",
-    "classifier_ablation_experiment",
     "perclass_accuracy",
     "perclass_counts",
     "perclass_metrics",

@@ -55,8 +55,8 @@ def init(num_units: int, num_labels: int) -> dict:
     }
 
 
-def _channels(seg, image_labels, num_labels, valid):
-    """Per-pixel label channels ``[P, C]`` with ignored entries set to ``num_labels``; bad-label flags."""
+def label_channels(seg, image_labels, num_labels, valid):
+    """Per-pixel label channels ``[P, C]`` with ignored entries set to ``num_labels``; bad-label flags ``[B]``."""
     b, k, h, w = seg.shape
     seg = jnp.asarray(seg, jnp.int32)
     bad_img = ((seg < 0) | (seg >= num_labels)).reshape(b, -1).any(1)
@@ -77,6 +77,33 @@ def _channels(seg, image_labels, num_labels, valid):
     return jnp.where(ignore, num_labels, chans), bad_img & valid
 
 
+def label_pixel_counts(chans, num_labels: int):
+    """``[L]`` int32: pixels carrying each label in any channel, from :func:`label_channels` (column 0 unset)."""
+    label_pixels = jnp.zeros((num_labels + 1,), jnp.int32)
+    for j in range(chans.shape[1]):
+        label_pixels = label_pixels.at[chans[:, j]].add(1)
+    return label_pixels[:num_labels]
+
+
+def add_counts(state: dict, pixels, label_pixels, active, intersection, bad_images, batch_id) -> dict:
+    """``state`` plus one batch's counts (the one merge of the dense and the sparse passes).
+
+    ``pixels`` (valid pixels), ``label_pixels [L]``, ``active [U]``,
+    ``intersection [U, L]``: column 0 (the condition "every pixel") is set
+    here from ``pixels`` and ``active``. ``bad_images [B]`` flags images with
+    out-of-range labels; ``batch_id`` (scalar or ``[B]``) the first is recorded.
+    """
+    batch_id = jnp.broadcast_to(jnp.asarray(batch_id, jnp.int32), bad_images.shape)
+    return {
+        "pixels": state["pixels"] + pixels,
+        "label_pixels": state["label_pixels"] + label_pixels.at[0].set(pixels),
+        "active": state["active"] + active,
+        "intersection": state["intersection"] + intersection.at[:, 0].set(active),
+        "bad_labels": state["bad_labels"] + bad_images.sum(dtype=jnp.int32),
+        "first_bad_batch": jnp.minimum(state["first_bad_batch"], jnp.min(jnp.where(bad_images, batch_id, NO_BATCH))),
+    }
+
+
 def update(state: dict, act_up, thresholds, seg, valid=None, batch_id=0, image_labels=None,
            method: str = "auto") -> dict:
     """Fold one batch into the counts.
@@ -95,7 +122,7 @@ def update(state: dict, act_up, thresholds, seg, valid=None, batch_id=0, image_l
         raise ValueError(f"segmentation shape {tuple(seg.shape)} does not match activations {act_up.shape} "
                          "([B, K, S, S] against [B, S, S, U])")
     valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
-    chans, bad_img = _channels(seg, image_labels, num_labels, valid)
+    chans, bad_img = label_channels(seg, image_labels, num_labels, valid)
     p = b * s1 * s2
     pixel_valid = jnp.repeat(valid, s1 * s2)
     act = (act_up.reshape(p, u) > jnp.asarray(thresholds, act_up.dtype)[None]) & pixel_valid[:, None]
@@ -112,26 +139,13 @@ def update(state: dict, act_up, thresholds, seg, valid=None, batch_id=0, image_l
     elif method == "segment":
         act_i = act.astype(jnp.int32)
         inter = jnp.zeros((num_labels + 1, u), jnp.int32)
-        label_pixels = jnp.zeros((num_labels + 1,), jnp.int32)
         for j in range(chans.shape[1]):
             inter = inter + jax.ops.segment_sum(act_i, chans[:, j], num_segments=num_labels + 1)
-            label_pixels = label_pixels.at[chans[:, j]].add(1)
         inter = inter[:num_labels].T
-        label_pixels = label_pixels[:num_labels]
+        label_pixels = label_pixel_counts(chans, num_labels)
     else:
         raise ValueError(f"unknown IoU method {method!r}; use 'auto', 'matmul' or 'segment'")
-    npix = pixel_valid.sum(dtype=jnp.int32)
-    inter = inter.at[:, 0].set(active)
-    label_pixels = label_pixels.at[0].set(npix)
-    batch_id = jnp.broadcast_to(jnp.asarray(batch_id, jnp.int32), (b,))
-    return {
-        "pixels": state["pixels"] + npix,
-        "label_pixels": state["label_pixels"] + label_pixels,
-        "active": state["active"] + active,
-        "intersection": state["intersection"] + inter,
-        "bad_labels": state["bad_labels"] + bad_img.sum(dtype=jnp.int32),
-        "first_bad_batch": jnp.minimum(state["first_bad_batch"], jnp.min(jnp.where(bad_img, batch_id, NO_BATCH))),
-    }
+    return add_counts(state, pixel_valid.sum(dtype=jnp.int32), label_pixels, active, inter, bad_img, batch_id)
 
 
 def merge(states: dict) -> dict:

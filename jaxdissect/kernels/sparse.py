@@ -423,9 +423,11 @@ def pass2_update(state, acts, valid, ch, cw):
 
 def pass3_update(counts, acts, thresholds, seg, valid, batch_id, image_labels, upsample, ch, cw,
                  method="auto"):
-    """IoU counts after one batch; ``upsample`` is the dense fallback's (used when many cells are hot)."""
-    """IoU counts after one batch, upsampling only cells that can exceed the thresholds."""
-    b, _, _, u = acts.shape
+    """IoU counts after one batch, upsampling only cells that can exceed the thresholds.
+
+    ``upsample`` is the dense fallback's (used when many cells are hot).
+    """
+    u = acts.shape[-1]
     num_labels = counts["intersection"].shape[1]
     acts = jnp.asarray(acts, jnp.float32)
     valid = jnp.asarray(valid, bool)
@@ -437,7 +439,7 @@ def pass3_update(counts, acts, thresholds, seg, valid, batch_id, image_labels, u
         return iou_k.update(counts, upsample(acts), thresholds, seg, valid, batch_id, image_labels, method=method)
 
     def sparse(counts, acts):
-        chans, bad_img = iou_k._channels(seg, image_labels, num_labels, valid)    # [B*S*S, C]
+        chans, bad_img = iou_k.label_channels(seg, image_labels, num_labels, valid)    # [B*S*S, C]
         s1, s2 = seg.shape[2], seg.shape[3]
         cols = num_labels + 1
 
@@ -456,23 +458,10 @@ def pass3_update(counts, acts, thresholds, seg, valid, batch_id, image_labels, u
         start = (jnp.pad(jnp.zeros_like(counts["intersection"]), ((0, 0), (0, 1))).reshape(-1),
                  jnp.zeros_like(counts["active"]))
         inter, act_n = foreach_hot(hot, visit, start)
-        inter = inter.reshape(u, cols)
-        label_pixels = jnp.zeros((cols,), jnp.int32)
-        for j in range(chans.shape[1]):
-            label_pixels = label_pixels.at[chans[:, j]].add(1)
+        inter = inter.reshape(u, cols)[:, :num_labels]
         npix = valid.sum(dtype=jnp.int32) * (s1 * s2)
-        inter = inter[:, :num_labels].at[:, 0].set(act_n)
-        label_pixels = label_pixels[:num_labels].at[0].set(npix)
-        bid = jnp.broadcast_to(jnp.asarray(batch_id, jnp.int32), (b,))
-        return {
-            "pixels": counts["pixels"] + npix,
-            "label_pixels": counts["label_pixels"] + label_pixels,
-            "active": counts["active"] + act_n,
-            "intersection": counts["intersection"] + inter,
-            "bad_labels": counts["bad_labels"] + bad_img.sum(dtype=jnp.int32),
-            "first_bad_batch": jnp.minimum(counts["first_bad_batch"],
-                                           jnp.min(jnp.where(bad_img, bid, iou_k.NO_BATCH))),
-        }
+        return iou_k.add_counts(counts, npix, iou_k.label_pixel_counts(chans, num_labels), act_n, inter, bad_img,
+                                batch_id)
 
     many = hot.sum(dtype=jnp.int32) > hot.size // DENSE_IOU
     return jax.lax.cond(many, dense, sparse, counts, acts)

@@ -17,7 +17,7 @@ from jax import lax
 
 
 class Conv(nn.Module):
-    """Square convolution as PyTorch's ``Conv2d`` (symmetric zero padding, groups), optionally + ReLU."""
+    """Square convolution as PyTorch's ``Conv2d`` (symmetric zero padding, groups, dilation), optionally + ReLU."""
 
     features: int
     kernel_size: int
@@ -27,6 +27,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     relu: bool = False
     dtype: Any = jnp.float32
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -37,6 +38,7 @@ class Conv(nn.Module):
             x.astype(self.dtype), kernel.astype(self.dtype),
             window_strides=(self.stride, self.stride),
             padding=((self.padding, self.padding), (self.padding, self.padding)),
+            rhs_dilation=(self.dilation, self.dilation),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups,
         )
@@ -48,6 +50,26 @@ class Conv(nn.Module):
 def batch_norm(name: str, dtype) -> nn.BatchNorm:
     """PyTorch ``BatchNorm2d`` in eval mode (eps 1e-5): running statistics from ``batch_stats``."""
     return nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class ConvBN(nn.Module):
+    """Conv (no bias) ``'0'`` + BatchNorm ``'1'`` (+ ReLU): PyTorch's ``Sequential(conv, bn[, relu])``.
+
+    Padding ``kernel // 2`` (a 1x1 conv has none), so stride 1 keeps the size.
+    """
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    relu: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = Conv(self.features, self.kernel, self.stride, self.kernel // 2, use_bias=False, dtype=self.dtype,
+                 name="0")(x)
+        x = batch_norm("1", self.dtype)(x)
+        return nn.relu(x) if self.relu else x
 
 
 class ReLU(nn.Module):

@@ -30,8 +30,9 @@ every ``init`` gives the same generator, whatever the key):
 
 :func:`color_segment` is the matching "segmenter" (labels ``-``, ``red``,
 ``green``, ``blue`` per 4x4 pixel block), :class:`ToyScenes` a data source
-of z's with those labels, and :func:`dissect_toy` dissects ``layer4`` (or any
-layers) with ``jaxdissect.dissect(..., segmentation='dataset')``: the result
+of z's with those labels, and :func:`jaxdissect.pipelines.toy.dissect_toy`
+dissects ``layer4`` (or any layers) with ``jaxdissect.dissect(...,
+segmentation='dataset')``: the result
 is a directory in ``launch.dissect``'s format (``<layer>/report.json``,
 ``<layer>/arrays.npz``, ...) whose ``red`` column ranks units 0-3 first.
 No download is needed anywhere.
@@ -233,20 +234,3 @@ class ToyScenes:
 
     def fingerprint(self) -> dict:
         return {"kind": "ToyScenes", "n": self.n, "seed": self.seed, "version": 1}
-
-
-def dissect_toy(output_dir: str, layers: str | Sequence[str] = EDIT_LAYER, num_images: int = 200, *,
-                quantile: float = 0.01, progress: bool = False):
-    """Dissect the toy generator's ``layers`` against its colour labels into ``output_dir``.
-
-    The directory has ``launch.dissect``'s layout (``<layer>/report.json``,
-    ``<layer>/arrays.npz`` with ``thresholds`` and ``iou``, ``index.html``;
-    label names in ``work/results/<layer>/result.json``). Returns
-    ``{layer: DissectionResult}``. Resumes/reuses an existing run.
-    """
-    from jaxdissect.pipelines.dissect import dissect
-
-    module, variables = toy_generator()
-    return dissect(module, variables, layers, ToyScenes(num_images), "dataset", quantile=quantile,
-                   output_dir=output_dir, batch_size=50, thumbsize=32, progress=progress,
-                   name=f"toy_generator toy{num_images} colour")

@@ -12,7 +12,7 @@ and after; the change ``|peak(adv) - peak(orig)|`` is grouped as
 * **other**: every unit in neither group,
 
 importance being the classifier ablation experiment's ranking on train
-(``results.npz`` ``order`` of ``jaxdissect.interventions.classifier``,
+(``results.npz`` ``order`` of ``jaxdissect.pipelines.ablate_classifier``,
 written by ``python -m launch.ablate_classifier``). Only successful attacks
 count. Per image the mean change of each group is taken; the bar chart shows
 their mean over images with a 99% interval (2.58 standard errors).
@@ -39,8 +39,10 @@ import numpy as np
 from jax.tree_util import Partial
 
 from jaxdissect import attacks as atk
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError
+from jaxdissect.plotting import pyplot, save_figure
 from jaxdissect.preprocess import renormalize
 
 # Places365 folder names ('hangar-indoor'); the category list's 'hangar/indoor' spelling is accepted too.
@@ -171,9 +173,7 @@ def select_images(model: _Model, source, targets: np.ndarray, num_images: int, b
     out = {"indices": np.where(pos >= 0, all_idx[np.maximum(pos, 0)], -1),
            "labels": np.where(pos >= 0, all_labels[np.maximum(pos, 0)], -1),
            "preds": np.where(pos >= 0, all_preds[np.maximum(pos, 0)], -1)}
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, key=np.asarray(key), **out)
-    os.replace(tmp, cache)
+    fileio.savez(cache, key=np.asarray(key), **out)
     return out
 
 
@@ -224,8 +224,8 @@ def _attack_target(model: _Model, source, target: int, indices: np.ndarray, work
         adv_pred = model.predict(model.variables, adv)
         pos = jnp.asarray(batch["pos"])
         real = np.asarray(batch["pos"]) < n
-        np.savez(os.path.join(shards, f"batch{batch['b']:05d}.npz"), original=batch["x"][real],
-                 adversarial=np.asarray(adv)[real])
+        fileio.savez(os.path.join(shards, f"batch{batch['b']:05d}.npz"), original=batch["x"][real],
+                     adversarial=np.asarray(adv)[real])
         return {"orig_peak": st["orig_peak"].at[pos].set(orig_peak, mode="drop"),
                 "adv_peak": st["adv_peak"].at[pos].set(adv_peak, mode="drop"),
                 "success": st["success"].at[pos].set(success, mode="drop"),
@@ -298,11 +298,9 @@ def _write_images(tdir: str, indices, preds, res: dict, examples: int) -> None:
     parts = [np.load(os.path.join(tdir, "images", f)) for f in shards]
     original = np.concatenate([p["original"] for p in parts])
     adversarial = np.concatenate([p["adversarial"] for p in parts])
-    tmp = os.path.join(tdir, "images.tmp.npz")
-    np.savez(tmp, original=original, adversarial=adversarial, index=indices, source=preds,
-             adversarial_prediction=res["adv_pred"], success=res["success"], original_peak=res["orig_peak"],
-             adversarial_peak=res["adv_peak"])
-    os.replace(tmp, os.path.join(tdir, "images.npz"))
+    fileio.savez(os.path.join(tdir, "images.npz"), original=original, adversarial=adversarial, index=indices,
+                 source=preds, adversarial_prediction=res["adv_pred"], success=res["success"],
+                 original_peak=res["orig_peak"], adversarial_peak=res["adv_peak"])
     m = min(examples, len(original))
     if m:
         from PIL import Image
@@ -325,17 +323,12 @@ def _write_json(path: str, data) -> None:
             return [clean(x) for x in v]
         return v
 
-    with open(path + ".tmp", "w") as f:
-        json.dump(clean(data), f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(path, clean(data))
 
 
 def plot_groups(summary: dict, path: str) -> None:
     """Bar chart: per target class the mean peak change of the target, source and other units, 99% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary["targets"])
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.6))
@@ -354,5 +347,4 @@ def plot_groups(summary: dict, path: str) -> None:
     ax.set_title(f"Units changed by the {summary['attack'].upper()} attack (99% intervals)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxdissect import netdissect2017 as nd
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.plotting import pyplot, save_figure
 
 CATEGORY_COLORS = {"object": "#4e79a7", "scene": "#f28e2b", "part": "#59a14f", "material": "#e15759",
                    "texture": "#b07aa1", "color": "#edc948"}
@@ -202,10 +203,7 @@ def _stacked(ax, labels, rows, categories):
 
 def write_figures(output_dir: str, categories: list[str], rows: list[dict], threshold: float) -> dict:
     """The paper's figures as SVG; returns ``{title: file name}`` of those that apply."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figures = {}
     plain = {(r["model"], r["layer"]) for r in rows if r["alpha"] is None}
@@ -214,8 +212,7 @@ def write_figures(output_dir: str, categories: list[str], rows: list[dict], thre
 
     def save(fig, name, title):
         fig.tight_layout()
-        fig.savefig(os.path.join(output_dir, name))
-        plt.close(fig)
+        save_figure(fig, os.path.join(output_dir, name))
         figures[title] = name
 
     models = list(dict.fromkeys(r["model"] for r in base))

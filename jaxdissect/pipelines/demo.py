@@ -230,14 +230,15 @@ def toy_dissection(cache_dir: str, layer: str | None = None) -> str:
     """The planted toy generator's dissection of ``layer`` (default its edit layer), built once in the cache."""
     from jaxdissect import fileio, progress
     from jaxdissect.models import toy_generator as toy
+    from jaxdissect.pipelines.toy import dissect_toy
 
     layer = layer or toy.EDIT_LAYER
     name = "ganpaint-toy-dissection" if layer == toy.EDIT_LAYER else f"toy-dissection-{layer}"
     target = os.path.join(cache_dir, name)
     if os.path.isdir(target) and not os.path.exists(os.path.join(target, layer, "arrays.npz")):
-        toy.dissect_toy(target, layer, progress=progress.enabled())  # a cache of an older version: resume it
+        dissect_toy(target, layer, progress=progress.enabled())  # a cache of an older version: resume it
         return target
-    return fileio.build_once(target, lambda tmp: toy.dissect_toy(tmp, layer, progress=progress.enabled()),
+    return fileio.build_once(target, lambda tmp: dissect_toy(tmp, layer, progress=progress.enabled()),
                              what=f"the toy generator's dissection of {layer}")
 
 
@@ -262,11 +263,11 @@ def ablation_ranking(cache_dir: str, layer: str = LAYER, log: Callable[[str], No
     """The demo model's units of ``layer`` ranked per class (``results.npz`` ``order``), built once in the cache.
 
     The output directory of the classifier ablation experiment
-    (``jaxdissect.interventions.classifier``) on 256 training scenes (ranking)
+    (``jaxdissect.pipelines.ablate_classifier``) on 256 training scenes (ranking)
     and 128 others (evaluation), as ``launch.adversarial --ablation`` reads it.
     """
     from jaxdissect import fileio
-    from jaxdissect.interventions.classifier import classifier_ablation_experiment
+    from jaxdissect.pipelines.ablate_classifier import classifier_ablation_experiment
 
     path = model_dir(cache_dir, log)
     module, variables, info = model(cache_dir, log=None)

@@ -34,7 +34,7 @@ per image (the log says whether the cache is used).
 With ``segmentation_cache`` (a directory; the launchers use the per-user
 cache), the segmenter's label maps are kept on disk and shared by every later
 dissection of the same data: dissecting another model or other layers reads
-them and does not run the segmenter (``jaxdissect.segcache``). The entry is
+them and does not run the segmenter (``jaxdissect.segmentation.cache``). The entry is
 keyed by the data's fingerprint, the segmenter's digest (class, variables,
 labels, settings), the image and label-map sizes, a digest of item 0's
 display image (another resize or crop of the same files is another entry)
@@ -76,7 +76,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxdissect import parallel, segcache, streaming
+from jaxdissect import parallel, streaming
+from jaxdissect.segmentation import cache as segcache
 from jaxdissect.data import loader
 from jaxdissect.kernels import upsample as upsample_k
 from jaxdissect.errors import JaxDissectError
@@ -177,7 +178,7 @@ class _Run:
         self.row0_competes, self.settings = bool(row0_competes), dict(settings or {})
         if not 0 < quantile < 1:
             raise DissectError(f"quantile must be in (0, 1), got {quantile}")
-        self.receptive_field = _receptive_field(geometry, receptive_field)
+        self.receptive_field = parse_geometry(geometry, receptive_field)
         self.mesh = mesh if mesh is not None else parallel.make_mesh()
         self.devices = self.mesh.size
         total = len(data)
@@ -723,7 +724,9 @@ class _Run:
     # -- outputs -----------------------------------------------------------
     def report_units(self, name, result):
         """``report.json`` units, with the formulas and p-values of the layer when they were asked for."""
-        units = report_units(result)
+        from jaxdissect.reports import report_json
+
+        units = report_json.report_units(result)
         for u, extra in zip(units, self.explained.get(name, ())):
             u.update(extra)
         for u, entry in zip(units, self.metrics.get(name, ())):
@@ -877,12 +880,6 @@ def _update(name: str, plans: tuple, mesh):
     return parallel.per_device(update, mesh)
 
 
-def report_units(result) -> list[dict]:
-    """``report.json`` unit entries (``unit``, ``label``, ``cat``, ``iou``) of a ``DissectionResult``."""
-    return [{"unit": u["unit"], "label": u["label"], "cat": u["category"], "iou": u["iou"]}
-            for u in result.labels]
-
-
 def layer_arrays(result) -> dict[str, np.ndarray]:
     """The arrays of ``arrays.npz``: thresholds, IoU, labels, top-k, counts, activation mean/max."""
     names = ("thresholds", "iou", "label", "label_iou", "interpretable", "top_values", "top_index",
@@ -900,7 +897,7 @@ def _hash_array(a) -> str:
 GEOMETRIES = ("original", "clamped", "receptive_field")
 
 
-def _receptive_field(geometry, receptive_field) -> dict:
+def parse_geometry(geometry, receptive_field) -> dict:
     """``Plan`` keywords (``convolutions``, ``image_size``) of the geometry; empty unless receptive_field."""
     if geometry not in GEOMETRIES:
         raise DissectError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {geometry!r}")
@@ -1033,7 +1030,7 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         label 0), the summary (per-layer medians) and ``index.html``.
       segmentation_cache: a directory (e.g. the per-user cache) where the label
         maps of a ``(segmenter, variables)`` segmentation are kept on disk and
-        shared by every later dissection of the same data (``jaxdissect.segcache``):
+        shared by every later dissection of the same data (``jaxdissect.segmentation.cache``):
         a batch whose items are all there is not segmented again. None (the
         default): no disk cache. Results are identical either way.
       segmentation_cache_mb: size budget of ``segmentation_cache`` in MiB

@@ -22,6 +22,7 @@ import numpy as np
 from jaxdissect import fileio
 from jaxdissect.editing import Brushes, EditError, Stroke, adapt, apply_strokes, invert
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.preprocess import zc_to_uint8
 
 
 class PhotoEditError(JaxDissectError, ValueError):
@@ -47,11 +48,6 @@ def load_photo(path: str, size: int) -> np.ndarray:
     return (np.asarray(img, np.float32) / 127.5 - 1.0)[None]
 
 
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] -> uint8 (the corrected rendering ``(x + 1) / 2``)."""
-    return np.clip((np.asarray(images) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
 def _png_bytes(image_uint8: np.ndarray) -> bytes:
     import io
 
@@ -66,7 +62,7 @@ def save_png(path: str, image) -> None:
     """``image`` in [-1, 1] as a PNG file (written atomically)."""
     from jaxdissect import fileio
 
-    fileio.write_bytes(path, _png_bytes(to_uint8(image)))
+    fileio.write_bytes(path, _png_bytes(zc_to_uint8(image)))
 
 
 SIDE_BY_SIDE_PANEL = 192   # panels are enlarged (nearest, whole factors) to at least this many pixels
@@ -80,7 +76,7 @@ def side_by_side(panels: dict, min_size: int = SIDE_BY_SIDE_PANEL) -> np.ndarray
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    images = [to_uint8(img) for img in panels.values()]
+    images = [zc_to_uint8(img) for img in panels.values()]
     h, w = images[0].shape[:2]
     scale = max(1, -(-min_size // max(h, w)))
     font = ImageFont.load_default()
@@ -170,4 +166,4 @@ def edit_photo(generator, variables, photo: np.ndarray, strokes: Sequence[Stroke
     return summary
 
 
-__all__ = ["PhotoEditError", "EditError", "edit_photo", "load_photo", "parse_stroke", "save_png", "to_uint8"]
+__all__ = ["PhotoEditError", "EditError", "edit_photo", "load_photo", "parse_stroke", "save_png"]

@@ -20,7 +20,6 @@ continues from its last checkpoint; finished, it is restored, not recomputed.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -28,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions import generator as gi
 from jaxdissect.errors import JaxDissectError
+from jaxdissect.plotting import pyplot, save_figure
+from jaxdissect.preprocess import zc_to_uint8
 
 CI99 = 2.58
 
@@ -88,11 +90,6 @@ def unit_quantile(module, variables, layer: str, z: np.ndarray, level: float, re
     return np.asarray(qk.finish(selection, jax.device_get(low_state)))
 
 
-def render(images) -> np.ndarray:
-    """Generator output in [-1, 1] -> uint8 RGB (the corrected rendering, spec 2.6)."""
-    return np.clip((np.asarray(images, np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
 def image_grid(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
     """Rows of uint8 images ``[n, H, W, 3]`` pasted into one grid with white gaps."""
     n, h, w, _ = rows[0].shape
@@ -118,24 +115,12 @@ def _save_png(path: str, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def _write_json(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _plot(path: str, draw) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     draw(ax)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def removal_experiment(module, variables, layer, segment, label_names, iou, z, *, concept, max_units,
@@ -155,8 +140,8 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
         "removed": [{"n": n, "removed_fraction": float(r), "ci99": float(CI99 * s)}
                     for n, r, s in zip(range(1, max_units + 1), removed, sem)],
     }
-    np.savez(os.path.join(output_dir, f"remove_{concept}.npz"), units=order, **stats.arrays())
-    _write_json(os.path.join(output_dir, f"remove_{concept}.json"), summary)
+    fileio.savez(os.path.join(output_dir, f"remove_{concept}.npz"), units=order, **stats.arrays())
+    fileio.write_json(os.path.join(output_dir, f"remove_{concept}.json"), summary)
 
     def draw(ax):
         n = np.arange(0, max_units + 1)
@@ -173,7 +158,7 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
     rows = []
     for n in shown:
         edits = {layer: layer_api.Ablate(order[:n])} if n else {}
-        rows.append(render(layer_api.run(module, variables, zs, edits=edits)))
+        rows.append(zc_to_uint8(layer_api.run(module, variables, zs, edits=edits)))
     _save_png(os.path.join(output_dir, f"remove_{concept}_grid.png"), image_grid(rows))
     summary["grid_rows"] = shown
     return summary
@@ -185,7 +170,7 @@ def single_unit_experiment(module, variables, layer, segment, num_labels, num_un
     stats = gi.ablation_segstats(module, variables, layer, [[u] for u in range(num_units)], z, segment,
                                  num_labels, batch_size=batch_size,
                                  workdir=os.path.join(output_dir, "work", "single-units"))
-    np.savez(os.path.join(output_dir, "single_units.npz"), **stats.arrays())
+    fileio.savez(os.path.join(output_dir, "single_units.npz"), **stats.arrays())
 
 
 def insertion_experiment(module, variables, layer, segment, label_names, iou, z, *, concept, num_units,
@@ -205,8 +190,8 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
     summary = {"concept": concept, "layer": layer, "units": [int(u) for u in units],
                "values": [float(v) for v in values[units]], "baseline_count": float(base),
                "min_samples": min_samples, "contexts": rows}
-    np.savez(os.path.join(output_dir, f"insert_{concept}.npz"), units=units, **stats.arrays())
-    _write_json(os.path.join(output_dir, f"insert_{concept}.json"), summary)
+    fileio.savez(os.path.join(output_dir, f"insert_{concept}.npz"), units=units, **stats.arrays())
+    fileio.write_json(os.path.join(output_dir, f"insert_{concept}.json"), summary)
 
     def draw(ax):
         top = rows[:12]
@@ -218,14 +203,14 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
     zs = jnp.asarray(z[:grid_samples])
     _, acts = layer_api.capture(module, variables, zs, [layer])
     h, w = acts[layer].shape[1:3]
-    clean = render(module.apply(variables, zs))
+    clean = zc_to_uint8(module.apply(variables, zs))
     cell = clean.shape[1] // h
     grid_rows = [clean]
     for y, x in ((h // 2, w // 4), (h - 2, w // 2), (h // 4, 3 * w // 4)):
         region = np.zeros((h, w), np.float32)
         region[y, x] = 1
         edit = layer_api.SetUnits(units, values[units], region)
-        out = render(layer_api.run(module, variables, zs, edits={layer: edit}))
+        out = zc_to_uint8(layer_api.run(module, variables, zs, edits={layer: edit}))
         grid_rows.append(np.stack([_box(img, y * cell, x * cell, cell) for img in out]))
     _save_png(os.path.join(output_dir, f"insert_{concept}_grid.png"), image_grid(grid_rows))
     return summary
@@ -265,5 +250,5 @@ def run_experiment(module, variables, layer: str, segmenter, segmenter_variables
         summaries["insert"] = insertion_experiment(
             module, variables, layer, segment, label_names, iou, z, concept=insert, num_units=insert_units,
             values=values, batch_size=batch_size, output_dir=output_dir, min_samples=min_samples)
-    _write_json(os.path.join(output_dir, "summary.json"), summaries)
+    fileio.write_json(os.path.join(output_dir, "summary.json"), summaries)
     return summaries

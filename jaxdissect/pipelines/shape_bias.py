@@ -27,7 +27,6 @@ passes are resumable (``jaxdissect.streaming.run_stream`` in ``work/``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -36,12 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
-from jaxdissect.data.folders import DataSourceError, _open_rgb, list_image_files
+from jaxdissect.data.folders import DataSourceError, open_rgb, list_image_files
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.kernels import quantile as quantile_k
 from jaxdissect.kernels import topk as topk_k
 from jaxdissect.kernels import upsample as upsample_k
+from jaxdissect.plotting import pyplot, save_figure
 
 LEVEL = 0.99
 RESOLUTION = 64
@@ -117,7 +118,7 @@ class PairedFolders:
 
         out = {}
         for j, kind in enumerate(("original", "stylized")):
-            display = np.stack([resize_crop(_open_rgb(self.pairs[int(i)][j]), self.size) for i in indices])
+            display = np.stack([resize_crop(open_rgb(self.pairs[int(i)][j]), self.size) for i in indices])
             out[kind + "_display"] = display
             out[kind] = renormalize(display.astype(np.float32) / 255.0, "pt", self.normalization).astype(np.float32)
         out["valid"] = np.ones(len(indices), bool)
@@ -222,8 +223,8 @@ def shape_bias(module, variables, layers: Sequence[str], source, output_dir: str
         top = topk_k.merge(jax.tree.map(lambda a: np.asarray(a)[None], st1[name]["top"]), hw[name][0] * hw[name][1])
         d = os.path.join(output_dir, name)
         os.makedirs(d, exist_ok=True)
-        np.savez(os.path.join(d, "shape_bias.npz"), score=score, intersection=inter, s_99=q[name]["s"],
-                 u_99=q[name]["u"], s_top_values=top["top_values"], s_top_index=top["top_index"])
+        fileio.savez(os.path.join(d, "shape_bias.npz"), score=score, intersection=inter, s_99=q[name]["s"],
+                     u_99=q[name]["u"], s_top_values=top["top_values"], s_top_index=top["top_index"])
         iou = _dissection_iou(dissection, name, units[name]) if dissection else None
         graphed = np.ones(units[name], bool) if iou is None else iou >= MIN_IOU
         summary["layers"][name] = {
@@ -234,8 +235,7 @@ def shape_bias(module, variables, layers: Sequence[str], source, output_dir: str
         }
         if strip_images:
             _strips(module, variables, name, source, top["top_index"][:, :strip_images], q[name], d, thumb)
-    with open(os.path.join(output_dir, "shape_bias.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    fileio.write_json(os.path.join(output_dir, "shape_bias.json"), summary)
     plot_summary(summary, os.path.join(output_dir, "shape_bias.png"))
     return summary
 
@@ -280,10 +280,7 @@ def _strips(module, variables, layer, source, top_index, levels, directory, thum
 
 def plot_summary(summary: dict, path: str) -> None:
     """Per layer: units with shape-bias score above and at most the cutoff (the original's two graphs in one)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(summary["layers"])
     shape = [summary["layers"][n]["shape_units"] for n in names]
@@ -298,5 +295,4 @@ def plot_summary(summary: dict, path: str) -> None:
     ax.set_title("Shape bias of units (stylized vs original images)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -22,7 +22,8 @@ import os
 import jax
 import numpy as np
 
-from jaxdissect.data.folders import DataSourceError, _open_rgb, list_image_files
+from jaxdissect import fileio
+from jaxdissect.data.folders import DataSourceError, open_rgb, list_image_files
 
 
 def pair_styles(num_contents: int, num_styles: int, seed: int) -> np.ndarray:
@@ -76,13 +77,12 @@ def stylize_folder(module, variables, content_root: str, style_root: str, output
             kept += 1
             bar.update(1)
             continue
-        c = np.asarray(_resize_shorter(_open_rgb(content), content_size), np.float32)[None] / 255.0
-        s = np.asarray(_resize_shorter(_open_rgb(style), style_size), np.float32)[None] / 255.0
+        c = np.asarray(_resize_shorter(open_rgb(content), content_size), np.float32)[None] / 255.0
+        s = np.asarray(_resize_shorter(open_rgb(style), style_size), np.float32)[None] / 255.0
         image = to_uint8(decode(variables, encode(variables, c), encode(variables, s), np.float32(alpha))[0])
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = out + ".tmp" + os.path.splitext(out)[1]
-        Image.fromarray(image).save(tmp)
-        os.replace(tmp, out)
+        with fileio.atomic_file(out) as f:
+            Image.fromarray(image).save(f, format=Image.registered_extensions()[os.path.splitext(out)[1].lower()])
         written += 1
         bar.update(1)
     bar.close()

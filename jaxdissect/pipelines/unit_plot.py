@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect import layers as layer_api
 from jaxdissect.interventions.common import InterventionError, lookup
+from jaxdissect.plotting import pyplot, save_figure
 
 
 def best_threshold(positive, negative) -> tuple[float, float]:
@@ -213,8 +215,6 @@ def generator_unit_plot(module, variables, layer: str, unit: int, z, segment: Ca
 
 
 def _write(output_dir, summary, groups, what, threshold, ba, **arrays) -> None:
-    from jaxdissect import fileio
-
     def clean(v):
         if isinstance(v, float) and not np.isfinite(v):
             return None
@@ -227,11 +227,9 @@ def _write(output_dir, summary, groups, what, threshold, ba, **arrays) -> None:
 
 def plot_groups(groups: dict, path: str, what: str, threshold: float, ba: float, seed: int = 0) -> None:
     """One row per group: its KDE (scaled to the row) and its images as jittered points; the threshold line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from scipy.stats import gaussian_kde
+
+    plt = pyplot()
 
     rng = np.random.default_rng(seed)
     names = list(groups)
@@ -254,5 +252,4 @@ def plot_groups(groups: dict, path: str, what: str, threshold: float, ba: float,
     ax.set_xlabel(what)
     ax.set_title(f"best single threshold: balanced accuracy {ba:.3f}" if np.isfinite(ba) else what)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -12,9 +12,10 @@ the longest rotated label, and a ``viewBox`` lets a page scale it up sharply.
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterable, Mapping, Sequence
 from xml.sax.saxutils import escape, quoteattr
+
+from jaxdissect import fileio
 
 CATEGORIES = ("object", "part", "material", "texture", "color")
 # (dark bar colour, light background colour) per category, in CATEGORIES order,
@@ -181,8 +182,5 @@ def concept_bargraph(unit_labels: Iterable, miniou: float = 0.04, barheight: int
 
 def write_concept_bargraph(path: str, unit_labels: Iterable, miniou: float = 0.04) -> str:
     """Write :func:`concept_bargraph` to ``path`` (e.g. ``concepts_99.svg``); returns the path."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(concept_bargraph(unit_labels, miniou))
-    os.replace(tmp, path)
+    fileio.write_text(path, concept_bargraph(unit_labels, miniou))
     return path

@@ -29,6 +29,7 @@ import posixpath
 from typing import Mapping, Sequence
 from urllib.parse import quote
 
+from jaxdissect import fileio
 from jaxdissect.reports.bargraph import CATEGORIES
 from jaxdissect.reports.strips import BORDER_COLOR, OUTER_BORDER_COLOR, strip_path
 
@@ -378,7 +379,5 @@ def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "index.html")
     text = render_run_report(run_name, layers, output_dir, settings=settings, skipped_files=skipped_files, q=q)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    fileio.write_text(path, text)
     return path

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Mapping, Sequence
 
+from jaxdissect import fileio
 from jaxdissect.reports.strips import strip_path
 
 
@@ -34,10 +34,7 @@ def _plain(value):
 
 def dump_json(path: str, data) -> None:
     """Write ``data`` as JSON (indent 1, non-finite floats as strings), atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_plain(data), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    fileio.write_text(path, json.dumps(_plain(data), indent=1, allow_nan=False))
 
 
 # Optional per-unit entries of ``dissect(formulas=..., permutations=...)`` (jaxdissect.explain.pipeline).
@@ -48,17 +45,22 @@ EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "
 METRICS_KEYS = ("metrics",)
 
 
-def report_units(units: Sequence[Mapping]) -> list[dict]:
-    """The ``units`` list of ``report.json`` from dicts with ``unit``, ``label``, ``cat``, ``iou``
-    (and the :data:`EXPLAIN_KEYS` and :data:`METRICS_KEYS` a unit has)."""
+def report_units(units) -> list[dict]:
+    """The ``units`` list of ``report.json``.
+
+    ``units``: a ``DissectionResult`` (its ``labels``), or dicts with
+    ``unit``, ``label``, ``cat`` (or ``category``), ``iou`` and the
+    :data:`EXPLAIN_KEYS` and :data:`METRICS_KEYS` a unit has.
+    """
     out = []
-    for u in units:
-        missing = [k for k in ("unit", "label", "cat", "iou") if k not in u]
+    for u in getattr(units, "labels", units):
+        cat = u.get("cat", u.get("category"))
+        missing = [k for k in ("unit", "label", "iou") if k not in u] + (["cat"] if cat is None else [])
         if missing:
             raise ValueError(f"unit entry {dict(u)!r} lacks {missing}; each unit needs unit, label, cat and iou")
         unit = int(u["unit"])
         out.append(dict(image=u.get("image", strip_path(unit)), unit=unit,
-                        iou=float(u["iou"]), label=str(u["label"]), cat=str(u["cat"])))
+                        iou=float(u["iou"]), label=str(u["label"]), cat=str(cat)))
         out[-1].update({k: u[k] for k in EXPLAIN_KEYS + METRICS_KEYS if k in u})
     return out
 

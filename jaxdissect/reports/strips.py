@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect.kernels.upsample import axis_taps
 
 BORDER_COLOR = (255, 255, 0)
@@ -132,8 +133,7 @@ def save_strips(directory: str, strips: Mapping[int, np.ndarray]) -> list[str]:
     paths = []
     for unit, strip in strips.items():
         path = os.path.join(directory, strip_path(unit))
-        tmp = path + ".tmp"
-        Image.fromarray(np.asarray(strip, np.uint8)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, path)
+        with fileio.atomic_file(path) as f:
+            Image.fromarray(np.asarray(strip, np.uint8)).save(f, format="JPEG", quality=JPEG_QUALITY)
         paths.append(path)
     return paths

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
+from jaxdissect import fileio
+from jaxdissect.plotting import pyplot, save_figure
 from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, unit_fields
 from jaxdissect.reports.report_json import dump_json
 
@@ -95,10 +97,7 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
 
 def plot_summary(path: str, rows: Sequence[Mapping], title: str = "") -> str:
     """Stacked bars per layer: unique concepts (left) and interpretable units (right) by category."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cats = [c for c in _categories(rows)
             if any(r["interpretable_by_category"].get(c, 0) for r in rows)]
@@ -125,13 +124,10 @@ def plot_summary(path: str, rows: Sequence[Mapping], title: str = "") -> str:
     if title:
         fig.suptitle(title).set_parse_math(False)
     fig.tight_layout()
-    tmp = path + ".tmp"
     fmt = os.path.splitext(path)[1].lstrip(".") or "svg"
     # Fixed ids and no date: the same rows give the same file, byte for byte.
-    with matplotlib.rc_context({"svg.hashsalt": "jaxdissect"}):
-        fig.savefig(tmp, format=fmt, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with plt.rc_context({"svg.hashsalt": "jaxdissect"}), fileio.atomic_file(path) as f:
+        save_figure(fig, f, format=fmt, metadata={"Date": None} if fmt in ("svg", "pdf") else None)
     return path
 
 
@@ -141,13 +137,10 @@ def write_summary(output_dir: str, rows: Sequence[Mapping], title: str = "") -> 
     paths = {k: os.path.join(output_dir, f"summary.{k}") for k in ("json", "csv", "md", "svg")}
     dump_json(paths["json"], dict(layers=list(rows)))
     header, table = _flat(rows)
-    with open(paths["csv"] + ".tmp", "w", newline="", encoding="utf-8") as f:
+    with fileio.atomic_file(paths["csv"], "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(table)
-    os.replace(paths["csv"] + ".tmp", paths["csv"])
-    with open(paths["md"] + ".tmp", "w", encoding="utf-8") as f:
-        f.write(markdown_table(rows))
-    os.replace(paths["md"] + ".tmp", paths["md"])
+    fileio.write_text(paths["md"], markdown_table(rows))
     plot_summary(paths["svg"], rows, title)
     return paths

@@ -17,7 +17,7 @@ version) lives in ``<root>/segmentation/<sha256(key)[:16]>/``: ``entry.json``
 (the key in clear and the label tables) and ``labels-<start>-<stop>.npy``
 chunks (items ``start .. stop - 1``, uint8 when there are fewer than 256
 labels, else uint16, at the segmentation resolution). A chunk is written to a
-temporary name and renamed into place, so a killed run never leaves a chunk
+temporary name and renamed into place (:mod:`jaxdissect.fileio`), so a killed run never leaves a chunk
 that reads as complete, and two runs writing the same chunk write the same
 bytes. Faults never cost results: an entry or chunk that does not match is
 not used (the log says why); an unwritable directory, a full disk or the size
@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -262,12 +261,10 @@ class SegmentationCache:
             return
         name = f"labels-{first}-{first + len(data)}.npy"
         path = os.path.join(self.directory, name)
-        tmp = os.path.join(self.directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
-            _save(tmp, data)
-            os.replace(tmp, path)
+            with fileio.atomic_file(path) as f:
+                _save(f, data)
         except OSError as e:
-            _remove(tmp)
             self.writable = False
             logging.warning("segmentation cache: cannot write %s (%s); the labels are computed as without a "
                             "cache and nothing more is written in this run", path, e)
@@ -279,19 +276,9 @@ class SegmentationCache:
         self.scan()
 
 
-def _save(path: str, data: np.ndarray) -> None:
-    """Write ``data`` as ``.npy`` to ``path`` and sync it to the disk (before it is renamed into place)."""
-    with open(path, "wb") as f:
-        np.save(f, data, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
+def _save(f, data: np.ndarray) -> None:
+    """Write ``data`` as ``.npy`` to the file object ``f`` (a temporary file renamed into place when complete)."""
+    np.save(f, data, allow_pickle=False)
 
 
 def _remove_stale_temporaries(directory: str, age_s: float = 3600.0) -> None:

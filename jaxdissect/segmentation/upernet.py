@@ -1,7 +1,7 @@
 """Unified Perceptual Parsing segmenter (Xiao et al. 2018): deep-stem ResNet-50 + UPerNet, in Flax.
 
 ``UnifiedParsing(...).apply(variables, x, seg_size)`` maps preprocessed images
-(:func:`jaxdissect.segmenters.preprocess.upp_preprocess`) to per-pixel logits
+(:func:`jaxdissect.segmentation.preprocess.upp_preprocess`) to per-pixel logits
 for objects, materials and object parts, bilinearly resized to ``seg_size``,
 plus per-image scene logits. Probabilities and label maps are left to the
 caller (softmax over objects and materials, softmax within each part group).
@@ -16,9 +16,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdissect.segmenters.preprocess import resize_bilinear
-from jaxdissect.segmenters.prroi import prroi_pool
-from jaxdissect.segmenters.resnet import ConvBN, ResNet50, conv
+from jaxdissect.models.blocks import Conv, ConvBN
+from jaxdissect.models.resnet import DeepStemResNet50
+from jaxdissect.segmentation.preprocess import resize_bilinear
+from jaxdissect.segmentation.prroi import prroi_pool
 
 Dtype = Any
 POOL_SCALES = (1, 2, 3, 6)
@@ -68,7 +69,7 @@ class Head(nn.Module):
         x = ConvBN(FPN_DIM, 3, dtype=self.dtype, name="0")(x)
         if self.global_pool:
             x = jnp.mean(x, axis=(1, 2), keepdims=True)
-        return conv(self.classes, 1, bias=True, dtype=self.dtype, name="2" if self.global_pool else "1")(x)
+        return Conv(self.classes, 1, dtype=self.dtype, name="2" if self.global_pool else "1")(x)
 
 
 class UPerNet(nn.Module):
@@ -115,7 +116,7 @@ class UPerNet(nn.Module):
 class UnifiedParsing(nn.Module):
     """The UPP segmenter: ``__call__(x, seg_size)`` -> logits resized to ``seg_size`` (float32).
 
-    ``x``: :func:`~jaxdissect.segmenters.preprocess.upp_preprocess` output (NHWC,
+    ``x``: :func:`~jaxdissect.segmentation.preprocess.upp_preprocess` output (NHWC,
     BGR, mean-subtracted, 0..255 scale, normally 256x256); ``seg_size``: static
     ``(h, w)``. Returns ``'object' [N, h, w, n_object]``, ``'material' [N, h, w,
     n_material]``, ``'part' [N, h, w, sum(part_sizes)]`` (consecutive groups,
@@ -133,7 +134,7 @@ class UnifiedParsing(nn.Module):
 
     @nn.compact
     def __call__(self, x, seg_size):
-        features = ResNet50(dtype=self.dtype, name="encoder")(x)
+        features = DeepStemResNet50(dtype=self.dtype, name="encoder")(x)
         out = UPerNet(self.n_object, self.n_material, self.n_scene, int(sum(self.part_sizes)),
                       dtype=self.dtype, name="decoder")(features)
         result = {k: resize_bilinear(out[k], tuple(seg_size)).astype(jnp.float32)

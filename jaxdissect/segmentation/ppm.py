@@ -1,7 +1,7 @@
 """Colour segmenter: dilated ResNet-18 + pyramid pooling ("ppm_deepsup" head), in Flax.
 
 ``ColorSegmenter(n_labels).apply(variables, x, seg_size)`` maps preprocessed
-images (:func:`jaxdissect.segmenters.preprocess.color_preprocess`) to logits
+images (:func:`jaxdissect.segmentation.preprocess.color_preprocess`) to logits
 ``[N, h, w, n_labels]`` bilinearly resized to ``seg_size``. The deep-supervision
 branch of the original decoder (``cbr_deepsup``, ``conv_last_deepsup``) only
 serves training and is not built. Submodule names mirror the original keys.
@@ -14,8 +14,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxdissect.segmenters.preprocess import adaptive_avg_pool, resize_bilinear
-from jaxdissect.segmenters.resnet import DilatedResNet18, batchnorm, conv
+from jaxdissect.models.blocks import Conv, batch_norm
+from jaxdissect.models.resnet import DilatedResNet18
+from jaxdissect.segmentation.preprocess import adaptive_avg_pool, resize_bilinear
 
 Dtype = Any
 POOL_SCALES = (1, 2, 3, 6)
@@ -31,7 +32,7 @@ class PoolConvBN(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = adaptive_avg_pool(x, self.scale)
-        x = batchnorm(self.dtype, "2")(conv(PPM_DIM, 1, dtype=self.dtype, name="1")(x))
+        x = batch_norm("2", self.dtype)(Conv(PPM_DIM, 1, use_bias=False, dtype=self.dtype, name="1")(x))
         return nn.relu(x)
 
 
@@ -55,8 +56,8 @@ class ConvLast(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(batchnorm(self.dtype, "1")(conv(PPM_DIM, 3, dtype=self.dtype, name="0")(x)))
-        return conv(self.n_labels, 1, bias=True, dtype=self.dtype, name="4")(x)
+        x = nn.relu(batch_norm("1", self.dtype)(Conv(PPM_DIM, 3, 1, 1, use_bias=False, dtype=self.dtype, name="0")(x)))
+        return Conv(self.n_labels, 1, dtype=self.dtype, name="4")(x)
 
 
 class PPMDeepSup(nn.Module):
@@ -75,7 +76,7 @@ class PPMDeepSup(nn.Module):
 class ColorSegmenter(nn.Module):
     """Colour segmenter: ``__call__(x, seg_size)`` -> float32 logits ``[N, h, w, n_labels]``.
 
-    ``x``: :func:`~jaxdissect.segmenters.preprocess.color_preprocess` output
+    ``x``: :func:`~jaxdissect.segmentation.preprocess.color_preprocess` output
     (NHWC); ``seg_size``: static ``(h, w)``; PyTorch bilinear resizing with
     ``align_corners=False``. Softmax (per category) is left to the caller.
     """

@@ -20,7 +20,7 @@ import functools
 import jax
 import numpy as np
 
-from jaxdissect.segmenters.preprocess import apply_separable
+from jaxdissect.segmentation.preprocess import apply_separable
 
 
 def _tent_cdf(u: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@
 ``images`` are RGB in [-1, 1], NHWC ``[N, H, W, 3]``; ``labels`` is int32
 ``[N, K, H / 4, W / 4]`` with, for ``netpqc``, K = 6 channels: object, material,
 part, quadrant top/bottom, quadrant left/right, colour. Label numbers index
-``label_names`` (0 = no label); see :mod:`jaxdissect.segmenters.labels` for
+``label_names`` (0 = no label); see :mod:`jaxdissect.segmentation.labels` for
 the numbering (identical to the original's) and the two decisions about its
 quirks (last quadrant component: faithful by default, ``quad_quirk=False``
 corrects it; colour "no label": written as 0 by default,
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
-from jaxdissect.segmenters import labels as L
-from jaxdissect.segmenters.preprocess import color_preprocess, upp_preprocess
+from jaxdissect.segmentation import labels as L
+from jaxdissect.segmentation.preprocess import color_preprocess, upp_preprocess
 from jaxdissect.errors import JaxDissectError
 
 UPP_SEGSIZES = (256,)  # the original's UnifiedParsingSegmenter(segsizes=[256])
@@ -61,8 +61,8 @@ class Segmenter(nn.Module):
     """
 
     tables: L.MergedLabels
-    upp: Any  # jaxdissect.segmenters.UnifiedParsing
-    color: Any = None  # jaxdissect.segmenters.ColorSegmenter, with a 'c' setting
+    upp: Any  # jaxdissect.segmentation.UnifiedParsing
+    color: Any = None  # jaxdissect.segmentation.ColorSegmenter, with a 'c' setting
     setting: str = "netpqc"
     quad_quirk: bool = True
     upp_segsizes: tuple[int, ...] = UPP_SEGSIZES

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.segmenters.quad import quad_split
+from jaxdissect.segmentation.quad import quad_split
 from jaxdissect.errors import JaxDissectError
 
 UPP_CATEGORIES = ("object", "part", "material")
@@ -210,7 +210,7 @@ def merge_upp(object_scores: jax.Array, material_scores: jax.Array, part_scores:
 
     Scores are logits or probabilities (only the argmax matters; part groups are
     argmaxed within themselves). Channels: object, material, part, then with quad
-    the t/b and l/r channels (``quad_quirk``: see :func:`jaxdissect.segmenters.quad.quad_split`).
+    the t/b and l/r channels (``quad_quirk``: see :func:`jaxdissect.segmentation.quad.quad_split`).
     """
     if part_scores.shape[-1] != sum(table.part_sizes):
         raise LabelError(f"part scores have {part_scores.shape[-1]} channels; labels.json's "

@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdissect.models.blocks import AvgPool, Conv, batch_norm
-from jaxdissect.models.resnet import Downsample
+from jaxdissect.models.blocks import AvgPool, Conv, ConvBN, batch_norm
 from jaxdissect.models.transformer import Blocks, LayerNorm, patch_grid, with_cls_token
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -114,7 +113,7 @@ class Bottleneck(nn.Module):
             # The shortcut: average pool (the stride; PyTorch's "downsample.-1"), then 1x1 conv "0" + BN "1".
             if s > 1:
                 x = nn.avg_pool(x, (s, s), strides=(s, s), padding="VALID")
-            x = Downsample(out_ch, 1, d, name="downsample")(x)
+            x = ConvBN(out_ch, 1, relu=False, dtype=d, name="downsample")(x)
         return nn.relu(y + x)
 
 

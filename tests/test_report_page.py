@@ -29,7 +29,7 @@ def test_page_header_legend_links_and_skipped_files(tmp_path):
     for key in ("model", "quantile", "IoU cut-off", "images read", "segmenter"):
         assert f"<dt>{key}</dt>" in text
     assert "&lt;seg&gt;" in text and "<seg>" not in text
-    assert "yellow outline" in text and "greyed out" in text and "never fires" in text
+    assert "yellow-and-black outline" in text and "greyed out" in text and "never fires" in text
     assert 'href="summary.svg"' in text and '<img class="summary" src="summary.svg"' in text
     assert "1 unreadable image left out" in text and "/data/bad &lt;1&gt;.jpg: OSError: truncated" in text
 

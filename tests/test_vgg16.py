@@ -122,7 +122,8 @@ def test_check_model_on_image_files(models, tmp_path):
     assert rel_err(result["output"], ref) < 1e-4
     text = "\n".join(lines)
     assert "conv5_3" in text and "(2, 14, 14, 512)" in text
-    assert f"sample 1: top-5 classes {int(np.argmax(ref[1]))} (" in text
+    best = CLASSES[int(np.argmax(ref[1]))]                    # model.json's name of the top class, not its number
+    assert f"sample 1: top-5 classes /{best[0]}/{best} (" in text
 
 
 def test_metadata(models):

@@ -36,6 +36,9 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxdissect.config import DissectError
+from jaxdissect.driver import Scoring
+
 METHODS = ("pnas", "netdissect2017")
 EPSILON = 1e-20
 
@@ -208,3 +211,33 @@ def summary_numbers(result, threshold: float = 0.04) -> dict:
             "unique detectors (top labels)": c["top"]["unique"],
             "unique detectors (per category, summed)": c["per_category"]["unique"],
             **{f"unique {k}": v for k, v in c["per_category"]["per_category"].items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Netdissect2017Scoring(Scoring):
+    """The driver strategy of ``method='netdissect2017'``: per-category scoring with the category-conditioned
+    activation count (pass 3 counts it per primary category), ``<layer>-result.csv`` and ``netdissect2017.json``
+    per layer, both unique-detector conventions on the run page. A unit is a detector when its score reaches
+    ``miniou`` (as the 2017 report counted)."""
+
+    miniou: float = 0.04
+
+    def plan_options(self, tables) -> dict:
+        index = label_category_index(tables.label_categories, tables.categories)
+        if not (index >= 0).any():
+            raise DissectError(f"method netdissect2017 needs labels with categories; none of the "
+                               f"{len(tables.label_names)} labels has one of {tables.categories}")
+        return dict(label_category=tuple(int(c) for c in index), num_categories=len(tables.categories))
+
+    def score(self, counts, plan, tables):
+        scores = score(counts["intersection"], counts["category_active"], counts["label_pixels"],
+                       plan.label_category)
+        interpretable = (scores.score >= self.miniou) & (scores.label > 0)
+        return scores.iou, scores.label, scores.score, interpretable, {
+            "method": "netdissect2017", "category_names": list(tables.categories)}
+
+    def layer_numbers(self, view, result, units):
+        return summary_numbers(result, self.miniou)
+
+    def write_layer(self, directory, view, result):
+        write_layer_files(directory, view, result, self.miniou)

@@ -40,7 +40,7 @@ def dump_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
-# Optional per-unit entries of ``dissect(formulas=..., permutations=...)`` (jaxdissect.explain.pipeline).
+# Optional per-unit entries of ``dissect(formulas=..., significance=True)`` (jaxdissect.explain.pipeline).
 EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "iou_ci", "formula_p_value",
                 "formula_q_value", "formula_significant")
 

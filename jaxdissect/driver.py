@@ -170,6 +170,9 @@ class IoUScoring(Scoring):
         from jaxdissect.kernels import labels as labels_k
 
         iou = iou_k.iou(counts["intersection"], counts["active"], counts["label_pixels"])
+        if iou.shape[1] == 1 and not self.row0_competes:  # no concept labels (segmentation=None)
+            zeros = np.zeros(iou.shape[0])
+            return iou, zeros.astype(np.int64), zeros, zeros.astype(bool), {}
         label, label_iou, interpretable = (np.asarray(x) for x in labels_k.best_labels(
             iou, miniou=self.miniou, row0_competes=self.row0_competes))
         return iou, label, label_iou, interpretable, {}
@@ -220,7 +223,9 @@ class Driver:
     """Runs a dissection's passes over a source (see the module docstring).
 
     ``plans``: ``{view: Plan}``; ``workdir``: the work directory (a pass's
-    checkpoints go to ``workdir/<pass>``), or None for no checkpoints;
+    checkpoints go to ``workdir/<pass>``; strategies may keep files there),
+    or None; ``checkpoints=False``: no checkpoints even with a work directory
+    (a temporary one: nothing would resume from it);
     ``identity``: the JSON-able settings that every pass's resume record
     holds; ``cache_mb``: host memory for the activation cache (0: never);
     ``check_finite``: stop pass 1 at its next checkpoint when an activation
@@ -229,12 +234,13 @@ class Driver:
 
     def __init__(self, source, plans: Mapping[str, Plan], tables: LabelTables, *, mesh, workdir: str | None,
                  identity: Mapping, checkpoint_every: int = 50, progress: bool = True, cache_mb: int = 0,
-                 check_finite: bool = False, log: Callable[[str], None] | None = None):
+                 check_finite: bool = False, checkpoints: bool = True,
+                 log: Callable[[str], None] | None = None):
         self.source, self.plans, self.tables, self.mesh = source, dict(plans), tables, mesh
         self.views = list(self.plans)
         self.workdir, self.identity = workdir, dict(identity)
         self.checkpoint_every, self.progress = checkpoint_every, progress
-        self.cache_mb, self.check_finite = cache_mb, check_finite
+        self.cache_mb, self.check_finite, self.checkpoints = cache_mb, check_finite, checkpoints
         self.log = log or (lambda message: None)
         self.num_batches, self.batch_size = source.num_batches, source.batch_size
         self.num_images = source.images
@@ -257,17 +263,20 @@ class Driver:
         self.plan_cache(strategies)
         self.log(f"pass 1/3 over {self.num_images} items: quantile histograms, top-"
                  f"{next(iter(self.plans.values())).topk} images")
-        pass1 = self.run_pass("pass1", strategies, taps)
-        first = self.finish_plans("pass1", pass1, lambda v, p, s: p.pass1_finish(s))
+        # Each pass's merged state is finished at once, so its host copy is freed before the next pass.
+        first = self.finish_plans("pass1", self.run_pass("pass1", strategies, taps),
+                                  lambda v, p, s: p.pass1_finish(s))
         self.log("pass 2/3: exact thresholds")
         init2 = {v: p.pass2_init(first[v][0]) for v, p in self.plans.items()}
-        pass2 = self.run_pass("pass2", strategies, taps, init=init2)
-        self.thresholds = self.finish_plans("pass2", pass2, lambda v, p, s: p.pass2_finish(first[v][0], s))
+        self.thresholds = self.finish_plans("pass2", self.run_pass("pass2", strategies, taps, init=init2),
+                                            lambda v, p, s: p.pass2_finish(first[v][0], s))
+        del init2
         self.log("pass 3/3: IoU against the segmentation")
         init3 = {v: p.pass3_init(self.thresholds[v]) for v, p in self.plans.items()}
-        pass3 = self.run_pass("pass3", strategies, taps, init=init3,
-                              extra={"thresholds": {v: array_digest(t) for v, t in self.thresholds.items()}})
-        counts = self.finish_plans("pass3", pass3, lambda v, p, s: p.pass3_finish(s))
+        counts = self.finish_plans("pass3", self.run_pass(
+            "pass3", strategies, taps, init=init3,
+            extra={"thresholds": {v: array_digest(t) for v, t in self.thresholds.items()}}),
+            lambda v, p, s: p.pass3_finish(s))
         self.results = {v: self.result(v, scoring, first[v][1], self.thresholds[v], counts[v], config or {})
                         for v in self.views}
         for s in strategies:
@@ -403,12 +412,12 @@ class Driver:
                                   lambda v, p, s: p.pass1_finish(s))
 
     def _stream(self, step, state, batches, name, config, check):
-        """One pass: resumable through ``streaming.run_stream`` with a work directory, else a plain loop."""
+        """One pass: resumable through ``streaming.run_stream`` with checkpoints, else a plain loop."""
         from jaxdissect import progress as progress_lib
         from jaxdissect import streaming
 
         show = None if self.progress else False
-        if self.workdir is not None:
+        if self.workdir is not None and self.checkpoints:
             return streaming.run_stream(step, state, batches, num_batches=self.num_batches,
                                         workdir=os.path.join(self.workdir, name), config=config,
                                         checkpoint_every=self.checkpoint_every, desc=f"dissect {name}",

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from typing import Sequence
 
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect.config import DissectError
 from jaxdissect.driver import Scoring
 
@@ -153,12 +155,11 @@ def result_rows(scores: Scores, counts: dict, categories: Sequence[str], label_n
 def write_result_csv(path: str, scores: Scores, counts: dict, categories, label_names) -> None:
     """Write ``[layer]-result.csv`` (atomically)."""
     header, rows = result_rows(scores, counts, categories, label_names)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    fileio.write_text(path, text.getvalue())
 
 
 def category_report(scores: Scores, categories, label_names, threshold: float = 0.04) -> dict:
@@ -188,8 +189,6 @@ def scores_of(result) -> Scores:
 
 def write_layer_files(directory: str, name: str, result, threshold: float = 0.04) -> dict:
     """``<name>-result.csv`` and ``netdissect2017.json`` (per-category report) in ``directory``."""
-    import json
-
     scores = scores_of(result)
     cats = result.config["category_names"]
     counts = {"label_pixels": result.label_pixels, "intersection": result.intersection,
@@ -197,10 +196,7 @@ def write_layer_files(directory: str, name: str, result, threshold: float = 0.04
     write_result_csv(os.path.join(directory, f"{name.replace('/', '_')}-result.csv"), scores, counts, cats,
                      result.label_names)
     report = category_report(scores, cats, result.label_names, threshold)
-    tmp = os.path.join(directory, "netdissect2017.tmp.json")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "netdissect2017.json"))
+    fileio.write_json(os.path.join(directory, "netdissect2017.json"), report)
     return report
 
 

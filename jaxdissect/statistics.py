@@ -287,17 +287,15 @@ class DissectionResult:
 
     def save(self, directory: str) -> None:
         """Write ``result.npz`` (arrays) and ``result.json`` (names, counts, settings) to ``directory``."""
+        from jaxdissect import fileio
+
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, "result.tmp.npz")
         extra = {} if self.category_active is None else {"category_active": np.asarray(self.category_active)}
-        np.savez(tmp, **{k: np.asarray(getattr(self, k)) for k in _ARRAYS}, **extra)
-        os.replace(tmp, os.path.join(directory, "result.npz"))
+        fileio.savez(os.path.join(directory, "result.npz"), **{k: np.asarray(getattr(self, k)) for k in _ARRAYS},
+                     **extra)
         meta = {"format": "jaxdissect-dissection-result", "pixels": int(self.pixels), "images": int(self.images),
                 "label_names": self.label_names, "categories": self.categories, "config": self.config}
-        tmp = os.path.join(directory, "result.tmp.json")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(directory, "result.json"))
+        fileio.write_json(os.path.join(directory, "result.json"), meta)
 
     @classmethod
     def load(cls, directory: str) -> "DissectionResult":

@@ -70,7 +70,7 @@ from jaxdissect import fileio, parallel, segcache, streaming
 from jaxdissect.bases import Basis, Linear, Neurons
 from jaxdissect.config import DissectConfig, DissectError
 from jaxdissect.data import loader
-from jaxdissect.driver import Driver, IoUScoring, Scoring, Strategy, array_digest
+from jaxdissect.driver import Driver, IoUScoring, Scoring, Strategy
 
 __all__ = ["DissectError", "dissect", "method_strategies", "model_input", "trace_shapes", "forward_fn", "views_of"]
 
@@ -411,6 +411,8 @@ class Dissection:
 
     # -- the run -------------------------------------------------------------------------------------------
     def run(self, output_dir: str, write: bool) -> dict:
+        """Dissect into ``output_dir`` (``write``: the reports too; without them the directory is a temporary
+        one, so the statistics are not saved for resuming)."""
         self.output_dir = output_dir
         self.source = ModelBatches(self)
         primary = jax.process_index() == 0
@@ -444,10 +446,11 @@ class Dissection:
             self.labeller.open(self.say)  # before the passes: its log lines come before the progress bars
             driver = Driver(self.source, self.plans, self.tables, mesh=self.mesh, workdir=wd.directory,
                             identity=self.identity, checkpoint_every=self.config.checkpoint_every,
-                            progress=self.progress, cache_mb=self.config.activation_cache_mb, log=self.say)
+                            progress=self.progress, cache_mb=self.config.activation_cache_mb, checkpoints=write,
+                            log=self.say)
             results, found = driver.run(self.scoring, self.strategies,
                                         config={v: self.result_config(v) for v in self.layers})
-            if primary:
+            if primary and write:
                 for v, r in results.items():
                     r.save(os.path.join(results_dir, v))
                     for s in saved:

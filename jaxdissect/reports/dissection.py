@@ -41,6 +41,7 @@ class Outputs:
                  title: str):
         self.output_dir, self.strategies, self.found = output_dir, list(strategies), found
         self.miniou, self.title = miniou, title
+        self.extra_keys: dict = {}   # per-unit keys the strategies add, in order (kept in report.json)
 
     def layer_dir(self, view: str) -> str:
         return os.path.join(self.output_dir, view.replace("/", "_"))
@@ -52,6 +53,7 @@ class Outputs:
             extra = s.unit_fields(view, self.found.get(s.name, {}).get(view))
             for u, fields in zip(units, extra or ()):
                 u.update(fields)
+                self.extra_keys.update(dict.fromkeys(fields))
         return units
 
     def write_layer(self, view: str, result, strips: Mapping[int, np.ndarray]) -> None:
@@ -64,7 +66,7 @@ class Outputs:
         strip_lib.save_strips(d, strips)
         units = self.units(view, result)
         bargraph.write_concept_bargraph(os.path.join(d, "concepts_99.svg"), units, self.miniou)
-        report_json.write_report_json(os.path.join(d, "report.json"), self.title, units)
+        report_json.write_report_json(os.path.join(d, "report.json"), self.title, units, extra=list(self.extra_keys))
         for s in self.strategies:
             s.write_layer(d, view, result)
 

@@ -48,9 +48,9 @@ EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "
 METRICS_KEYS = ("metrics",)
 
 
-def report_units(units: Sequence[Mapping]) -> list[dict]:
+def report_units(units: Sequence[Mapping], extra: Sequence[str] = ()) -> list[dict]:
     """The ``units`` list of ``report.json`` from dicts with ``unit``, ``label``, ``cat``, ``iou``
-    (and the :data:`EXPLAIN_KEYS` and :data:`METRICS_KEYS` a unit has)."""
+    (and the :data:`EXPLAIN_KEYS`, :data:`METRICS_KEYS` and ``extra`` keys a unit has)."""
     out = []
     for u in units:
         missing = [k for k in ("unit", "label", "cat", "iou") if k not in u]
@@ -59,17 +59,19 @@ def report_units(units: Sequence[Mapping]) -> list[dict]:
         unit = int(u["unit"])
         out.append(dict(image=u.get("image", strip_path(unit)), unit=unit,
                         iou=float(u["iou"]), label=str(u["label"]), cat=str(u["cat"])))
-        out[-1].update({k: u[k] for k in EXPLAIN_KEYS + METRICS_KEYS if k in u})
+        out[-1].update({k: u[k] for k in EXPLAIN_KEYS + METRICS_KEYS + tuple(extra) if k in u})
     return out
 
 
-def write_report_json(path: str, name: str, units: Sequence[Mapping], image: str = "concepts_99.svg") -> str:
+def write_report_json(path: str, name: str, units: Sequence[Mapping], image: str = "concepts_99.svg",
+                      extra: Sequence[str] = ()) -> str:
     """Write ``report.json`` for one dissected layer; returns ``path``.
 
     ``name`` is the header name (``"<model> <dataset> <seg>"`` in the original),
-    ``units`` one dict per unit with ``unit``, ``label``, ``cat`` and ``iou``.
+    ``units`` one dict per unit with ``unit``, ``label``, ``cat`` and ``iou``;
+    ``extra``: more per-unit keys to keep (a method strategy's fields).
     """
-    dump_json(path, dict(header=dict(name=str(name), image=str(image)), units=report_units(units)))
+    dump_json(path, dict(header=dict(name=str(name), image=str(image)), units=report_units(units, extra)))
     return path
 
 

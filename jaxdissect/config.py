@@ -38,7 +38,6 @@ from jaxdissect.errors import JaxDissectError
 
 METHODS = ("pnas", "netdissect2017")
 GEOMETRIES = ("original", "clamped", "receptive_field")
-ROLES = ("input", "method", "addon", "run")
 
 
 class DissectError(JaxDissectError, ValueError):
@@ -140,7 +139,7 @@ class DissectConfig:
 
     def addon_on(self, group: str) -> bool:
         """Whether the add-on ``group`` (``'explain'``, ``'label_metrics'``) runs."""
-        return bool(_ADDONS[group](self))
+        return bool(ADDONS[group](self))
 
     def replace(self, **changes) -> "DissectConfig":
         """A copy with ``changes`` (field names; an unknown name is an error listing the fields)."""
@@ -197,7 +196,7 @@ class DissectConfig:
 
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DissectConfig))
-_ADDONS = {
+ADDONS = {
     "explain": lambda c: c.formulas or c.significance,
     "label_metrics": lambda c: c.label_metrics,
 }

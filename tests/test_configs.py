@@ -106,3 +106,24 @@ def test_launcher_flags_come_from_the_config():
                           "--topk=0"], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
     assert out.returncode == 1 and out.stderr == "error: --topk=0: must be a positive integer\n", out.stderr
+
+
+def test_launcher_traces_the_model_once(tmp_path, monkeypatch):
+    """launch.dissect's layer list and the dissection's shapes come from one trace of the model."""
+    import jaxdissect.layers
+    import jaxdissect.pipelines.dissect as pipeline
+    from jaxdissect.checkpoint import save_model
+    from jaxdissect.models.small_cnn import SmallCNN
+    from launch import dissect as launcher
+    from test_launch_dissect import numpy_init
+
+    module = SmallCNN(widths=(4, 4, 4, 4))
+    model = str(tmp_path / "m")
+    save_model(model, module, numpy_init(module, (1, 64, 64, 3)), metadata={"model": "m", "preprocessing": {
+        "normalization": "zc", "resize": 64, "crop": 64}})
+    traced, real = [], jaxdissect.layers.layer_shapes
+    monkeypatch.setattr(jaxdissect.layers, "layer_shapes", lambda *a, **k: traced.append(1) or real(*a, **k))
+    pipeline._traced.cache_clear()
+    launcher.run(dict(model=model, data="synthetic:8", layers="conv4", batch_size=8, topk=2, thumbsize=8,
+                      output_dir=str(tmp_path / "out")))
+    assert len(traced) == 1

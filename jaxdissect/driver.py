@@ -109,7 +109,7 @@ class Strategy:
     ``layer_numbers``, ``settings``, ``page_options``, ``write_layer``.
     """
 
-    name = ""
+    name = ""                       # unique among a run's strategies; keys its taps and saved outputs
     extra_pass: str | None = None
     describe_pass = ""
     cache_keys: tuple = ()
@@ -257,6 +257,10 @@ class Driver:
         ``config`` is each result's ``config`` record (the scoring adds its keys).
         """
         strategies = [s for s in strategies if s is not scoring]
+        names = [s.name for s in strategies]
+        if "" in names or len(set(names)) != len(names):
+            raise ValueError(f"every strategy besides the scoring needs its own name (class attribute name); "
+                             f"got {names}")
         for s in strategies:
             s.check(self)
         taps: dict = {s.name: {} for s in strategies}

@@ -131,7 +131,7 @@ def _block(tree):
 def parts_vs_pipeline(n, batch, workdir):
     import jax.numpy as jnp
 
-    from jaxdissect.pipelines.dissect import _forward, dissect
+    from jaxdissect.pipelines.dissect import dissect, forward_fn, views_of
     from jaxdissect.segmentation import segment
     from jaxdissect.statistics import dissect_activations
 
@@ -146,8 +146,7 @@ def parts_vs_pipeline(n, batch, workdir):
     results, warm = _timed(lambda: dissect(module, variables, ["conv5_3"], data, segmentation,
                                            output_dir=os.path.join(workdir, "warm"), **kw))
 
-    compiled = _forward(module, ("conv5_3",), (("conv5_3", "conv5_3", False),))
-    forward = lambda v, x: compiled(v, x, {})  # noqa: E731
+    forward = forward_fn(module, views_of(["conv5_3"], None))
     batches = [data.get_batch(range(i, min(n, i + batch))) for i in range(0, n, batch)]
     _block(forward(variables, batches[0]["image"]))
     acts, t_forward = [], 0.0

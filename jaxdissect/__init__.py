@@ -37,8 +37,9 @@ _EXPORTS = {
     # Segmenters.
     "load_segmenter": "jaxdissect.segmentation",
     "segment": "jaxdissect.segmentation",
-    # The whole dissection of a model.
+    # The whole dissection of a model, and its one configuration.
     "dissect": "jaxdissect.pipelines.dissect",
+    "DissectConfig": "jaxdissect.config",
     "PlacesFolder": "jaxdissect.data.places",
     "ImageFolder": "jaxdissect.data.folders",
     "LatentSource": "jaxdissect.data.folders",

@@ -31,10 +31,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from typing import Sequence
 
 import numpy as np
+
+from jaxdissect import fileio
+from jaxdissect.config import DissectError
+from jaxdissect.driver import Scoring
 
 METHODS = ("pnas", "netdissect2017")
 EPSILON = 1e-20
@@ -150,12 +155,11 @@ def result_rows(scores: Scores, counts: dict, categories: Sequence[str], label_n
 def write_result_csv(path: str, scores: Scores, counts: dict, categories, label_names) -> None:
     """Write ``[layer]-result.csv`` (atomically)."""
     header, rows = result_rows(scores, counts, categories, label_names)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    w.writerows(rows)
+    fileio.write_text(path, text.getvalue())
 
 
 def category_report(scores: Scores, categories, label_names, threshold: float = 0.04) -> dict:
@@ -185,8 +189,6 @@ def scores_of(result) -> Scores:
 
 def write_layer_files(directory: str, name: str, result, threshold: float = 0.04) -> dict:
     """``<name>-result.csv`` and ``netdissect2017.json`` (per-category report) in ``directory``."""
-    import json
-
     scores = scores_of(result)
     cats = result.config["category_names"]
     counts = {"label_pixels": result.label_pixels, "intersection": result.intersection,
@@ -194,10 +196,7 @@ def write_layer_files(directory: str, name: str, result, threshold: float = 0.04
     write_result_csv(os.path.join(directory, f"{name.replace('/', '_')}-result.csv"), scores, counts, cats,
                      result.label_names)
     report = category_report(scores, cats, result.label_names, threshold)
-    tmp = os.path.join(directory, "netdissect2017.tmp.json")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(directory, "netdissect2017.json"))
+    fileio.write_json(os.path.join(directory, "netdissect2017.json"), report)
     return report
 
 
@@ -208,3 +207,33 @@ def summary_numbers(result, threshold: float = 0.04) -> dict:
             "unique detectors (top labels)": c["top"]["unique"],
             "unique detectors (per category, summed)": c["per_category"]["unique"],
             **{f"unique {k}": v for k, v in c["per_category"]["per_category"].items()}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Netdissect2017Scoring(Scoring):
+    """The driver strategy of ``method='netdissect2017'``: per-category scoring with the category-conditioned
+    activation count (pass 3 counts it per primary category), ``<layer>-result.csv`` and ``netdissect2017.json``
+    per layer, both unique-detector conventions on the run page. A unit is a detector when its score reaches
+    ``miniou`` (as the 2017 report counted)."""
+
+    miniou: float = 0.04
+
+    def plan_options(self, tables) -> dict:
+        index = label_category_index(tables.label_categories, tables.categories)
+        if not (index >= 0).any():
+            raise DissectError(f"method netdissect2017 needs labels with categories; none of the "
+                               f"{len(tables.label_names)} labels has one of {tables.categories}")
+        return dict(label_category=tuple(int(c) for c in index), num_categories=len(tables.categories))
+
+    def score(self, counts, plan, tables):
+        scores = score(counts["intersection"], counts["category_active"], counts["label_pixels"],
+                       plan.label_category)
+        interpretable = (scores.score >= self.miniou) & (scores.label > 0)
+        return scores.iou, scores.label, scores.score, interpretable, {
+            "method": "netdissect2017", "category_names": list(tables.categories)}
+
+    def layer_numbers(self, view, result, units):
+        return summary_numbers(result, self.miniou)
+
+    def write_layer(self, directory, view, result):
+        write_layer_files(directory, view, result, self.miniou)

@@ -175,7 +175,8 @@ def shard_batch(mesh: Mesh, tree):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
-def per_device(fn: Callable, mesh: Mesh, *, pad: bool = False, donate: bool = True) -> Callable:
+def per_device(fn: Callable, mesh: Mesh, *, pad: bool = False, donate: bool = True,
+               params: bool = False) -> Callable:
     """Run ``fn(state_slice, *batch_shard) -> new_state_slice`` on every device, no communication.
 
     Returns jitted ``f(state, *batch) -> state``: every leaf of ``state`` has
@@ -189,32 +190,40 @@ def per_device(fn: Callable, mesh: Mesh, *, pad: bool = False, donate: bool = Tr
     called as ``fn(state_slice, *batch_shard, valid)`` with ``valid`` a
     boolean ``[B_shard]`` mask of real items. Each distinct batch size
     compiles once (usually two: full batches and the last one).
+
+    With ``params=True`` the step is ``f(state, params, *batch)`` and ``fn``
+    is called as ``fn(state_slice, params, *batch_shard)``: ``params`` (any
+    tree: weights, thresholds) is replicated on every device and passed to
+    jit as an argument, never folded into the program as constants.
     """
     d = mesh.size
     spec = P(AXIS)
 
-    def body(state, batch):
+    def body(state, shared, batch):
         inner = jax.tree.map(lambda x: x[0], state)
-        out = fn(inner, *batch)
+        out = fn(inner, *shared, *batch)
         return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
 
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec, P(), spec), out_specs=spec)
 
     def run(state, *batch):
+        shared = ()
+        if params:
+            shared, batch = (batch[0],), batch[1:]
         if pad:
             n = _batch_size(jax.tree.leaves(batch))
             padded_n = -(-n // d) * d
             batch = jax.tree.map(
                 lambda x: jnp.pad(x, [(0, padded_n - n)] + [(0, 0)] * (x.ndim - 1)), batch)
             batch = tuple(batch) + (jnp.arange(padded_n) < n,)
-        return mapped(state, tuple(batch))
+        return mapped(state, shared, tuple(batch))
 
     jitted = jax.jit(run, donate_argnums=(0,) if donate else ())
 
     @functools.wraps(fn)
     def f(state, *batch):
         _check_state(state, d)
-        leaves = jax.tree.leaves(batch)
+        leaves = jax.tree.leaves(batch[1:] if params else batch)
         if not leaves:
             raise ValueError("per_device step called without batch arrays")
         n = _batch_size(leaves)

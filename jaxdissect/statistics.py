@@ -287,17 +287,15 @@ class DissectionResult:
 
     def save(self, directory: str) -> None:
         """Write ``result.npz`` (arrays) and ``result.json`` (names, counts, settings) to ``directory``."""
+        from jaxdissect import fileio
+
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, "result.tmp.npz")
         extra = {} if self.category_active is None else {"category_active": np.asarray(self.category_active)}
-        np.savez(tmp, **{k: np.asarray(getattr(self, k)) for k in _ARRAYS}, **extra)
-        os.replace(tmp, os.path.join(directory, "result.npz"))
+        fileio.savez(os.path.join(directory, "result.npz"), **{k: np.asarray(getattr(self, k)) for k in _ARRAYS},
+                     **extra)
         meta = {"format": "jaxdissect-dissection-result", "pixels": int(self.pixels), "images": int(self.images),
                 "label_names": self.label_names, "categories": self.categories, "config": self.config}
-        tmp = os.path.join(directory, "result.tmp.json")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp, os.path.join(directory, "result.json"))
+        fileio.write_json(os.path.join(directory, "result.json"), meta)
 
     @classmethod
     def load(cls, directory: str) -> "DissectionResult":
@@ -457,42 +455,32 @@ class _Batches:
         self._counted(offset, start)
 
 
-@functools.lru_cache(maxsize=16)
-def _steps(plan: Plan, mesh) -> tuple:
-    """Per-device steps of the three passes, cached so layers of equal shapes compile once."""
-    from jaxdissect import parallel
+class _ArraySource:
+    """The pass driver's source for user batches (``jaxdissect.driver``): one view, no activation cache."""
 
-    def update2(s, acts, valid, index, batch_id):
-        return plan.pass2_update(s, acts, valid)
+    VIEW = "acts"
+    label_keys = ("seg",)
 
-    def update3(s, acts, valid, index, batch_id, seg, image_labels=None):
-        return plan.pass3_update(s, acts, seg, valid, batch_id, image_labels)
+    def __init__(self, batches: _Batches, mesh, num_batches, images):
+        self.batches, self.mesh = batches, mesh
+        self.num_batches, self.images, self.batch_size = num_batches, images, batches.size
 
-    return tuple(parallel.per_device(f, mesh) for f in (plan.pass1_update, update2, update3))
+    def cache_bytes(self) -> int:
+        return 0
 
+    def reader(self, keys):
+        return lambda start: self.batches(start, with_labels="seg" in keys)
 
-def _run(step, state, batches, *, num_batches, workdir, name, config, checkpoint_every, check, progress):
-    """One pass: over all batches, resumable when ``workdir`` is set; a progress bar unless ``progress=False``."""
-    from jaxdissect import progress as progress_lib
+    def produce(self, batch, labels, keys=()):
+        from jaxdissect import parallel
 
-    show = None if progress else False
-    if workdir is not None:
-        from jaxdissect import streaming
+        acts, valid, index, batch_id, *rest = parallel.shard_batch(self.mesh, tuple(batch))
+        out = {"acts": {self.VIEW: acts}, "valid": valid, "index": index, "batch_id": batch_id}
+        out.update(zip(("seg", "image_labels"), rest))
+        return out
 
-        return streaming.run_stream(step, state, batches, num_batches=num_batches,
-                                    workdir=os.path.join(workdir, name), config={**config, "pass": name},
-                                    checkpoint_every=checkpoint_every, desc=f"dissect {name}",
-                                    check=check, progress=show)
-    bar = progress_lib.progress(total=num_batches, desc=f"dissect {name}", unit="batch", enabled=show)
-    try:
-        for i, batch in enumerate(batches(0)):
-            state = step(state, batch)
-            bar.update(1)
-            if check is not None and (i + 1) % checkpoint_every == 0:
-                check(state, i)
-    finally:
-        bar.close()
-    return state
+    def error(self, pass_name, view, e):
+        return None
 
 
 def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quantile: float = 0.01,
@@ -524,6 +512,7 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     from :class:`Plan` and :mod:`jaxdissect.parallel` directly.
     """
     from jaxdissect import parallel
+    from jaxdissect.driver import Driver, IoUScoring, LabelTables
 
     if jax.process_count() > 1:
         raise DissectionError("dissect_activations runs in a single process; for a multi-host job build the "
@@ -552,43 +541,14 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     if convolutions is None:
         upsample_k.axis_taps(1, 1, geometry)  # validates the geometry name up front
     config = dataclasses.asdict(plan)
-
-    def to_device(batch):
-        return parallel.shard_batch(mesh, tuple(batch))
-
-    def check1(state, index):
-        bad = np.asarray(parallel.to_host(state["quantile"]["nonfinite"])).sum(0)
-        if bad.any():
-            plan.pass1_finish(parallel.to_host(state))
-
-    run = functools.partial(_run, num_batches=num_batches, workdir=workdir, config=config,
-                            checkpoint_every=checkpoint_every, progress=progress)
-
-    step1, step2, step3 = _steps(plan, mesh)
     images = None if num_batches is None else num_batches * source.size
-    state1 = run(lambda s, b: step1(s, *to_device(b)), parallel.stack_init(mesh, plan.pass1_init(images)),
-                 lambda start: source(start), name="pass1", check=check1)
-    selection, stats = plan.pass1_finish(parallel.to_host(state1))
-    del state1
-
-    state2 = run(lambda s, b: step2(s, *to_device(b)), parallel.stack_init(mesh, plan.pass2_init(selection)),
-                 lambda start: source(start), name="pass2", check=None)
-    thresholds = plan.pass2_finish(selection, parallel.to_host(state2))
-    del state2
-
-    state3 = run(lambda s, b: step3(s, *to_device(b)), parallel.stack_init(mesh, plan.pass3_init(thresholds)),
-                 lambda start: source(start, with_labels=True), name="pass3", check=None)
-    counts = plan.pass3_finish(parallel.to_host(state3))
-
-    iou = iou_k.iou(counts["intersection"], counts["active"], counts["label_pixels"])
-    empty = np.zeros(plan.num_units, np.int64)
-    result = DissectionResult(
-        thresholds=np.asarray(thresholds, np.float32), iou=iou, label=empty, label_iou=empty.astype(np.float64),
-        interpretable=empty.astype(bool), pixels=int(counts["pixels"]), label_pixels=counts["label_pixels"],
-        active=counts["active"], intersection=counts["intersection"], top_values=stats["top_values"],
-        top_index=stats["top_index"], act_mean=stats["mean"], act_max=stats["max"], images=int(stats["images"]),
-        label_names=None if label_names is None else [str(n) for n in label_names],
-        categories=None if categories is None else [str(c) for c in categories],
-        config=json.loads(json.dumps({**config, "miniou": float(miniou), "row0_competes": bool(row0_competes),
-                                      "has_image_labels": has_image_labels is not None, "devices": devices})))
-    return result.relabel()
+    view = _ArraySource.VIEW
+    tables = LabelTables(None if label_names is None else [str(n) for n in label_names],
+                         None if categories is None else [str(c) for c in categories], [])
+    driver = Driver(_ArraySource(source, mesh, num_batches, images), {view: plan}, tables, mesh=mesh,
+                    workdir=workdir, identity=config, checkpoint_every=checkpoint_every, progress=progress,
+                    check_finite=True)
+    results, _ = driver.run(IoUScoring(float(miniou), bool(row0_competes)), config={view: json.loads(json.dumps({
+        **config, "miniou": float(miniou), "row0_competes": bool(row0_competes),
+        "has_image_labels": has_image_labels is not None, "devices": devices}))})
+    return results[view]

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxdissect import fileio
 from jaxdissect import progress as progress_lib
 from jaxdissect.errors import JaxDissectError
 
@@ -46,15 +47,6 @@ class StreamError(JaxDissectError, RuntimeError):
 
 class WorkdirLocked(StreamError):
     """Another live worker holds the directory's lock (a job list can skip to its next item)."""
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _owner() -> str:
@@ -100,7 +92,7 @@ class Workdir:
 
     def mark_done(self, name: str) -> None:
         """Record that step ``name`` finished (atomically; says who and when)."""
-        _write_atomic(self._marker(name), f"done by {_owner()} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        fileio.write_text(self._marker(name), f"done by {_owner()} at {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
 
     @property
     def locked(self) -> bool:
@@ -269,7 +261,7 @@ def run_stream(step: Callable, state, batches: Callable[[int], Iterable], *, num
                     + f". Delete {wd.directory} to recompute with the new arguments, or choose another directory."
                 )
         elif primary:
-            _write_atomic(record_path, json.dumps(record, indent=1, sort_keys=True))
+            fileio.write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
 
         options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), cleanup_tmp_directories=True,
                                                enable_async_checkpointing=True)

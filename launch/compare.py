@@ -37,29 +37,40 @@ from launch import common
 from launch.common import LaunchError
 
 FLAGS = flags.FLAGS
-# Settings that do not change the results (left out of the output directory's identity).
-_NOT_RESULTS = ("output_dir", "overwrite", "checkpoint_every", "cache_dir", "segmentation_cache_mb")
+# Options of the comparison itself; every other setting is a jaxdissect.config.DissectConfig field.
+COMPARE = ("models", "names", "iterations", "layers", "rotations", "rotation_seed")
+# Where things go (left out of the output directory's identity, with the config's run fields).
+ENVIRONMENT = ("output_dir", "overwrite", "cache_dir", "segmentation_cache_mb")
+# The DissectConfig fields launch.compare has flags for.
+CONFIG_FLAGS = ("segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "on_bad_image",
+                "checkpoint_every", "rotation_unpermute")
 
 
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def validate(config: dict) -> None:
+def compare_config(config: dict):
+    """The comparison's ``DissectConfig`` from the options (None values take the comparison's defaults)."""
+    from jaxdissect.config import ConfigError, DissectConfig
+    from jaxdissect.pipelines.compare import compare_config as make
+
+    fields = {f: v for f, v in config.items() if f not in COMPARE + ENVIRONMENT
+              and not (v is None and DissectConfig.__dataclass_fields__[f].default is not None)}
+    try:
+        return make(**fields)
+    except ConfigError as e:
+        raise LaunchError(e.render("--")) from None
+
+
+def validate(config: dict):
     """Check every setting that can be checked without reading data or models (before any work)."""
-    for name in ("batch_size", "num_images"):
-        common.positive(name, config.get(name))
-    common.positive("checkpoint_every", config.get("checkpoint_every", 50), allow_none=False)
-    common.in_range("quantile", config.get("quantile"), 0.0, 1.0)
-    common.in_range("miniou", config.get("miniou", 0.04), 0.0, 1.0, low_open=False)
-    if (config.get("method") or "netdissect2017") not in ("pnas", "netdissect2017"):
-        raise LaunchError(f"--method={config['method']}: use pnas or netdissect2017")
-    if (config.get("on_bad_image") or "raise") not in ("raise", "skip"):
-        raise LaunchError(f"--on_bad_image={config['on_bad_image']}: use raise or skip")
+    out = compare_config(config)
     if config.get("data"):
         common.parse_data_spec(config["data"])
     common.segmentation_cache(config)
     _rotations(config)
+    return out
 
 
 def _rotations(config: dict) -> list[float] | None:
@@ -73,7 +84,7 @@ def _rotations(config: dict) -> list[float] | None:
 
 def build(config: dict) -> dict:
     """Members, data and settings for ``compare`` from a config (the flags as a dict)."""
-    validate(config)
+    settings = validate(config)
     from jaxdissect.checkpoint import CheckpointError, load_metadata, load_model
     from jaxdissect.layers import layer_shapes
     from jaxdissect.pipelines.compare import Member
@@ -124,7 +135,7 @@ def build(config: dict) -> dict:
     if len(pipelines) > 1:
         raise LaunchError(f"the models take different input preprocessing {pipelines}; one data pass feeds them "
                           "all, so compare models with the same preprocessing (or run them separately)")
-    data, data_name = make_data(config["data"], kind="classifier", on_bad_image=config.get("on_bad_image") or "raise",
+    data, data_name = make_data(config["data"], kind="classifier", on_bad_image=settings.on_bad_image,
                                 preprocessing=pipelines[0])
     seg_spec = config.get("segmenter") or ("dataset" if config["data"].startswith(("broden", "synthetic"))
                                            else None)
@@ -148,12 +159,12 @@ def build(config: dict) -> dict:
                               iteration=iterations[i] if iterations else None))
     output_dir = config.get("output_dir") or os.path.join(
         "results", "compare-" + "-".join(m.name for m in members)[:80] + f"-{data_name}-{seg_name}")
-    identity = {k: v for k, v in config.items() if k not in _NOT_RESULTS}
+    identity = {**settings.identity(), **{k: config.get(k) for k in COMPARE}}
     common.check_output_dir(output_dir, identity, overwrite=bool(config.get("overwrite")),
                             remove=("dissection/work",))
     common.set_resume_hint(f"run the same command to resume ({os.path.abspath(output_dir)})")
     return dict(members=members, data=data, segmentation=segmentation, rotations=_rotations(config),
-                output_dir=output_dir)
+                output_dir=output_dir, config=settings)
 
 
 def run(config: dict) -> tuple[dict, str]:
@@ -163,26 +174,21 @@ def run(config: dict) -> tuple[dict, str]:
 
     b = build(config)
     seg_root, seg_mb = common.segmentation_cache(config)
-    out = compare(b["members"], b["data"], b["segmentation"], rotations=b["rotations"],
-                  rotation_seed=config.get("rotation_seed", 1),
-                  rotation_unpermute=bool(config.get("rotation_unpermute")),
-                  method=config.get("method") or "netdissect2017", quantile=config.get("quantile"),
-                  miniou=config.get("miniou", 0.04), output_dir=b["output_dir"],
-                  batch_size=config.get("batch_size"), num_images=config.get("num_images"),
-                  checkpoint_every=config.get("checkpoint_every", 50), segmentation_cache=seg_root,
-                  segmentation_cache_mb=seg_mb)
+    out = compare(b["members"], b["data"], b["segmentation"], b["config"].replace(segmentation_cache_mb=seg_mb),
+                  rotations=b["rotations"], rotation_seed=config.get("rotation_seed", 1),
+                  output_dir=b["output_dir"], segmentation_cache=seg_root)
     return out, b["output_dir"]
 
 
 def get_config() -> dict:
-    names = ["models", "names", "iterations", "layers", "rotations", "rotation_seed", "rotation_unpermute", "data",
-             "segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "output_dir", "overwrite",
-             "on_bad_image", "checkpoint_every", "cache_dir", "segmentation_cache_mb"]
-    return {n: getattr(FLAGS, n) for n in names}
+    return {n: getattr(FLAGS, n) for n in COMPARE + CONFIG_FLAGS + ("data",) + ENVIRONMENT}
 
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program)."""
+    from jaxdissect.config import DissectConfig
+    from jaxdissect.pipelines.compare import DEFAULTS
+
     flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots); "
                         "absent: the demo CNN and an untrained copy.")
     flags.DEFINE_string("names", None, "Comma list of display names, one per model (default: model.json's).")
@@ -192,17 +198,9 @@ def define_flags() -> None:
     flags.DEFINE_string("rotations", None, "Comma list of rotation powers alpha (e.g. 0,0.2,...,1): dissect "
                         "each layer rotated by Q^alpha.")
     flags.DEFINE_integer("rotation_seed", 1, "Seed of the random rotation (the original's is 1).")
-    flags.DEFINE_bool("rotation_unpermute", False, "Permute rotated units back towards the original ones.")
     common.define_data_flag(f"{common.DATA_HELP} (anything but broden: and synthetic: needs --segmenter).")
-    flags.DEFINE_string("segmenter", None, "'dataset' (default for Broden) or a segmenter spec.")
-    flags.DEFINE_enum("method", "netdissect2017", ["pnas", "netdissect2017"], "Scoring method.")
-    flags.DEFINE_float("quantile", None, "Top fraction that counts as on (default 0.005 for netdissect2017).")
-    flags.DEFINE_float("miniou", 0.04, "IoU that makes a unit a detector.")
-    flags.DEFINE_integer("batch_size", None, "Images per step.")
-    flags.DEFINE_integer("num_images", None, "Use only the first N items of the data.")
+    DissectConfig.define_flags(only=CONFIG_FLAGS, defaults=DEFAULTS)
     common.define_output_flags("Results directory (default results/compare-<models>-<data>-<seg>).")
-    flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out.")
-    flags.DEFINE_integer("checkpoint_every", 50, "Batches between checkpoints of the streaming passes.")
     common.define_cache_dir_flag()
     common.define_segmentation_cache_flag()
 

@@ -154,12 +154,12 @@ def test_thresholds_and_topk_match_numpy(planted_run):
 def test_finished_run_is_not_recomputed(model, planted_run, monkeypatch):
     out, results = planted_run
     module, variables = model
-    import jaxdissect.pipelines.dissect as pipeline
+    from jaxdissect.driver import Driver
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished dissection ran a pass again")
 
-    monkeypatch.setattr(pipeline._Run, "run_pass", fail)
+    monkeypatch.setattr(Driver, "run_pass", fail)
     again = dissect(module, variables, ["det", "mix"], PlantedScenes(40), "dataset", quantile=0.2,
                     topk=10, thumbsize=24, batch_size=8, output_dir=out, checkpoint_every=2)
     np.testing.assert_array_equal(again["mix"].iou, results["mix"].iou)
@@ -370,7 +370,7 @@ def _counting_forward(monkeypatch):
     import jaxdissect.pipelines.dissect as pipeline
 
     calls = []
-    real = pipeline._Run.forward_fn
+    real = pipeline.ModelBatches.forward_fn
 
     def forward_fn(self):
         fn = real(self)
@@ -380,7 +380,7 @@ def _counting_forward(monkeypatch):
             return fn(variables, x)
         return counted
 
-    monkeypatch.setattr(pipeline._Run, "forward_fn", forward_fn)
+    monkeypatch.setattr(pipeline.ModelBatches, "forward_fn", forward_fn)
     return calls
 
 

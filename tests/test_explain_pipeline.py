@@ -1,4 +1,4 @@
-"""``dissect(formulas=..., permutations=...)`` and ``launch.dissect --formulas --significance`` end to end.
+"""``dissect(formulas=..., significance=True)`` and ``launch.dissect --formulas --significance`` end to end.
 
 Planted ground truth: unit 0 of layer "combo" fires exactly where "disc" OR
 "window" is drawn, unit 1 exactly on "wood", unit 2 is noise. With quantile
@@ -80,8 +80,9 @@ def _eval(formula, concepts):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("explain")
     return {"plain": _run(tmp, "plain"),
-            "full": _run(tmp, "full", formulas=3, permutations=PERMS),
-            "nocache": _run(tmp, "nocache", formulas=3, permutations=PERMS, activation_cache_mb=0),
+            "full": _run(tmp, "full", formulas=3, significance=True, permutations=PERMS),
+            "nocache": _run(tmp, "nocache", formulas=3, significance=True, permutations=PERMS,
+                            activation_cache_mb=0),
             "one": _run(tmp, "one", formulas=1, exact_formulas=True)}
 
 
@@ -132,12 +133,12 @@ def test_default_path_unchanged_and_cache_independent(runs):
 def test_rerun_loads_explanations_and_bad_settings(runs, tmp_path):
     _, out = runs["full"]
     before = _report(out)
-    _run(Path(out).parent, "full", formulas=3, permutations=PERMS)    # finished: loaded, not recomputed
+    _run(Path(out).parent, "full", formulas=3, significance=True, permutations=PERMS)  # finished: loaded
     assert _report(out) == before
     with pytest.raises(DissectError, match="exact_formulas needs formulas"):
         _run(tmp_path, "bad", exact_formulas=True)
     with pytest.raises(DissectError, match="other settings"):
-        _run(Path(out).parent, "full", formulas=2, permutations=PERMS)
+        _run(Path(out).parent, "full", formulas=2, significance=True, permutations=PERMS)
 
 
 def test_html_columns_sorting_and_significance_filter(runs):

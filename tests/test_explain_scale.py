@@ -121,7 +121,7 @@ def test_collector_files_and_missing_batches(tmp_path):
 
 def test_killed_pass3_resumes_with_identical_results(tmp_path, monkeypatch):
     """Pass 3 stopped by an exception after 4 of 5 batches (checkpoint after 2), rerun: the same report."""
-    kw = {"formulas": 3, "permutations": 50, "checkpoint_every": 2}
+    kw = {"formulas": 3, "significance": True, "permutations": 50, "checkpoint_every": 2}
     _, whole = _run(tmp_path, "whole", **kw)
     added = []
     original = MaskCollector.add

@@ -224,13 +224,13 @@ def test_cache_path_decodes_nothing_and_runs_no_model(model, cached_run, tmp_pat
 
     out, _ = cached_run
     calls = []
-    real = pipeline._Run.forward_fn
+    real = pipeline.ModelBatches.forward_fn
 
     def forward_fn(self):
         fn = real(self)
         return lambda variables, x: (calls.append(1), fn(variables, x))[1]
 
-    monkeypatch.setattr(pipeline._Run, "forward_fn", forward_fn)
+    monkeypatch.setattr(pipeline.ModelBatches, "forward_fn", forward_fn)
     with_metrics, without = Scenes(), Scenes()
     with caplog.at_level(logging.INFO):
         _run(model, tmp_path / "a", data=with_metrics, progress=True)
@@ -286,7 +286,10 @@ def test_binned_average_precision_bounds_hold_the_exact_value(bins):
 
 
 def test_launcher_switches_label_metrics_on_with_significance():
-    from launch.dissect import label_metrics_on
+    from launch.dissect import dissect_config
+
+    def label_metrics_on(options):
+        return dissect_config(options).label_metrics
 
     assert label_metrics_on({"label_metrics": True}) and label_metrics_on({"significance": True})
     assert not label_metrics_on({"formulas": 3})

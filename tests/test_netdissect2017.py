@@ -242,7 +242,7 @@ def test_launcher_method_and_rotation(folder, tmp_path, monkeypatch):
     config = _config(model=model_dir, data=f"broden:{root}", layers="conv2", quantile=None, batch_size=4,
                      topk=3, thumbsize=16, method="netdissect2017", rotation="1:2", rotation_unpermute=False)
     built = launcher.build(config)
-    assert built["quantile"] == 0.005
+    assert built["config"].level_quantile == 0.005
     assert built["output_dir"] == os.path.join("results", "tiny_cnn-broden-dataset-conv2-netdissect2017-rot1_2-t16")
     np.testing.assert_allclose(built["views"]["conv2"][1], random_rotation_powers(16, [1.0], 2)[0], atol=1e-6)
     out = str(tmp_path / "out")

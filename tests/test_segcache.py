@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from test_dissect_pipeline import SIZE, Planted, PlantedScenes
 
+import jaxdissect.labellers as labellers
 import jaxdissect.pipelines.dissect as pipeline
 import jaxdissect.segmentation
 from jaxdissect.segmentation import cache as segcache
@@ -105,7 +106,7 @@ def counter(monkeypatch):
             return jitted(seg)(variables, images)
         return run
 
-    monkeypatch.setattr(pipeline, "_segmenter_fn", segmenter_fn)
+    monkeypatch.setattr(labellers, "_segmenter_fn", segmenter_fn)
     return state
 
 
@@ -392,7 +393,8 @@ def test_launcher_uses_the_per_user_cache(counter, tmp_path, monkeypatch, caplog
     assert common.segmentation_cache(base) == (str(tmp_path / "cache"), common.SEGMENTATION_CACHE_MB)
     with pytest.raises(launcher.LaunchError, match="segmentation_cache_mb=-1"):
         launcher.validate(dict(base, segmentation_cache_mb=-1))
-    assert "segmentation_cache_mb" in launcher._NOT_RESULTS
+    assert "segmentation_cache_mb" in launcher.ENVIRONMENT
+    assert "segmentation_cache_mb" not in launcher.dissect_config(base).identity()
 
 
 def test_compare_passes_the_cache_to_dissect(models, monkeypatch):
@@ -412,7 +414,7 @@ def test_compare_passes_the_cache_to_dissect(models, monkeypatch):
     with pytest.raises(Stop):
         compare([Member("a", module, variables, ["det"])], PlantedScenes(8), SEG, segmentation_cache="/somewhere",
                 segmentation_cache_mb=5)
-    assert seen["segmentation_cache"] == "/somewhere" and seen["segmentation_cache_mb"] == 5
+    assert seen["segmentation_cache"] == "/somewhere" and seen["config"].segmentation_cache_mb == 5
 
 
 class Generator(nn.Module):

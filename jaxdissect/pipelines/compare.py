@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import html
-import json
+import io
 import os
 import re
 from typing import Any, Sequence
@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import numpy as np
 
+from jaxdissect import fileio
 from jaxdissect import netdissect2017 as nd
 from jaxdissect.errors import JaxDissectError
 from jaxdissect.plotting import pyplot, save_figure
@@ -270,16 +271,13 @@ def write_tables(output_dir: str, categories: list[str], rows: list[dict], confi
               "unique_top"]
     for prefix in ("unique_", "detectors_", "unique_top_"):
         fields += [prefix + c for c in categories]
-    tmp = os.path.join(output_dir, "compare.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fields, restval=0)
-        w.writeheader()
-        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    os.replace(tmp, os.path.join(output_dir, "compare.csv"))
-    tmp = os.path.join(output_dir, "compare.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"config": config, "categories": categories, "rows": rows}, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "compare.json"))
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fields, restval=0)
+    w.writeheader()
+    w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    fileio.write_text(os.path.join(output_dir, "compare.csv"), text.getvalue())
+    fileio.write_json(os.path.join(output_dir, "compare.json"), {"config": config, "categories": categories,
+                                                                "rows": rows})
 
 
 def render_html(title: str, categories: list[str], rows: list[dict], figures: dict, threshold: float) -> str:
@@ -308,51 +306,57 @@ figure); _top: distinct top labels of units with IoU &ge; {esc(f'{threshold:g}')
 """
 
 
-def compare(members: Sequence[Member], data, segmentation="dataset", *, rotations: Sequence[float] | None = None,
-            rotation_seed: int = 1, rotation_unpermute: bool = False, method: str = "netdissect2017",
-            quantile: float | None = None, miniou: float = 0.04, output_dir: str | None = None,
-            batch_size: int | None = None, num_images: int | None = None, topk: int = 10, thumbsize: int = 64,
-            progress: bool = True, checkpoint_every: int = 50, title: str | None = None,
-            activation_cache_mb: int = 1024, segmentation_cache: str | None = None,
-            segmentation_cache_mb: float | None = None) -> dict:
+# A comparison's defaults where they differ from a dissection's: the 2017 method, fewer and smaller strips.
+DEFAULTS = {"method": "netdissect2017", "topk": 10, "thumbsize": 64}
+
+
+def compare_config(config=None, **overrides):
+    """The ``DissectConfig`` of a comparison: ``config`` (None: the dissection defaults with :data:`DEFAULTS`)
+    with ``overrides``."""
+    from jaxdissect import config as config_lib
+
+    return config_lib.create(config if config is not None else DEFAULTS, **overrides)
+
+
+def compare(members: Sequence[Member], data, segmentation="dataset", config=None, *,
+            rotations: Sequence[float] | None = None, rotation_seed: int = 1, output_dir: str | None = None,
+            progress: bool = True, title: str | None = None, segmentation_cache: str | None = None,
+            **overrides) -> dict:
     """Dissect every member (and rotation power) in one run; returns ``{"rows", "categories", "results"}``.
 
     ``members``: :class:`Member` list (networks or training snapshots; each
     with its own layer list). ``rotations``: powers ``alpha`` of the random
-    rotation of every listed layer (``rotation_seed``, ``rotation_unpermute``
-    as NetDissect's flags). ``method``, ``quantile``, ``miniou``,
-    ``batch_size``, ``num_images``, ``topk``, ``thumbsize``,
-    ``checkpoint_every``, ``activation_cache_mb``, ``segmentation_cache``,
-    ``segmentation_cache_mb``: as for :func:`jaxdissect.dissect`. The members
+    rotation of every listed layer (``rotation_seed`` and the config's
+    ``rotation_unpermute`` as NetDissect's flags). ``config`` and
+    ``**overrides``: the dissection's settings as for :func:`jaxdissect.dissect`
+    (defaults: :data:`DEFAULTS`); ``segmentation_cache`` as there. The members
     must take the same input (one data source feeds them all).
     """
-    from jaxdissect.pipelines.dissect import _model_input, dissect
+    from jaxdissect.pipelines.dissect import dissect, model_input
 
+    config = compare_config(config, **overrides)
     members = list(members)
     probe = data.get_batch([0])
-    _, x = _model_input(probe)
+    _, x = model_input(probe)
     shapes = _check_members(members, x[:1])
     if rotations is not None:
         rotations = [float(a) for a in rotations]
         if not rotations or any(a < 0 for a in rotations):
             raise CompareError(f"rotations must be a non-empty list of powers alpha >= 0, got {rotations}")
-    views, keys = _views(members, shapes, rotations, rotation_seed, rotation_unpermute)
+    views, keys = _views(members, shapes, rotations, rotation_seed, config.rotation_unpermute)
     ensemble = Ensemble(tuple(m.module for m in members), tuple(m.name for m in members))
     title = title or f"Comparison of {', '.join(m.name for m in members)} on {data.name}"
-    results = dissect(ensemble, ensemble_variables(members), [], data, segmentation, views=views, method=method,
-                      quantile=quantile, miniou=miniou, topk=topk, thumbsize=thumbsize, batch_size=batch_size,
-                      num_images=num_images, progress=progress, checkpoint_every=checkpoint_every, name=title,
-                      activation_cache_mb=activation_cache_mb, segmentation_cache=segmentation_cache,
-                      segmentation_cache_mb=segmentation_cache_mb,
+    results = dissect(ensemble, ensemble_variables(members), [], data, segmentation, config=config, views=views,
+                      progress=progress, name=title, segmentation_cache=segmentation_cache,
                       output_dir=None if output_dir is None else os.path.join(output_dir, "dissection"))
-    categories, rows = table(results, keys, miniou)
+    categories, rows = table(results, keys, config.miniou)
     if output_dir is not None:
-        config = {"members": [{"name": m.name, "iteration": m.iteration, "layers": list(m.layers)} for m in members],
-                  "data": data.name, "method": method, "miniou": miniou, "rotations": rotations,
-                  "rotation_seed": rotation_seed, "rotation_unpermute": rotation_unpermute,
-                  "quantile": next(iter(results.values())).config.get("quantile")}
-        write_tables(output_dir, categories, rows, config)
-        figures = write_figures(output_dir, categories, rows, miniou)
-        with open(os.path.join(output_dir, "index.html"), "w", encoding="utf-8") as f:
-            f.write(render_html(title, categories, rows, figures, miniou))
+        record = {"members": [{"name": m.name, "iteration": m.iteration, "layers": list(m.layers)} for m in members],
+                  "data": data.name, "method": config.method, "miniou": config.miniou, "rotations": rotations,
+                  "rotation_seed": rotation_seed, "rotation_unpermute": config.rotation_unpermute,
+                  "quantile": config.level_quantile}
+        write_tables(output_dir, categories, rows, record)
+        figures = write_figures(output_dir, categories, rows, config.miniou)
+        fileio.write_text(os.path.join(output_dir, "index.html"),
+                          render_html(title, categories, rows, figures, config.miniou))
     return {"rows": rows, "categories": categories, "results": results}

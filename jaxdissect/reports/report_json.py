@@ -37,7 +37,7 @@ def dump_json(path: str, data) -> None:
     fileio.write_text(path, json.dumps(_plain(data), indent=1, allow_nan=False))
 
 
-# Optional per-unit entries of ``dissect(formulas=..., permutations=...)`` (jaxdissect.explain.pipeline).
+# Optional per-unit entries of ``dissect(formulas=..., significance=True)`` (jaxdissect.explain.pipeline).
 EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "iou_ci", "formula_p_value",
                 "formula_q_value", "formula_significant")
 
@@ -45,12 +45,12 @@ EXPLAIN_KEYS = ("formula", "formula_iou", "p_value", "q_value", "significant", "
 METRICS_KEYS = ("metrics",)
 
 
-def report_units(units) -> list[dict]:
+def report_units(units, extra: Sequence[str] = ()) -> list[dict]:
     """The ``units`` list of ``report.json``.
 
     ``units``: a ``DissectionResult`` (its ``labels``), or dicts with
     ``unit``, ``label``, ``cat`` (or ``category``), ``iou`` and the
-    :data:`EXPLAIN_KEYS` and :data:`METRICS_KEYS` a unit has.
+    :data:`EXPLAIN_KEYS`, :data:`METRICS_KEYS` and ``extra`` keys a unit has.
     """
     out = []
     for u in getattr(units, "labels", units):
@@ -61,17 +61,19 @@ def report_units(units) -> list[dict]:
         unit = int(u["unit"])
         out.append(dict(image=u.get("image", strip_path(unit)), unit=unit,
                         iou=float(u["iou"]), label=str(u["label"]), cat=str(cat)))
-        out[-1].update({k: u[k] for k in EXPLAIN_KEYS + METRICS_KEYS if k in u})
+        out[-1].update({k: u[k] for k in EXPLAIN_KEYS + METRICS_KEYS + tuple(extra) if k in u})
     return out
 
 
-def write_report_json(path: str, name: str, units: Sequence[Mapping], image: str = "concepts_99.svg") -> str:
+def write_report_json(path: str, name: str, units: Sequence[Mapping], image: str = "concepts_99.svg",
+                      extra: Sequence[str] = ()) -> str:
     """Write ``report.json`` for one dissected layer; returns ``path``.
 
     ``name`` is the header name (``"<model> <dataset> <seg>"`` in the original),
-    ``units`` one dict per unit with ``unit``, ``label``, ``cat`` and ``iou``.
+    ``units`` one dict per unit with ``unit``, ``label``, ``cat`` and ``iou``;
+    ``extra``: more per-unit keys to keep (a method strategy's fields).
     """
-    dump_json(path, dict(header=dict(name=str(name), image=str(image)), units=report_units(units)))
+    dump_json(path, dict(header=dict(name=str(name), image=str(image)), units=report_units(units, extra)))
     return path
 
 

@@ -19,7 +19,7 @@ from jaxdissect.reports.bargraph import CATEGORIES, PALETTE, unit_fields
 from jaxdissect.reports.report_json import dump_json
 
 
-# Columns a row may add (``dissect(permutations=...)``: units whose label is significant under BH;
+# Columns a row may add (``dissect(significance=True)``: units whose label is significant under BH;
 # ``dissect(label_metrics=True)``: per-layer medians of the units' label metrics).
 OPTIONAL = ("significant",) + tuple(f"median_{level}_{m}" for level in ("pixel", "image")
                                     for m in ("iou", "f1", "auprc", "pearson", "cosine"))

@@ -362,7 +362,8 @@ def check_output_dir(output_dir: str, config: dict, *, overwrite: bool = False, 
                 what = "a run of other settings" if stored is not None else "files of its own"
                 diff = ""
                 if isinstance(stored, dict):
-                    keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+                    keys = sorted(k for k in set(stored) | set(config)
+                                  if k not in stored or k not in config or stored[k] != config[k])
                     diff = f" (differing: {', '.join(keys)})"
                 raise LaunchError(f"--output_dir={output_dir} is not empty: it holds {what}{diff}; choose "
                                   "another --output_dir, or pass --overwrite to replace its results")

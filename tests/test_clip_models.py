@@ -23,7 +23,13 @@ from jaxdissect.convert import vit as convert_vit  # noqa: E402
 from jaxdissect.convert.common import ConversionError  # noqa: E402
 from jaxdissect.models.transformer import GridError, tokens_to_grid  # noqa: E402
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """The references run without autograd, in this module only (other modules of the worker need it)."""
+    with torch.no_grad():
+        yield
 
 
 def state_of(model):

@@ -442,5 +442,6 @@ def test_launcher_downloads_verifies_converts_and_dissects_by_name(env, server, 
     server.stop()
     from launch import dissect as launcher
 
-    built = launcher.build({"model": "tiny_resnet", "data": "broden", "layers": "layer4"})
+    built = launcher.build({"model": "tiny_resnet", "data": "broden", "layers": "layer4",
+                            "output_dir": str(tmp_path / "again")})
     assert built["layers"] == ["layer4"]

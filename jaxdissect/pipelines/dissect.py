@@ -163,10 +163,12 @@ def not_a_map_error(name: str, shapes: Mapping[str, Any]) -> DissectError:
         hint = (f"dissect its patch-grid views {', '.join(views)} or their '_cls' twins (the CLS token)" if views
                 else "dissect a vision block's '.residual', '.attention' or '.mlp.neurons' layer (the patch grid) "
                      "or its '_cls' twin (the CLS token)")
-        return GridError(f"layer {name} holds tokens {shape} (a transformer's sequence), which cannot be laid on a "
+        return GridError(f"layer {name} holds tokens [N, {shape[1]}, {shape[2]}] (a transformer's sequence: CLS "
+                         "and patch tokens), which cannot be laid on a "
                          f"grid as they are; {hint}")
-    return DissectError(f"layer {name} has shape {shape}, neither a [N, H, W, units] feature map nor [N, units] "
-                        f"values; dissectable layers: {', '.join(dissectable_layers(shapes, pooled=True))}")
+    return DissectError(f"layer {name} has shape [N, {', '.join(map(str, shape[1:]))}], neither a [N, H, W, units] "
+                        f"feature map nor [N, units] values; dissectable layers: "
+                        f"{', '.join(dissectable_layers(shapes, pooled=True))}")
 
 
 def as_map(acts):

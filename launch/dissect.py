@@ -273,7 +273,10 @@ def build(options) -> dict:
         if config.thumbsize != 100:
             name += f"-t{config.thumbsize}"
         if config.scorer:
-            name += "-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", os.path.basename(os.path.normpath(config.scorer)))
+            from jaxdissect.explain.open_vocab_strategy import CLIP_ALIASES
+
+            tag = CLIP_ALIASES.get(config.scorer) or os.path.basename(os.path.normpath(config.scorer))
+            name += "-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", tag)
         output_dir = os.path.join("results", name)
     identity = {**config.identity(), "layers": layers}
     if options.get(_DEMO_SETTINGS):

@@ -381,6 +381,10 @@ class OpenVocab(Strategy):
         except VocabularyError as e:
             raise DissectError(f"vocabulary: {e}") from None
         clip = text = None
+        if directory is not None and run.generator:
+            raise ConfigError("{scorer}: a CLIP scorer embeds the images a classifier reads; a generator's images "
+                              "are its output, which the passes do not keep; use {scorer}=labels (a segmenter's "
+                              "labels of the generated images)")
         if directory is not None:
             clip = CLIPScorer(directory)
             text = clip.text_embeddings(concepts, run.cache_dir or default_cache_dir())

@@ -216,7 +216,8 @@ def labellers(probe_images: int, cache_dir: str | None = None) -> list[dict]:
                 "word": sum(u["agreement"] == "word" for u in both),
                 "detectors_same": sum(u["agreement"] == "same" for u in detectors)}
         rows.append(row)
-        print(f"{name}, top_k={row['top_k']}: final-layer label accuracy {row['final_accuracy']:.0%} ({', '.join(row['fc_labels'])}); "
+        print(f"{name}, top_k={row['top_k']}: final-layer label accuracy {row['final_accuracy']:.0%} "
+              f"({', '.join(row['fc_labels'])}); "
               + "; ".join(f"{v}: same {r['same']}/{r['compared']}, detectors {r['detectors_same']}/{r['detectors']}"
                           for v, r in row["layers"].items()))
     rows[0]["test_accuracy"] = info.get("test_accuracy")
@@ -247,7 +248,8 @@ def labellers_report(rows, probe_images: int, loads) -> str:
                   "CLIP: IoU asks where a unit's top 1% of pixels lie, soft-WPMI which concepts its top-k images "
                   "(by mean activation) share. With CLIP-Dissect's top_k=100, more than the images of one class, "
                   "a class unit's top images overflow into other classes that share one of its two defining "
-                  "objects, and that object can win over the class name. Figures with a CLIP scorer need the published weights (clip_vit_b16, "
+                  "objects, and that object can win over the class name. Figures with a CLIP scorer need the "
+                  "published weights (clip_vit_b16, "
                   "clip_rn50) and a real probe set; they are not measured here."]
     return "\n".join(lines) + "\n"
 

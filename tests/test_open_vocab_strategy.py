@@ -109,7 +109,7 @@ def reference_feats(data, n):
     batch = data.get_batch(range(n))
     seg, cls = batch["seg"], batch["label"]
     labels = len(data.label_names)
-    present = np.stack([(seg == l).any((1, 2, 3)) for l in range(1, labels)], 1)
+    present = np.stack([(seg == label).any((1, 2, 3)) for label in range(1, labels)], 1)
     classes = np.eye(len(data.class_names), dtype=bool)[cls]
     return np.concatenate([present, classes], 1).astype(np.float64)
 
@@ -185,7 +185,8 @@ def test_agreement_words():
     assert ovs.agreement("house of cards", "the house") == "word"
     assert ovs.agreement("of", "the of") == "none"           # stop words never match
     assert ovs.agreement("-", "red") is None
-    assert ovs.final_layer_accuracy(["kitchen", "beach", "red"], ["kitchen", "bedroom", "red-c"]) == pytest.approx(2 / 3)
+    accuracy = ovs.final_layer_accuracy(["kitchen", "beach", "red"], ["kitchen", "bedroom", "red-c"])
+    assert accuracy == pytest.approx(2 / 3)
 
 
 def test_label_concepts_and_vocabulary_choices(tmp_path):
@@ -281,3 +282,13 @@ def test_clip_scorer_without_labels_on_a_dense_layer(tiny_clip, tmp_path):
         assert entry["agreement"] is None and entry["iou_label_rank"] is None
     cached = [n for n in os.listdir(tmp_path / "cache" / "text_embeddings") if n.endswith(".npy")]
     assert len(cached) == 1    # the vocabulary's text embeddings, kept per model
+
+
+def test_settings_join_the_identity_only_when_on():
+    from jaxdissect.config import DissectConfig
+
+    fields = {"scorer", "vocabulary", "similarity", "similarity_top_k"}
+    assert not fields & set(DissectConfig().identity())
+    on = DissectConfig(scorer="labels", similarity="wpmi").identity()
+    assert {k: on[k] for k in fields} == {"scorer": "labels", "vocabulary": None, "similarity": "wpmi",
+                                          "similarity_top_k": None}

@@ -12,7 +12,8 @@ writes the outputs.
 
 Activations are upsampled to the segmentation's resolution (``H / 4``: 56 for
 224-pixel classifiers, 64 for 256-pixel generators) with the original's
-geometry (``jaxdissect.kernels.upsample``). ``segmentation`` is a
+geometry (``jaxdissect.kernels.upsample``); a ``[N, U]`` layer is a ``[N, 1, 1, U]`` map,
+upsampled as a constant (edge replication). ``segmentation`` is a
 ``(segmenter, variables)`` pair from ``jaxdissect.load_segmenter`` (run on the
 images in [-1, 1]: a classifier's input pixels, a generator's output),
 ``'dataset'`` (the labels the data source provides: ``seg`` /
@@ -328,7 +329,8 @@ class ModelBatches:
 # One dissection
 
 
-def method_strategies(config: DissectConfig, extra: Sequence[Strategy] = (), run=None) -> tuple[Scoring, list[Strategy]]:
+def method_strategies(config: DissectConfig, extra: Sequence[Strategy] = (),
+                      run=None) -> tuple[Scoring, list[Strategy]]:
     """``(scoring, strategies)`` of a config, in report order (``extra``: more strategies; a
     :class:`~jaxdissect.driver.Scoring` among them replaces the config's). ``run``: the
     :class:`Dissection` (its label tables, data, images and cache directory), which the open-vocabulary
@@ -604,7 +606,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
 
     Args:
       module, variables: a Flax Linen model and its variables (``jaxdissect.load_model``).
-      layers: layer names ('.'-joined module paths, see ``jaxdissect.layer_names``).
+      layers: layer names ('.'-joined module paths, see ``jaxdissect.layer_names``): ``[N, H, W, U]``
+        feature maps, or ``[N, U]`` layers (one value per image: a dense layer, a ViT's ``_cls`` token).
       data: a data source (``PlacesFolder``, ``ImageFolder``, ``LatentSource``,
         ``BrodenSource``, ``SyntheticScenes`` or your own, see ``jaxdissect.data``).
       segmentation: ``(segmenter, variables)`` from ``jaxdissect.load_segmenter``,

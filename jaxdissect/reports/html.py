@@ -103,11 +103,15 @@ _SCRIPT = r"""
       (c.ascending ?
         function (a, b) { return num(a, c.id, Infinity) - num(b, c.id, Infinity) || a.unit - b.unit; } :
         function (a, b) { return num(b, c.id, -Infinity) - num(a, c.id, -Infinity) || a.unit - b.unit; }) :
-      function (a, b) { return String(a[c.id] || "\uffff").localeCompare(String(b[c.id] || "\uffff")) || a.unit - b.unit; };
+      function (a, b) {
+        return String(a[c.id] || "\uffff").localeCompare(String(b[c.id] || "\uffff")) || a.unit - b.unit;
+      };
   });
   function labelText(u) {
     var text = u.label;
-    (data.columns || []).forEach(function (c) { if (c.kind === "text" && typeof u[c.id] === "string") text += "\n" + u[c.id]; });
+    (data.columns || []).forEach(function (c) {
+      if (c.kind === "text" && typeof u[c.id] === "string") text += "\n" + u[c.id];
+    });
     return text.toLowerCase();
   }
   function cell(row, text, cls) {

@@ -119,6 +119,21 @@ class DissectConfig:
     label_metrics: bool = _field(False, "Also score each unit against its label with IoU, F1, AUPRC, Pearson r "
                                  "and cosine at pixel and image level, in one more pass (from the activation "
                                  "cache when it fits).", "addon", group="label_metrics")
+    scorer: str | None = _field(None, "Also label every unit with an open-vocabulary scorer, CLIP-Dissect's method "
+                                "on pooled activations (jaxdissect.explain.open_vocab_strategy), in the same "
+                                "passes: clip:ViT-B/16, clip:RN50, a registry name of kind scorer, a converted CLIP "
+                                "directory, or labels (the data's own labels as the concept matrix: no "
+                                "vision-language model).", "addon", group="open_vocab")
+    vocabulary: str | None = _field(None, "Concepts of --scorer: 20k (20,000 common English words), broden (the "
+                                    "run's label names, cleaned) or a word-list file (UTF-8, one concept a line). "
+                                    "Default: 20k for a CLIP scorer; for labels every label and class name of the "
+                                    "data (a file then picks some of them).", "addon", group="open_vocab")
+    similarity: str = _field("soft_wpmi", "Similarity function of --scorer (jaxdissect.explain.open_vocab): "
+                             "soft_wpmi, wpmi, cos_similarity, cos_similarity_cubed or rank_reorder.", "addon",
+                             group="open_vocab")
+    similarity_top_k: int | None = _field(None, "Top images per unit of --similarity=soft_wpmi or wpmi (default "
+                                          "100 or 28, CLIP-Dissect's); at most the number of images.", "addon",
+                                          group="open_vocab")
     # -- run -------------------------------------------------------------------------------------------------
     checkpoint_every: int = _field(50, "Batches between checkpoints of the streaming passes.", "run")
     activation_cache_mb: int = _field(1024, "Host memory for keeping activations and labels between passes (the "
@@ -199,7 +214,9 @@ _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DissectConfig))
 ADDONS = {
     "explain": lambda c: c.formulas or c.significance,
     "label_metrics": lambda c: c.label_metrics,
+    "open_vocab": lambda c: c.scorer is not None,
 }
+TOP_K_SIMILARITIES = ("soft_wpmi", "wpmi")   # the similarity functions with a top_k
 
 
 def _flag_kind(f) -> str:
@@ -261,6 +278,7 @@ def _validate(c: DissectConfig) -> None:
         raise ConfigError("{exact_formulas} needs {formulas}=N (the formula length), e.g. {formulas}=3")
     if c.significance:
         _positive(c, "permutations", allow_none=False)
+    _validate_open_vocab(c)
     if c.rotation:
         from jaxdissect.rotation import RotationError, parse_rotation
 
@@ -280,6 +298,32 @@ def _validate(c: DissectConfig) -> None:
                           "geometry='receptive_field' to use it")
     if c.receptive_field is not None:
         receptive_field_options("receptive_field", c.receptive_field)
+
+
+def _validate_open_vocab(c: DissectConfig) -> None:
+    if c.scorer is None:
+        given = [n for n in ("vocabulary", "similarity_top_k") if getattr(c, n) is not None]
+        if c.similarity != "soft_wpmi":
+            given.append("similarity")
+        if given:
+            raise ConfigError(f"{', '.join('{' + n + '}' for n in given)} set{'s' if len(given) == 1 else ''} "
+                              "the open-vocabulary labels, which need {scorer}, e.g. {scorer}=clip:ViT-B/16 or "
+                              "{scorer}=labels")
+        return
+    if not isinstance(c.scorer, str) or not c.scorer.strip():
+        raise ConfigError(f"{{scorer}}={c.scorer!r}: give clip:ViT-B/16, clip:RN50, labels, a registry name or a "
+                          "converted CLIP directory")
+    from jaxdissect.explain.open_vocab import SIMILARITIES
+
+    if c.similarity not in SIMILARITIES:
+        raise ConfigError(f"{{similarity}}={c.similarity}: choose one of {', '.join(SIMILARITIES)}")
+    if c.similarity_top_k is not None:
+        _positive(c, "similarity_top_k")
+        if c.similarity not in TOP_K_SIMILARITIES:
+            raise ConfigError(f"{{similarity_top_k}} applies to {' and '.join(TOP_K_SIMILARITIES)}, not "
+                              f"{{similarity}}={c.similarity}; drop it")
+    if c.vocabulary is not None and (not isinstance(c.vocabulary, str) or not c.vocabulary.strip()):
+        raise ConfigError(f"{{vocabulary}}={c.vocabulary!r}: give 20k, broden or a word-list file")
 
 
 def receptive_field_options(geometry: str | None, receptive_field) -> dict:

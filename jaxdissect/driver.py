@@ -99,7 +99,8 @@ class Tap:
 class Strategy:
     """A method variant plugged into the driver; every hook is optional.
 
-    Passes: ``plan_options`` (static ``Plan`` keywords), ``tap(pass_name,
+    Passes: ``plan_options`` (static ``Plan`` keywords), ``identity()`` (joins
+    the run's resume identity), ``tap(pass_name,
     driver)`` (a :class:`Tap` for a pass, or None), ``extra_pass`` (a pass of
     its own after the labels are chosen, tapped the same way), ``finish(driver,
     taps)`` -> ``{view: JSON-able}`` (``taps``: ``{pass: (device state, host
@@ -116,6 +117,11 @@ class Strategy:
 
     def check(self, driver: "Driver") -> None:
         """Raise a clear error when this strategy cannot run here (e.g. multi-host)."""
+
+    def identity(self):
+        """JSON-able: what the results depend on beyond the config (e.g. a word list's contents), joined to
+        the run's resume identity; None (the default) adds nothing."""
+        return None
 
     def plan_options(self, tables: LabelTables) -> dict:
         return {}

@@ -37,6 +37,16 @@ passes (``jaxdissect.explain``)::
 
   python -m launch.dissect --formulas=3 --significance
 
+Open-vocabulary labels beside the IoU labels, in the same passes (CLIP-Dissect's
+soft-WPMI on pooled activations; ``--scorer=labels`` uses the data's own labels
+instead of CLIP, ``--segmenter=none`` drops the IoU labels; ``[N, units]``
+layers such as ``fc`` or a ViT block's ``_cls`` token are dissected too; see
+docs/open_vocab.md)::
+
+  python -m launch.dissect --scorer=labels --layers=conv,fc
+  python -m launch.dissect --model=vit_b_16_imagenet --data=places --segmenter=none \
+      --scorer=clip:ViT-B/16 --layers=encoder.layers.encoder_layer_11.residual_cls,heads.head
+
 Each unit scored against its label with IoU, F1, AUPRC, Pearson r and cosine,
 at pixel and image level (one more pass; also run by ``--significance``)::
 
@@ -68,6 +78,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Sequence
 
 from absl import flags
 
@@ -82,6 +93,8 @@ ENVIRONMENT = ("output_dir", "overwrite", "cache_dir", "segmentation_cache_mb", 
                "num_processes", "process_id")
 # A test hook: settings of the embedded demo model (train_synthetic).
 _DEMO_SETTINGS = "demo_settings"
+# --segmenter=none: no concept labels (the units are labelled by --scorer only).
+NO_SEGMENTER = "none"
 
 
 def get_config() -> dict:
@@ -132,9 +145,12 @@ def _range(spec: str, candidates: list[str]) -> list[str]:
     return same_kind[i:j + 1]
 
 
-def parse_layers(spec: str | None, dissectable: list[str]) -> list[str]:
-    """Layer names from ``--layers``; ``dissectable`` = the model's [N, H, W, C] layers in order."""
+def parse_layers(spec: str | None, dissectable: list[str], pooled: Sequence[str] = ()) -> list[str]:
+    """Layer names from ``--layers``; ``dissectable`` = the model's [N, H, W, C] layers in order, ``pooled`` its
+    [N, C] layers (a dense layer, a CLS token), which are dissected when named (or in a range), never by
+    ``conv`` or ``all``."""
     top = [n for n in dissectable if "." not in n]
+    named = [n for n in dissectable] + [n for n in pooled if n not in dissectable]
     conv = [n for n in top if re.match(r"^(conv|layer\d)", n.rsplit(".", 1)[-1])]
     out: list[str] = []
     for part in (spec or "conv").split(","):
@@ -148,15 +164,15 @@ def parse_layers(spec: str | None, dissectable: list[str]) -> list[str]:
                 raise LaunchError(f"--layers=conv: no conv layers found; valid layers: {', '.join(dissectable)}")
             out += conv
         elif ".." in part:
-            out += _range(part, dissectable)
-        elif part in dissectable:
+            out += _range(part, named)
+        elif part in named:
             out.append(part)
         else:
             import difflib
 
-            close = difflib.get_close_matches(part, dissectable, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(part, named, n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise LaunchError(f"unknown layer {part!r}{hint}; valid layers: {', '.join(dissectable)}")
+            raise LaunchError(f"unknown layer {part!r}{hint}; valid layers: {', '.join(named)}")
     return list(dict.fromkeys(out))
 
 
@@ -167,12 +183,14 @@ def _layers_tag(spec: str | None, layers: list[str]) -> str:
 
 
 def make_segmentation(spec: str, **options):
-    """``'dataset'`` or ``(segmenter, variables)`` from ``--segmenter``; and its short name.
+    """``'dataset'``, None (``none``) or ``(segmenter, variables)`` from ``--segmenter``; and its short name.
 
     ``options`` (``quad_quirk``, ``faithful_color_blank``) go to ``jaxdissect.load_segmenter``.
     """
     if spec == "dataset":
         return "dataset", "dataset"
+    if spec == NO_SEGMENTER:
+        return None, "none"
     from jaxdissect.segmentation import segmenter_from_spec
 
     segmenter, variables = segmenter_from_spec(common.segmenter_spec(spec), **options)
@@ -189,7 +207,7 @@ def build(options) -> dict:
     Order matters to the user: every check (flags, model, data, layers, output
     directory, segmenter) comes before the demo model is trained.
     """
-    from jaxdissect.pipelines.dissect import trace_shapes
+    from jaxdissect.pipelines.dissect import dissectable_layers, not_a_map_error, trace_shapes
 
     options = _options(options)
     config = validate(options)
@@ -217,22 +235,32 @@ def build(options) -> dict:
         if data_spec is None:
             raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
         preprocessing = common.data_preprocessing(metadata, model_dir, data_spec) if kind == "classifier" else None
-    seg_spec = config.segmenter or ("dataset" if data_spec.startswith(("broden", "synthetic")) else None)
+    seg_spec = config.segmenter or ("dataset" if data_spec.startswith(("broden", "synthetic")) else
+                                    NO_SEGMENTER if config.scorer else None)
     data, data_name = make_data(data_spec, kind=kind, on_bad_image=config.on_bad_image, preprocessing=preprocessing)
     geometry, receptive_field = _geometry(config.geometry, metadata, model_dir)
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "
-                          "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
+                          "--segmenter=upp=models/upp,color=models/color,setting=netpqc (or --segmenter=none "
+                          "with --scorer)")
     probe = data.get_batch([0])
     shapes, _ = trace_shapes(module, variables, probe["z" if "z" in probe else "image"][:1])
-    dissectable = [n for n, s in shapes.items() if len(getattr(s, "shape", ())) == 4]
-    layers = parse_layers(config.layers, dissectable)
+    dissectable = dissectable_layers(shapes)
+    for part in (config.layers or "").split(","):
+        if part.strip() in shapes and part.strip() not in dissectable_layers(shapes, pooled=True):
+            raise LaunchError(str(not_a_map_error(part.strip(), shapes)))
+    layers = parse_layers(config.layers, dissectable, [n for n in dissectable_layers(shapes, pooled=True)
+                                                       if n not in dissectable])
     q = config.level_quantile
     if seg_spec == "dataset":
         segmentation, seg_name = "dataset", "dataset"
+    elif seg_spec == NO_SEGMENTER:
+        segmentation, seg_name = None, "none"
     else:
         segmentation, seg_name = make_segmentation(seg_spec, quad_quirk=config.quad_quirk,
                                                    faithful_color_blank=config.faithful_color_blank)
+    if config.scorer:
+        _check_open_vocab(config, data, segmentation)
     output_dir = options.get("output_dir")
     if not output_dir:
         name = f"{model_name}-{data_name}-{seg_name}-{_layers_tag(config.layers, layers)}"
@@ -244,6 +272,11 @@ def build(options) -> dict:
             name += "-rot" + re.sub(r"[^0-9.]", "_", config.rotation)
         if config.thumbsize != 100:
             name += f"-t{config.thumbsize}"
+        if config.scorer:
+            from jaxdissect.explain.open_vocab_strategy import CLIP_ALIASES
+
+            tag = CLIP_ALIASES.get(config.scorer) or os.path.basename(os.path.normpath(config.scorer))
+            name += "-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", tag)
         output_dir = os.path.join("results", name)
     identity = {**config.identity(), "layers": layers}
     if options.get(_DEMO_SETTINGS):
@@ -266,6 +299,20 @@ def build(options) -> dict:
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
                 output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels", views=views,
                 config=config.replace(geometry=geometry, receptive_field=receptive_field))
+
+
+def _check_open_vocab(config: DissectConfig, data, segmentation) -> None:
+    """The open-vocabulary settings against the data (scorer name, vocabulary file, top_k), before any work."""
+    from jaxdissect.explain.open_vocab_strategy import check_settings
+
+    images = min(len(data), config.num_images or len(data))
+    # The label names: none, the data's, or a segmenter's (None: known once it runs).
+    names = [] if segmentation is None else list(data.label_names) if segmentation == "dataset" else None
+    classes = list(getattr(data, "class_names", None) or []) if "label" in data.get_batch([0]) else []
+    try:
+        check_settings(config, images, names, classes)
+    except ConfigError as e:
+        raise LaunchError(e.render("--")) from None
 
 
 def _geometry(flag, metadata: dict, model_dir):
@@ -307,12 +354,16 @@ def run(options):
 
     b = build(options)
     seg_root, seg_mb = common.segmentation_cache(options)
-    results = dissect(b["module"], b["variables"], [] if b["views"] else b["layers"], b["data"], b["segmentation"],
-                      b["config"].replace(segmentation_cache_mb=seg_mb), views=b["views"],
-                      output_dir=b["output_dir"], name=b["name"],
-                      settings={"model": b["config"].model or "demo (synthetic scenes CNN)",
-                                "segmenter": b["config"].segmenter or "dataset labels"},
-                      segmentation_cache=seg_root)
+    try:
+        results = dissect(b["module"], b["variables"], [] if b["views"] else b["layers"], b["data"],
+                          b["segmentation"], b["config"].replace(segmentation_cache_mb=seg_mb), views=b["views"],
+                          output_dir=b["output_dir"], name=b["name"],
+                          settings={"model": b["config"].model or "demo (synthetic scenes CNN)",
+                                    "segmenter": b["config"].segmenter or (
+                                        "dataset labels" if b["segmentation"] == "dataset" else "none")},
+                          segmentation_cache=seg_root, cache_dir=common.cache_dir(options.get("cache_dir")))
+    except ConfigError as e:
+        raise LaunchError(e.render("--")) from None
     return results, b["output_dir"]
 
 
@@ -347,7 +398,25 @@ def main(argv):
                   f"(per category, summed)")
         else:
             print(f"{layer}: {int(r.interpretable.sum())} of {len(r.thresholds)} units with IoU > {miniou}")
+    _print_open_vocab(output_dir)
     print(f"report: {index}")
+
+
+def _print_open_vocab(output_dir: str) -> None:
+    """The open-vocabulary numbers of each layer's summary row (when --scorer ran)."""
+    import json
+
+    path = os.path.join(output_dir, "summary.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = json.load(f)["layers"]
+    for row in rows:
+        if "ov_concepts" in row:
+            print(f"{row['layer']}: open-vocabulary labels name {row['ov_concepts']} concepts; agree with the IoU "
+                  f"label on {row['ov_same']} units (same concept) + {row['ov_word']} (a shared word) of "
+                  f"{row['ov_compared']} with both labels"
+                  + (f"; {row['ov_significant']} significant" if "ov_significant" in row else ""))
 
 
 if __name__ == "__main__":

@@ -173,8 +173,7 @@ def test_bad_inputs(model):
     data = PlantedScenes(8)
     with pytest.raises(DissectError, match=r"unknown layer 'dett'.*det, mix"):
         dissect(module, variables, ["dett"], data, "dataset", quantile=0.2)
-    with pytest.raises(DissectError, match="fc.*do not output"):
-        dissect(module, variables, ["fc"], data, "dataset", quantile=0.2)
+    assert dissect(module, variables, ["fc"], data, "dataset", quantile=0.2)["fc"].config["image_level"]  # [N, U]
     with pytest.raises(DissectError, match=r"resolution \(16, 16\).*8x8"):
         dissect(module, variables, ["det"], data, "dataset", quantile=0.2, resolution=(16, 16))
 

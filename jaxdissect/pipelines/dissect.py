@@ -12,7 +12,8 @@ writes the outputs.
 
 Activations are upsampled to the segmentation's resolution (``H / 4``: 56 for
 224-pixel classifiers, 64 for 256-pixel generators) with the original's
-geometry (``jaxdissect.kernels.upsample``). ``segmentation`` is a
+geometry (``jaxdissect.kernels.upsample``); a ``[N, U]`` layer is a ``[N, 1, 1, U]`` map,
+upsampled as a constant (edge replication). ``segmentation`` is a
 ``(segmenter, variables)`` pair from ``jaxdissect.load_segmenter`` (run on the
 images in [-1, 1]: a classifier's input pixels, a generator's output),
 ``'dataset'`` (the labels the data source provides: ``seg`` /
@@ -120,7 +121,9 @@ def trace_shapes(module, variables, x) -> tuple[dict, Any]:
 
 
 def _resolve_layers(module, shapes, layers: Sequence[str]):
-    valid = [n for n, s in shapes.items() if isinstance(s, jax.ShapeDtypeStruct) and len(s.shape) == 4]
+    """``{layer: shape}`` of the requested layers; a ``[N, U]`` layer is a ``[N, 1, 1, U]`` map (one value per
+    image, see :func:`as_map`); tokens and other shapes are refused with a one-line error."""
+    valid = dissectable_layers(shapes, pooled=True)
     unknown = [n for n in layers if n not in shapes]
     if unknown:
         import difflib
@@ -131,12 +134,47 @@ def _resolve_layers(module, shapes, layers: Sequence[str]):
             hints.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise DissectError(f"unknown layer {', '.join(hints)}; {type(module).__name__} has these "
                            f"dissectable layers: {', '.join(valid)}")
-    flat = [n for n in layers if n not in valid]
-    if flat:
-        raise DissectError(f"layer(s) {', '.join(flat)} do not output a [N, H, W, units] feature map "
-                           f"(shapes {[getattr(shapes[n], 'shape', shapes[n]) for n in flat]}); "
-                           f"dissectable layers: {', '.join(valid)}")
-    return {n: shapes[n].shape for n in layers}
+    for n in layers:
+        if n not in valid:
+            raise not_a_map_error(n, shapes)
+    return {n: tuple(shapes[n].shape[:1]) + ((1, 1) if len(shapes[n].shape) == 2 else tuple(shapes[n].shape[1:3]))
+            + tuple(shapes[n].shape[-1:]) for n in layers}
+
+
+def dissectable_layers(shapes: Mapping[str, Any], pooled: bool = False) -> list[str]:
+    """The layers of ``{layer: shape}`` that dissect: ``[N, H, W, U]`` maps, and with ``pooled`` also
+    ``[N, U]`` layers (a dense layer, a transformer's CLS token: one value per image and unit)."""
+    ranks = (2, 4) if pooled else (4,)
+    return [n for n, s in shapes.items() if isinstance(s, jax.ShapeDtypeStruct) and len(s.shape) in ranks]
+
+
+def not_a_map_error(name: str, shapes: Mapping[str, Any]) -> DissectError:
+    """The one-line error for a layer that is neither a ``[N, H, W, U]`` map nor ``[N, U]`` values.
+
+    Transformer tokens ``[N, T, C]`` (CLS + patches) name the block's patch-grid
+    views (``.residual``, ``.attention``, ``.mlp.neurons``) and their ``_cls`` twins
+    when the model has them (:mod:`jaxdissect.models.transformer`).
+    """
+    shape = tuple(getattr(shapes[name], "shape", ()))
+    if len(shape) == 3:
+        from jaxdissect.models.transformer import GridError
+
+        views = [n for n in dissectable_layers(shapes) if n.startswith(name + ".")
+                 and n[len(name) + 1:] in ("residual", "attention", "mlp.neurons")]
+        hint = (f"dissect its patch-grid views {', '.join(views)} or their '_cls' twins (the CLS token)" if views
+                else "dissect a vision block's '.residual', '.attention' or '.mlp.neurons' layer (the patch grid) "
+                     "or its '_cls' twin (the CLS token)")
+        return GridError(f"layer {name} holds tokens [N, {shape[1]}, {shape[2]}] (a transformer's sequence: CLS "
+                         "and patch tokens), which cannot be laid on a "
+                         f"grid as they are; {hint}")
+    return DissectError(f"layer {name} has shape [N, {', '.join(map(str, shape[1:]))}], neither a [N, H, W, units] "
+                        f"feature map nor [N, units] values; dissectable layers: "
+                        f"{', '.join(dissectable_layers(shapes, pooled=True))}")
+
+
+def as_map(acts):
+    """A layer's activations as a map: ``[N, U]`` values become ``[N, 1, 1, U]`` (one value per image)."""
+    return acts if acts.ndim == 4 else acts.reshape(acts.shape[0], 1, 1, acts.shape[-1])
 
 
 def views_of(layers: Sequence[str], views: Mapping[str, tuple] | None) -> dict[str, tuple[str, Basis, dict]]:
@@ -181,7 +219,7 @@ def _forward(module, layers: tuple[str, ...], views: tuple):
     @jax.jit
     def forward(variables, x, params):
         out, acts = capture(module, variables, x, layers)
-        acts = {n: jnp.asarray(a, jnp.float32) for n, a in acts.items()}
+        acts = {n: as_map(jnp.asarray(a, jnp.float32)) for n, a in acts.items()}
         return out, {v: basis.encode(params[v], acts[layer]) for v, layer, basis in views}
 
     return forward
@@ -291,9 +329,12 @@ class ModelBatches:
 # One dissection
 
 
-def method_strategies(config: DissectConfig, extra: Sequence[Strategy] = ()) -> tuple[Scoring, list[Strategy]]:
+def method_strategies(config: DissectConfig, extra: Sequence[Strategy] = (),
+                      run=None) -> tuple[Scoring, list[Strategy]]:
     """``(scoring, strategies)`` of a config, in report order (``extra``: more strategies; a
-    :class:`~jaxdissect.driver.Scoring` among them replaces the config's)."""
+    :class:`~jaxdissect.driver.Scoring` among them replaces the config's). ``run``: the
+    :class:`Dissection` (its label tables, data, images and cache directory), which the open-vocabulary
+    labels need; the add-ons that score units against concept labels are left out when it has none."""
     from jaxdissect import netdissect2017
     from jaxdissect.explain.pipeline import Explanations, LabelMetrics
 
@@ -301,13 +342,21 @@ def method_strategies(config: DissectConfig, extra: Sequence[Strategy] = ()) -> 
     if scoring is None:
         scoring = (netdissect2017.Netdissect2017Scoring(config.miniou) if config.method == "netdissect2017"
                    else IoUScoring(config.miniou, config.row0_competes))
+    labelled = run is None or len(run.tables.label_names) > 1
     out: list[Strategy] = []
-    if config.addon_on("explain"):
+    if config.addon_on("explain") and labelled:
         out.append(Explanations(config.formulas, config.exact_formulas,
                                 config.permutations if config.significance else 0, config.q))
     out.append(scoring)
-    if config.addon_on("label_metrics"):
+    if config.addon_on("label_metrics") and labelled:
         out.append(LabelMetrics())
+    if config.addon_on("open_vocab"):
+        from jaxdissect.explain.open_vocab_strategy import OpenVocab
+
+        if run is None:
+            raise DissectError("the open-vocabulary labels (scorer) are built from a dissection's data and labels; "
+                               "set scorer in jaxdissect.dissect's config")
+        out.append(OpenVocab.from_run(config, run))
     return scoring, out + [s for s in extra if s is not scoring]
 
 
@@ -315,13 +364,14 @@ class Dissection:
     """Settings, shapes, labels and per-view plans of one dissection; runs it and writes its outputs."""
 
     def __init__(self, module, variables, layers, data, segmentation, config: DissectConfig, *, views=None,
-                 mesh=None, progress=True, name=None, settings=None, segmentation_cache=None, strategies=()):
+                 mesh=None, progress=True, name=None, settings=None, segmentation_cache=None, strategies=(),
+                 cache_dir=None):
         from jaxdissect.labellers import make_labeller
         from jaxdissect.statistics import Plan
 
         self.config = config
         self.module, self.variables, self.data = module, variables, data
-        self.progress, self.settings = progress, dict(settings or {})
+        self.progress, self.settings, self.cache_dir = progress, dict(settings or {}), cache_dir
         self.geometry = config.geometry or "original"
         self.receptive_field = config_lib.receptive_field_options(self.geometry, config.receptive_field)
         self.quantile = config.level_quantile
@@ -343,6 +393,7 @@ class Dissection:
         layer_shapes, out = trace_shapes(module, variables, x0[:1])
         captured = _resolve_layers(module, layer_shapes, list(dict.fromkeys(lay for lay, _, _ in self.views.values())))
         self.shapes = {}
+        self.image_level = {v for v, (layer, _, _) in self.views.items() if len(layer_shapes[layer].shape) == 2}
         for v, (layer, basis, params) in self.views.items():
             c = int(captured[layer][-1])
             if isinstance(basis, Linear) and basis.label == "rotation" and np.shape(params["matrix"]) != (c, c):
@@ -376,15 +427,17 @@ class Dissection:
                 "resolution= or use a segmentation of that size")
         self.num_batches = -(-self.num_images // self.batch_size)
         self.name = name or f"{type(module).__name__} {data.name} {self.labeller.name}"
-        self.scoring, self.strategies = method_strategies(config, strategies)
+        self.scoring, self.strategies = method_strategies(config, strategies, run=self)
         options = {}
         for s in self.strategies:
             options.update(s.plan_options(self.tables))
+        # A [N, U] layer is one value per image: its 1x1 map is upsampled as a constant (edge replication).
         self.plans = {
             v: Plan(num_units=int(self.shapes[v][-1]), num_labels=len(self.tables.label_names),
                     source_hw=tuple(int(s) for s in self.shapes[v][1:3]), resolution=self.resolution,
-                    quantile=self.quantile, topk=int(config.topk), geometry=self.geometry,
-                    **self.receptive_field, **options)
+                    quantile=self.quantile, topk=int(config.topk),
+                    **({"geometry": "clamped"} if v in self.image_level else
+                       {"geometry": self.geometry, **self.receptive_field}), **options)
             for v in self.layers}
         resolved = config.replace(quantile=self.quantile, geometry=self.geometry)
         self.identity = {
@@ -393,6 +446,9 @@ class Dissection:
             "views": {v: [layer, basis.identity(params)] for v, (layer, basis, params) in self.views.items()},
             "resolution": list(self.resolution), "num_images": self.num_images, "batch_size": self.batch_size,
             "devices": self.devices}
+        extra = {s.name: s.identity() for s in self.strategies if s.identity() is not None}
+        if extra:
+            self.identity["strategies"] = extra
 
     def say(self, message):
         if self.progress:
@@ -403,9 +459,11 @@ class Dissection:
         layer, basis, _ = self.views[view]
         c = self.config
         out = {"layer": view, "quantile": self.quantile, "miniou": c.miniou, "topk": c.topk,
-               "row0_competes": c.row0_competes, "geometry": self.geometry, "resolution": list(self.resolution),
-               **({"receptive_field": _json_receptive_field(self.receptive_field)} if self.receptive_field else {}),
-               "num_images": self.num_images}
+               "row0_competes": c.row0_competes, "geometry": self.plans[view].geometry,
+               "resolution": list(self.resolution),
+               **({"receptive_field": _json_receptive_field(self.receptive_field)}
+                  if self.receptive_field and view not in self.image_level else {}),
+               **({"image_level": True} if view in self.image_level else {}), "num_images": self.num_images}
         if not isinstance(basis, Neurons):
             out["rotated_layer"] = layer
         return out
@@ -543,12 +601,13 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
             config: DissectConfig | Mapping[str, Any] | None = None, *, views: Mapping[str, tuple] | None = None,
             output_dir: str | None = None, mesh=None, progress: bool = True, name: str | None = None,
             settings: Mapping[str, Any] | None = None, segmentation_cache: str | None = None,
-            strategies: Sequence[Strategy] = (), **overrides) -> dict:
+            strategies: Sequence[Strategy] = (), cache_dir: str | None = None, **overrides) -> dict:
     """Dissect ``layers`` of ``module`` over ``data``; returns ``{layer: DissectionResult}``.
 
     Args:
       module, variables: a Flax Linen model and its variables (``jaxdissect.load_model``).
-      layers: layer names ('.'-joined module paths, see ``jaxdissect.layer_names``).
+      layers: layer names ('.'-joined module paths, see ``jaxdissect.layer_names``): ``[N, H, W, U]``
+        feature maps, or ``[N, U]`` layers (one value per image: a dense layer, a ViT's ``_cls`` token).
       data: a data source (``PlacesFolder``, ``ImageFolder``, ``LatentSource``,
         ``BrodenSource``, ``SyntheticScenes`` or your own, see ``jaxdissect.data``).
       segmentation: ``(segmenter, variables)`` from ``jaxdissect.load_segmenter``,
@@ -558,8 +617,8 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         some of its fields, e.g. ``dissect(..., quantile=0.02, topk=20)``:
         quantile, miniou, topk, thumbsize, batch_size, num_images, geometry,
         receptive_field, resolution, row0_competes, method, formulas,
-        exact_formulas, significance, permutations, q, label_metrics,
-        checkpoint_every, activation_cache_mb, segmentation_cache_mb (see the
+        exact_formulas, significance, permutations, q, label_metrics, scorer,
+        vocabulary, similarity, similarity_top_k, checkpoint_every, activation_cache_mb, segmentation_cache_mb (see the
         field docs there).
       views: ``{name: (layer, basis, params)}`` or ``{name: (layer, R or None)}``
         to dissect named views of captured layers instead of ``layers``
@@ -580,12 +639,14 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         None (the default): no disk cache. Results are identical either way.
       strategies: more method strategies (``jaxdissect.driver.Strategy``):
         add-ons after the config's, or a ``Scoring`` that replaces its scoring.
+      cache_dir: the per-user cache where a CLIP scorer's text embeddings of a
+        vocabulary are kept (``scorer=...``; None: ``jaxdissect.fileio.default_cache_dir()``).
     """
     config = config_lib.create(config, **overrides)
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = Dissection(module, variables, layers, data, segmentation, config, views=views, mesh=mesh,
                      progress=progress, name=name, settings=settings, segmentation_cache=segmentation_cache,
-                     strategies=strategies)
+                     strategies=strategies, cache_dir=cache_dir)
     if output_dir is not None:
         return run.run(output_dir, write=True)
     tmp = tempfile.mkdtemp(prefix="jaxdissect-")

@@ -97,6 +97,7 @@ class Outputs:
         options = {}
         for s in self.strategies:
             settings.update(s.settings())
-            options.update(s.page_options())
+            for k, v in s.page_options().items():   # every strategy's extra columns, in strategy order
+                options[k] = list(options.get(k, [])) + list(v) if k == "columns" else v
         return html.write_run_report(self.output_dir, self.title, layers, settings=settings,
                                      skipped_files=list(skipped_files), **options)

@@ -98,6 +98,22 @@ _SCRIPT = r"""
   (data.metric_keys || []).forEach(function (k) {
     comparators[k] = function (a, b) { return num(b, k, -Infinity) - num(a, k, -Infinity) || a.unit - b.unit; };
   });
+  (data.columns || []).forEach(function (c) {
+    comparators[c.id] = c.kind === "number" ?
+      (c.ascending ?
+        function (a, b) { return num(a, c.id, Infinity) - num(b, c.id, Infinity) || a.unit - b.unit; } :
+        function (a, b) { return num(b, c.id, -Infinity) - num(a, c.id, -Infinity) || a.unit - b.unit; }) :
+      function (a, b) {
+        return String(a[c.id] || "\uffff").localeCompare(String(b[c.id] || "\uffff")) || a.unit - b.unit;
+      };
+  });
+  function labelText(u) {
+    var text = u.label;
+    (data.columns || []).forEach(function (c) {
+      if (c.kind === "text" && typeof u[c.id] === "string") text += "\n" + u[c.id];
+    });
+    return text.toLowerCase();
+  }
   function cell(row, text, cls) {
     var td = document.createElement("td");
     td.textContent = text;
@@ -112,7 +128,7 @@ _SCRIPT = r"""
     var compare = comparators[controls.sort.value] || comparators.iou;
     data.layers.forEach(function (layer, li) {
       var shown = layer.units.filter(function (u) {
-        return (!text || u.label.toLowerCase().indexOf(text) >= 0) &&
+        return (!text || labelText(u).indexOf(text) >= 0) &&
                (!cat || u.cat === cat) && iouOf(u) >= minIou &&
                (!significant || !significant.checked || u.significant === true);
       }).sort(compare);
@@ -138,6 +154,10 @@ _SCRIPT = r"""
           cell(row, ci, "num iou-ci");
         }
         (data.metric_keys || []).forEach(function (k) { cell(row, fixed(u, k, 3), "num metric " + k); });
+        (data.columns || []).forEach(function (c) {
+          if (c.kind === "number") cell(row, fixed(u, c.id, c.digits), "num column " + c.id);
+          else cell(row, (u.dead || u[c.id] === null || u[c.id] === undefined) ? "" : String(u[c.id]), "column " + c.id);
+        });
         var td = document.createElement("td");
         var img = document.createElement("img");
         img.setAttribute("loading", "lazy");
@@ -247,10 +267,39 @@ def _header(settings: Mapping | None, skipped_files: Sequence[str], output_dir: 
     return "\n".join(parts)
 
 
+def _column_value(unit: Mapping, key: str, kind: str):
+    """A unit's value of an extra column: ``key`` a dotted path into the unit's entry; None where absent."""
+    value = unit
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if value is None or isinstance(value, bool):
+        return None if value is None else str(value).lower()
+    if kind == "number":
+        try:
+            return _iou(value)
+        except (TypeError, ValueError):
+            return None
+    return str(value)
+
+
+def _check_columns(columns: Sequence[Mapping]) -> list[dict]:
+    out = []
+    for i, c in enumerate(columns):
+        if not isinstance(c, Mapping) or not c.get("key") or c.get("kind", "text") not in ("text", "number"):
+            raise ValueError(f"column {i} must be {{'key': 'a.b', 'title': ..., 'kind': 'text' or 'number', "
+                             f"'digits': N, 'ascending': bool}}, got {c!r}")
+        out.append({"id": f"col{i}", "key": str(c["key"]), "title": str(c.get("title", c["key"])),
+                    "kind": c.get("kind", "text"), "digits": int(c.get("digits", 3)),
+                    "ascending": bool(c.get("ascending", False))})
+    return out
+
+
 def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str = ".",
-                      settings: Mapping | None = None, skipped_files: Sequence[str] = (), q: float = 0.05) -> str:
+                      settings: Mapping | None = None, skipped_files: Sequence[str] = (), q: float = 0.05,
+                      columns: Sequence[Mapping] = ()) -> str:
     """The HTML text of :func:`write_run_report`."""
     esc = html.escape
+    columns = _check_columns(columns)
     data = {"run": str(run_name), "layers": []}
     categories = list(CATEGORIES)
     sections = []
@@ -292,6 +341,8 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
                     value = (scores.get(level) or {}).get(metric)
                     entry[key] = None if value is None else _iou(value)
                 metrics = True
+            for c in columns:
+                entry[c["id"]] = _column_value(u, c["key"], c["kind"])
             units.append(entry)
             if units[-1]["cat"] not in categories:
                 categories.append(units[-1]["cat"])
@@ -316,6 +367,7 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
             f'</section>')
     data["formulas"], data["significance"] = formulas, significance
     data["metric_keys"] = [k for k, _ in METRIC_COLUMNS] if metrics else []
+    data["columns"] = [{k: c[k] for k in ("id", "kind", "digits", "ascending")} for c in columns]
     if formulas:
         heads.append("<th>formula</th><th>formula IoU</th>")
     if significance:
@@ -323,10 +375,12 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
     if metrics:
         heads.append("".join(f'<th title="label metric against the unit\'s label">{esc(t)}</th>'
                              for _, t in METRIC_COLUMNS))
+    heads += [f"<th>{esc(c['title'])}</th>" for c in columns]
     sections = [sec.replace("{extra_heads}", "".join(heads)) for sec in sections]
     sorts = ('<option value="formula_iou">formula IoU</option>' if formulas else "") + (
         '<option value="p_value">p-value</option>' if significance else "") + (
-        "".join(f'<option value="{k}">{esc(t)}</option>' for k, t in METRIC_COLUMNS) if metrics else "")
+        "".join(f'<option value="{k}">{esc(t)}</option>' for k, t in METRIC_COLUMNS) if metrics else "") + "".join(
+        f'<option value="{c["id"]}">{esc(c["title"])}</option>' for c in columns)
     significant_filter = ('<label><input id="filter-significant" type="checkbox"> significant at q = '
                           f'{esc(_format(q))}</label>' if significance else "")
     options = "".join(f'<option value="{esc(c)}">{esc(c)}</option>' for c in categories)
@@ -359,7 +413,7 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
 
 
 def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], settings: Mapping | None = None,
-                     skipped_files: Sequence[str] = (), q: float = 0.05) -> str:
+                     skipped_files: Sequence[str] = (), q: float = 0.05, columns: Sequence[Mapping] = ()) -> str:
     """Write ``output_dir/index.html`` for a run; returns its path.
 
     ``layers`` holds one dict per dissected layer: ``name``, ``dir`` (the layer's
@@ -373,11 +427,15 @@ def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], 
     ``significant``/``iou_ci`` (shown as columns, sortable, with a "significant
     at q" filter, when any unit has them; ``q`` is the FDR they were tested at),
     and ``metrics`` (``{'pixel': {'iou', 'f1', 'auprc', 'pearson', 'cosine'},
-    'image': {...}}`` or None: ten sortable columns). ``settings`` (name -> value) are listed in the header, and
-    ``skipped_files`` (unreadable images) below it.
+    'image': {...}}`` or None: ten sortable columns). ``columns``: more unit columns (a method strategy's,
+    ``Strategy.page_options``), each ``{'key': 'a.b', 'title': ..., 'kind': 'text' or 'number', 'digits': 3,
+    'ascending': False}``: the value at the dotted ``key`` of each unit's entry (absent: empty), sortable
+    (numbers largest first unless ``ascending``), text columns searched by the label filter too.
+    ``settings`` (name -> value) are listed in the header, and ``skipped_files`` (unreadable images) below it.
     """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "index.html")
-    text = render_run_report(run_name, layers, output_dir, settings=settings, skipped_files=skipped_files, q=q)
+    text = render_run_report(run_name, layers, output_dir, settings=settings, skipped_files=skipped_files, q=q,
+                             columns=columns)
     fileio.write_text(path, text)
     return path

@@ -20,9 +20,15 @@ from jaxdissect.reports.report_json import dump_json
 
 
 # Columns a row may add (``dissect(significance=True)``: units whose label is significant under BH;
-# ``dissect(label_metrics=True)``: per-layer medians of the units' label metrics).
+# ``dissect(label_metrics=True)``: per-layer medians of the units' label metrics); any other key a method
+# strategy adds (``Strategy.summary_row``) follows them.
 OPTIONAL = ("significant",) + tuple(f"median_{level}_{m}" for level in ("pixel", "image")
                                     for m in ("iou", "f1", "auprc", "pearson", "cosine"))
+
+
+# The columns every row has (the rest are a method strategy's additions, kept in the tables in order).
+_STANDARD = ("layer", "units", "interpretable", "unique_concepts", "interpretable_by_category", "unique_by_category",
+             "miniou")
 
 
 def _pairs(per_layer_units) -> list[tuple[str, list]]:
@@ -76,6 +82,7 @@ def _flat(rows: Sequence[Mapping]) -> tuple[list[str], list[list]]:
     header = ["layer", "units", "interpretable", "unique_concepts"]
     header += [f"interpretable_{c}" for c in cats] + [f"unique_{c}" for c in cats]
     extra = [k for k in OPTIONAL if rows and all(k in r for r in rows)]
+    extra += [k for k in (rows[0] if rows else ()) if k not in _STANDARD + OPTIONAL and all(k in r for r in rows)]
     header += extra
     table = []
     for r in rows:

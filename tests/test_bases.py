@@ -236,6 +236,7 @@ KILL = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_training_resumes_after_a_kill_to_the_same_parameters(tmp_path):
     workdir = str(tmp_path / "work")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -325,6 +326,7 @@ TWICE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_sae_once(tmp_path):
     code = TWICE.format(tests=os.path.join(ROOT, "tests"), marks=str(tmp_path / "marks"), cache=str(tmp_path / "c"))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

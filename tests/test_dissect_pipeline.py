@@ -341,6 +341,7 @@ print("devices", len(jax.devices()), "same", same)
 """
 
 
+@pytest.mark.slow
 def test_one_and_two_devices_give_identical_results():
     import subprocess
     import sys

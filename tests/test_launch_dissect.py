@@ -14,6 +14,7 @@ import pytest
 
 from jaxdissect.segmentation import SegmenterError
 from launch import dissect as launcher
+from launcher_cli import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +60,7 @@ def _checkpoints(output_dir, name):
     return [n for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
 
 
+@pytest.mark.slow
 def test_kill_during_iou_pass_then_resume(model_dir, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     env = _env(cache=str(tmp_path / "jax_cache"))
@@ -162,10 +164,9 @@ def test_bad_inputs(model_dir, tmp_path):
 
 
 def test_main_prints_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launch.dissect", f"--model={tmp_path / 'missing'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "error: --model=" in out.stderr and "no such directory" in out.stderr
+    code, _, err = cli("dissect", f"--model={tmp_path / 'missing'}", f"--cache_dir={tmp_path / 'cache'}")
+    assert code != 0
+    assert "error: --model=" in err and "no such directory" in err
 
 
 def test_broden_data_with_image_level_labels(model_dir, tmp_path):

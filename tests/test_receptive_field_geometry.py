@@ -132,6 +132,7 @@ print("devices", len(jax.devices()), "same", same)
 """
 
 
+@pytest.mark.slow
 def test_one_and_two_devices_identical():
     import subprocess
     import sys

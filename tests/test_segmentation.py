@@ -126,6 +126,7 @@ def images():
                    ).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_segment_matches_reference(models, images):
     segmenter, variables = load_segmenter(models["upp_dir"], models["color_dir"], "netpqc")
     segmenter = segmenter.clone(upp_segsizes=(UPP_SIZE,))
@@ -223,6 +224,7 @@ class _Scenes:
                 "valid": np.ones(len(indices), bool)}
 
 
+@pytest.mark.slow
 def test_dissection_traces_the_segmenter_once(models, monkeypatch):
     """Setting up a dissection traces the segmenter at the run's batch shape and placement; the first batch
     reuses that trace (tracing the network again cost about 1 s for the full-size UPP segmenter)."""

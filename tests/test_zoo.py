@@ -290,6 +290,7 @@ def test_kill_during_conversion_leaves_nothing_trusted(env, server):
     jaxdissect.load_model(path)
 
 
+@pytest.mark.slow
 def test_two_processes_download_once_and_convert_once(env, server):
     serve_gan(server, env, gan_bytes(WIDER))
     server.delay = 0.02

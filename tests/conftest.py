@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # the controller's import runs first: workers inherit it
@@ -34,3 +36,14 @@ def pytest_unconfigure(config):
     """The process that made the session's compilation cache removes it (workers leave it alone)."""
     if os.environ.get("JAXDISSECT_TESTS_OWN_XLA_CACHE") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> str:
+    """A per-user cache holding a small demo model where the launchers look for the default one (trained once
+    per worker; tests/launcher_cli.py)."""
+    from launcher_cli import tiny_demo_cache
+
+    cache = str(tmp_path_factory.getbasetemp() / "demo-cache")
+    tiny_demo_cache(cache)
+    return cache

@@ -69,7 +69,7 @@ def test_tiny_variants_build_and_one_runs(tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     module = SmallCNN(widths=(4, 8, 8, 8))
     model = str(tmp_path / "m")
@@ -112,7 +112,7 @@ def test_launcher_traces_the_model_once(tmp_path, monkeypatch):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     module = SmallCNN(widths=(4, 4, 4, 4))
     model = str(tmp_path / "m")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from launch import common
-from launcher_cli import TINY, cli, tiny_demo_cache
+from launcher_cli import TINY, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,14 +31,6 @@ DEFAULT_OUTPUTS = {
 }
 LAUNCHERS = ["dissect", "compare", "check_model", "unit_plot", "ablate_classifier", "adversarial", "shape_bias",
              "stylize", "intervene_generator", "edit_photo", "ganpaint"]
-
-
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """A per-user cache holding a small demo model where the launchers look for the default one."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    tiny_demo_cache(cache)
-    return cache
 
 
 @pytest.fixture

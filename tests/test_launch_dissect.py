@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdissect.segmentation import SegmenterError
 from launch import dissect as launcher
+from helpers import launcher_config as _config
+from helpers import numpy_init, write_broden
 from launcher_cli import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,14 +31,6 @@ def model_dir(tmp_path_factory):
     save_model(path, module, variables, metadata={"model": "tiny_cnn", "preprocessing": {
         "normalization": "zc", "resize": 64, "crop": 64}})
     return path
-
-
-def numpy_init(module, shape, seed=1):
-    """Random variables drawn with NumPy (``module.init`` would compile JAX's RNG, slow on a busy CPU)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * np.sqrt(2.0 / max(1, np.prod(s.shape[:-1]))))
-                        .astype(s.dtype), shapes)
 
 
 def _command(model_dir, output_dir):
@@ -115,15 +107,6 @@ def test_parse_layers():
         launcher.parse_layers("layer3..layer1", DISSECTABLE)
 
 
-def _config(**kw):
-    base = dict(model=None, layers=None, data=None, segmenter=None, quantile=0.01, miniou=0.04, topk=5,
-                thumbsize=100, batch_size=4, output_dir=None, cache_dir=None, num_images=None,
-                on_bad_image="raise", checkpoint_every=50, coordinator_address=None, num_processes=None,
-                process_id=None)
-    base.update(kw)
-    return base
-
-
 def test_default_results_name(model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # build() claims the default results directory
     built = launcher.build(_config(model=model_dir, data="synthetic:8", segmenter="dataset", layers="conv4"))
@@ -171,12 +154,8 @@ def test_main_prints_clear_error(tmp_path):
 
 def test_broden_data_with_image_level_labels(model_dir, tmp_path):
     """--data=broden:<dir> (labels from the dataset, incl. image-level scene/texture labels) end to end."""
-    try:
-        from test_broden import _write_broden
-    except ImportError:
-        pytest.skip("the Broden test helper is not available")
     root = str(tmp_path / "broden")
-    _write_broden(root)
+    write_broden(root)
     out = str(tmp_path / "out")
     results, output_dir = launcher.run(_config(model=model_dir, data=f"broden:{root}", layers="conv1,conv2",
                                                batch_size=2, topk=3, thumbsize=16, output_dir=out))

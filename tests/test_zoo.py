@@ -402,13 +402,11 @@ def test_data_by_name_places_and_minilsun(env, server):
 
 
 def _broden_zip(tmp_path, monkeypatch) -> bytes:
-    """test_broden's planted Broden folder, with 64-pixel images (a ResNet needs at least 32), zipped."""
-    import test_broden
+    """helpers.write_broden's planted Broden folder, with 64-pixel images (a ResNet needs at least 32), zipped."""
+    from helpers import write_broden
 
-    monkeypatch.setattr(test_broden, "I", 64)
-    monkeypatch.setattr(test_broden, "S", 32)
     root = tmp_path / "b" / "broden1_224"
-    test_broden._write_broden(str(root))
+    write_broden(str(root), image_size=64, seg_size=32)
     return _zip({os.path.relpath(p, tmp_path / "b"): open(p, "rb").read()
                  for p in glob.glob(str(root / "**" / "*"), recursive=True) if os.path.isfile(p)})
 

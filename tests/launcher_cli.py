@@ -1,4 +1,5 @@
-"""Run a launcher as ``python -m launch.<name> ARGS`` would, inside the test process; a small demo model cache.
+"""Run a launcher (or converter) as ``python -m launch.<name> ARGS`` would, inside the test process; a small demo
+model cache.
 
 :func:`cli` defines the launcher's flags, runs its ``main`` through
 ``launch.common.run`` (flag parsing, the up-front checks, one-line errors, exit
@@ -24,14 +25,18 @@ TINY = dict(num_train=64, num_test=32, steps=20, batch_size=16, widths=(8, 8, 8,
 
 
 def cli(name: str, *args: str) -> tuple[int, str, str]:
-    """``(exit status, stdout, stderr)`` of ``python -m launch.<name> *args``, run in this process."""
-    module = importlib.import_module(f"launch.{name}")
+    """``(exit status, stdout, stderr)`` of ``python -m launch.<name> *args``, run in this process.
+
+    A dotted ``name`` is a module path (``converters.proggan``): any command line on ``launch.common.run``.
+    """
+    module = importlib.import_module(name if "." in name else f"launch.{name}")
     before = set(flags.FLAGS)
     writable = dict(common.WRITABLE_FLAGS)
     module.define_flags()
     defined = set(flags.FLAGS) - before
     out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, [f"launch/{name}.py", *args]
+    argv, sys.argv = sys.argv, [module.__file__, *args]
+    main, sys.modules["__main__"] = sys.modules["__main__"], module   # --help lists the launcher's own flags
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -40,6 +45,7 @@ def cli(name: str, *args: str) -> tuple[int, str, str]:
         code = 0 if e.code is None else e.code
     finally:
         sys.argv = argv
+        sys.modules["__main__"] = main
         for flag in defined:
             delattr(flags.FLAGS, flag)
         common.WRITABLE_FLAGS.clear()

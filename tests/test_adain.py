@@ -78,6 +78,7 @@ def test_keys_match_the_published_layout(converted):
     assert {k: tuple(v.shape) for k, v in dec.state_dict().items()} == conv.expected_decoder()
 
 
+@pytest.mark.slow
 def test_encoder_decoder_and_stylization_equal_pytorch(converted):
     vgg, dec, module, variables, _ = converted
     rng = np.random.default_rng(0)

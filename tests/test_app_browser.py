@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+    reason="Debian's chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")]
 
 
 def to_uint8(images):

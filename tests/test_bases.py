@@ -19,6 +19,7 @@ import pytest
 
 from jaxdissect import statistics
 from jaxdissect.bases import BasisError, Linear, Neurons, probe, sae, spec
+from helpers import numpy_topk, random_sae
 from jaxdissect.rotation import random_rotation_powers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,25 +61,6 @@ def test_specs_parse_and_build():
 
 # --------------------------------------------------------------------------
 # The TopK SAE against NumPy.
-
-
-def numpy_topk(params, acts, k):
-    """Codes and reconstruction written from the definition, one position at a time."""
-    x = np.asarray(acts, np.float64).reshape(-1, params["b_dec"].shape[0])
-    codes = np.zeros((len(x), params["w_dec"].shape[0]))
-    for i, row in enumerate(x):
-        pre = np.maximum((row - params["b_dec"]) @ params["w_enc"] + params["b_enc"], 0)
-        top = np.argsort(-pre, kind="stable")[:k]
-        codes[i, top] = pre[top]
-    return codes, codes @ params["w_dec"] + params["b_dec"]
-
-
-def random_sae(rng, channels, units):
-    w = rng.standard_normal((units, channels)).astype(np.float32)
-    return {"w_enc": (rng.standard_normal((channels, units)) * 0.5).astype(np.float32),
-            "b_enc": (rng.standard_normal(units) * 0.1).astype(np.float32),
-            "w_dec": w / np.linalg.norm(w, axis=1, keepdims=True),
-            "b_dec": (rng.standard_normal(channels) * 0.1).astype(np.float32)}
 
 
 def test_topk_codes_and_reconstruction_equal_numpy():
@@ -236,6 +218,7 @@ KILL = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_training_resumes_after_a_kill_to_the_same_parameters(tmp_path):
     workdir = str(tmp_path / "work")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -325,6 +308,7 @@ TWICE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_sae_once(tmp_path):
     code = TWICE.format(tests=os.path.join(ROOT, "tests"), marks=str(tmp_path / "marks"), cache=str(tmp_path / "c"))
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -9,88 +9,18 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import BRODEN_CATS as CATS
+from helpers import BRODEN_SEG as S
+from helpers import write_broden
 from jaxdissect.data import broden as B
 
-LABELS = [  # number, name, category
-    (1, "black", "color"), (2, "red", "color"), (3, "dog", "object"), (4, "cat", "object"),
-    (5, "leg", "part"), (6, "wood", "material"), (7, "kitchen", "scene"), (8, "dotted", "texture"),
-    (9, "a<b & c", "object"), (300, "big", "object"), (301, "head", "part")]
-CATS = ["color", "object", "part", "material", "scene", "texture"]
-S, I = 8, 16  # label size, image size
-
-
-def _png(path, labels):
-    rgb = np.zeros(labels.shape + (3,), np.uint8)
-    rgb[..., 0] = labels % 256
-    rgb[..., 1] = labels // 256
-    Image.fromarray(rgb).save(path)
-
-
-def _write_broden(root):
-    rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(root, "images", "sub"))
-    planted = []
-    rows = []
-    specs = [  # split, color, objects (pngs), part (png or int), material, scene ints, texture ints
-        ("val", 1, [3, 300], 5, 6, [7], [8]),
-        ("train", 2, [4], None, None, [7], []),
-        ("val", 2, [9], 301, None, [], [8]),
-        ("val", 1, [], 5, 6, [7, 7], []),
-    ]
-    for n, (split, color, objs, part, mat, scene, texture) in enumerate(specs):
-        image = rng.integers(0, 256, (I, I, 3), dtype=np.uint8)
-        if n == 2:  # a greyscale file: served as RGB, like the others
-            image[:] = image[..., :1]
-            Image.fromarray(image[..., 0]).save(os.path.join(root, "images", "sub", f"im{n}.png"))
-        else:
-            Image.fromarray(image).save(os.path.join(root, "images", "sub", f"im{n}.png"))
-        maps = {}
-
-        def plant(cat, value, k):
-            lab = np.where(rng.random((S, S)) < 0.5, value, 0).astype(np.int32)
-            name = f"sub/im{n}_{cat}{k}.png"
-            _png(os.path.join(root, "images", name), lab)
-            maps[(cat, k)] = lab
-            return name
-
-        cells = {"color": [plant("color", color, 0)],
-                 "object": [plant("object", v, k) for k, v in enumerate(objs)],
-                 "part": [] if part is None else [plant("part", part, 0)],
-                 "material": [] if mat is None else [plant("material", mat, 0)],
-                 "scene": [str(s) for s in scene], "texture": [str(t) for t in texture]}
-        if n == 3:  # an integer in a pixel category labels the whole image
-            cells["part"] = ["5"]
-            maps[("part", 0)] = np.full((S, S), 5, np.int32)
-        rows.append([f"sub/im{n}.png", split, I, I, S, S] + [";".join(cells[c]) for c in CATS])
-        planted.append((image, maps, scene, texture))
-    with open(os.path.join(root, "index.csv"), "w") as f:
-        f.write("image,split,ih,iw,sh,sw," + ",".join(CATS) + "\n")
-        for r in rows:
-            f.write(",".join(str(v) for v in r) + "\n")
-    with open(os.path.join(root, "category.csv"), "w") as f:
-        f.write("name,first,last,count,frequency\n")
-        for c in CATS:
-            f.write(f"{c},0,0,0,0\n")
-    with open(os.path.join(root, "label.csv"), "w") as f:
-        f.write("number,name,category,frequency,coverage,syns\n")
-        for num, name, cat in LABELS:
-            f.write(f'{num},"{name}",{cat}(1),1,1.0,\n')
-    for c in CATS:
-        with open(os.path.join(root, f"c_{c}.csv"), "w") as f:
-            f.write("code,number,name,frequency,coverage\n")
-            for k, (num, name, cat) in enumerate([x for x in LABELS if x[2] == c]):
-                f.write(f'{k + 1},{num},"{name}",1,1.0\n')
-            if c == "part":  # 'dog' also appears as a part, with less coverage
-                f.write('9,3,"dog",1,0.5\n')
-    return planted
 
 
 @pytest.fixture(scope="module")
 def broden(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("broden"))
-    return root, _write_broden(root)
+    return root, write_broden(root)
 
 
 def _expected(planted, n, channels):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxdissect.data import classes as C
-from launcher_cli import cli, tiny_demo_cache
+from launcher_cli import cli
 
 
 def _folder(root, counts):
@@ -21,11 +21,9 @@ def _folder(root, counts):
 
 
 @pytest.fixture
-def user(tmp_path_factory, tmp_path, monkeypatch):
-    cache = str(tmp_path_factory.getbasetemp() / "demo-cache")
-    tiny_demo_cache(cache)
+def user(demo_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("JAXDISSECT_CACHE", cache)
+    monkeypatch.setenv("JAXDISSECT_CACHE", demo_cache)
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
     return tmp_path
 

@@ -7,7 +7,6 @@ Small models (width 64, 2 layers) where equality is the point; the full-size
 ViT-B/16 is marked slow.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -234,7 +233,6 @@ def test_mismatched_state_lists_every_problem(clip_vit, tv_vit):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("JAXDISSECT_SLOW"), reason="full-size model: set JAXDISSECT_SLOW=1")
 def test_full_size_vit_b_16():
     """torchvision's vit_b_16 at full size (86M parameters, 224 pixels) equals the reference."""
     torch.manual_seed(0)

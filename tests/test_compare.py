@@ -12,7 +12,8 @@ import jaxdissect
 from jaxdissect.data import broden
 from jaxdissect.pipelines import compare as C
 from jaxdissect.rotation import random_rotation_powers
-from test_netdissect2017 import CATS, Tiny, write_planted_broden
+from helpers import ND2017_CATS as CATS
+from helpers import Tiny, write_planted_broden
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_launcher(folder, tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import compare as launcher
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     dirs = []
     for i in range(2):

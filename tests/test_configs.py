@@ -69,7 +69,7 @@ def test_tiny_variants_build_and_one_runs(tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     module = SmallCNN(widths=(4, 8, 8, 8))
     model = str(tmp_path / "m")
@@ -90,22 +90,19 @@ def test_tiny_variants_build_and_one_runs(tmp_path):
     assert json.load(open(os.path.join(out, "launch.json")))["method"] == "netdissect2017"
 
 
-def test_launcher_flags_come_from_the_config():
+def test_launcher_flags_come_from_the_config(monkeypatch):
     """Every flagged field of DissectConfig is a launch.dissect flag with the field's default."""
-    import subprocess
-    import sys
+    from launcher_cli import cli
 
-    out = subprocess.run([sys.executable, "-m", "launch.dissect", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
-    assert out.returncode == 0
+    monkeypatch.chdir(REPO)
+    code, out, _ = cli("dissect", "--help")
+    assert code == 0
     for name in DissectConfig.flag_names():
-        assert f"\n  --{name}: " in out.stdout, name
-    assert "\n  --config: " in out.stdout
+        assert f"\n  --{name}: " in out, name
+    assert "\n  --config: " in out
     # A flag given on the command line overrides the file (topk=5 there): checked before any work.
-    out = subprocess.run([sys.executable, "-m", "launch.dissect", "--config=configs/netdissect2017_alexnet.py:tiny",
-                          "--topk=0"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
-    assert out.returncode == 1 and out.stderr == "error: --topk=0: must be a positive integer\n", out.stderr
+    code, _, err = cli("dissect", "--config=configs/netdissect2017_alexnet.py:tiny", "--topk=0")
+    assert code == 1 and err == "error: --topk=0: must be a positive integer\n", err
 
 
 def test_launcher_traces_the_model_once(tmp_path, monkeypatch):
@@ -115,7 +112,7 @@ def test_launcher_traces_the_model_once(tmp_path, monkeypatch):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     module = SmallCNN(widths=(4, 4, 4, 4))
     model = str(tmp_path / "m")

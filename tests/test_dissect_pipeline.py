@@ -9,74 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import CELL, DET, MIX, SIZE, Planted, PlantedScenes, Pool
+from helpers import PLANTED_CATS as CATS
+from helpers import PLANTED_LABELS as LABELS
 from jaxdissect.pipelines.dissect import DissectError, dissect
-
-SIZE, CELL = 32, 4           # 32x32 images, labels constant on 4x4 cells -> 8x8 segmentation
-LABELS = ["-", "disc", "window", "wood", "sky"]
-CATS = ["-", "object", "part", "material", "object"]
-# Layer "det" unit u fires exactly where label DET[u] is drawn; unit 4 is noise.
-DET = [1, 2, 3, 4]
-# Layer "mix" permutes "det": unit j of mix is unit MIX[j] of det (4 = the noise unit).
-MIX = (3, 4, 0, 2, 1)
-
-
-class Pool(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.avg_pool(x, (CELL, CELL), strides=(CELL, CELL))
-
-
-class Permute(nn.Module):
-    order: tuple
-
-    @nn.compact
-    def __call__(self, x):
-        return 2.0 * x[..., jnp.array(self.order)]
-
-
-class Planted(nn.Module):
-    """Input channel c (c < 4) holds the intensity of label c + 1; channel 4 is noise."""
-
-    @nn.compact
-    def __call__(self, x):
-        det = Pool(name="det")(x)
-        mix = Permute(MIX, name="mix")(det)
-        return nn.Dense(3, name="fc")(mix.mean((1, 2)))
-
-
-class PlantedScenes:
-    """Cells carry label 1..4 (about 8% of cells each) at a random intensity in [0.5, 1]."""
-
-    label_names = LABELS
-    label_categories = CATS
-    categories = ["object", "part", "material"]
-
-    def __init__(self, n, seed=0):
-        self.n, self.seed, self.name = n, seed, "planted"
-
-    def __len__(self):
-        return self.n
-
-    def fingerprint(self):
-        return {"kind": "planted", "n": self.n, "seed": self.seed}
-
-    def get_batch(self, indices):
-        g = SIZE // CELL
-        images, displays, segs = [], [], []
-        for i in indices:
-            rng = np.random.default_rng([self.seed, int(i)])
-            cells = rng.choice(5, size=(g, g), p=[0.68, 0.08, 0.08, 0.08, 0.08])
-            intensity = rng.uniform(0.5, 1.0, (g, g))
-            x = np.zeros((g, g, 5), np.float32)
-            for c in range(1, 5):
-                x[..., c - 1] = np.where(cells == c, intensity, 0)
-            x = x.repeat(CELL, 0).repeat(CELL, 1)
-            x[..., 4] = rng.uniform(0, 1, (SIZE, SIZE))
-            images.append(x)
-            displays.append((x[..., :3] * 255).astype(np.uint8))
-            segs.append(cells[None].astype(np.int32))
-        return {"image": np.stack(images), "display": np.stack(displays), "seg": np.stack(segs),
-                "valid": np.ones(len(indices), bool)}
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +261,7 @@ _TWO_DEVICES = """
 import os, sys
 sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
-from test_dissect_pipeline import Planted, PlantedScenes, SIZE
+from helpers import Planted, PlantedScenes, SIZE
 from jaxdissect import parallel
 from jaxdissect.pipelines.dissect import dissect
 m = Planted()
@@ -340,6 +276,7 @@ print("devices", len(jax.devices()), "same", same)
 """
 
 
+@pytest.mark.slow
 def test_one_and_two_devices_give_identical_results():
     import subprocess
     import sys

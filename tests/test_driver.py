@@ -13,7 +13,7 @@ import pytest
 
 from jaxdissect.driver import Strategy, Tap
 from jaxdissect.pipelines.dissect import dissect
-from test_dissect_pipeline import CELL, DET, Planted, PlantedScenes
+from helpers import CELL, DET, Planted, PlantedScenes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 24

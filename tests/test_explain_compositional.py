@@ -1,19 +1,13 @@
 """Compositional explanations against an independent NumPy enumeration, planted formulas and the labeller."""
 
-
 import jax
 import numpy as np
 import pytest
 
+from helpers import enumerate_best, np_iou
 from jaxdissect.explain import SparseMasks, compositional, formula_mask
 from jaxdissect.kernels import iou as ik
 from jaxdissect.kernels import labels as kl
-
-
-def _np_iou(f, u):
-    inter = np.count_nonzero(f & u)
-    union = np.count_nonzero(f | u)
-    return inter / union if union else 0.0
 
 
 def _parse(text, masks, names):
@@ -42,18 +36,6 @@ def _parse(text, masks, names):
     out = term()
     assert pos == len(tokens), text
     return out
-
-
-def _enumerate_best(u, c, length):
-    """Exhaustive best IoU over all left-grown formulas of up to ``length`` concepts (NumPy, no pruning)."""
-    best = 0.0
-    level = list(c)
-    for depth in range(1, length + 1):
-        best = max(best, max(_np_iou(f, u) for f in level))
-        if depth == length:
-            break
-        level = [g for f in level for x in c for g in (f | x, f & x, f & ~x)]
-    return best
 
 
 def _planted(rng, num_units, num_concepts, pixels):
@@ -96,8 +78,8 @@ def test_exact_equals_exhaustive_enumeration_and_beam_is_not_better():
     for length in (1, 2, 3):
         got = compositional(u, c, names, length=length, exact=True, block_words=2)
         for k, r in enumerate(got):
-            assert r.iou == _enumerate_best(u[k], c, length), (length, k, r)
-            assert r.iou == _np_iou(_parse(r.formula, c, names), u[k])
+            assert r.iou == enumerate_best(u[k], c, length), (length, k, r)
+            assert r.iou == np_iou(_parse(r.formula, c, names), u[k])
 
 
 def test_reported_iou_is_the_iou_of_the_formula_mask():
@@ -109,7 +91,7 @@ def test_reported_iou_is_the_iou_of_the_formula_mask():
         for r, mask in zip(compositional(u, c, names, exact=exact, block_words=4), u):
             f = _parse(r.formula, c, names)
             np.testing.assert_array_equal(formula_mask(c, r), f)
-            assert r.iou == _np_iou(f, mask)
+            assert r.iou == np_iou(f, mask)
             assert (r.intersection, r.formula_pixels, r.unit_pixels) == (
                 np.count_nonzero(f & mask), np.count_nonzero(f), np.count_nonzero(mask))
 
@@ -175,7 +157,7 @@ def test_exact_with_a_weak_starting_incumbent_still_equals_enumeration():
     u = u ^ (rng.random(u.shape) < 0.08)
     names = [f"z{i}" for i in range(7)]
     for k, r in enumerate(compositional(u, c, names, exact=True, beam=1, block_words=2)):
-        assert r.iou == _enumerate_best(u[k], c, 3), (k, r)
+        assert r.iou == enumerate_best(u[k], c, 3), (k, r)
 
 
 def _paper_beam(u, c, beam, length=3):
@@ -185,7 +167,7 @@ def _paper_beam(u, c, beam, length=3):
 
     def score(key, m):
         masks[key] = m
-        return _np_iou(m, u)
+        return np_iou(m, u)
 
     ious = Counter({k: v for k in range(len(c)) if (v := score(k, c[k])) > 0})
     if not ious:

@@ -11,42 +11,16 @@ import os
 import re
 from pathlib import Path
 
-import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import screenshot as shot
-from jaxdissect.pipelines.dissect import DissectError, dissect
-from test_dissect_pipeline import LABELS, Pool, PlantedScenes
+from helpers import COMBO_IMAGES as N
+from helpers import PLANTED_LABELS as LABELS
+from helpers import PlantedScenes, combo_report, run_combo
+from jaxdissect.pipelines.dissect import DissectError
 
-N, BATCH, PERMS = 40, 8, 200
-
-
-class Combo(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return jnp.stack([x[..., 0] + x[..., 1], x[..., 2], x[..., 4]], -1)
-
-
-class Planted(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        combo = Combo(name="combo")(Pool(name="det")(x))
-        return combo.mean((1, 2))
-
-
-def _run(tmp_path, name, **kw):
-    module = Planted()
-    variables = {"params": {}}
-    out = str(tmp_path / name)
-    results = dissect(module, variables, ["combo"], PlantedScenes(N), "dataset", quantile=0.25, topk=5,
-                      thumbsize=16, batch_size=BATCH, output_dir=out, progress=False, **kw)
-    return results, out
-
-
-def _report(out):
-    return json.load(open(os.path.join(out, "combo", "report.json")))["units"]
+PERMS = 200
 
 
 def _concepts():
@@ -79,16 +53,16 @@ def _eval(formula, concepts):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("explain")
-    return {"plain": _run(tmp, "plain"),
-            "full": _run(tmp, "full", formulas=3, significance=True, permutations=PERMS),
-            "nocache": _run(tmp, "nocache", formulas=3, significance=True, permutations=PERMS,
+    return {"plain": run_combo(tmp, "plain"),
+            "full": run_combo(tmp, "full", formulas=3, significance=True, permutations=PERMS),
+            "nocache": run_combo(tmp, "nocache", formulas=3, significance=True, permutations=PERMS,
                             activation_cache_mb=0),
-            "one": _run(tmp, "one", formulas=1, exact_formulas=True)}
+            "one": run_combo(tmp, "one", formulas=1, exact_formulas=True)}
 
 
 def test_planted_formula_and_significance_in_report_json(runs):
     _, out = runs["full"]
-    units = _report(out)
+    units = combo_report(out)
     concepts = _concepts()
     wanted = [concepts["disc"] | concepts["window"], concepts["wood"]]
     for u, mask in enumerate(wanted):
@@ -113,7 +87,7 @@ def test_planted_formula_and_significance_in_report_json(runs):
 
 def test_length_one_formula_is_the_label(runs):
     _, out = runs["one"]
-    for u in _report(out):
+    for u in combo_report(out):
         assert u["formula"] == u["label"] and u["formula_iou"] == pytest.approx(u["iou"], abs=1e-6)
         assert "p_value" not in u
 
@@ -123,22 +97,22 @@ def test_default_path_unchanged_and_cache_independent(runs):
     a = np.load(os.path.join(plain_out, "combo", "arrays.npz"))
     b = np.load(os.path.join(full_out, "combo", "arrays.npz"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
-    base = _report(plain_out)
+    base = combo_report(plain_out)
     assert all(set(u) == {"image", "unit", "label", "cat", "iou"} for u in base)
-    assert [{k: u[k] for k in base[0]} for u in _report(full_out)] == base
+    assert [{k: u[k] for k in base[0]} for u in combo_report(full_out)] == base
     assert "significant" not in open(os.path.join(plain_out, "summary.csv")).readline()
-    assert _report(runs["nocache"][1]) == _report(full_out)          # masks from the cache or the model alike
+    assert combo_report(runs["nocache"][1]) == combo_report(full_out)          # masks from the cache or the model alike
 
 
 def test_rerun_loads_explanations_and_bad_settings(runs, tmp_path):
     _, out = runs["full"]
-    before = _report(out)
-    _run(Path(out).parent, "full", formulas=3, significance=True, permutations=PERMS)  # finished: loaded
-    assert _report(out) == before
+    before = combo_report(out)
+    run_combo(Path(out).parent, "full", formulas=3, significance=True, permutations=PERMS)  # finished: loaded
+    assert combo_report(out) == before
     with pytest.raises(DissectError, match="exact_formulas needs formulas"):
-        _run(tmp_path, "bad", exact_formulas=True)
+        run_combo(tmp_path, "bad", exact_formulas=True)
     with pytest.raises(DissectError, match="other settings"):
-        _run(Path(out).parent, "full", formulas=2, significance=True, permutations=PERMS)
+        run_combo(Path(out).parent, "full", formulas=2, significance=True, permutations=PERMS)
 
 
 def test_html_columns_sorting_and_significance_filter(runs):
@@ -178,14 +152,14 @@ def test_launcher_formulas_and_significance(tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import _config, numpy_init
+    from helpers import launcher_config, numpy_init
 
     module = SmallCNN(widths=(8, 16, 16, 16))
     model = str(tmp_path / "tiny_cnn")
     save_model(model, module, numpy_init(module, (1, 64, 64, 3)), metadata={"model": "tiny_cnn", "preprocessing": {
         "normalization": "zc", "resize": 64, "crop": 64}})
     out = str(tmp_path / "out")
-    launcher.run(_config(model=model, data="synthetic:16", layers="conv2", batch_size=8, topk=3, thumbsize=16,
+    launcher.run(launcher_config(model=model, data="synthetic:16", layers="conv2", batch_size=8, topk=3, thumbsize=16,
                          output_dir=out, formulas=2, significance=True, permutations=40))
     units = json.load(open(os.path.join(out, "conv2", "report.json")))["units"]
     assert len(units) == 16

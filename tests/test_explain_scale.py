@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 import pytest
-from test_explain_pipeline import _report, _run
+from helpers import combo_report, run_combo
 
 from jaxdissect.explain import ImageMasks, SparseMasks, compositional
 from jaxdissect.explain import significance as sig
@@ -122,7 +122,7 @@ def test_collector_files_and_missing_batches(tmp_path):
 def test_killed_pass3_resumes_with_identical_results(tmp_path, monkeypatch):
     """Pass 3 stopped by an exception after 4 of 5 batches (checkpoint after 2), rerun: the same report."""
     kw = {"formulas": 3, "significance": True, "permutations": 50, "checkpoint_every": 2}
-    _, whole = _run(tmp_path, "whole", **kw)
+    _, whole = run_combo(tmp_path, "whole", **kw)
     added = []
     original = MaskCollector.add
 
@@ -134,12 +134,12 @@ def test_killed_pass3_resumes_with_identical_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MaskCollector, "add", add)
     with pytest.raises(RuntimeError, match="killed"):
-        _run(tmp_path, "killed", **kw)
+        run_combo(tmp_path, "killed", **kw)
     assert added == [0, 1, 2, 3]
     added.clear()
-    _, out = _run(tmp_path, "killed", **kw)
+    _, out = run_combo(tmp_path, "killed", **kw)
     assert added == [2, 3, 4]                           # resumed after the checkpoint of batch 2, not restarted
-    assert _report(out) == _report(whole)
+    assert combo_report(out) == combo_report(whole)
     for name in ("whole", "killed"):
         assert os.path.exists(os.path.join(tmp_path, name, "work", "pass3", "masks", "batch-000004.npz"))
     explained = []
@@ -227,12 +227,12 @@ def test_new_bounds_are_admissible_by_brute_force():
 
 @pytest.mark.parametrize("length", [3, 4])
 def test_exact_equals_enumeration_on_nested_and_disjoint_concepts(length):
-    from test_explain_compositional import _enumerate_best
+    from helpers import enumerate_best
 
     rng = np.random.default_rng(9)
     u, c = _structured(rng, 4 if length == 3 else 2, 7 if length == 3 else 5, 700 if length == 3 else 300)
     names = [f"q{i}" for i in range(len(c))]
-    want = [_enumerate_best(x, c, length) for x in u]
+    want = [enumerate_best(x, c, length) for x in u]
     for beam in (1, 5) if length == 3 else (1,):           # beam 1: a weak first incumbent
         got = compositional(u, c, names, length=length, exact=True, beam=beam, block_words=2)
         assert [r.iou for r in got] == want, (length, beam)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_bases import numpy_topk, random_sae
+from helpers import numpy_topk, random_sae
 
 from jaxdissect.bases import Linear, sae
 from jaxdissect.layers import (

@@ -51,6 +51,7 @@ def _build_slowly(target, log):
         return f.read()
 
 
+@pytest.mark.slow
 def test_build_once_across_processes(tmp_path):
     target, log = str(tmp_path / "artefact"), str(tmp_path / "builds.log")
     ctx = multiprocessing.get_context("spawn")
@@ -81,6 +82,7 @@ def _hold(path, seconds):
         time.sleep(seconds)
 
 
+@pytest.mark.slow
 def test_lock_times_out_naming_the_holder(tmp_path):
     path = str(tmp_path / "x.lock")
     ctx = multiprocessing.get_context("spawn")

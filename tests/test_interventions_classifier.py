@@ -244,6 +244,7 @@ def test_old_npz_checkpoint_is_refused(tmp_path, toy):
 # ---- VGG16 fast path ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_vgg16_fast_conv5_3_path_equals_generic_path():
     from jaxdissect import capture
     from jaxdissect.models.vgg16 import VGG16

@@ -11,15 +11,12 @@ removes all red, switching them on in a cell paints its block red.
 import numpy as np
 import pytest
 
+from helpers import toy_segment as segment
 from jaxdissect import layers
 from jaxdissect.interventions import generator as gi
 from jaxdissect.models import toy_generator as T
 
 RED, GREEN, BLUE = (list(T.CONCEPT_UNITS[c]) for c in ("red", "green", "blue"))
-
-
-def segment(images):
-    return T.color_segment(images, downsample=1)
 
 
 GEN, VARS = T.toy_generator()

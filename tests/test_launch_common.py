@@ -12,6 +12,7 @@ import pytest
 
 from launch import common
 from launch import dissect as launcher
+from launcher_cli import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A cheap demo model (32-pixel scenes, 20 steps): the launchers' code path without the two-minute training.
@@ -67,19 +68,18 @@ def test_bad_flags_fail_before_any_work(flag, message, tmp_path):
 
 
 def test_cli_errors_are_one_line_and_help_exits_0(tmp_path):
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "launch.dissect", *args, f"--cache_dir={tmp_path}"],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    """In process (tests/launcher_cli.py); test_launch_defaults runs one launcher through ``python -m``."""
+    def dissect(*args):
+        return cli("dissect", *args, f"--cache_dir={tmp_path}")
 
-    out = cli("--topk=0")
-    assert out.returncode in (1, 2) and out.stderr == "error: --topk=0: must be a positive integer\n"
-    out = cli("--topk=abc")
-    assert out.returncode == 2 and out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
-    out = cli("--help")
-    assert out.returncode == 0 and "--data:" in out.stdout and "--overwrite:" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "launch.check_model", "--model=/nonexistent"], cwd=REPO,
-                         env=_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    code, out, err = dissect("--topk=0")
+    assert code in (1, 2) and err == "error: --topk=0: must be a positive integer\n"
+    code, out, err = dissect("--topk=abc")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    code, out, err = dissect("--help")
+    assert code == 0 and "--data:" in out and "--overwrite:" in out
+    code, out, err = cli("check_model", "--model=/nonexistent")
+    assert code == 1 and err.startswith("error: ") and "Traceback" not in err
 
 
 def test_output_dir_refused_unless_same_run_or_overwrite(tmp_path, cache):
@@ -152,6 +152,7 @@ def _checkpoints(output_dir):
     return [n for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_in_one_line_and_resumes_to_the_same_bytes(tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.pipelines import train_synthetic
@@ -274,13 +275,11 @@ PORTED = [
 def test_ported_launchers_one_line_errors_and_help(name, args, message, tmp_path):
     out_flag = "--output" if name == "stylize" else "--output_dir"
     extra = [] if name == "ganpaint" else [f"{out_flag}={tmp_path / 'out'}"]
-    out = subprocess.run([sys.executable, "-m", f"launch.{name}", *args, *extra], cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == common.EXIT_ERROR, out.stderr
-    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr + out.stdout
+    code, out, err = cli(name, *args, *extra)
+    assert code == common.EXIT_ERROR, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err + out
     assert not (tmp_path / "out").exists()  # nothing was started
-    out = subprocess.run([sys.executable, "-m", f"launch.{name}", "--help"], cwd=REPO, env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    code, out, err = cli(name, "--help")
     flag = args[-1].partition("=")[0]
-    assert out.returncode == 0 and f"\n  {flag}: " in out.stdout and out.stderr == "", out.stdout
+    assert code == 0 and f"\n  {flag}: " in out and err == "", out

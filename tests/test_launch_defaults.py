@@ -11,7 +11,7 @@ import time
 import pytest
 
 from launch import common
-from launcher_cli import TINY, cli, tiny_demo_cache
+from launcher_cli import TINY, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,14 +31,6 @@ DEFAULT_OUTPUTS = {
 }
 LAUNCHERS = ["dissect", "compare", "check_model", "unit_plot", "ablate_classifier", "adversarial", "shape_bias",
              "stylize", "intervene_generator", "edit_photo", "ganpaint"]
-
-
-@pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
-    """A per-user cache holding a small demo model where the launchers look for the default one."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    tiny_demo_cache(cache)
-    return cache
 
 
 @pytest.fixture
@@ -128,6 +120,7 @@ def test_unwritable_paths_are_one_line_errors(name, read_only, tmp_path, monkeyp
     assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")   # refused before any work
 
 
+@pytest.mark.slow
 def test_a_second_run_into_the_same_folder_waits_then_finds_the_results(user):
     """Two runs into one output folder: the second waits for the first's lock (saying so), then resumes."""
     out_dir = user / "results" / "unit_plot-demo-conv4-best"
@@ -178,6 +171,7 @@ def test_two_launcher_runs_on_an_empty_cache_both_finish_with_the_same_bytes(tmp
     _same_files(tmp_path / "results" / "intervene_generator-toy-layer4", tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_two_trainings_of_the_demo_model_at_once_build_it_once(tmp_path):
     """The demo model on an empty cache from two processes: one trains, the other waits and loads the same model."""
     code = ("import os, sys, time, hashlib, numpy as np, jax; from jaxdissect.pipelines import train_synthetic as t\n"
@@ -199,6 +193,7 @@ def test_two_trainings_of_the_demo_model_at_once_build_it_once(tmp_path):
     assert "waiting for the demo model" in waited
 
 
+@pytest.mark.slow
 def test_two_runs_creating_one_segmentation_cache_entry_at_once(tmp_path):
     """Two processes open, fill and read the same segmentation cache entry at the same moment: both succeed and
     read the labels that either wrote (the entry file and chunks are written atomically, the same bytes)."""

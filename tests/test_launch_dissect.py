@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdissect.segmentation import SegmenterError
 from launch import dissect as launcher
+from helpers import launcher_config as _config
+from helpers import numpy_init, write_broden
+from launcher_cli import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,14 +31,6 @@ def model_dir(tmp_path_factory):
     save_model(path, module, variables, metadata={"model": "tiny_cnn", "preprocessing": {
         "normalization": "zc", "resize": 64, "crop": 64}})
     return path
-
-
-def numpy_init(module, shape, seed=1):
-    """Random variables drawn with NumPy (``module.init`` would compile JAX's RNG, slow on a busy CPU)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(shape))
-    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * np.sqrt(2.0 / max(1, np.prod(s.shape[:-1]))))
-                        .astype(s.dtype), shapes)
 
 
 def _command(model_dir, output_dir):
@@ -59,6 +52,7 @@ def _checkpoints(output_dir, name):
     return [n for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
 
 
+@pytest.mark.slow
 def test_kill_during_iou_pass_then_resume(model_dir, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     env = _env(cache=str(tmp_path / "jax_cache"))
@@ -113,15 +107,6 @@ def test_parse_layers():
         launcher.parse_layers("layer3..layer1", DISSECTABLE)
 
 
-def _config(**kw):
-    base = dict(model=None, layers=None, data=None, segmenter=None, quantile=0.01, miniou=0.04, topk=5,
-                thumbsize=100, batch_size=4, output_dir=None, cache_dir=None, num_images=None,
-                on_bad_image="raise", checkpoint_every=50, coordinator_address=None, num_processes=None,
-                process_id=None)
-    base.update(kw)
-    return base
-
-
 def test_default_results_name(model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # build() claims the default results directory
     built = launcher.build(_config(model=model_dir, data="synthetic:8", segmenter="dataset", layers="conv4"))
@@ -162,20 +147,15 @@ def test_bad_inputs(model_dir, tmp_path):
 
 
 def test_main_prints_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "launch.dissect", f"--model={tmp_path / 'missing'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    assert "error: --model=" in out.stderr and "no such directory" in out.stderr
+    code, _, err = cli("dissect", f"--model={tmp_path / 'missing'}", f"--cache_dir={tmp_path / 'cache'}")
+    assert code != 0
+    assert "error: --model=" in err and "no such directory" in err
 
 
 def test_broden_data_with_image_level_labels(model_dir, tmp_path):
     """--data=broden:<dir> (labels from the dataset, incl. image-level scene/texture labels) end to end."""
-    try:
-        from test_broden import _write_broden
-    except ImportError:
-        pytest.skip("the Broden test helper is not available")
     root = str(tmp_path / "broden")
-    _write_broden(root)
+    write_broden(root)
     out = str(tmp_path / "out")
     results, output_dir = launcher.run(_config(model=model_dir, data=f"broden:{root}", layers="conv1,conv2",
                                                batch_size=2, topk=3, thumbsize=16, output_dir=out))

@@ -10,6 +10,8 @@ import urllib.request
 
 import pytest
 
+from launcher_cli import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -60,8 +62,7 @@ def test_default_serves_on_localhost(tmp_path_factory):
 
 @pytest.mark.parametrize("args,words", [(["--dissection=somewhere"], "--dissection needs --model")])
 def test_bad_flags_fail_in_one_line(args, words):
-    out = subprocess.run([sys.executable, "-m", "launch.ganpaint", *args], cwd=ROOT, env=env(),
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
-    last = out.stderr.strip().splitlines()[-1]
+    code, _, err = cli("ganpaint", *args)
+    assert code != 0
+    last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last

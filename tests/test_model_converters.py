@@ -6,7 +6,6 @@ Full-size numerical equivalence lives in test_vgg16.py / test_proggan.py; here a
 
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import launcher_cli  # noqa: E402
 from torch_reference import TorchProGAN, run_torch, save_state_dict, to_old_format  # noqa: E402
 
 import jaxdissect  # noqa: E402
@@ -31,9 +31,8 @@ def rel_err(a, b):
 
 
 def cli(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """``python -m module *args`` run in this process (tests/launcher_cli.py), as a CompletedProcess."""
+    return subprocess.CompletedProcess(args, *launcher_cli.cli(module, *args))
 
 
 @pytest.fixture(scope="module")

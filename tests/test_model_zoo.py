@@ -9,7 +9,6 @@ to keep the suite fast.
 
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import launcher_cli  # noqa: E402
 import torch_zoo_reference as ref  # noqa: E402
 
 import jaxdissect  # noqa: E402
@@ -38,9 +38,8 @@ def images(n, size, seed=0):
 
 
 def cli(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """``python -m module *args`` run in this process (tests/launcher_cli.py), as a CompletedProcess."""
+    return subprocess.CompletedProcess(args, *launcher_cli.cli(module, *args))
 
 
 def compare(torch_model, module, variables, x, pairs, jit=False):
@@ -58,6 +57,7 @@ def compare(torch_model, module, variables, x, pairs, jit=False):
         assert rel_err(acts[f], ref_acts[t]) < TOL, f
 
 
+@pytest.mark.slow
 def test_torchvision_vgg16_dataparallel():
     model = ref.tv_vgg16(num_classes=10, seed=1)
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -77,6 +77,7 @@ def test_alexnet_places365_matches_reference():
             + [("lrn2", "lrn2"), ("pool5", "pool5"), ("fc6", "fc6"), ("fc7", "fc7"), ("fc8", "fc8")])
 
 
+@pytest.mark.slow
 def test_resnet152_places365_matches_reference_and_torchvision_layout():
     """The Torch7 numeric layout against its reference; the same weights in torchvision's layout convert alike."""
     from jaxdissect.convert import resnet152_places365
@@ -116,6 +117,7 @@ def test_torchvision_resnet(depth):
     compare(model, module, variables, images(1, 64), [("conv1", "conv1"), ("layer1", "layer1"), ("layer4", "layer4")])
 
 
+@pytest.mark.slow
 def test_torchvision_densenet161_old_key_spelling():
     model = ref.tv_densenet161(num_classes=5, seed=4)
     state = ref.old_densenet_keys(model.state_dict())

@@ -5,91 +5,20 @@ import csv
 import json
 import os
 
-import flax.linen as nn
 import numpy as np
 import pytest
-from PIL import Image
 
 import jaxdissect
+from helpers import ND2017_CATS as CATS
+from helpers import ND2017_IMAGES as N
+from helpers import ND2017_LABELS as LABELS
+from helpers import ND2017_SEG as S
+from helpers import Tiny, write_planted_broden
 from jaxdissect import netdissect2017 as nd
 from jaxdissect.data import broden
 
-CATS = ["color", "object", "part", "material", "scene", "texture"]
-LABELS = {1: ("red", "color"), 2: ("blue", "color"), 3: ("dog", "object"), 4: ("cat", "object"),
-          5: ("leg", "part"), 6: ("wood", "material"), 7: ("kitchen", "scene"), 8: ("street", "scene"),
-          9: ("dotted", "texture"), 10: ("unseen", "object")}
 PRIMARY = {n: CATS.index(c) for n, (_, c) in LABELS.items()}   # wood: material, also drawn as an object
-N, I, S, Q = 8, 16, 8, 0.1
-
-
-def _png(path, labels):
-    rgb = np.zeros(labels.shape + (3,), np.uint8)
-    rgb[..., 0], rgb[..., 1] = labels % 256, labels // 256
-    Image.fromarray(rgb).save(path)
-
-
-def write_planted_broden(root):
-    """Images, pixel maps per category channel and image-level labels; returns what was planted."""
-    rng = np.random.default_rng(3)
-    os.makedirs(os.path.join(root, "images"))
-    planted = []
-    rows = []
-    for n in range(N):
-        image = rng.integers(0, 256, (I, I, 3), dtype=np.uint8)
-        Image.fromarray(image).save(os.path.join(root, "images", f"im{n}.png"))
-        maps, cells = [], {c: [] for c in CATS}
-
-        def plant(cat, values, k):
-            lab = rng.choice(np.array(values, np.int32), size=(S, S))
-            name = f"im{n}_{cat}{k}.png"
-            _png(os.path.join(root, "images", name), lab)
-            cells[cat].append(name)
-            maps.append(lab)
-
-        plant("color", [0, 1, 2], 0)
-        plant("object", [0, 0, 3, 4, 6] if n % 2 else [0, 3, 4], 0)   # wood (material) inside object maps
-        if n == 1:
-            plant("object", [0, 0, 0, 3], 1)                           # a second object map on one image
-        if n % 3 == 0:
-            plant("part", [0, 0, 5], 0)
-        if n in (2, 5):
-            plant("material", [0, 6], 0)
-        scalars = []
-        if n < 5:                                                       # images 5..7 carry no scene label
-            cells["scene"] = [str(7 if n % 2 else 8)]
-            scalars.append(7 if n % 2 else 8)
-        if n in (0, 6):
-            cells["texture"] = ["9"]
-            scalars.append(9)
-        rows.append([f"im{n}.png", "val", I, I, S, S] + [";".join(cells[c]) for c in CATS])
-        planted.append((image, maps, scalars))
-    with open(os.path.join(root, "index.csv"), "w") as f:
-        f.write("image,split,ih,iw,sh,sw," + ",".join(CATS) + "\n")
-        f.writelines(",".join(str(v) for v in r) + "\n" for r in rows)
-    with open(os.path.join(root, "category.csv"), "w") as f:
-        f.write("name,first,last,count,frequency\n")
-        f.writelines(f"{c},0,0,0,0\n" for c in CATS)
-    with open(os.path.join(root, "label.csv"), "w") as f:
-        f.write("number,name,category,frequency,coverage,syns\n")
-        f.write("0,-,-,0,0,\n")
-        f.writelines(f'{k},"{name}",{cat}(1),1,1.0,\n' for k, (name, cat) in LABELS.items())
-    for c in CATS:
-        with open(os.path.join(root, f"c_{c}.csv"), "w") as f:
-            f.write("code,number,name,frequency,coverage\n")
-            members = [(k, name) for k, (name, cat) in LABELS.items() if cat == c]
-            f.writelines(f'{j + 1},{k},"{name}",1,0.9\n' for j, (k, name) in enumerate(members))
-            if c == "object":
-                f.write(f'{len(members) + 1},6,"wood",1,0.3\n')        # less coverage than as a material
-    return planted
-
-
-class Tiny(nn.Module):
-    """2x2 average pooling then a 1x1 projection ``proj``: an 8x8x6 layer on the 8x8 label grid."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.avg_pool(x, (2, 2), (2, 2))
-        return nn.Dense(6, name="proj")(x)
+Q = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -232,14 +161,14 @@ def test_launcher_method_and_rotation(folder, tmp_path, monkeypatch):
     from jaxdissect.models.small_cnn import SmallCNN
     from jaxdissect.rotation import random_rotation_powers
     from launch import dissect as launcher
-    from test_launch_dissect import _config, numpy_init
+    from helpers import launcher_config, numpy_init
 
     root, _ = folder
     module = SmallCNN(widths=(8, 16, 16, 16))
     model_dir = str(tmp_path / "tiny_cnn")
     save_model(model_dir, module, numpy_init(module, (1, 16, 16, 3)), metadata={"model": "tiny_cnn", "preprocessing": {"normalization": "imagenet", "resize": 16,
                                                             "crop": 16}})
-    config = _config(model=model_dir, data=f"broden:{root}", layers="conv2", quantile=None, batch_size=4,
+    config = launcher_config(model=model_dir, data=f"broden:{root}", layers="conv2", quantile=None, batch_size=4,
                      topk=3, thumbsize=16, method="netdissect2017", rotation="1:2", rotation_unpermute=False)
     built = launcher.build(config)
     assert built["config"].level_quantile == 0.005

@@ -254,6 +254,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_identical():
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",

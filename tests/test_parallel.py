@@ -197,6 +197,7 @@ def batches_of(acts, seg):
 """
 
 
+@pytest.mark.slow
 def test_dissect_activations_identical_on_1_and_8_devices(tmp_path):
     out = tmp_path / "results.npz"
     run_with_devices(DISSECT_DATA + f"""
@@ -291,6 +292,7 @@ print(json.dumps({"processes": jax.process_count(), "devices": len(jax.devices()
 """
 
 
+@pytest.mark.slow
 def test_multi_process_recipe_matches_single_host(tmp_path):
     import socket
 

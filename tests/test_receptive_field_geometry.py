@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdissect.pipelines.dissect import DissectError, dissect
-from test_dissect_pipeline import CELL, SIZE, Planted, PlantedScenes
+from helpers import CELL, SIZE, Planted, PlantedScenes
 
 # A made-up conv stack from the 32-pixel image to the 8x8 "det" map (as the original used
 # AlexNet's pool5 stack for every layer): scale 4, offset 1, grid 8.
@@ -116,7 +116,8 @@ _TWO_DEVICES = """
 import sys
 sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
-from test_receptive_field_geometry import Planted, PlantedScenes, SIZE, RF
+from helpers import Planted, PlantedScenes, SIZE
+from test_receptive_field_geometry import RF
 from jaxdissect import parallel
 from jaxdissect.pipelines.dissect import dissect
 m = Planted()
@@ -132,6 +133,7 @@ print("devices", len(jax.devices()), "same", same)
 """
 
 
+@pytest.mark.slow
 def test_one_and_two_devices_identical():
     import subprocess
     import sys
@@ -169,14 +171,14 @@ def test_launcher_dissects_with_the_recorded_grid(tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN
     from launch import dissect as launcher
-    from test_launch_dissect import _config, numpy_init
+    from helpers import launcher_config, numpy_init
 
     module = SmallCNN(widths=(4, 4, 4, 4))
     path = str(tmp_path / "rf_cnn")
     grid = {"convolutions": [[3, 2, 1, 1]] * 3, "image_size": 64}
     save_model(path, module, numpy_init(module, (1, 64, 64, 3)), metadata={
         "model": "rf_cnn", "preprocessing": {"normalization": "zc", "resize": 64, "crop": 64}, "upsample": grid})
-    results, _ = launcher.run(_config(model=path, data="synthetic:4", segmenter="dataset", layers="conv4",
+    results, _ = launcher.run(launcher_config(model=path, data="synthetic:4", segmenter="dataset", layers="conv4",
                                       topk=2, thumbsize=16, output_dir=str(tmp_path / "out")))
     assert results["conv4"].config["geometry"] == "receptive_field"
     assert results["conv4"].config["receptive_field"] == grid

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_dissect_pipeline import SIZE, Planted, PlantedScenes
+from helpers import SIZE, Planted, PlantedScenes
 
 import jaxdissect.labellers as labellers
 import jaxdissect.pipelines.dissect as pipeline
@@ -369,7 +369,7 @@ def test_cache_lookup_store_and_chunks(tmp_path):
 
 def test_launcher_uses_the_per_user_cache(counter, tmp_path, monkeypatch, caplog):
     """``launch.dissect``: a second run (other layers) on the same data reads the labels; 0 MiB turns it off."""
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN

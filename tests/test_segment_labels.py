@@ -6,13 +6,12 @@ of the original (BFS connected components numbered in raster order of their
 first pixel, like skimage, then the original's loop over labels 1..num-1).
 """
 
-import collections
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import reference_quad
 from jaxdissect.segmentation import labels as L
 from jaxdissect.segmentation.quad import component_roots, quad_split
 
@@ -182,42 +181,6 @@ def test_merged_offsets_and_blank():
 # ----------------------------------------------------------------------------- quad reference
 
 
-def _reference_quad(obj, n_object, quirk):
-    """The original's expand_segment_quad on one [h, w] map, with BFS labelling (8-connected)."""
-    h, w = obj.shape
-    comp = np.zeros((h, w), int)
-    num = 0
-    for y in range(h):
-        for x in range(w):
-            if obj[y, x] == 0 or comp[y, x]:
-                continue
-            num += 1
-            comp[y, x] = num
-            queue = collections.deque([(y, x)])
-            while queue:
-                cy, cx = queue.popleft()
-                for dy in (-1, 0, 1):
-                    for dx in (-1, 0, 1):
-                        ny, nx = cy + dy, cx + dx
-                        if (0 <= ny < h and 0 <= nx < w and not comp[ny, nx]
-                                and obj[ny, nx] == obj[y, x]):
-                            comp[ny, nx] = num
-                            queue.append((ny, nx))
-    tb, lr = obj.copy(), obj.copy()
-    last = num if quirk else num + 1
-    for label in range(1, last):
-        mask = comp == label
-        ys, xs = np.nonzero(mask)
-        vmid = (ys.min() + ys.max() + 1) // 2
-        hmid = (xs.min() + xs.max() + 1) // 2
-        rows, cols = np.indices((h, w))
-        tb += mask * np.where(rows < vmid, n_object, 3 * n_object)
-        lr += mask * np.where(cols < hmid, 2 * n_object, 4 * n_object)
-    tb[tb <= n_object] = 0
-    lr[lr <= n_object] = 0
-    return tb, lr, comp
-
-
 def _random_maps(rng, n, h, w, k):
     """Blobby label maps with many touching components (coarse noise, upsampled, some snakes)."""
     maps = rng.integers(0, k + 1, size=(n, h // 3 + 1, w // 3 + 1)).repeat(3, 1).repeat(3, 2)
@@ -238,7 +201,7 @@ def test_quad_matches_reference(quirk):
     tb, lr = jax.jit(quad_split, static_argnums=(1, 2))(jnp.asarray(maps), 8, quirk)
     roots = np.asarray(jax.jit(component_roots)(jnp.asarray(maps)))
     for i in range(len(maps)):
-        ref_tb, ref_lr, comp = _reference_quad(maps[i], 8, quirk)
+        ref_tb, ref_lr, comp = reference_quad(maps[i], 8, quirk)
         np.testing.assert_array_equal(np.asarray(tb[i]), ref_tb, err_msg=f"t/b image {i}")
         np.testing.assert_array_equal(np.asarray(lr[i]), ref_lr, err_msg=f"l/r image {i}")
         # Roots identify exactly the reference components.
@@ -267,7 +230,8 @@ def test_merge_sharded_over_two_devices(tmp_path):
     code = f"""
         import json, jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from jaxdissect.segmentation import labels as L
+        from helpers import reference_quad
+from jaxdissect.segmentation import labels as L
         table = L.upp_labels(json.loads({json.dumps(UPP_JSON)!r}))
         mesh = Mesh(np.array(jax.devices()), ("data",))
         s = {{k: jax.device_put(v, NamedSharding(mesh, P("data")))

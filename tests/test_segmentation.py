@@ -19,7 +19,7 @@ import torch
 import torch_segmenter_reference as R
 from jaxdissect.convert.segmenter import convert
 from jaxdissect.segmentation import SegmenterError, load_segmenter, segment
-from test_segment_labels import _reference_quad
+from helpers import reference_quad
 
 UPP_SIZE = 64  # the original uses 256; a smaller voting size keeps the test fast
 COLOR_SIZES = [32, 64]  # two sizes: exercises the softmax voting
@@ -83,7 +83,7 @@ def reference_segment(models, images_nhwc, downsample, quirk=True, faithful_blan
         group = part_logits[:, start[owner]:start[owner] + len(t)]
         local = _softmax(group, 1).argmax(1)
         part = np.where(obj == objnum[owner], t[local], part)
-    quads = [_reference_quad(o, n_obj, quirk)[:2] for o in obj]
+    quads = [reference_quad(o, n_obj, quirk)[:2] for o in obj]
     upp = np.stack([obj, mat, part, np.stack([q[0] for q in quads]), np.stack([q[1] for q in quads])], 1)
     # Colour.
     labelmap, n = {"-": 0}, 1
@@ -126,6 +126,7 @@ def images():
                    ).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_segment_matches_reference(models, images):
     segmenter, variables = load_segmenter(models["upp_dir"], models["color_dir"], "netpqc")
     segmenter = segmenter.clone(upp_segsizes=(UPP_SIZE,))
@@ -223,13 +224,14 @@ class _Scenes:
                 "valid": np.ones(len(indices), bool)}
 
 
+@pytest.mark.slow
 def test_dissection_traces_the_segmenter_once(models, monkeypatch):
     """Setting up a dissection traces the segmenter at the run's batch shape and placement; the first batch
     reuses that trace (tracing the network again cost about 1 s for the full-size UPP segmenter)."""
     import jaxdissect.segmentation.segmenter as S
     from jaxdissect.models.small_cnn import SmallCNN
     from jaxdissect.pipelines.dissect import dissect
-    from test_launch_dissect import numpy_init
+    from helpers import numpy_init
 
     traced = []
     real = S.upp_preprocess

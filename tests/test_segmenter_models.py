@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_segmenter_reference as R
+from launcher_cli import cli
 from jaxdissect.convert import common
 from jaxdissect.convert import segmenter as conv
 from jaxdissect.checkpoint import load_metadata, load_model
@@ -158,6 +157,7 @@ def _apply_capturing(module, variables, x):
     return fn(variables, jnp.asarray(x))
 
 
+@pytest.mark.slow
 def test_upp_matches_pytorch_reference(upp):
     paths, meta, directory = upp
     module, variables = load_model(directory)
@@ -188,6 +188,7 @@ def test_upp_matches_pytorch_reference(upp):
         start += size
 
 
+@pytest.mark.slow
 def test_color_matches_pytorch_reference(color):
     paths, meta, directory = color
     module, variables = load_model(directory)
@@ -298,9 +299,7 @@ def test_converter_refuses_nonempty_output(upp, tmp_path):
 
 def test_converter_command_line_reports_errors(upp, tmp_path):
     p = upp[0]
-    result = subprocess.run(
-        [sys.executable, "-m", "converters.segmenter", f"--encoder={p['encoder']}", f"--decoder={p['decoder']}",
-         f"--labels={tmp_path / 'missing.json'}", f"--output={tmp_path / 'out'}"],
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
-    assert result.returncode == 1
-    assert "error: labels file" in result.stderr and "does not exist" in result.stderr
+    code, _, err = cli("converters.segmenter", f"--encoder={p['encoder']}", f"--decoder={p['decoder']}",
+                       f"--labels={tmp_path / 'missing.json'}", f"--output={tmp_path / 'out'}")
+    assert code == 1
+    assert "error: labels file" in err and "does not exist" in err

@@ -200,6 +200,7 @@ def test_kernel_flags_catch_what_bypasses_the_host_checks():
         plan.pass1_finish({k: {kk: np.asarray(vv)[None] for kk, vv in v.items()} for k, v in state.items()})
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_bit_identical_results(planted_result, tmp_path):
     code = PLANTED + textwrap.dedent(f'''
         from jaxdissect import statistics

@@ -88,6 +88,7 @@ def _checkpoints(workdir):
     return sorted(int(n) for n in os.listdir(path) if n.isdigit()) if os.path.isdir(path) else []
 
 
+@pytest.mark.slow
 def test_killed_stream_resumes_to_the_identical_result(script, tmp_path):
     workdir, out = tmp_path / "work", tmp_path / "out.json"
     proc = subprocess.Popen([sys.executable, script, str(workdir), "0.05", str(out)], env=_env(), cwd=ROOT,
@@ -122,6 +123,7 @@ def test_killed_stream_resumes_to_the_identical_result(script, tmp_path):
     assert again["hist"] == expected["hist"] and again["hash"] == expected["hash"]
 
 
+@pytest.mark.slow
 def test_interrupted_stream_saves_its_progress(script, tmp_path):
     workdir, out = tmp_path / "work", tmp_path / "out.json"
     # No periodic checkpoints: any checkpoint comes from the Ctrl-C handler.
@@ -273,6 +275,7 @@ np.savez(out, **{k: getattr(r, k) for k in keys}, **{"ref_" + k: getattr(ref, k)
 """
 
 
+@pytest.mark.slow
 def test_killed_dissection_resumes_to_the_identical_result(tmp_path):
     script = tmp_path / "dissect.py"
     script.write_text(DISSECT_SCRIPT)

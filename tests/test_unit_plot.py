@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import test_interventions_generator as gen_test
+from helpers import toy_segment
 from jaxdissect.interventions import classifier as ci
 from jaxdissect.interventions.common import InterventionError
 from jaxdissect.layers import Edit, LayerError, capture, pre_activation, run
@@ -128,14 +128,15 @@ def test_classifier_unit_plot(tmp_path):
 
 
 def test_generator_unit_plot(tmp_path):
-    z = gen_test.Z
+    gen, gvars = T.toy_generator()
+    z = T.sample_z(24, seed=0)
     out = str(tmp_path / "gen")
     unit = 1  # one of the toy's red units at layer4 (jaxdissect.models.toy_generator.CONCEPT_UNITS)
-    s = up.generator_unit_plot(gen_test.GEN, gen_test.VARS, "layer4", unit, z, gen_test.segment, "red",
+    s = up.generator_unit_plot(gen, gvars, "layer4", unit, z, toy_segment, "red",
                                list(T.LABEL_NAMES), out, fraction=0.02, batch_size=8)
-    images, acts = capture(gen_test.GEN, gen_test.VARS, z, ["layer4"])
+    images, acts = capture(gen, gvars, z, ["layer4"])
     peak = np.asarray(acts["layer4"])[..., unit].reshape(len(z), -1).max(1)
-    share = (np.asarray(gen_test.segment(images))[:, 0] == 1).mean((1, 2))
+    share = (np.asarray(toy_segment(images))[:, 0] == 1).mean((1, 2))
     d = np.load(os.path.join(out, "unit_plot.npz"))
     np.testing.assert_allclose(d["peak"], peak, atol=1e-6)
     np.testing.assert_allclose(d["share"], share, atol=1e-6)

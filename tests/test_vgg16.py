@@ -60,6 +60,7 @@ def capture_all(module, variables, x):
     return out, {k: v["__call__"][0] for k, v in state["intermediates"].items() if k != "__call__"}
 
 
+@pytest.mark.slow
 def test_logits_and_every_conv_layer_match_pytorch(models, images, reference):
     _, module, variables, _, _ = models
     ref_out, ref = reference

@@ -290,6 +290,7 @@ def test_kill_during_conversion_leaves_nothing_trusted(env, server):
     jaxdissect.load_model(path)
 
 
+@pytest.mark.slow
 def test_two_processes_download_once_and_convert_once(env, server):
     serve_gan(server, env, gan_bytes(WIDER))
     server.delay = 0.02
@@ -401,13 +402,11 @@ def test_data_by_name_places_and_minilsun(env, server):
 
 
 def _broden_zip(tmp_path, monkeypatch) -> bytes:
-    """test_broden's planted Broden folder, with 64-pixel images (a ResNet needs at least 32), zipped."""
-    import test_broden
+    """helpers.write_broden's planted Broden folder, with 64-pixel images (a ResNet needs at least 32), zipped."""
+    from helpers import write_broden
 
-    monkeypatch.setattr(test_broden, "I", 64)
-    monkeypatch.setattr(test_broden, "S", 32)
     root = tmp_path / "b" / "broden1_224"
-    test_broden._write_broden(str(root))
+    write_broden(str(root), image_size=64, seg_size=32)
     return _zip({os.path.relpath(p, tmp_path / "b"): open(p, "rb").read()
                  for p in glob.glob(str(root / "**" / "*"), recursive=True) if os.path.isfile(p)})
 

@@ -142,7 +142,8 @@ def build(config: dict) -> dict:
     if not dirs:  # the embedded demo: the demo CNN's bases, and the same at random initialisation
         from jaxdissect.pipelines import demo
 
-        config = _with_defaults(config, DEMO)
+        # --rotations alone: the rotation curve of the demo CNN (the demo's bases would name rotation:1 again)
+        config = _with_defaults(config, {k: v for k, v in DEMO.items() if k != "bases" or not config.get("rotations")})
         settings = validate(config)
         dirs = [demo.model_dir(common.cache_dir(config.get("cache_dir")), log=common.log)]
         config = dict(config, data=config.get("data") or demo.COMPARE_DATA)
@@ -278,7 +279,7 @@ def define_flags() -> None:
     from jaxdissect.pipelines.compare import DEFAULTS
 
     flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots); "
-                        "absent: the demo CNN and an untrained copy.")
+                        "absent: the demo CNN (--demo).")
     flags.DEFINE_string("names", None, "Comma list of display names, one per model (default: model.json's).")
     flags.DEFINE_string("iterations", None, "Comma list of training iterations, one per model (snapshots).")
     flags.DEFINE_string("layers", None, "Layers for every model (comma list, ranges, 'conv', 'all'), or one "

@@ -82,7 +82,8 @@ class DissectConfig:
     quad_quirk: bool = _field(True, "Original quirk of the UPP segmenter's last quadrant component.", "input")
     faithful_color_blank: bool = _field(False, "Original quirk: the colour segmenter's blank label emitted.", "input")
     rotation: str | None = _field(None, "ALPHA[:SEED]: dissect Q^alpha R a, NetDissect's random rotation (seed "
-                                  "default 1) over each layer's channels, applied before the thresholds.", "input")
+                                  "default 1) over each layer's channels, applied before the thresholds; the "
+                                  "same as --basis=rotation:ALPHA:SEED.", "input")
     rotation_unpermute: bool = _field(False, "Permute the rotated units back towards the original ones "
                                       "(NetDissect's --rotation_unpermute; counts do not change).", "input")
     # -- method --------------------------------------------------------------------------------------------
@@ -134,6 +135,18 @@ class DissectConfig:
     similarity_top_k: int | None = _field(None, "Top images per unit of --similarity=soft_wpmi or wpmi (default "
                                           "100 or 28, CLIP-Dissect's); at most the number of images.", "addon",
                                           group="open_vocab")
+    basis: str | None = _field(None, "Dissect each layer in these bases, ';'-separated: neurons, "
+                               "rotation:ALPHA[:SEED], sae:EXPANSION[,k=K] (a TopK sparse autoencoder), "
+                               "probe:net2vec (concept directions); e.g. 'neurons;sae:8,k=32'. Learned bases are "
+                               "trained from this run's data and kept in the per-user cache (jaxdissect.bases).",
+                               "addon", group="bases")
+    sae_batches: int = _field(200, "Training batches of each sae: basis (--batch_size images each; every "
+                              "position of the feature map is a sample; the data repeats in new orders).",
+                              "addon", group="bases")
+    sae_minibatch: int = _field(4096, "Positions per Adam step of sae: training.", "addon", group="bases")
+    sae_learning_rate: float = _field(1e-3, "Adam learning rate of sae: training.", "addon", group="bases")
+    probe_epochs: int = _field(10, "Training epochs of probe: bases (every 5th image is held out).", "addon",
+                               group="bases")
     # -- run -------------------------------------------------------------------------------------------------
     checkpoint_every: int = _field(50, "Batches between checkpoints of the streaming passes.", "run")
     activation_cache_mb: int = _field(1024, "Host memory for keeping activations and labels between passes (the "
@@ -151,6 +164,19 @@ class DissectConfig:
         if self.quantile is not None:
             return float(self.quantile)
         return 0.005 if self.method == "netdissect2017" else 0.01
+
+    @property
+    def bases(self) -> str | None:
+        """The bases to dissect: ``basis``, or ``rotation:<rotation>`` (``rotation`` names the same basis)."""
+        if self.basis is not None:
+            return self.basis
+        if not self.rotation:
+            return None
+        from jaxdissect.bases.spec import BasisSpec
+        from jaxdissect.rotation import parse_rotation
+
+        alpha, seed = parse_rotation(self.rotation)
+        return BasisSpec("rotation", alpha=alpha, seed=seed).text
 
     def addon_on(self, group: str) -> bool:
         """Whether the add-on ``group`` (``'explain'``, ``'label_metrics'``) runs."""
@@ -215,6 +241,7 @@ ADDONS = {
     "explain": lambda c: c.formulas or c.significance,
     "label_metrics": lambda c: c.label_metrics,
     "open_vocab": lambda c: c.scorer is not None,
+    "bases": lambda c: c.basis is not None,
 }
 TOP_K_SIMILARITIES = ("soft_wpmi", "wpmi")   # the similarity functions with a top_k
 
@@ -286,6 +313,8 @@ def _validate(c: DissectConfig) -> None:
             parse_rotation(c.rotation)
         except RotationError as e:
             raise ConfigError(str(e).replace("{", "{{").replace("}", "}}")) from None
+    if c.basis is not None:
+        _validate_bases(c)
     if c.resolution is not None:
         try:
             ok = len(tuple(c.resolution)) == 2 and all(int(s) > 0 for s in c.resolution)
@@ -324,6 +353,23 @@ def _validate_open_vocab(c: DissectConfig) -> None:
                               f"{{similarity}}={c.similarity}; drop it")
     if c.vocabulary is not None and (not isinstance(c.vocabulary, str) or not c.vocabulary.strip()):
         raise ConfigError(f"{{vocabulary}}={c.vocabulary!r}: give 20k, broden or a word-list file")
+
+
+def _validate_bases(c: DissectConfig) -> None:
+    from jaxdissect.bases import BasisError, spec
+
+    if c.rotation:
+        raise ConfigError("give {basis}=rotation:ALPHA[:SEED] or {rotation}=ALPHA[:SEED], not both (they name "
+                          "the same basis)")
+    try:
+        spec.parse_list(c.basis)
+    except BasisError as e:
+        raise ConfigError(f"{{basis}}={c.basis!r}: " + str(e).replace("{", "{{").replace("}", "}}")) from None
+    for name in ("sae_batches", "sae_minibatch", "probe_epochs"):
+        _positive(c, name, allow_none=False)
+    lr = c.sae_learning_rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"{{sae_learning_rate}}={lr}: must be a positive number")
 
 
 def receptive_field_options(geometry: str | None, receptive_field) -> dict:

@@ -107,7 +107,7 @@ class Strategy:
     state)}``; saved as ``results/<name>-<view>.json`` so a finished run
     reloads it). Outputs (called by :mod:`jaxdissect.reports.dissection`, in
     the order the strategies are listed): ``unit_fields``, ``summary_row``,
-    ``layer_numbers``, ``settings``, ``page_options``, ``write_layer``.
+    ``layer_numbers``, ``settings``, ``page_options``, ``write_layer``, ``layer_figures``.
     """
 
     name = ""                       # unique among a run's strategies; keys its taps and saved outputs
@@ -154,6 +154,10 @@ class Strategy:
 
     def write_layer(self, directory: str, view: str, result) -> None:
         """Extra files in the layer's output folder."""
+
+    def layer_figures(self, view: str) -> Sequence[tuple[str, str]]:
+        """Figures ``(file in the layer's folder, caption)`` shown with the layer on ``index.html``."""
+        return ()
 
 
 class Scoring(Strategy):

@@ -14,6 +14,15 @@ For VGG16-Places365 at conv5_3, as in the paper::
       --iou=results/vgg16-places-netpqc-conv5_3-10/conv5_3/report.json \
       --output_dir=results/vgg16-places-conv5_3-ablation
 
+The features of another basis of the layer work as units (``--basis``): each is
+removed by ``jaxdissect.layers.FeatureEdit`` (its decoded contribution
+subtracted, the reconstruction error kept). A learned basis is read from the
+dissection ``--iou`` names (its ``<layer>@<basis>/basis/``: the dissected
+features), else trained from ``--train_data`` (an SAE; a probe needs the data's
+segmentation), once, in ``--cache_dir``::
+
+  python -m launch.ablate_classifier --basis=sae:2,k=8
+
 Per class: units ranked by train balanced accuracy after single-unit ablation,
 then on val the top n units ablated, and only the top n kept. Outputs in
 ``--output_dir``: ``summary.json``, ``results.npz``, ``ice-all-classes.png``,
@@ -32,6 +41,7 @@ VGG16). A folder that is not a class of the model is an error.
 from __future__ import annotations
 
 import os
+import re
 
 from absl import flags
 
@@ -60,10 +70,11 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
         plot_class: str | None = None, full_classes=(), iou: str | None = None,
         batch_size: int = 32, num_images: int | None = None, train_images: int | None = None,
         method: str = "auto", on_bad_image: str = "raise", class_order: str = "metadata",
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, basis: str | None = None, cache_dir: str | None = None) -> dict:
     """Load the model and data, run the experiment, print the headline numbers, return the summary.
 
-    ``train_data``: a ``--data`` spec, or a labelled source (the demo's training scenes).
+    ``train_data``: a ``--data`` spec, or a labelled source (the demo's training scenes). ``basis``: a basis
+    spec whose features are ablated instead of the units (learned bases kept in ``cache_dir``).
     """
     from jaxdissect.checkpoint import load_metadata, load_model
     from jaxdissect.data import classes as class_lib
@@ -78,12 +89,19 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
         raise LaunchError(f"--model={model}: no such directory; convert the classifier first "
                           "(python -m converters.vgg16_places365 ...)")
     train_spec = train_data if isinstance(train_data, str) else getattr(train_data, "fingerprint", dict)()
+    identity = {"model": os.path.abspath(model), "layer": layer, "data": data, "train_data": train_spec,
+                "num_images": num_images, "train_images": train_images, "on_bad_image": on_bad_image,
+                "class_order": class_order}
+    if basis:
+        from jaxdissect.bases import BasisError, spec
+
+        try:
+            identity["basis"] = basis = spec.parse(basis).text
+        except BasisError as e:
+            raise LaunchError(f"--basis={basis}: {e}") from None
     # The cached pieces are named, not keyed by the data: a directory of other settings is refused.
-    common.check_output_dir(output_dir, {"model": os.path.abspath(model), "layer": layer, "data": data,
-                                         "train_data": train_spec, "num_images": num_images,
-                                         "train_images": train_images, "on_bad_image": on_bad_image,
-                                         "class_order": class_order}, overwrite=overwrite,
-                            remove=("pra_*.npz", "summary.json", "results.npz"))
+    common.check_output_dir(output_dir, identity, overwrite=overwrite,
+                            remove=("pra_*.npz", "summary.json", "results.npz", "basis.json"))
     module, variables = load_model(model)
     meta = load_metadata(model) or {}
     preprocessing = common.model_preprocessing(meta, path=model)
@@ -95,6 +113,8 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
                                    data=f"--data={data}", model=f"--model={model}")
     train = class_lib.model_labelled(train, meta.get("classes"), outputs, class_order=class_order,
                                      data="--train_data", model=f"--model={model}")  # each on its own: same outputs
+    features = None if basis in (None, "neurons") else _basis(basis, module, variables, layer, train, iou,
+                                                              batch_size, train_images, cache_dir)
     bars: dict = {}
 
     def progress(what, b, n):
@@ -109,7 +129,7 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
     summary = classifier_ablation_experiment(
         module, variables, layer, val, train, output_dir, class_names=val.classes, sizes=sizes,
         plot_class=plot_class, full_classes=full_classes, iou_path=iou, batch_size=batch_size,
-        val_items=num_images, train_items=train_images, method=method, progress=progress)
+        val_items=num_images, train_items=train_images, method=method, progress=progress, basis=features)
     mba = summary["mean_balanced_accuracy"]
     print(f"val accuracy with all units: {summary['val_accuracy']:.4f}")
     print(f"mean balanced single-class accuracy on val: {mba['val_baseline']:.3f} with all units")
@@ -118,6 +138,27 @@ def run(model: str, data: str, train_data, output_dir: str, *, layer: str = "con
               f"{mba['keep_only_top'][str(n)]:.3f}")
     print(f"wrote {output_dir}/summary.json, results.npz and plots")
     return summary
+
+
+def _basis(text, module, variables, layer, train, iou, batch_size, train_images, cache_dir):
+    """``(basis, params)`` of ``--basis``: the dissected one beside ``--iou``'s report, else built or trained."""
+    from jaxdissect.bases import BasisError
+    from jaxdissect.layers import layer_shapes
+    from jaxdissect.pipelines import bases
+
+    try:
+        if iou and iou.endswith(".json"):
+            view_dir = os.path.dirname(os.path.abspath(iou))
+            x = train.get_batch([0])["image"][:1]
+            channels = int(layer_shapes(module, variables, x)[layer].shape[-1])
+            _, found = bases.dissected_view(os.path.dirname(view_dir), layer, text, channels)
+            return found
+        basis, params, _ = bases.layer_basis(text, module, variables, layer, train, batch_size=batch_size,
+                                             num_images=train_images, cache_dir=common.cache_dir(cache_dir),
+                                             log=common.log)
+        return basis, params
+    except BasisError as e:
+        raise LaunchError(f"--basis={text}: {e}") from None
 
 
 def define_flags() -> None:
@@ -145,6 +186,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("method", "auto", ["auto", "fast", "generic"],
                       "Single-unit sweep path (auto: fast when possible).")
     flags.DEFINE_enum("on_bad_image", "raise", ["raise", "skip"], "Unreadable image: stop, or leave it out of counts.")
+    flags.DEFINE_string("basis", None, "Ablate the features of this basis of the layer instead of its units: "
+                        "rotation:ALPHA[:SEED], sae:EXPANSION[,k=K] or probe:net2vec (the one dissected beside "
+                        "--iou's report, else trained from --train_data).")
     flags.DEFINE_enum("class_order", "metadata", ["metadata", "sorted_folders"],
                       "How class folders map to model outputs: by the names in model.json's 'classes', or "
                       "output i = i-th class folder in sorted order.")
@@ -161,8 +205,10 @@ def main(argv):
     common.positive("num_images", FLAGS.num_images)
     common.positive("train_images", FLAGS.train_images)
     layer = FLAGS.layer or (DEMO["layer"] if demo else "conv5_3")
+    tag = "" if not FLAGS.basis else "-" + re.sub(r"[^A-Za-z0-9.]+", "_", FLAGS.basis).strip("_")
     output_dir = FLAGS.output_dir or os.path.join(
-        "results", f"ablate_classifier-{'demo' if demo else os.path.basename(os.path.normpath(FLAGS.model))}-{layer}")
+        "results", f"ablate_classifier-{'demo' if demo else os.path.basename(os.path.normpath(FLAGS.model))}-{layer}"
+        + tag)
     common.set_resume_hint(f"run the same command to resume ({output_dir})")
     from jaxdissect.pipelines import demo as demo_lib
 
@@ -172,7 +218,7 @@ def main(argv):
         sizes=FLAGS.sizes or (DEMO["sizes"] if demo else SIZES), plot_class=FLAGS.plot_class,
         full_classes=FLAGS.full_classes, iou=FLAGS.iou, batch_size=FLAGS.batch_size, num_images=FLAGS.num_images,
         train_images=FLAGS.train_images, method=FLAGS.method, on_bad_image=FLAGS.on_bad_image,
-        class_order=FLAGS.class_order, overwrite=FLAGS.overwrite)
+        class_order=FLAGS.class_order, overwrite=FLAGS.overwrite, basis=FLAGS.basis, cache_dir=FLAGS.cache_dir)
 
 
 if __name__ == "__main__":

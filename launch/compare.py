@@ -1,10 +1,28 @@
-r"""Compare networks, training snapshots, layers or random-rotation powers in one dissection run.
+r"""Compare networks, training snapshots, layers, rotations or bases in one dissection run.
 
 With no flags, a first look on the embedded demo: the small CNN trained once on
-synthetic scenes against an untrained copy of it (both kept in ``--cache_dir``;
-nothing is downloaded), on 256 synthetic scenes with their own labels::
+synthetic scenes (kept in ``--cache_dir``; nothing is downloaded), its
+``conv4`` in five bases (neurons, a random rotation, TopK sparse autoencoders
+of 2x and 8x the channels, Net2Vec concept probes), each also on the same
+network at random initialisation (CVPR 2017's control), on 256 synthetic
+scenes with their own labels: unique detectors, significant labels, mean IoU
+of labelled units, SAE reconstruction error and dead features, and the
+accuracy lost per ablated unit, in ``compare.csv`` and ``bases.svg``::
 
   python -m launch.compare
+
+The same for any model and layer (learned bases are trained from the same data
+once, kept in ``--cache_dir``; see ``docs/bases.md``)::
+
+  python -m launch.compare --models=models/vgg16_places365 --layers=conv5_3 \
+      --data=places:datasets/places/val --segmenter=upp=models/upp,color=models/color,setting=netpqc \
+      --bases="neurons;rotation:1;sae:4;sae:8;probe:net2vec" --control=random_init
+
+The planted model (16 concepts along the directions of a random rotation of its
+layer; ``jaxdissect.models.planted``): the neurons detect little, the SAE and
+the probes recover the planted concepts::
+
+  python -m launch.compare --demo=planted
 
 Networks on Broden with the 2017 method (one pass over the data for all)::
 
@@ -19,6 +37,8 @@ curve (``--rotations``, NetDissect's random rotation ``Q^alpha``, seed 1)::
   python -m launch.compare --models=models/alexnet_places365 --layers=conv5 \
       --rotations=0,0.2,0.4,0.6,0.8,1 --data=broden:datasets/broden1_227
 
+``--rotations=A,B`` is ``--bases=rotation:A:S;rotation:B:S`` (S =
+``--rotation_seed``), with the same views and figures as ever.
 ``--layers`` applies to every model, or gives one ``;``-separated list per
 model. Outputs: ``compare.csv``, ``compare.json``, the figures (SVG),
 ``index.html`` and ``dissection/`` (the unit reports) in ``--output_dir``. With
@@ -38,12 +58,24 @@ from launch.common import LaunchError
 
 FLAGS = flags.FLAGS
 # Options of the comparison itself; every other setting is a jaxdissect.config.DissectConfig field.
-COMPARE = ("models", "names", "iterations", "layers", "rotations", "rotation_seed")
+COMPARE = ("models", "names", "iterations", "layers", "rotations", "rotation_seed", "bases", "control", "demo")
 # Where things go (left out of the output directory's identity, with the config's run fields).
 ENVIRONMENT = ("output_dir", "overwrite", "cache_dir", "segmentation_cache_mb")
 # The DissectConfig fields launch.compare has flags for.
 CONFIG_FLAGS = ("segmenter", "method", "quantile", "miniou", "batch_size", "num_images", "on_bad_image",
-                "checkpoint_every", "rotation_unpermute")
+                "checkpoint_every", "rotation_unpermute", "significance", "permutations", "sae_batches",
+                "sae_minibatch", "sae_learning_rate", "probe_epochs")
+# Options added by a comparison of bases (in the output directory's identity only when bases are compared).
+BASES = ("bases", "control", "significance", "permutations", "sae_batches", "sae_minibatch", "sae_learning_rate",
+         "probe_epochs")
+# The embedded defaults where a flag is not given: the demo CNN's conv4 in five bases with the control ...
+DEMO = {"layers": "conv4", "bases": "neurons;rotation:1;sae:2,k=8;sae:4,k=8;probe:net2vec", "control": "random_init",
+        "significance": True, "permutations": 200, "sae_batches": 96, "sae_minibatch": 512, "sae_learning_rate": 3e-3,
+        "probe_epochs": 10}
+# ... and the planted model (--demo=planted), whose concepts lie along rotated directions.
+PLANTED = {"layers": "mixed", "bases": "neurons;rotation:1;sae:2,k=2;sae:4,k=2;probe:net2vec",
+           "control": "random_init", "significance": True, "permutations": 200, "quantile": 0.1, "miniou": 0.3,
+           "sae_batches": 160, "sae_minibatch": 256, "sae_learning_rate": 1e-2, "probe_epochs": 10}
 
 
 def _split(value: str | None) -> list[str]:
@@ -65,6 +97,18 @@ def compare_config(config: dict):
 
 def validate(config: dict):
     """Check every setting that can be checked without reading data or models (before any work)."""
+    if config.get("demo") not in (None, "cnn", "planted"):
+        raise LaunchError(f"--demo={config['demo']}: give cnn (the demo CNN) or planted (the planted model)")
+    if config.get("control") not in (None, "random_init"):
+        raise LaunchError(f"--control={config['control']}: the control is random_init (the same network at a "
+                          "random initialisation)")
+    if config.get("bases"):
+        from jaxdissect.bases import BasisError, spec
+
+        try:
+            spec.parse_list(config["bases"])
+        except BasisError as e:
+            raise LaunchError(f"--bases={config['bases']}: {e}") from None
     out = compare_config(config)
     if config.get("data"):
         common.parse_data_spec(config["data"])
@@ -91,10 +135,17 @@ def build(config: dict) -> dict:
     from launch.dissect import make_data, make_segmentation, parse_layers
 
     dirs = _split(config.get("models"))
-    if not dirs:  # the embedded demo: the demo CNN and an untrained copy of it, on synthetic scenes
+    if config.get("demo") == "planted" or (config.get("demo") and dirs):
+        if dirs:
+            raise LaunchError("--demo and --models exclude each other: --demo runs an embedded model")
+        return _planted(config, settings)
+    if not dirs:  # the embedded demo: the demo CNN's bases, and the same at random initialisation
         from jaxdissect.pipelines import demo
 
-        dirs = demo.compare_model_dirs(common.cache_dir(config.get("cache_dir")), log=common.log)
+        # --rotations alone: the rotation curve of the demo CNN (the demo's bases would name rotation:1 again)
+        config = _with_defaults(config, {k: v for k, v in DEMO.items() if k != "bases" or not config.get("rotations")})
+        settings = validate(config)
+        dirs = [demo.model_dir(common.cache_dir(config.get("cache_dir")), log=common.log)]
         config = dict(config, data=config.get("data") or demo.COMPARE_DATA)
     names = _split(config.get("names")) or None
     if names is not None and len(names) != len(dirs):
@@ -157,14 +208,51 @@ def build(config: dict) -> dict:
         members.append(Member(name=name.replace(".", "_").replace(" ", "_"), module=module,
                               variables=variables, layers=layers,
                               iteration=iterations[i] if iterations else None))
+    return _finish(config, settings, members, data, segmentation, f"{data_name}-{seg_name}")
+
+
+def _with_defaults(config: dict, defaults: dict) -> dict:
+    """``config`` with ``defaults`` where a flag is not given (None)."""
+    return {**config, **{k: v for k, v in defaults.items() if config.get(k) is None}}
+
+
+def _planted(config: dict, settings) -> dict:
+    """The planted model and its scenes (``--demo=planted``)."""
+    from jaxdissect.models import planted
+    from jaxdissect.pipelines.compare import Member
+    from launch.dissect import parse_layers
+
+    config = _with_defaults(config, PLANTED)
+    settings = validate(config)
+    if config.get("data"):
+        raise LaunchError("--demo=planted brings its own data; leave out --data")
+    module, variables = planted.planted_model()
+    data = planted.PlantedScenes(settings.num_images or planted.IMAGES)
+    try:
+        layers = parse_layers(config["layers"], list(planted.LAYERS))
+    except ValueError as e:
+        raise LaunchError(f"--layers: {e}") from e
+    members = [Member(name="planted", module=module, variables=variables, layers=layers)]
+    return _finish(config, settings, members, data, "dataset", "planted-dataset")
+
+
+def _finish(config: dict, settings, members, data, segmentation, tag: str) -> dict:
+    """Output directory (checked against its identity) and the comparison's arguments."""
+    names = [m.name for m in members] + ([config["control"]] if config.get("control") else [])
     output_dir = config.get("output_dir") or os.path.join(
-        "results", "compare-" + "-".join(m.name for m in members)[:80] + f"-{data_name}-{seg_name}")
-    identity = {**settings.identity(), **{k: config.get(k) for k in COMPARE}}
+        "results", "compare-" + "-".join(names)[:80] + ("-bases" if config.get("bases") else "") + f"-{tag}")
+    bases_mode = bool(config.get("bases") or config.get("control"))
+    if bases_mode and config.get("significance") is None:  # the table's significant labels
+        settings = settings.replace(significance=True)
+    identity = {**settings.identity(), **{k: config.get(k) for k in COMPARE if k not in BASES + ("demo",)}}
+    if bases_mode:  # runs without bases keep their identity
+        identity.update({k: config.get(k) for k in BASES + ("demo",)})
     common.check_output_dir(output_dir, identity, overwrite=bool(config.get("overwrite")),
-                            remove=("dissection/work",))
+                            remove=("dissection/work", "ablation"))
     common.set_resume_hint(f"run the same command to resume ({os.path.abspath(output_dir)})")
-    return dict(members=members, data=data, segmentation=segmentation, rotations=_rotations(config),
-                output_dir=output_dir, config=settings)
+    return {"members": members, "data": data, "segmentation": segmentation, "rotations": _rotations(config),
+            "output_dir": output_dir, "config": settings, "bases": config.get("bases") or None,
+            "control": config.get("control") or None}
 
 
 def run(config: dict) -> tuple[dict, str]:
@@ -175,8 +263,9 @@ def run(config: dict) -> tuple[dict, str]:
     b = build(config)
     seg_root, seg_mb = common.segmentation_cache(config)
     out = compare(b["members"], b["data"], b["segmentation"], b["config"].replace(segmentation_cache_mb=seg_mb),
-                  rotations=b["rotations"], rotation_seed=config.get("rotation_seed", 1),
-                  output_dir=b["output_dir"], segmentation_cache=seg_root)
+                  rotations=b["rotations"], rotation_seed=config.get("rotation_seed", 1), bases=b["bases"],
+                  control=b["control"], output_dir=b["output_dir"], segmentation_cache=seg_root,
+                  cache_dir=common.cache_dir(config.get("cache_dir")))
     return out, b["output_dir"]
 
 
@@ -190,7 +279,7 @@ def define_flags() -> None:
     from jaxdissect.pipelines.compare import DEFAULTS
 
     flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots); "
-                        "absent: the demo CNN and an untrained copy.")
+                        "absent: the demo CNN (--demo).")
     flags.DEFINE_string("names", None, "Comma list of display names, one per model (default: model.json's).")
     flags.DEFINE_string("iterations", None, "Comma list of training iterations, one per model (snapshots).")
     flags.DEFINE_string("layers", None, "Layers for every model (comma list, ranges, 'conv', 'all'), or one "
@@ -198,8 +287,16 @@ def define_flags() -> None:
     flags.DEFINE_string("rotations", None, "Comma list of rotation powers alpha (e.g. 0,0.2,...,1): dissect "
                         "each layer rotated by Q^alpha.")
     flags.DEFINE_integer("rotation_seed", 1, "Seed of the random rotation (the original's is 1).")
+    flags.DEFINE_string("bases", None, "';'-separated bases of every layer, compared in one run: neurons, "
+                        "rotation:ALPHA[:SEED], sae:EXPANSION[,k=K], probe:net2vec (learned ones trained from the "
+                        "data once, kept in --cache_dir). Demo: " + DEMO["bases"])
+    flags.DEFINE_string("control", None, "random_init: every model also at a random initialisation (CVPR 2017's "
+                        "control). Demo: random_init")
+    flags.DEFINE_enum("demo", None, ["cnn", "planted"], "With no --models: the demo CNN (default) or the planted "
+                      "model whose concepts lie along rotated directions.")
     common.define_data_flag(f"{common.DATA_HELP} (anything but broden: and synthetic: needs --segmenter).")
-    DissectConfig.define_flags(only=CONFIG_FLAGS, defaults=DEFAULTS)
+    # None: not given (the demo's defaults, else DissectConfig's, apply)
+    DissectConfig.define_flags(only=CONFIG_FLAGS, defaults={**DEFAULTS, **dict.fromkeys(BASES[2:] + ("miniou",))})
     common.define_output_flags("Results directory (default results/compare-<models>-<data>-<seg>).")
     common.define_cache_dir_flag()
     common.define_segmentation_cache_flag()
@@ -209,9 +306,14 @@ def main(argv):
     del argv
     out, output_dir = run(get_config())
     for r in out["rows"]:
-        alpha = "" if r["alpha"] is None else f" alpha={r['alpha']:g}"
-        print(f"{r['model']} {r['layer']}{alpha}: {r['detectors']} detectors, {r['unique']} unique "
-              f"(per category), {r['unique_top']} unique (top labels)")
+        alpha = "" if r["alpha"] is None or "basis" in r else f" alpha={r['alpha']:g}"
+        basis = f" {r['basis']}" if "basis" in r else ""
+        line = (f"{r['model']} {r['layer']}{basis}{alpha}: {r['detectors']} detectors, {r['unique']} unique "
+                f"(per category), {r['unique_top']} unique (top labels)")
+        if "basis" in r:
+            line += "".join(f", {k} {r[k]:.3g}" if isinstance(r[k], float) else f", {k} {r[k]}"
+                            for k in ("significant", "mean_iou", "fvu", "accuracy_drop_mean") if r[k] is not None)
+        print(line)
     print(f"report: {os.path.join(os.path.abspath(output_dir), 'index.html')}")
 
 

@@ -20,11 +20,20 @@ the scenes' known labels: a two-minute demo that needs no downloads::
 
 The 2017 method on Broden (per-category scoring, ``<layer>-result.csv``,
 unique detectors both ways), optionally on a randomly rotated basis
-(``--rotation=ALPHA[:SEED]``: ``Q^alpha`` of NetDissect's random rotation over
-each layer's channels, before the thresholds)::
+(``--rotation=ALPHA[:SEED]``, the same as ``--basis=rotation:ALPHA:SEED``:
+``Q^alpha`` of NetDissect's random rotation over each layer's channels, before
+the thresholds)::
 
   python -m launch.dissect --model=models/alexnet_places365 --layers=conv5 \
       --data=broden:datasets/broden1_227 --method=netdissect2017 --rotation=1:1
+
+Bases beyond the neurons (``--basis``, ``;``-separated, all in one pass over
+the data): a TopK sparse autoencoder (``sae:EXPANSION[,k=K]``) and Net2Vec
+concept probes (``probe:net2vec``) are trained from the same model and data
+first (once; kept in ``--cache_dir``), then their features are dissected as
+units; each layer's folder is ``<layer>@<basis>`` (see ``docs/bases.md``)::
+
+  python -m launch.dissect --layers=conv3 --basis="neurons;sae:4,k=8;probe:net2vec" --sae_batches=64
 
 An AlexNet converted with ``converters.alexnet_places365`` records the pool5
 receptive-field grid in model.json; as in the original, every layer is then
@@ -270,6 +279,8 @@ def build(options) -> dict:
             name += f"-{config.method}"
         if config.rotation:
             name += "-rot" + re.sub(r"[^0-9.]", "_", config.rotation)
+        if config.basis:
+            name += "-" + re.sub(r"[^A-Za-z0-9.]+", "_", config.basis).strip("_")
         if config.thumbsize != 100:
             name += f"-t{config.thumbsize}"
         if config.scorer:
@@ -289,15 +300,8 @@ def build(options) -> dict:
     if demo:
         module, variables, _ = train_synthetic.train_or_load(common.cache_dir(options.get("cache_dir")),
                                                              log=_stderr, **settings)
-    views = None
-    if config.rotation:
-        from jaxdissect.rotation import layer_rotations, parse_rotation
-
-        alpha, seed = parse_rotation(config.rotation)
-        mats = layer_rotations({n: shapes[n].shape for n in layers}, alpha, seed, config.rotation_unpermute)
-        views = {n: (n, mats[n]) for n in layers}
     return dict(module=module, variables=variables, layers=layers, data=data, segmentation=segmentation,
-                output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels", views=views,
+                output_dir=output_dir, name=f"{model_name} on {data_name}, {seg_name} labels",
                 config=config.replace(geometry=geometry, receptive_field=receptive_field))
 
 
@@ -355,9 +359,8 @@ def run(options):
     b = build(options)
     seg_root, seg_mb = common.segmentation_cache(options)
     try:
-        results = dissect(b["module"], b["variables"], [] if b["views"] else b["layers"], b["data"],
-                          b["segmentation"], b["config"].replace(segmentation_cache_mb=seg_mb), views=b["views"],
-                          output_dir=b["output_dir"], name=b["name"],
+        results = dissect(b["module"], b["variables"], b["layers"], b["data"], b["segmentation"],
+                          b["config"].replace(segmentation_cache_mb=seg_mb), output_dir=b["output_dir"], name=b["name"],
                           settings={"model": b["config"].model or "demo (synthetic scenes CNN)",
                                     "segmenter": b["config"].segmenter or (
                                         "dataset labels" if b["segmentation"] == "dataset" else "none")},

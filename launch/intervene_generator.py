@@ -18,6 +18,14 @@ paper's church ProGAN at layer4 (trees removed, doors inserted)::
       --dissection=results/progan-church-netpqc-layer4-10 \
       --output_dir=results/progan-church-layer4-interventions
 
+The features of another basis of the layer (``--basis``, e.g. a TopK sparse
+autoencoder the dissection trained: ``--basis=sae:2,k=2``) are removed and
+inserted the same way, through ``jaxdissect.layers.FeatureEdit``; the
+dissection must hold the layer in that basis (``launch.dissect --basis=...``;
+the demo dissects the toy in it first)::
+
+  python -m launch.intervene_generator --basis=sae:2,k=2
+
 Outputs (JSON, npz, plots, image grids) are listed in
 :mod:`jaxdissect.pipelines.intervene_generator`. Interrupted, the same command
 resumes.
@@ -58,6 +66,9 @@ def define_flags() -> None:
                          f"({default('insert_units')}).")
     flags.DEFINE_float("insert_quantile", 0.995, "Units are set to this quantile of their activations.")
     flags.DEFINE_bool("single_units", False, "Also ablate every single unit of the layer.")
+    flags.DEFINE_string("basis", None, "Intervene on the features of this basis of the layer (neurons, "
+                        "rotation:ALPHA[:SEED], sae:EXPANSION[,k=K], probe:net2vec), as --dissection dissected them "
+                        "(default: the layer's units).")
     flags.DEFINE_integer("num_samples", None, f"Number of z samples, the original's seed-1 samples "
                          f"({default('num_samples')}).")
     flags.DEFINE_integer("seed", 1, "Seed of the z samples.")
@@ -90,6 +101,13 @@ def main(argv):
     identity = {n: getattr(FLAGS, n) for n in ("model", "segmenter", "dissection", "insert_quantile", "single_units",
                                                "seed")}
     identity.update(settings)
+    if FLAGS.basis:
+        from jaxdissect.bases import BasisError, spec
+
+        try:
+            identity["basis"] = spec.parse(FLAGS.basis).text
+        except BasisError as e:
+            raise common.LaunchError(f"--basis={FLAGS.basis}: {e}") from None
     common.check_output_dir(output_dir, identity, overwrite=FLAGS.overwrite)
     from jaxdissect.data.latents import standard_z_sample
     from jaxdissect.pipelines import intervene_generator as experiment
@@ -100,7 +118,14 @@ def main(argv):
 
         module, variables = toy.toy_generator()
         segmenter, segmenter_variables = demo_lib.toy_segmenter()
-        dissection_dir = demo_lib.toy_dissection(common.cache_dir(FLAGS.cache_dir), settings["layer"])
+        if identity.get("basis", "neurons") == "neurons":
+            dissection_dir = demo_lib.toy_dissection(common.cache_dir(FLAGS.cache_dir), settings["layer"])
+        else:  # the toy dissected in that basis, beside the results (resumable)
+            from jaxdissect.pipelines.toy import dissect_toy
+
+            dissection_dir = os.path.join(output_dir, "dissection")
+            dissect_toy(dissection_dir, settings["layer"], basis=identity["basis"],
+                        cache_dir=common.cache_dir(FLAGS.cache_dir))
         z = toy.sample_z(settings["num_samples"], seed=FLAGS.seed)
     else:
         from jaxdissect.checkpoint import load_model
@@ -110,9 +135,22 @@ def main(argv):
         segmenter, segmenter_variables = segmenter_from_spec(common.segmenter_spec(FLAGS.segmenter))
         dissection_dir = FLAGS.dissection
         z = standard_z_sample(settings["num_samples"], seed=FLAGS.seed)
-    dissection = experiment.load_dissection(dissection_dir, settings["layer"])
+    layer, basis = settings["layer"], None
+    if identity.get("basis"):
+        from jaxdissect.bases import BasisError
+        from jaxdissect.layers import layer_shapes
+        from jaxdissect.pipelines.bases import dissected_view
+
+        channels = int(layer_shapes(module, variables, z[:1])[layer].shape[-1])
+        try:
+            view, basis = dissected_view(dissection_dir, layer, identity["basis"], channels)
+        except BasisError as e:
+            raise common.LaunchError(f"--basis={FLAGS.basis}: {e}") from None
+    else:
+        view = layer
+    dissection = experiment.load_dissection(dissection_dir, view)
     summaries = experiment.run_experiment(
-        module, variables, settings["layer"], segmenter, segmenter_variables, dissection, z,
+        module, variables, layer, segmenter, segmenter_variables, dissection, z, basis=basis,
         output_dir=output_dir, remove=settings["remove"] or None, remove_units=settings["remove_units"],
         insert=settings["insert"] or None, insert_units=settings["insert_units"],
         insert_quantile=FLAGS.insert_quantile, single_units=FLAGS.single_units, batch_size=FLAGS.batch_size,

@@ -381,3 +381,72 @@ def toy_segment(images):
     from jaxdissect.models import toy_generator
 
     return toy_generator.color_segment(images, downsample=1)
+
+
+# CLIP-Dissect's similarity functions (float64, from the formulas)
+
+
+def _top(target, k):
+    """[k, units] image indices of each unit's k largest values, ties to the lower index."""
+    return np.argsort(-target, axis=0, kind="stable")[:k]
+
+
+def _logsumexp(x, axis):
+    m = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def ref_soft_wpmi(clip, target, top_k=100, a=10, lam=1, min_prob=1e-7, p_start=0.998, p_end=0.97, soft=True):
+    clip = np.asarray(clip, np.float64)
+    logits = a * clip
+    prob = np.exp(logits - _logsumexp(logits, 1)[:, None])
+    inds = _top(np.asarray(target, np.float64), top_k)
+    w = p_start - np.arange(top_k) / top_k * (p_start - p_end) if soft else np.ones(top_k)
+    units = target.shape[1]
+    s = np.zeros((units, clip.shape[1]))
+    for u in range(units):
+        pc = prob[inds[:, u]]
+        s[u] = np.sum(np.log(1 + w[:, None] * (pc - 1) + min_prob), axis=0)
+    prob_d = _logsumexp(s, 0) - np.log(units)
+    # The score is a small difference of sums of top_k logs: float32 rounding scales with the sums.
+    return s - lam * prob_d[None, :], np.max(np.abs(s))
+
+
+def ref_wpmi(clip, target, top_k=28, a=2, lam=0.6, min_prob=1e-7):
+    return ref_soft_wpmi(clip, target, top_k, a, lam, min_prob, soft=False)
+
+
+def ref_cos(clip, target):
+    c = np.asarray(clip, np.float64)
+    t = np.asarray(target, np.float64)
+    cn, tn = np.linalg.norm(c, axis=0), np.linalg.norm(t, axis=0)
+    c = np.where(cn > 0, c / np.where(cn > 0, cn, 1), 0)
+    t = np.where(tn > 0, t / np.where(tn > 0, tn, 1), 0)
+    return t.T @ c
+
+
+def ref_cos_cubed(clip, target, min_norm=1e-3):
+    def prep(x):
+        x = np.asarray(x, np.float64)
+        x = (x - x.mean(0, keepdims=True)) ** 3
+        return x / np.maximum(np.linalg.norm(x, axis=0, keepdims=True), min_norm)
+
+    return prep(target).T @ prep(clip)
+
+
+def ref_rank_reorder(clip, target, p=3, top_fraction=0.05, scale_p=0.5):
+    clip = np.asarray(clip, np.float64)
+    target = np.asarray(target, np.float64)
+    n = int(target.shape[0] * top_fraction)
+    inds = _top(target, n)
+    out = np.zeros((target.shape[1], clip.shape[1]))
+    for u in range(target.shape[1]):
+        v = target[inds[:, u], u]  # descending
+        baseline = np.mean(np.abs(v[:, None] - v[None, :]) ** p)
+        for c in range(clip.shape[1]):
+            x = clip[inds[:, u], c]
+            rank = np.argsort(np.argsort(x, kind="stable"), kind="stable")
+            reorg = v[::-1][rank]
+            err = np.mean(np.abs(v - reorg) ** p) / baseline
+            out[u, c] = -err / np.mean(x) ** scale_p
+    return out

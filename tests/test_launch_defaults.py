@@ -25,7 +25,7 @@ DEFAULT_OUTPUTS = {
                     "results/adversarial-demo-conv4/adversarial.png"],
     "shape_bias": ["results/shape_bias-demo/shape_bias.json", "results/shape_bias-demo/shape_bias.png"],
     "stylize": ["results/stylize-demo"],
-    "compare": ["results/compare-demo-demo-untrained-synthetic-dataset/index.html"],
+    "compare": ["results/compare-demo-random_init-bases-synthetic-dataset/index.html"],
     "intervene_generator": ["results/intervene_generator-toy-layer4/summary.json"],
     "edit_photo": ["results/edit_photo-toy/side_by_side.png"],
 }

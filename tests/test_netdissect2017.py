@@ -173,10 +173,15 @@ def test_launcher_method_and_rotation(folder, tmp_path, monkeypatch):
     built = launcher.build(config)
     assert built["config"].level_quantile == 0.005
     assert built["output_dir"] == os.path.join("results", "tiny_cnn-broden-dataset-conv2-netdissect2017-rot1_2-t16")
-    np.testing.assert_allclose(built["views"]["conv2"][1], random_rotation_powers(16, [1.0], 2)[0], atol=1e-6)
+    assert built["config"].bases == "rotation:1:2"          # --rotation names the basis rotation:ALPHA:SEED
     out = str(tmp_path / "out")
     results, _ = launcher.run({**config, "output_dir": out})
     r = results["conv2"]
+    explicit = jaxdissect.dissect(built["module"], built["variables"], [], built["data"], "dataset",
+                                  built["config"].replace(rotation=None), progress=False,
+                                  views={"conv2": ("conv2", random_rotation_powers(16, [1.0], 2)[0])})["conv2"]
+    np.testing.assert_array_equal(r.thresholds, explicit.thresholds)
+    np.testing.assert_array_equal(r.intersection, explicit.intersection)
     assert r.config["method"] == "netdissect2017" and r.config["rotated_layer"] == "conv2"
     assert r.category_active.shape == (16, len(CATS))
     assert os.path.exists(os.path.join(out, "conv2", "conv2-result.csv"))

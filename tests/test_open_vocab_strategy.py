@@ -26,7 +26,7 @@ from jaxdissect.data import synthetic
 from jaxdissect.explain import open_vocab_strategy as ovs
 from jaxdissect.layers import capture
 from jaxdissect.pipelines.dissect import dissect
-from test_open_vocab import ref_soft_wpmi
+from helpers import ref_soft_wpmi
 
 COLORS = list(synthetic.COLORS)
 RGB = np.array(list(synthetic.COLORS.values()), np.float32)

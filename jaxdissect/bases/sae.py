@@ -286,7 +286,7 @@ def load(path: str):
 
 
 def activation_batches(module, variables, layer: str, source, *, batch_size: int, num_batches: int,
-                       input_key: str | None = None, seed: int = 0):
+                       input_key: str | None = None, seed: int = 0, memory_mb: float = 0):
     """``batches(start)`` over ``layer``'s activations on ``source`` (``get_batch(indices)``, ``len``).
 
     Batch ``i`` holds images ``i * batch_size ...`` of the epochs' orders
@@ -294,7 +294,10 @@ def activation_batches(module, variables, layer: str, source, *, batch_size: int
     permutation), so the stream is the same on every call and from any
     start. ``input_key`` is the model input's key in a batch (default
     ``'image'``, else ``'z'``). The model runs jitted with its weights as an
-    argument.
+    argument. With ``memory_mb``, when every image's activations fit in that
+    many MiB they are computed once (on the first batch asked for, in order,
+    ``batch_size`` at a time) and the batches gathered from them: the model
+    then runs once per image, not once per image and epoch.
     """
     from jaxdissect.layers import capture
 
@@ -302,6 +305,23 @@ def activation_batches(module, variables, layer: str, source, *, batch_size: int
     if n < 1 or batch_size < 1:
         raise BasisError(f"activation_batches: need a non-empty source and batch_size >= 1 (got {n}, {batch_size})")
     forward = jax.jit(lambda v, x: capture(module, v, x, [layer])[1][layer])
+    held: list = []
+
+    def run(index):
+        batch = source.get_batch(index)
+        key = input_key or ("image" if "image" in batch else "z")
+        return np.asarray(forward(variables, jnp.asarray(batch[key])), np.float32)
+
+    def all_images():
+        """Every image's activations, or None when they do not fit ``memory_mb``."""
+        if not held and memory_mb > 0:
+            first = run(np.arange(min(batch_size, n)))
+            if first.nbytes / len(first) * n > memory_mb * 2**20:
+                held.append(None)
+            else:
+                held.append(np.concatenate([first] + [run(np.arange(i, min(i + batch_size, n)))
+                                                      for i in range(batch_size, n, batch_size)]))
+        return held[0] if held else None
 
     def indices(i):
         pos = np.arange(i * batch_size, (i + 1) * batch_size)
@@ -314,8 +334,7 @@ def activation_batches(module, variables, layer: str, source, *, batch_size: int
 
     def batches(start: int = 0):
         for i in range(start, num_batches):
-            batch = source.get_batch(indices(i))
-            key = input_key or ("image" if "image" in batch else "z")
-            yield np.asarray(forward(variables, jnp.asarray(batch[key])), np.float32)
+            every = all_images()
+            yield run(indices(i)) if every is None else every[indices(i)]
 
     return batches

@@ -57,15 +57,16 @@ class BasisSpec:
             return max(1, int(round(self.expansion * channels)))
         return None if self.kind == "probe" else int(channels)
 
-    def build(self, channels: int):
-        """``(basis, params)`` of a fixed basis for a layer of ``channels`` channels."""
+    def build(self, channels: int, unpermute: bool = False):
+        """``(basis, params)`` of a fixed basis for a layer of ``channels`` channels (``unpermute``: a rotation's
+        units permuted back towards the channels, NetDissect's ``--rotation_unpermute``)."""
         if self.kind == "neurons":
             return Neurons(), {}
         if self.kind == "rotation":
             from jaxdissect.rotation import RotationError, random_rotation_powers
 
             try:
-                matrix = random_rotation_powers(channels, [self.alpha], self.seed)[0]
+                matrix = random_rotation_powers(channels, [self.alpha], self.seed, unpermute)[0]
             except RotationError as e:
                 raise BasisError(f"{self.text}: {e}") from None
             return Linear(label=self.text), {"matrix": matrix.astype(np.float32)}
@@ -122,7 +123,7 @@ def parse_list(text: str) -> list[BasisSpec]:
 
 def resolve(spec: BasisSpec | str, channels: int, *, cache_dir: str | None = None, identity: dict | None = None,
             activations=None, labelled=None, num_labels: int | None = None, label_names=None, settings=None,
-            progress: bool | None = None, log=None):
+            unpermute: bool = False, progress: bool | None = None, log=None):
     """``(basis, params, info)`` of ``spec`` on a layer of ``channels`` channels, training a learned one.
 
     A fixed basis (``neurons``, ``rotation``) needs nothing else. ``sae``
@@ -134,10 +135,11 @@ def resolve(spec: BasisSpec | str, channels: int, *, cache_dir: str | None = Non
     (:class:`jaxdissect.bases.sae.Settings` or
     :class:`jaxdissect.bases.probe.Settings`) overrides the training
     defaults; an SAE's ``expansion`` and ``k`` always come from the spec.
+    ``unpermute`` goes to a rotation's :meth:`BasisSpec.build`.
     """
     spec = parse(spec) if isinstance(spec, str) else spec
     if not spec.learned:
-        basis, params = spec.build(channels)
+        basis, params = spec.build(channels, unpermute)
         return basis, params, {"spec": spec.text}
     if cache_dir is None or identity is None:
         raise BasisError(f"{spec.text} is trained from data: give cache_dir and identity (model, layer, data)")

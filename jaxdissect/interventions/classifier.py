@@ -185,7 +185,8 @@ def _vgg_fast_path_ok(module, variables, layer: str, shapes: dict) -> bool:
 class _Evaluator:
     """Jitted pieces for one (model, layer, input shape): lower pass, generic and fast upper passes."""
 
-    def __init__(self, module, variables, layer: str, x_like, method: str = "auto", apply_kwargs=None):
+    def __init__(self, module, variables, layer: str, x_like, method: str = "auto", apply_kwargs=None,
+                 basis=None, basis_params=None):
         if method not in ("auto", "fast", "generic"):
             raise InterventionError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
         self.module, self.layer = module, layer
@@ -203,12 +204,18 @@ class _Evaluator:
         if isinstance(act, tuple) or not hasattr(act, "shape"):
             raise InterventionError(f"layer {layer!r} is called several times or returns no array; pick another layer")
         self.act_shape = tuple(act.shape)
-        self.num_units = int(act.shape[-1])
+        self.basis = basis
+        if basis is not None:
+            try:
+                basis.check(basis_params, int(act.shape[-1]))
+            except ValueError as e:
+                raise InterventionError(f"layer {layer!r}: {e}") from None
+        self.num_units = int(act.shape[-1]) if basis is None else basis.num_units(basis_params, int(act.shape[-1]))
         out = jax.eval_shape(lambda v, x: module.apply(v, x, **apply_kwargs), variables, x_aval)
         if not hasattr(out, "shape") or out.ndim != 2:
             raise InterventionError(f"{type(module).__name__} must return logits [N, classes], got {out}")
         self.num_classes = int(out.shape[-1])
-        fast_ok = _vgg_fast_path_ok(module, variables, layer, shapes)
+        fast_ok = basis is None and _vgg_fast_path_ok(module, variables, layer, shapes)
         if method == "fast" and not fast_ok:
             raise InterventionError(
                 f"the fast single-unit path needs jaxdissect's VGG16 and layer conv5_3; use method='generic' "
@@ -227,9 +234,25 @@ class _Evaluator:
         def upper(v, act):
             return layer_api.run_from(module, v, layer, act, x_aval, **apply_kwargs)
 
-        def generic_logits(v, act, masks):
+        def ablate(mask, bp):
+            """The edit removing the units (or, with a basis, the features) of ``mask`` (``bp``: its params)."""
+            return layer_api.Ablate(mask) if basis is None else layer_api.FeatureEdit(basis, bp, layer_api.Ablate(mask))
+
+        def generic_logits(v, act, masks, bp=None):
             """Logits ``[E, B, C]`` with each mask row ``[E, U]`` ablated, from the layer's activation."""
-            return jax.vmap(lambda mask: upper(v, layer_api.Ablate(mask)(act)))(masks)
+            return jax.vmap(lambda mask: upper(v, ablate(mask, bp)(act)))(masks)
+
+        def feature_logits(v, act, ids, bp):
+            """Logits ``[E, B, C]`` with each single feature ``ids [E]`` of the basis removed.
+
+            ``FeatureEdit(basis, bp, Ablate([f]))`` gives ``a - decode(codes * e_f)``;
+            ``decode`` is linear, so that is ``a - codes_f decode(e_f)``: the codes once
+            per batch, one decoded direction per feature (not a full decode per feature).
+            """
+            codes = basis.encode(bp, act)
+            directions = basis.decode(bp, jnp.eye(self.num_units, dtype=codes.dtype)[ids])     # [E, C]
+            return jax.vmap(lambda d, c: upper(v, act - (c[..., None] * d).astype(act.dtype)),
+                            in_axes=(0, -1))(directions, jnp.take(codes, ids, axis=-1))
 
         def fc6_parts(v, pooled):
             """Clean fc6 pre-activation ``[B, O]``, pooled units ``[B, P, U]``, fc6 rows per unit ``[P, U, O]``."""
@@ -267,10 +290,10 @@ class _Evaluator:
             return mask_logits(v, parts, unit_deltas(parts), masks)
 
         def counted(logits_fn):
-            def run_chunks(v, act, sets, labels, valid):
+            def run_chunks(v, act, sets, labels, valid, bp=None):
                 """``sets [chunks, E, ...]`` -> counts ``[chunks * E, C]`` (``lax.map`` over chunks)."""
                 pred, correct = jax.lax.map(
-                    lambda s: _device_counts(logits_fn(v, act, s), labels, valid, C), sets)
+                    lambda s: _device_counts(logits_fn(v, act, s, bp), labels, valid, C), sets)
                 return pred.reshape(-1, C), correct.reshape(-1, C)
 
             return jax.jit(run_chunks)
@@ -294,6 +317,7 @@ class _Evaluator:
         self.fast_logits = jax.jit(fast_logits)
         self.fast_mask_logits = jax.jit(fast_mask_logits)
         self._generic = counted(generic_logits)
+        self._features = counted(feature_logits)
         self._fast = counted_fast(masks=False)
         self._fast_masks = counted_fast(masks=True)
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
@@ -307,19 +331,24 @@ class _Evaluator:
 _EVALUATORS: dict = {}
 
 
-def _evaluator(module, variables, layer, x_like, method, apply_kwargs) -> _Evaluator:
-    """A cached :class:`_Evaluator`, so repeated passes with one model reuse its compiled functions."""
-    leaves, treedef = jax.tree.flatten(variables)
+def _evaluator(module, variables, layer, x_like, method, apply_kwargs, basis=None) -> _Evaluator:
+    """A cached :class:`_Evaluator`, so repeated passes with one model reuse its compiled functions.
+
+    ``basis``: ``(Basis, params)`` whose features the sets ablate (None: the layer's units).
+    """
+    b, bp = basis if basis is not None else (None, None)
+    leaves, treedef = jax.tree.flatten((variables, bp))
     try:
-        key = (module, layer, tuple(x_like.shape), str(x_like.dtype), method, treedef,
-               tuple((tuple(a.shape), str(a.dtype)) for a in leaves), tuple(sorted((apply_kwargs or {}).items())))
+        key = (module, layer, tuple(x_like.shape), str(x_like.dtype), method, treedef, b,
+               tuple((tuple(np.shape(a)), str(np.asarray(a).dtype)) for a in leaves),
+               tuple(sorted((apply_kwargs or {}).items())))
         hash(key)
     except TypeError:
-        return _Evaluator(module, variables, layer, x_like, method, apply_kwargs)
+        return _Evaluator(module, variables, layer, x_like, method, apply_kwargs, b, bp)
     if key not in _EVALUATORS:
         if len(_EVALUATORS) >= 8:
             _EVALUATORS.pop(next(iter(_EVALUATORS)))
-        _EVALUATORS[key] = _Evaluator(module, variables, layer, x_like, method, apply_kwargs)
+        _EVALUATORS[key] = _Evaluator(module, variables, layer, x_like, method, apply_kwargs, b, bp)
     return _EVALUATORS[key]
 
 
@@ -346,6 +375,7 @@ def evaluate_counts(
     checkpoint_every: int = 20,
     progress: Callable[[int, int], None] | None = None,
     apply_kwargs=None,
+    basis=None,
 ) -> dict:
     """One pass over ``data``: clean counts plus counts for each mask row / single unit.
 
@@ -354,7 +384,10 @@ def evaluate_counts(
     directory), the pass runs through :func:`jaxdissect.streaming.run_stream`:
     the counts are checkpointed every ``checkpoint_every`` batches and an
     interrupted pass resumes where it stopped; a checkpoint file of the older
-    npz format is refused.
+    npz format is refused. ``basis``: ``(Basis, params)``
+    (:mod:`jaxdissect.bases`): the masks and single units name the basis's
+    features, each removed by :class:`jaxdissect.layers.FeatureEdit` (its
+    decoded contribution subtracted, the reconstruction error kept).
     """
     source = as_source(data)
     total_items = len(source) if num_items is None else min(int(num_items), len(source))
@@ -362,22 +395,26 @@ def evaluate_counts(
         raise InterventionError("the data has no items to evaluate")
     first = source.get_batch([0])
     x_like = np.zeros((batch_size,) + np.asarray(first["image"]).shape[1:], np.float32)
-    ev = _evaluator(module, variables, layer, x_like, method, apply_kwargs)
+    ev = _evaluator(module, variables, layer, x_like, method, apply_kwargs, basis)
+    basis_params = None if basis is None else jax.tree.map(jnp.asarray, dict(basis[1]))
     C, U = ev.num_classes, ev.num_units
     act_bytes = 4 * math.prod(ev.act_shape[1:])
     use_fast = ev.fast and (single_units is not None or masks is not None)
+    features = basis is not None and single_units is not None   # one feature at a time: its decoded direction
     fast_bytes = 3 * 4 * ev.fc6_width if ev.fast else 0
     if single_units is not None:
         single_units = np.asarray(single_units, np.int32)
         unit_masks([[u] for u in single_units.tolist()], U)  # range check
-        if not use_fast:
+        if not (use_fast or features):
             masks = np.zeros((len(single_units), U), bool)
             masks[np.arange(len(single_units)), single_units] = True
     if use_fast and single_units is not None:
         sets, num_sets = _pad_chunks(single_units, ev.chunk_size(len(single_units), batch_size, fast_bytes))
+    elif features:
+        sets, num_sets = _pad_chunks(single_units, ev.chunk_size(len(single_units), batch_size, act_bytes * 2))
     elif masks is not None:
         masks = unit_masks(masks, U)
-        per_set = fast_bytes if use_fast else act_bytes * 2
+        per_set = fast_bytes if use_fast else int(act_bytes * 2 * (1 + ev.num_units / ev.act_shape[-1]))
         sets, num_sets = _pad_chunks(masks, ev.chunk_size(len(masks), batch_size, per_set))
     else:
         sets, num_sets = None, 0
@@ -388,7 +425,8 @@ def evaluate_counts(
              "pred": jnp.zeros((num_sets, C), jnp.int32), "correct": jnp.zeros((num_sets, C), jnp.int32)}
     key = _digest({"fp": _fingerprint(source), "n": total_items, "bs": batch_size, "layer": layer,
                    "sets": None if sets is None else hashlib.sha256(np.ascontiguousarray(sets).tobytes()).hexdigest(),
-                   "fast": bool(use_fast), "model": type(module).__name__})
+                   "fast": bool(use_fast), "model": type(module).__name__, "features": features,
+                   **({} if basis is None else {"basis": basis[0].identity(basis[1])})})
     if checkpoint and os.path.isfile(checkpoint):
         raise InterventionError(
             f"{checkpoint} is a checkpoint file of an older version (the sweep now resumes through "
@@ -415,8 +453,9 @@ def evaluate_counts(
             fast = ev._fast if single_units is not None else ev._fast_masks
             counts["pred"], counts["correct"] = fast(variables, acts["avgpool"], jnp.asarray(sets), labels_j, valid_j)
         elif sets is not None:
-            counts["pred"], counts["correct"] = ev._generic(variables, acts[layer], jnp.asarray(sets), labels_j,
-                                                            valid_j)
+            sweep = ev._features if features else ev._generic
+            counts["pred"], counts["correct"] = sweep(variables, acts[layer], jnp.asarray(sets), labels_j, valid_j,
+                                                      basis_params)
         if sets is not None:
             counts["pred"], counts["correct"] = counts["pred"][:num_sets], counts["correct"][:num_sets]
         state = ev._add(state, counts)
@@ -489,15 +528,16 @@ def _any_layer(module, variables, source, apply_kwargs) -> str:
 
 
 def ablate_units(module, variables, layer: str, units, data, *, batch_size: int = 32,
-                 num_items: int | None = None, **apply_kwargs) -> dict:
+                 num_items: int | None = None, basis=None, **apply_kwargs) -> dict:
     """Per-class counts and metrics with ``units`` of ``layer`` zeroed together (one custom set).
 
-    ``units``: unit indices or a bool mask. Returns the same keys as
+    ``units``: unit indices or a bool mask (of ``basis``'s features when given,
+    ``(Basis, params)``: see :func:`evaluate_counts`). Returns the same keys as
     :func:`perclass_accuracy`, plus ``baseline`` (the clean model's, from the
     same pass).
     """
     counts = evaluate_counts(module, variables, layer, data, masks=[units], batch_size=batch_size,
-                             num_items=num_items, apply_kwargs=apply_kwargs)
+                             num_items=num_items, apply_kwargs=apply_kwargs, basis=basis)
     result = {k: v[0] if isinstance(v, np.ndarray) and v.ndim == 2 else v
               for k, v in _with_metrics(counts, "sets").items()}
     result["baseline"] = _with_metrics(counts, "clean")
@@ -506,40 +546,45 @@ def ablate_units(module, variables, layer: str, units, data, *, batch_size: int 
 
 def ablation_sweep(module, variables, layer: str, unit_sets, data, *, batch_size: int = 32,
                    num_items: int | None = None, checkpoint: str | None = None, checkpoint_every: int = 20,
-                   progress: Callable[[int, int], None] | None = None, **apply_kwargs) -> tuple[dict, dict]:
+                   progress: Callable[[int, int], None] | None = None, basis=None,
+                   **apply_kwargs) -> tuple[dict, dict]:
     """Many ablations in one pass over ``data``: returns ``(baseline, sets)``.
 
-    ``unit_sets``: a list of unit-index lists / masks, or bool masks ``[E, U]``.
+    ``unit_sets``: a list of unit-index lists / masks, or bool masks ``[E, U]``
+    (of ``basis``'s features when given, see :func:`evaluate_counts`).
     ``sets`` holds counts and metrics ``[E, C]``; ``baseline`` those of the
     clean model ``[C]``.
     """
     counts = evaluate_counts(module, variables, layer, data, masks=unit_sets, batch_size=batch_size,
                              num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                             progress=progress, apply_kwargs=apply_kwargs)
+                             progress=progress, apply_kwargs=apply_kwargs, basis=basis)
     return _with_metrics(counts, "clean"), _with_metrics(counts, "sets")
 
 
 def single_unit_sweep(module, variables, layer: str, data, *, units=None, method: str = "auto",
                       batch_size: int = 32, num_items: int | None = None, checkpoint: str | None = None,
                       checkpoint_every: int = 20, progress: Callable[[int, int], None] | None = None,
-                      **apply_kwargs) -> tuple[dict, dict]:
+                      basis=None, **apply_kwargs) -> tuple[dict, dict]:
     """Ablate each unit of ``layer`` alone: returns ``(baseline, per_unit)``, metrics ``[len(units), C]``.
 
     ``units`` defaults to every unit. ``method``: ``'auto'`` (the rank-49 fc6
     update for VGG16 ``conv5_3``, else generic), ``'fast'`` or ``'generic'``.
+    ``basis``: ``(Basis, params)``: each of its features is ablated instead
+    (:func:`evaluate_counts`).
     """
     if units is None:
         x = np.zeros((1,) + np.asarray(as_source(data).get_batch([0])["image"]).shape[1:], np.float32)
         shape = layer_api.layer_shapes(module, variables, x, **apply_kwargs).get(layer)
         if shape is None or isinstance(shape, tuple):
             raise InterventionError(f"unknown layer {layer!r}; layers: {layer_api.layer_names(module, variables, x)}")
-        units = np.arange(shape.shape[-1])
+        channels = int(shape.shape[-1])
+        units = np.arange(channels if basis is None else basis[0].num_units(basis[1], channels))
     units = np.asarray(units)
     if units.size == 0:
         raise InterventionError("units is empty; give at least one unit (default: every unit of the layer)")
     counts = evaluate_counts(module, variables, layer, data, single_units=units, method=method, batch_size=batch_size,
                              num_items=num_items, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                             progress=progress, apply_kwargs=apply_kwargs)
+                             progress=progress, apply_kwargs=apply_kwargs, basis=basis)
     return _with_metrics(counts, "clean"), _with_metrics(counts, "sets")
 
 

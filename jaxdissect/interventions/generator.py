@@ -150,7 +150,8 @@ class AblationStats:
         return {**self.baseline.arrays("baseline_"), **self.ablated.arrays("ablated_"), **self.delta.arrays("delta_")}
 
 
-def _layer_shape(module, variables, layer: str, z_like) -> tuple[int, ...]:
+def _layer_shape(module, variables, layer: str, z_like, basis=None) -> tuple[int, ...]:
+    """The layer's NHWC shape; with ``basis`` (``(Basis, params)``), its last axis counts the basis's features."""
     shapes = layer_api.layer_shapes(module, variables, z_like)
     if layer not in shapes:
         raise InterventionError(
@@ -159,7 +160,26 @@ def _layer_shape(module, variables, layer: str, z_like) -> tuple[int, ...]:
     shape = shapes[layer].shape
     if len(shape) != 4:
         raise InterventionError(f"layer {layer!r} has output shape {shape}; interventions need an NHWC feature map")
-    return tuple(shape)
+    if basis is None:
+        return tuple(shape)
+    b, params = basis
+    try:
+        b.check(params, int(shape[-1]))
+    except ValueError as e:
+        raise InterventionError(f"layer {layer!r}: {e}") from None
+    return tuple(shape[:-1]) + (b.num_units(params, int(shape[-1])),)
+
+
+def _basis_args(basis):
+    """``(static basis or None, params as arrays)``: params travel to jit as arguments."""
+    if basis is None:
+        return None, {}
+    return basis[0], jax.tree.map(jnp.asarray, dict(basis[1]))
+
+
+def _edited(basis, params, edit, acts):
+    """``edit`` of the layer's units, or with a basis of its features (:class:`jaxdissect.layers.FeatureEdit`)."""
+    return edit(acts) if basis is None else layer_api.FeatureEdit(basis, params, edit)(acts)
 
 
 def _z_batches(z: np.ndarray, batch_size: int):
@@ -211,6 +231,7 @@ def ablation_segstats(
     batch_size: int = 25,
     chunk: int = 8,
     workdir: str | None = None,
+    basis=None,
 ) -> AblationStats:
     """Segmentation statistics of generated images with each set of ``layer``'s units zeroed.
 
@@ -218,14 +239,18 @@ def ablation_segstats(
     [-1, 1] to labels ``[N, K, S, S]``. The lower network runs once per batch;
     the unit sets are evaluated ``chunk`` at a time on the upper network only.
     With ``workdir`` the sweep checkpoints and resumes after an interruption.
+    ``basis``: ``(Basis, params)`` (:mod:`jaxdissect.bases`): the sets name
+    its features, each removed by :class:`jaxdissect.layers.FeatureEdit`
+    (decoded contribution subtracted, reconstruction error kept).
     """
-    shape = _layer_shape(module, variables, layer, jnp.asarray(np.asarray(z)[:1]))
+    shape = _layer_shape(module, variables, layer, jnp.asarray(np.asarray(z)[:1]), basis)
     masks = unit_masks(unit_sets, shape[-1])
-    device_step = _ablation_step(module, layer, segment, num_labels, chunk)
+    static, params = _basis_args(basis)
+    device_step = _ablation_step(module, layer, segment, num_labels, chunk, static)
     m = masks.shape[0]
 
     def step(state, batch):
-        base, ablated = jax.device_get(device_step(variables, jnp.asarray(batch), jnp.asarray(masks)))
+        base, ablated = jax.device_get(device_step(variables, jnp.asarray(batch), jnp.asarray(masks), params))
         state = dict(state)
         for prefix, values in (("baseline_", base), ("ablated_", ablated), ("delta_", ablated - base[None])):
             moments = _moments(state, prefix)
@@ -236,23 +261,27 @@ def ablation_segstats(
     state = {**_moments_state("baseline_", (num_labels,)), **_moments_state("ablated_", (m, num_labels)),
              **_moments_state("delta_", (m, num_labels))}
     config = {"experiment": "ablation", "layer": layer, "unit_sets": masks.astype(int).tolist(),
-              "num_samples": len(z), "batch_size": batch_size, "num_labels": num_labels}
+              "num_samples": len(z), "batch_size": batch_size, "num_labels": num_labels,
+              **({} if basis is None else {"basis": basis[0].identity(basis[1])})}
     state = _fold(step, state, z, batch_size, workdir, config, f"ablating {m} unit sets of {layer}")
     return AblationStats(_moments(state, "baseline_"), _moments(state, "ablated_"), _moments(state, "delta_"))
 
 
-def _ablation_step(module, layer, segment, num_labels, chunk):
+def _ablation_step(module, layer, segment, num_labels, chunk, basis=None):
     def counts(images):
         seg = segment(images)
         return label_counts(seg, num_labels).astype(jnp.float32) / (seg.shape[-1] * seg.shape[-2])
 
     @jax.jit
-    def step(variables, z, masks):
+    def step(variables, z, masks, params):
         images, acts = layer_api.capture(module, variables, z, [layer])
         acts = acts[layer]
 
         def ablated(mask):
-            edited = jnp.where(mask, jnp.zeros((), acts.dtype), acts)
+            if basis is None:
+                edited = jnp.where(mask, jnp.zeros((), acts.dtype), acts)
+            else:
+                edited = _edited(basis, params, layer_api.Ablate(mask), acts)
             out = layer_api.run_from(module, variables, layer, edited, z)
             return counts(out)
 
@@ -302,6 +331,7 @@ def insertion_context(
     batch_size: int = 20,
     chunk: int = 8,
     workdir: str | None = None,
+    basis=None,
 ) -> ContextStats:
     """Set ``units`` to ``values`` inside one cell of ``layer`` at each of ``cells`` (default: all).
 
@@ -309,8 +339,10 @@ def insertion_context(
     each label found at the cell's centre in the clean segmentation (spec
     3.4's context experiment; 20 'door' units at their 0.995 quantile in the
     paper). Locations are evaluated ``chunk`` at a time on the upper network.
+    ``basis``: ``(Basis, params)``: ``units`` are its features, whose codes
+    are set and the change decoded (:class:`jaxdissect.layers.FeatureEdit`).
     """
-    h, w, n_units = _layer_shape(module, variables, layer, jnp.asarray(np.asarray(z)[:1]))[1:]
+    h, w, n_units = _layer_shape(module, variables, layer, jnp.asarray(np.asarray(z)[:1]), basis)[1:]
     mask = unit_masks([units], n_units)[0]
     full_values = np.zeros(n_units, np.float32)
     full_values[np.asarray(units)] = np.broadcast_to(np.asarray(values, np.float32), (len(units),))
@@ -321,8 +353,9 @@ def insertion_context(
     regions = np.zeros((len(cells), h, w), np.float32)
     for i, (y, x) in enumerate(cells):
         regions[i, y, x] = 1
-    device_step = _insertion_step(module, layer, segment, num_labels, chunk, (h, w), np.asarray(cells))
-    args = (jnp.asarray(mask), jnp.asarray(full_values), jnp.asarray(regions))
+    static, params = _basis_args(basis)
+    device_step = _insertion_step(module, layer, segment, num_labels, chunk, (h, w), np.asarray(cells), static)
+    args = (jnp.asarray(mask), jnp.asarray(full_values), jnp.asarray(regions), params)
 
     def step(state, batch):
         base, delta, cond = jax.device_get(device_step(variables, jnp.asarray(batch), *args))
@@ -338,16 +371,17 @@ def insertion_context(
     state = {**_moments_state("baseline_", (num_labels,)), **_moments_state("delta_", (num_labels, num_labels))}
     config = {"experiment": "insertion", "layer": layer, "units": [int(u) for u in units],
               "values": full_values.tolist(), "cells": [list(c) for c in cells], "num_samples": len(z),
-              "batch_size": batch_size, "num_labels": num_labels}
+              "batch_size": batch_size, "num_labels": num_labels,
+              **({} if basis is None else {"basis": basis[0].identity(basis[1])})}
     state = _fold(step, state, z, batch_size, workdir, config, f"inserting at {len(cells)} cells of {layer}")
     return ContextStats(_moments(state, "delta_"), _moments(state, "baseline_"))
 
 
-def _insertion_step(module, layer, segment, num_labels, chunk, hw, cells):
+def _insertion_step(module, layer, segment, num_labels, chunk, hw, cells, basis=None):
     h, w = hw
 
     @jax.jit
-    def step(variables, z, mask, values, regions):
+    def step(variables, z, mask, values, regions, params):
         images, acts = layer_api.capture(module, variables, z, [layer])
         seg = segment(images)
         base = label_counts(seg, num_labels)
@@ -360,7 +394,7 @@ def _insertion_step(module, layer, segment, num_labels, chunk, hw, cells):
         cond = cond.at[..., 0].set(0)
 
         def inserted(region):
-            edited = layer_api.SetUnits(mask, values, region)(acts[layer])
+            edited = _edited(basis, params, layer_api.SetUnits(mask, values, region), acts[layer])
             out = layer_api.run_from(module, variables, layer, edited, z)
             return label_counts(segment(out), num_labels) - base
 

@@ -58,6 +58,7 @@ def classifier_ablation_experiment(
     train_items: int | None = None,
     method: str = "auto",
     progress: Callable[[str, int, int], None] | None = None,
+    basis=None,
     **apply_kwargs,
 ) -> dict:
     """The whole of spec 3.3, resumable: every piece is cached in ``work_dir`` and never recomputed.
@@ -73,6 +74,13 @@ def classifier_ablation_experiment(
 
     Writes ``summary.json``, ``results.npz`` and plots (``ice-all-classes.png``,
     ``ice-one-class.png``, ``ice-vs-iou.png``) to ``work_dir``; returns the summary.
+
+    ``basis``: ``(Basis, params)`` (:mod:`jaxdissect.bases`, e.g. a trained
+    SAE): the "units" are then the basis's features, each removed by
+    :class:`jaxdissect.layers.FeatureEdit` (its decoded contribution
+    subtracted, the reconstruction error kept; ``iou_path`` the report of the
+    basis's dissection). The cached pieces record the basis's identity: a
+    directory of another basis is refused.
     """
     os.makedirs(work_dir, exist_ok=True)
     val, train = as_source(val_data), as_source(train_data)
@@ -80,7 +88,7 @@ def classifier_ablation_experiment(
     plot_idx = class_index(class_names, plot_class) if plot_class else None
     full_idx = [class_index(class_names, name) for name in full_classes]
     sizes = sorted({int(n) for n in sizes})
-    common = dict(batch_size=batch_size, apply_kwargs=apply_kwargs)
+    common = dict(batch_size=batch_size, apply_kwargs=apply_kwargs, basis=basis)
 
     def piece(name: str, compute: Callable[[str], dict]) -> dict:
         path = os.path.join(work_dir, f"{name}.npz")
@@ -111,7 +119,8 @@ def classifier_ablation_experiment(
             f"unknown layer {layer!r}; {type(module).__name__} has: "
             + ", ".join(layer_api.layer_names(module, variables, x, **apply_kwargs))
         )
-    num_units = int(shape.shape[-1])
+    num_units = int(shape.shape[-1]) if basis is None else basis[0].num_units(basis[1], int(shape.shape[-1]))
+    _check_basis_record(work_dir, basis)
     bad = [n for n in sizes if not 0 < n < num_units]
     if bad:
         raise InterventionError(f"sizes {bad} out of range; n must be between 1 and {num_units - 1}")
@@ -160,6 +169,7 @@ def classifier_ablation_experiment(
     val_single_ba = perclass_metrics(set_counts(val_single))["balanced_accuracy"]
     summary = {
         "layer": layer,
+        **({} if basis is None else {"basis": basis[0].describe()}),
         "num_units": num_units,
         "num_classes": num_classes,
         "val_images": int(val_single["total"]),
@@ -205,6 +215,23 @@ def classifier_ablation_experiment(
         plot_idx = int(np.nanargmax(drops))
     plot_results(work_dir, arrays, class_names, plot_idx, labels)
     return summary
+
+
+def _check_basis_record(work_dir: str, basis) -> None:
+    """A basis's ablations keep its identity in ``basis.json`` beside the pieces; pieces of other units are refused."""
+    path = os.path.join(work_dir, "basis.json")
+    record = None if basis is None else json.loads(json.dumps(basis[0].identity(basis[1])))
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+    else:  # pieces without a record are of the layer's own units
+        stored = None if any(n.startswith("pra_") for n in os.listdir(work_dir)) else record
+    if stored != record:
+        held = "the features of another basis" if stored else "the layer's own units"
+        raise InterventionError(f"{work_dir} holds ablations of {held}; give another directory or delete it to "
+                                "recompute")
+    if record is not None and not os.path.exists(path):
+        fileio.write_json(path, record)
 
 
 def _safe(name: str) -> str:

@@ -16,7 +16,6 @@ first, then uses what it made) under the per-user cache directory
 * :func:`planted_adain`: AdaIN weights set by hand (no trained ones ship): its
   features are each 8x8 block's colour range, so AdaIN hands the content's
   layout the painting's colour statistics; it shows the pipeline, not brushwork;
-* :func:`compare_model_dirs`: the demo model and an untrained copy of it;
 * :func:`ablation_ranking`: the demo model's units ranked per class (the
   classifier ablation experiment), which the adversarial analysis needs;
 * :func:`toy_dissection` and :func:`toy_segmenter`: the planted toy generator's
@@ -57,33 +56,6 @@ def model_dir(cache_dir: str, log: Callable[[str], None] | None = print) -> str:
     if not os.path.exists(os.path.join(path, "model.json")):
         model(cache_dir, log)
     return path
-
-
-def compare_model_dirs(cache_dir: str, log: Callable[[str], None] | None = print) -> list[str]:
-    """``[demo model dir, untrained copy dir]``: the demo CNN and the same network at its initial weights.
-
-    The untrained copy (``train_synthetic.init_params``, the training's own
-    start, model name ``demo-untrained``) is the baseline of NetDissect's
-    comparisons: how many detectors training made. Built once in the cache.
-    """
-    from jaxdissect import fileio
-    from jaxdissect.checkpoint import load_metadata, save_model
-    from jaxdissect.pipelines import train_synthetic
-
-    path = model_dir(cache_dir, log)
-    meta = load_metadata(path)
-
-    def build(tmp: str) -> None:
-        settings = meta["settings"]
-        module, _ = train_synthetic.abstract_model(**settings)
-        size = settings["image_size"]
-        params = train_synthetic.init_params(module, (size, size, 3), settings["seed"])
-        keep = ("classes", "class_names", "preprocessing", "input", "settings")
-        save_model(tmp, module, {"params": params}, metadata={"model": "demo-untrained",
-                                                              **{k: meta[k] for k in keep if k in meta}})
-
-    untrained = fileio.build_once(f"{path}-untrained", build, what="the demo model's untrained copy", log=_quiet)
-    return [path, untrained]
 
 
 def scenes(n: int, size: int = 64):
@@ -280,6 +252,6 @@ def ablation_ranking(cache_dir: str, layer: str = LAYER, log: Callable[[str], No
                              what=f"the demo model's unit ranking of {layer}", log=log or _quiet)
 
 
-__all__ = ["CLASS", "COMPARE_DATA", "LAYER", "ablation_ranking", "compare_model_dirs", "model", "model_dir", "painting",
+__all__ = ["CLASS", "COMPARE_DATA", "LAYER", "ablation_ranking", "model", "model_dir", "painting",
            "painting_folder", "planted_adain", "restyled_folder", "scene_folder", "scenes", "toy_dissection",
            "toy_segmenter", "training_scenes"]

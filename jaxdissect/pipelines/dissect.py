@@ -70,7 +70,6 @@ from jaxdissect import config as config_lib
 from jaxdissect import fileio, parallel, streaming
 from jaxdissect.bases import Basis, Linear, Neurons
 from jaxdissect.config import DissectConfig, DissectError
-from jaxdissect.segmentation import cache as segcache
 from jaxdissect.data import loader
 from jaxdissect.driver import Driver, IoUScoring, Scoring, Strategy
 
@@ -182,8 +181,12 @@ def views_of(layers: Sequence[str], views: Mapping[str, tuple] | None) -> dict[s
 
     A view is ``(layer, basis, params)`` (``jaxdissect.bases``), or ``(layer,
     R)``: ``R`` a ``[C, C]`` rotation over the channels (a :class:`Linear`
-    basis), None for the layer's own units.
+    basis), None for the layer's own units, or a basis spec (``'sae:8'``,
+    :mod:`jaxdissect.bases.spec`; ``(layer, BasisSpec, None)`` until
+    :class:`Dissection` resolves it, training a learned basis from its data).
     """
+    from jaxdissect.bases.spec import BasisSpec, parse
+
     if views is None:
         if len(set(layers)) != len(layers):
             raise DissectError(f"layers listed twice: {list(layers)}")
@@ -195,11 +198,13 @@ def views_of(layers: Sequence[str], views: Mapping[str, tuple] | None) -> dict[s
     for v, spec in dict(views).items():
         if len(spec) == 3:
             layer, basis, params = spec
+        elif isinstance(spec[1], (str, BasisSpec)):
+            layer, basis, params = spec[0], parse(spec[1]) if isinstance(spec[1], str) else spec[1], None
         else:
             layer, matrix = spec
             basis, params = (Neurons(), {}) if matrix is None else (
                 Linear(label="rotation"), {"matrix": np.asarray(matrix, np.float32)})
-        out[str(v)] = (str(layer), basis, dict(params))
+        out[str(v)] = (str(layer), basis, None if params is None else dict(params))
     return out
 
 
@@ -386,23 +391,20 @@ class Dissection:
         probe = self.probe = data.get_batch([0])
         self.input_key, x0 = model_input(probe)
         self.generator = self.input_key == "z"
+        if config.bases is not None:
+            from jaxdissect.pipelines.bases import spec_views
+
+            if views is not None:
+                raise DissectError(f"give views or bases (basis={config.bases!r}), not both; a view can name its "
+                                   "basis by a spec: views={name: (layer, 'sae:8')}")
+            layers, views = [], spec_views(list(layers), config.bases)
         self.views = views_of(list(layers), views)
         if not self.views:
             raise DissectError("no layers to dissect")
         self.layers = list(self.views)
         layer_shapes, out = trace_shapes(module, variables, x0[:1])
         captured = _resolve_layers(module, layer_shapes, list(dict.fromkeys(lay for lay, _, _ in self.views.values())))
-        self.shapes = {}
         self.image_level = {v for v, (layer, _, _) in self.views.items() if len(layer_shapes[layer].shape) == 2}
-        for v, (layer, basis, params) in self.views.items():
-            c = int(captured[layer][-1])
-            if isinstance(basis, Linear) and basis.label == "rotation" and np.shape(params["matrix"]) != (c, c):
-                m = np.shape(params["matrix"])
-                raise DissectError(f"{v}: a {'x'.join(map(str, m))} rotation cannot act on layer {layer} "
-                                   f"with {c} channels; build it for {c} channels "
-                                   f"(jaxdissect.rotation.random_rotation_powers({c}, ...))")
-            basis.check(params, c)
-            self.shapes[v] = tuple(captured[layer][:-1]) + (basis.num_units(params, c),)
         if self.generator:
             if not (isinstance(out, jax.ShapeDtypeStruct) and len(out.shape) == 4 and out.shape[-1] == 3):
                 raise DissectError(f"a z data source needs a generator that outputs NHWC RGB images; "
@@ -413,8 +415,9 @@ class Dissection:
         self.image_size = tuple(int(s) for s in image_size)
         bs = config.batch_size or (10 if self.generator else 16)
         self.batch_size = -(-bs // self.devices) * self.devices
-        self.model_digest = {"class": f"{type(module).__module__}.{type(module).__name__}",
-                             "variables": segcache.variables_digest(variables)}
+        from jaxdissect.pipelines.bases import model_digest
+
+        self.model_digest = model_digest(module, variables)
         self.labeller = make_labeller(segmentation, data, probe, self.image_size, self.batch_size, self.mesh,
                                       generator=self.generator, model_digest=self.model_digest,
                                       cache_root=segmentation_cache, cache_mb=config.segmentation_cache_mb)
@@ -427,6 +430,21 @@ class Dissection:
                 "resolution= or use a segmentation of that size")
         self.num_batches = -(-self.num_images // self.batch_size)
         self.name = name or f"{type(module).__name__} {data.name} {self.labeller.name}"
+        learned = self.resolve_bases(captured, cache_dir)
+        self.shapes = {}
+        for v, (layer, basis, params) in self.views.items():
+            c = int(captured[layer][-1])
+            if isinstance(basis, Linear) and basis.label == "rotation" and np.shape(params["matrix"]) != (c, c):
+                m = np.shape(params["matrix"])
+                raise DissectError(f"{v}: a {'x'.join(map(str, m))} rotation cannot act on layer {layer} "
+                                   f"with {c} channels; build it for {c} channels "
+                                   f"(jaxdissect.rotation.random_rotation_powers({c}, ...))")
+            basis.check(params, c)
+            self.shapes[v] = tuple(captured[layer][:-1]) + (basis.num_units(params, c),)
+        if learned:
+            from jaxdissect.pipelines.bases import BasisReport
+
+            strategies = list(strategies) + [BasisReport(learned)]
         self.scoring, self.strategies = method_strategies(config, strategies, run=self)
         options = {}
         for s in self.strategies:
@@ -450,6 +468,37 @@ class Dissection:
         if extra:
             self.identity["strategies"] = extra
 
+    def resolve_bases(self, captured, cache_dir) -> dict:
+        """Views named by a basis spec get their basis (a learned one trained from this run's data or loaded
+        from ``<cache_dir>/bases``); returns ``{view: (spec text, basis, params, training info)}`` of the learned
+        ones."""
+        from jaxdissect.bases import BasisError
+        from jaxdissect.bases.spec import BasisSpec
+        from jaxdissect.pipelines import bases as bases_lib
+
+        pending = {v: (layer, spec) for v, (layer, spec, _) in self.views.items() if isinstance(spec, BasisSpec)}
+        if not pending:
+            return {}
+        c = self.config
+        source = bases_lib.Source(self.module, self.variables, self.data, self.num_images, self.batch_size,
+                                  self.input_key, self.model_digest, labeller=self.labeller,
+                                  generator=self.generator, mesh=self.mesh, memory_mb=c.activation_cache_mb)
+        learned = {}
+        for v, (layer, spec) in pending.items():
+            if spec.learned:
+                self.say(f"{v}: {spec.text} basis of {layer} (trained from this run's data once, then cached)")
+            try:
+                basis, params, info = bases_lib.resolve(
+                    spec, layer, int(captured[layer][-1]), source, cache_dir=cache_dir,
+                    sae_config=bases_lib.sae_settings(c), probe_config=bases_lib.probe_settings(c),
+                    unpermute=c.rotation_unpermute, progress=self.progress, log=self.say)
+            except BasisError as e:
+                raise DissectError(f"layer {layer}, basis {spec.text}: {e}") from None
+            self.views[v] = (layer, basis, params)
+            if info is not None:
+                learned[v] = (spec.text, basis, params, info)
+        return learned
+
     def say(self, message):
         if self.progress:
             logging.info("%s", message)
@@ -469,6 +518,20 @@ class Dissection:
         return out
 
     # -- the run -------------------------------------------------------------------------------------------
+    def execute(self, output_dir: str | None) -> dict:
+        """Dissect into ``output_dir`` with the reports, or with None in a temporary directory (nothing kept).
+
+        Afterwards ``found`` holds each strategy's per-view outputs (``{strategy name: {view: ...}}``) and
+        ``views`` every view's resolved ``(layer, basis, params)``.
+        """
+        if output_dir is not None:
+            return self.run(output_dir, write=True)
+        tmp = tempfile.mkdtemp(prefix="jaxdissect-")
+        try:
+            return self.run(tmp, write=False)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def run(self, output_dir: str, write: bool) -> dict:
         """Dissect into ``output_dir`` (``write``: the reports too; without them the directory is a temporary
         one, so the statistics are not saved for resuming)."""
@@ -516,6 +579,7 @@ class Dissection:
                         fileio.write_json(os.path.join(results_dir, f"{s.name}-{v}.json"), found[s.name][v])
                 fileio.write_json(os.path.join(results_dir, "run.json"), {"seconds": time.perf_counter() - t0})
                 wd.mark_done("results")
+        self.found = found
         skipped = self.num_images - int(results[self.layers[0]].images)
         if skipped:
             names = sorted(getattr(self.data, "bad_files", {}).values())
@@ -639,21 +703,22 @@ def dissect(module, variables, layers: str | Sequence[str], data, segmentation="
         None (the default): no disk cache. Results are identical either way.
       strategies: more method strategies (``jaxdissect.driver.Strategy``):
         add-ons after the config's, or a ``Scoring`` that replaces its scoring.
-      cache_dir: the per-user cache where a CLIP scorer's text embeddings of a
-        vocabulary are kept (``scorer=...``; None: ``jaxdissect.fileio.default_cache_dir()``).
+      cache_dir: the per-user cache (None: ``jaxdissect.fileio.default_cache_dir()``)
+        where a CLIP scorer's text embeddings of a vocabulary (``scorer=...``) and
+        learned bases (``basis='sae:8'``, ``probe:net2vec``, or a spec in
+        ``views``) are kept once computed, the latter under ``bases/``.
+
+    With ``basis`` (``dissect(..., basis='neurons;sae:8,k=32')``, see
+    :mod:`jaxdissect.pipelines.bases`), every layer is dissected in every
+    listed basis in one run: results keyed ``layer`` (one basis) or
+    ``layer@<spec>``.
     """
     config = config_lib.create(config, **overrides)
     layers = [layers] if isinstance(layers, str) else list(layers)
     run = Dissection(module, variables, layers, data, segmentation, config, views=views, mesh=mesh,
                      progress=progress, name=name, settings=settings, segmentation_cache=segmentation_cache,
                      strategies=strategies, cache_dir=cache_dir)
-    if output_dir is not None:
-        return run.run(output_dir, write=True)
-    tmp = tempfile.mkdtemp(prefix="jaxdissect-")
-    try:
-        return run.run(tmp, write=False)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run.execute(output_dir)
 
 
 def check_identity(wd, identity, primary=True):

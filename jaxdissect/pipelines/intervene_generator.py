@@ -3,6 +3,13 @@
 Given a generator, a layer, a segmenter and that layer's dissection (its
 ``iou`` per unit and label), this
 
+Any basis's features work as units (``basis=(Basis, params)``, the basis
+the layer was dissected in, e.g. a sparse autoencoder: see
+:func:`jaxdissect.pipelines.bases.dissected_view`): a feature is removed or
+inserted by :class:`jaxdissect.layers.FeatureEdit` (its decoded
+contribution changed, the reconstruction error kept, so editing nothing
+changes nothing). The experiment
+
 1. zeroes the top ``n`` units for the concept to remove (by IoU), for
    ``n = 1 .. remove_units``, and reports the share of the concept's pixels
    removed, with a 99% confidence band (2.58 standard errors), as JSON, npz, a
@@ -54,25 +61,29 @@ def load_dissection(dissection_dir: str, layer: str) -> dict:
 
 
 def unit_quantile(module, variables, layer: str, z: np.ndarray, level: float, resolution: int,
-                  batch_size: int = 25) -> np.ndarray:
+                  batch_size: int = 25, basis=None) -> np.ndarray:
     """Exact per-unit ``level`` quantile of ``layer``'s activations upsampled to ``resolution``.
 
     Two passes of the lower generator only (radix select, :mod:`jaxdissect.kernels.quantile`),
-    upsampled with the original's geometry, as dissection measures them.
+    upsampled with the original's geometry, as dissection measures them. With
+    ``basis`` (``(Basis, params)``), of its features' codes.
     """
     from jaxdissect.kernels import quantile as qk
     from jaxdissect.kernels import upsample as up
 
-    def acts(variables, batch):
+    feature, bp = (None, None) if basis is None else (basis[0], jax.tree.map(jnp.asarray, dict(basis[1])))
+
+    def acts(variables, bp, batch):
         _, captured = layer_api.capture(module, variables, batch, [layer])
-        a = up.upsample(captured[layer], (resolution, resolution))
+        a = captured[layer] if feature is None else feature.encode(bp, captured[layer])
+        a = up.upsample(a, (resolution, resolution))
         return a.reshape(-1, a.shape[-1])
 
     # The weights are arguments, not constants closed over: XLA would fold a real ProGAN's into the program.
-    high = jax.jit(lambda state, variables, batch, i: qk.high_update(state, acts(variables, batch), batch_id=i))
-    low = jax.jit(lambda state, variables, batch: qk.low_update(state, acts(variables, batch)))
+    high = jax.jit(lambda state, variables, batch, i: qk.high_update(state, acts(variables, bp, batch), batch_id=i))
+    low = jax.jit(lambda state, variables, batch: qk.low_update(state, acts(variables, bp, batch)))
     batches = [jnp.asarray(z[i:i + batch_size]) for i in range(0, len(z), batch_size)]
-    shape = jax.eval_shape(acts, variables, batches[0])
+    shape = jax.eval_shape(acts, variables, bp, batches[0])
     state = qk.high_init(shape.shape[-1])
     for i, b in enumerate(batches):
         state = high(state, variables, b, i)
@@ -123,14 +134,20 @@ def _plot(path: str, draw) -> None:
     save_figure(fig, path)
 
 
+def _edit(basis, edit):
+    """``edit`` of the layer's units, or of ``basis``'s features."""
+    return edit if basis is None else layer_api.FeatureEdit(basis[0], basis[1], edit)
+
+
 def removal_experiment(module, variables, layer, segment, label_names, iou, z, *, concept, max_units,
-                       batch_size, output_dir, grid_samples=8) -> dict:
+                       batch_size, output_dir, grid_samples=8, basis=None) -> dict:
     """Share of ``concept``'s pixels removed by zeroing its top n units, n = 1..max_units."""
     label = gi.find_label(label_names, concept)
     order = gi.top_units(iou, label_names, concept, max_units)
     sets = [order[:n] for n in range(1, max_units + 1)]
     stats = gi.ablation_segstats(module, variables, layer, sets, z, segment, len(label_names),
-                                 batch_size=batch_size, workdir=os.path.join(output_dir, "work", f"remove-{concept}"))
+                                 batch_size=batch_size, workdir=os.path.join(output_dir, "work", f"remove-{concept}"),
+                                 basis=basis)
     base = stats.baseline.mean[label]
     removed = stats.removed_fraction(label)
     sem = np.sqrt(stats.delta.variance[:, label] / stats.delta.count) / base
@@ -157,7 +174,7 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
     zs = jnp.asarray(z[:grid_samples])
     rows = []
     for n in shown:
-        edits = {layer: layer_api.Ablate(order[:n])} if n else {}
+        edits = {layer: _edit(basis, layer_api.Ablate(order[:n]))} if n else {}
         rows.append(zc_to_uint8(layer_api.run(module, variables, zs, edits=edits)))
     _save_png(os.path.join(output_dir, f"remove_{concept}_grid.png"), image_grid(rows))
     summary["grid_rows"] = shown
@@ -165,22 +182,22 @@ def removal_experiment(module, variables, layer, segment, label_names, iou, z, *
 
 
 def single_unit_experiment(module, variables, layer, segment, num_labels, num_units, z, *, batch_size,
-                           output_dir) -> None:
+                           output_dir, basis=None) -> None:
     """Segmentation statistics with each single unit zeroed (``single_units.npz``)."""
     stats = gi.ablation_segstats(module, variables, layer, [[u] for u in range(num_units)], z, segment,
                                  num_labels, batch_size=batch_size,
-                                 workdir=os.path.join(output_dir, "work", "single-units"))
+                                 workdir=os.path.join(output_dir, "work", "single-units"), basis=basis)
     fileio.savez(os.path.join(output_dir, "single_units.npz"), **stats.arrays())
 
 
 def insertion_experiment(module, variables, layer, segment, label_names, iou, z, *, concept, num_units,
-                         values, batch_size, output_dir, min_samples=1000, grid_samples=6) -> dict:
+                         values, batch_size, output_dir, min_samples=1000, grid_samples=6, basis=None) -> dict:
     """Added ``concept`` area when its units are switched on in one cell, by the label there before."""
     label = gi.find_label(label_names, concept)
     units = gi.top_units(iou, label_names, concept, num_units)
     stats = gi.insertion_context(module, variables, layer, units, values[units], z, segment,
                                  len(label_names), batch_size=batch_size,
-                                 workdir=os.path.join(output_dir, "work", f"insert-{concept}"))
+                                 workdir=os.path.join(output_dir, "work", f"insert-{concept}"), basis=basis)
     base = stats.baseline.mean[label]
     added = stats.added(label, min_samples=min_samples)
     rows = sorted(
@@ -209,7 +226,7 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
     for y, x in ((h // 2, w // 4), (h - 2, w // 2), (h // 4, 3 * w // 4)):
         region = np.zeros((h, w), np.float32)
         region[y, x] = 1
-        edit = layer_api.SetUnits(units, values[units], region)
+        edit = _edit(basis, layer_api.SetUnits(units, values[units], region))
         out = zc_to_uint8(layer_api.run(module, variables, zs, edits={layer: edit}))
         grid_rows.append(np.stack([_box(img, y * cell, x * cell, cell) for img in out]))
     _save_png(os.path.join(output_dir, f"insert_{concept}_grid.png"), image_grid(grid_rows))
@@ -219,8 +236,13 @@ def insertion_experiment(module, variables, layer, segment, label_names, iou, z,
 def run_experiment(module, variables, layer: str, segmenter, segmenter_variables, dissection: dict, z, *,
                    output_dir: str, remove: str | None = "tree", remove_units: int = 30,
                    insert: str | None = "door", insert_units: int = 20, insert_quantile: float = 0.995,
-                   single_units: bool = False, batch_size: int = 25, min_samples: int = 1000) -> dict:
-    """All steps, resumably; returns the summaries (also written as JSON in ``output_dir``)."""
+                   single_units: bool = False, batch_size: int = 25, min_samples: int = 1000,
+                   basis=None) -> dict:
+    """All steps, resumably; returns the summaries (also written as JSON in ``output_dir``).
+
+    ``basis``: ``(Basis, params)`` of the dissection's view (its units are the
+    basis's features); None: the layer's own units.
+    """
     os.makedirs(output_dir, exist_ok=True)
     label_names = list(segmenter.label_names)
     iou = np.asarray(dissection["iou"])
@@ -230,25 +252,31 @@ def run_experiment(module, variables, layer: str, segmenter, segmenter_variables
             "dissect with the same segmenter and setting"
         )
     z = np.asarray(z, np.float32)
+    if basis is not None:
+        channels = int(layer_api.layer_shapes(module, variables, jnp.asarray(z[:1]))[layer].shape[-1])
+        units = basis[0].num_units(basis[1], channels)
+        if iou.shape[0] != units:
+            raise ExperimentError(f"the dissection has {iou.shape[0]} units but the basis {basis[0].describe()} has "
+                                  f"{units} features on {layer}: give the dissection of {layer} in that basis")
     segment = gi.segmenter_fn(segmenter, segmenter_variables)
     summaries = {}
     if remove:
         logging.info("removing %r: top 1..%d units of %s", remove, remove_units, layer)
         summaries["remove"] = removal_experiment(
             module, variables, layer, segment, label_names, iou, z, concept=remove, max_units=remove_units,
-            batch_size=batch_size, output_dir=output_dir)
+            batch_size=batch_size, output_dir=output_dir, basis=basis)
     if single_units:
         logging.info("single-unit ablations of all %d units of %s", iou.shape[0], layer)
         single_unit_experiment(module, variables, layer, segment, len(label_names), iou.shape[0], z,
-                               batch_size=batch_size, output_dir=output_dir)
+                               batch_size=batch_size, output_dir=output_dir, basis=basis)
     if insert:
         images = jax.eval_shape(lambda v, x: module.apply(v, x), variables, jnp.asarray(z[:1]))
         resolution = images.shape[1] // 4
         logging.info("insert %r: %s quantile of %s at %dx%d", insert, insert_quantile, layer, resolution,
                      resolution)
-        values = unit_quantile(module, variables, layer, z, insert_quantile, resolution, batch_size)
+        values = unit_quantile(module, variables, layer, z, insert_quantile, resolution, batch_size, basis)
         summaries["insert"] = insertion_experiment(
             module, variables, layer, segment, label_names, iou, z, concept=insert, num_units=insert_units,
-            values=values, batch_size=batch_size, output_dir=output_dir, min_samples=min_samples)
+            values=values, batch_size=batch_size, output_dir=output_dir, min_samples=min_samples, basis=basis)
     fileio.write_json(os.path.join(output_dir, "summary.json"), summaries)
     return summaries

@@ -92,7 +92,8 @@ class Outputs:
             for s in self.strategies:
                 numbers.update(s.layer_numbers(v, r, shown))
             layers.append({"name": v, "dir": os.path.basename(self.layer_dir(v)), "units": shown,
-                           "svg": "concepts_99.svg", "summary": numbers})
+                           "svg": "concepts_99.svg", "summary": numbers,
+                           "figures": [f for s in self.strategies for f in s.layer_figures(v)]})
         settings = dict(settings)
         options = {}
         for s in self.strategies:

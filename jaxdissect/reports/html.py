@@ -184,7 +184,7 @@ _SCRIPT = r"""
 })();
 """
 
-_RESERVED = ("name", "dir", "units", "svg", "summary")
+_RESERVED = ("name", "dir", "units", "svg", "summary", "figures")
 # ``dissect(label_metrics=True)``: per-unit metrics against the label, as (key, column heading).
 METRIC_COLUMNS = tuple((f"m_{level}_{m}", f"{level} {title}") for level in ("pixel", "image")
                        for m, title in (("iou", "IoU"), ("f1", "F1"), ("auprc", "AUPRC"), ("pearson", "r"),
@@ -355,6 +355,9 @@ def render_run_report(run_name: str, layers: Sequence[Mapping], output_dir: str 
             svg = _url(ldir, str(layer["svg"]))
             links.append(f'<p><img class="bargraph" src="{esc(svg)}"{_doubled_size(output_dir, ldir, layer["svg"])} '
                          f'alt="concepts of {esc(name)}"></p>')
+        for file, caption in layer.get("figures") or ():
+            links.append(f'<figure><img class="figure" src="{esc(_url(ldir, str(file)))}" alt="{esc(str(caption))}">'
+                         f'<figcaption>{esc(str(caption))}</figcaption></figure>')
         report = posixpath.join(ldir, "report.json") if ldir else "report.json"
         if os.path.exists(os.path.join(output_dir, report)):
             links.append(f'<p><a href="{esc(_url(report))}">report.json</a></p>')
@@ -420,7 +423,8 @@ def write_run_report(output_dir: str, run_name: str, layers: Sequence[Mapping], 
     results directory relative to ``output_dir``), ``units`` (dicts with ``unit``,
     ``label``, ``cat``, ``iou`` and optionally ``image``, relative to ``dir``,
     default ``image/unit<u>.jpg``), optionally ``svg`` (the bar graph, relative
-    to ``dir``) and summary numbers, either as a ``summary`` dict or as further
+    to ``dir``), ``figures`` (``(file relative to dir, caption)`` pairs shown under it) and summary numbers,
+    either as a ``summary`` dict or as further
     scalar entries (e.g. ``interpretable=12``). A unit may carry
     ``interpretable`` (False: greyed out) and ``dead`` (True: never fires, no
     label shown), and ``formula``/``formula_iou`` and ``p_value``/``q_value``/

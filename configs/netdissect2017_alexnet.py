@@ -18,7 +18,7 @@ from jaxdissect.config import DissectConfig
 
 
 def get_config(arg=None):
-    base = DissectConfig(model="models/alexnet_places365", layers="conv", data="broden:datasets/broden1_227",
+    base = DissectConfig(model="models/alexnet_places365", layers="conv", data="broden:227",
                          segmenter="dataset", method="netdissect2017", quantile=0.005, miniou=0.04)
     if arg == "rotation":
         return base.replace(layers="conv5", rotation="1:1")

@@ -21,7 +21,7 @@ MODELS = {"vgg16": ("models/vgg16_places365", "conv"), "alexnet": ("models/alexn
 
 
 def get_config(arg=None):
-    base = DissectConfig(data="places:datasets/places/val", segmenter=SEGMENTER, quantile=0.01, miniou=0.04)
+    base = DissectConfig(data="places:val", segmenter=SEGMENTER, quantile=0.01, miniou=0.04)
     if arg == "tiny":
         return base.replace(data="synthetic:16", segmenter="dataset", batch_size=8, topk=5, thumbsize=16)
     model, layers = MODELS.get(arg or "vgg16", (None, None))

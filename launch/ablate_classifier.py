@@ -8,8 +8,8 @@ synthetic scenes, cached in ``--cache_dir``; nothing is downloaded): its
 
 For VGG16-Places365 at conv5_3, as in the paper::
 
-  python -m launch.ablate_classifier --model=models/vgg16_places365 --layer=conv5_3 \
-      --data=places:datasets/places/val --train_data=places:datasets/places/train \
+  python -m launch.ablate_classifier --model=vgg16_places365 --layer=conv5_3 \
+      --data=places:val --train_data=places:train \
       --class_order=sorted_folders \
       --iou=results/vgg16-places-netpqc-conv5_3-10/conv5_3/report.json \
       --output_dir=results/vgg16-places-conv5_3-ablation

@@ -11,8 +11,8 @@ For VGG16-Places365 at conv5_3 with the paper's five target classes, after the
 classifier ablation experiment (``python -m launch.ablate_classifier``) has
 ranked the units::
 
-  python -m launch.adversarial --model=models/vgg16_places365 --layer=conv5_3 \
-      --data=places:datasets/places/val --ablation=results/vgg16-places-conv5_3-ablation \
+  python -m launch.adversarial --model=vgg16_places365 --layer=conv5_3 \
+      --data=places:val --ablation=results/vgg16-places-conv5_3-ablation \
       --output_dir=results/vgg16-adversarial
 
 Per target class the first ``--num_images`` images whose label and prediction
@@ -86,7 +86,7 @@ def define_flags() -> None:
                              "the demo CNN.")
     flags.DEFINE_string("layer", None, f"Layer whose units are measured, as ranked by --ablation (default conv5_3; "
                         f"demo {DEMO['layer']}).")
-    common.define_data_flag(f"Labelled images: {common.DATA_HELP}, e.g. places:datasets/places/val (demo: "
+    common.define_data_flag(f"Labelled images: {common.DATA_HELP}, e.g. places:val (demo: "
                             f"{DEMO['data']}).")
     flags.DEFINE_string("ablation", None, "Output directory of python -m launch.ablate_classifier for this layer "
                         "(demo: the demo model's ranking, made once in --cache_dir).")

@@ -1,7 +1,7 @@
 r"""Smoke-check a converted model: load it, run a small sample, print what every named layer produced.
 
-    python -m launch.check_model --model=models/vgg16_places365 [--image=a.jpg --image=b.jpg]
-    python -m launch.check_model --model=models/proggan_church --num_samples=8 --output=grid.png
+    python -m launch.check_model --model=vgg16_places365 [--image=a.jpg --image=b.jpg]
+    python -m launch.check_model --model=proggan_church --num_samples=8 --output=grid.png
 
 With no ``--model`` it checks the embedded demo CNN (trained once on synthetic
 scenes, cached in ``--cache_dir``; nothing is downloaded)::

@@ -3,7 +3,7 @@ r"""Compare networks, training snapshots, layers, rotations or bases in one diss
 With no flags, a first look on the embedded demo: the small CNN trained once on
 synthetic scenes (kept in ``--cache_dir``; nothing is downloaded), its
 ``conv4`` in five bases (neurons, a random rotation, TopK sparse autoencoders
-of 2x and 8x the channels, Net2Vec concept probes), each also on the same
+of 2x and 4x the channels with k=8, Net2Vec concept probes), each also on the same
 network at random initialisation (CVPR 2017's control), on 256 synthetic
 scenes with their own labels: unique detectors, significant labels, mean IoU
 of labelled units, SAE reconstruction error and dead features, and the
@@ -14,8 +14,7 @@ accuracy lost per ablated unit, in ``compare.csv`` and ``bases.svg``::
 The same for any model and layer (learned bases are trained from the same data
 once, kept in ``--cache_dir``; see ``docs/bases.md``)::
 
-  python -m launch.compare --models=models/vgg16_places365 --layers=conv5_3 \
-      --data=places:datasets/places/val --segmenter=upp=models/upp,color=models/color,setting=netpqc \
+  python -m launch.compare --models=vgg16_places365 --layers=conv5_3 --data=places --segmenter=netpqc \
       --bases="neurons;rotation:1;sae:4;sae:8;probe:net2vec" --control=random_init
 
 The planted model (16 concepts along the directions of a random rotation of its
@@ -26,16 +25,16 @@ the probes recover the planted concepts::
 
 Networks on Broden with the 2017 method (one pass over the data for all)::
 
-  python -m launch.compare --models=models/alexnet_places365,models/resnet152_places365 \
-      --layers="conv5;7" --data=broden:datasets/broden1_224 --output_dir=results/compare-networks
+  python -m launch.compare --models=alexnet_places365,resnet152_places365 \
+      --layers="conv5;7" --data=broden:224 --output_dir=results/compare-networks
 
 Training snapshots (``--iterations``) over several layers, and the rotation
 curve (``--rotations``, NetDissect's random rotation ``Q^alpha``, seed 1)::
 
   python -m launch.compare --models=snap/it1000,snap/it10000,snap/it100000 --iterations=1000,10000,100000 \
-      --layers=conv3,conv4,conv5 --data=broden:datasets/broden1_227
-  python -m launch.compare --models=models/alexnet_places365 --layers=conv5 \
-      --rotations=0,0.2,0.4,0.6,0.8,1 --data=broden:datasets/broden1_227
+      --layers=conv3,conv4,conv5 --data=broden:227
+  python -m launch.compare --models=alexnet_places365 --layers=conv5 \
+      --rotations=0,0.2,0.4,0.6,0.8,1 --data=broden:227
 
 ``--rotations=A,B`` is ``--bases=rotation:A:S;rotation:B:S`` (S =
 ``--rotation_seed``), with the same views and figures as ever.
@@ -164,7 +163,7 @@ def build(config: dict) -> dict:
         raise LaunchError(f"--layers gives {len(groups)} ';'-separated layer lists for {len(dirs)} models; give "
                           "one list for all models or one per model")
     if not config.get("data"):
-        raise LaunchError("--data is required, e.g. --data=broden:datasets/broden1_224")
+        raise LaunchError("--data is required, e.g. --data=broden:224")
     loaded, pipelines = [], []
     for d in dirs:
         d = common.model_dir(d, flag="models")
@@ -192,7 +191,7 @@ def build(config: dict) -> dict:
                                            else None)
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "
-                          "--segmenter=upp=models/upp,color=models/color,setting=netpqc")
+                          "--segmenter=netpqc")
     segmentation, seg_name = make_segmentation(seg_spec)
     probe = data.get_batch([0])["image"][:1]
     members = []
@@ -278,7 +277,8 @@ def define_flags() -> None:
     from jaxdissect.config import DissectConfig
     from jaxdissect.pipelines.compare import DEFAULTS
 
-    flags.DEFINE_string("models", None, "Comma list of converted model directories (networks or snapshots); "
+    flags.DEFINE_string("models", None, "Comma list of models: registry names or converted model directories "
+                        "(networks or snapshots); "
                         "absent: the demo CNN (--demo).")
     flags.DEFINE_string("names", None, "Comma list of display names, one per model (default: model.json's).")
     flags.DEFINE_string("iterations", None, "Comma list of training iterations, one per model (snapshots).")

@@ -3,14 +3,14 @@ r"""Dissect a model: label every unit of the chosen layers with the concept it d
 VGG16-Places365 (converted with ``converters.vgg16_places365``) on the Places365
 validation folder, all conv layers, UPP + colour segmenter (spec 3.1, 3.2)::
 
-  python -m launch.dissect --model=models/vgg16_places365 --layers=conv \
-      --data=places:datasets/places/val \
-      --segmenter=upp=models/upp,color=models/color,setting=netpqc
+  python -m launch.dissect --model=vgg16_places365 --layers=conv \
+      --data=places:val \
+      --segmenter=netpqc
 
 A Progressive GAN (default data: the original's 10,000 z vectors, seed 1)::
 
-  python -m launch.dissect --model=models/proggan_church --layers=layer1..layer14 \
-      --segmenter=upp=models/upp,color=models/color
+  python -m launch.dissect --model=proggan_church --layers=layer1..layer14 \
+      --segmenter=netpqc
 
 With no ``--model`` a small CNN trained on synthetic scenes (cached in the
 per-user ``--cache_dir``, default ``~/.cache/jaxdissect``) is dissected against
@@ -24,8 +24,8 @@ unique detectors both ways), optionally on a randomly rotated basis
 ``Q^alpha`` of NetDissect's random rotation over each layer's channels, before
 the thresholds)::
 
-  python -m launch.dissect --model=models/alexnet_places365 --layers=conv5 \
-      --data=broden:datasets/broden1_227 --method=netdissect2017 --rotation=1:1
+  python -m launch.dissect --model=alexnet_places365 --layers=conv5 \
+      --data=broden:227 --method=netdissect2017 --rotation=1:1
 
 Bases beyond the neurons (``--basis``, ``;``-separated, all in one pass over
 the data): a TopK sparse autoencoder (``sae:EXPANSION[,k=K]``) and Net2Vec
@@ -242,7 +242,7 @@ def build(options) -> dict:
         model_name = metadata.get("model") or os.path.basename(os.path.normpath(model_dir))
         data_spec = config.data or ("z:10000" if kind == "generator" else None)
         if data_spec is None:
-            raise LaunchError("--data is required for a classifier, e.g. --data=places:datasets/places/val")
+            raise LaunchError("--data is required for a classifier, e.g. --data=places:val")
         preprocessing = common.data_preprocessing(metadata, model_dir, data_spec) if kind == "classifier" else None
     seg_spec = config.segmenter or ("dataset" if data_spec.startswith(("broden", "synthetic")) else
                                     NO_SEGMENTER if config.scorer else None)
@@ -250,7 +250,7 @@ def build(options) -> dict:
     geometry, receptive_field = _geometry(config.geometry, metadata, model_dir)
     if seg_spec is None:
         raise LaunchError("--segmenter is required for this data, e.g. "
-                          "--segmenter=upp=models/upp,color=models/color,setting=netpqc (or --segmenter=none "
+                          "--segmenter=netpqc (or --segmenter=none "
                           "with --scorer)")
     probe = data.get_batch([0])
     shapes, _ = trace_shapes(module, variables, probe["z" if "z" in probe else "image"][:1])

@@ -2,8 +2,8 @@ r"""Edit a photo with a GAN prior: paint or erase dissected concepts (GANPaint o
 
 A church ProGAN with its inversion encoder, after dissecting layer4 at quantile 0.01::
 
-  python -m launch.edit_photo --image=photo.jpg --model=models/proggan_church \
-      --encoder=models/church_encoder --perceptual=models/vgg16 \
+  python -m launch.edit_photo --image=photo.jpg --model=proggan_church \
+      --encoder=church --perceptual=vgg16_imagenet \
       --dissection=results/progan-church-netpqc-layer4-10 \
       --paint=tree:20,120,100,230 --erase=door:mask.png --output_dir=results/edit
 

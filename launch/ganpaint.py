@@ -8,7 +8,7 @@ downloaded)::
 
 then open http://127.0.0.1:8080/. A converted ProGAN and its dissection::
 
-  python -m launch.ganpaint --model=models/proggan_church \
+  python -m launch.ganpaint --model=proggan_church \
       --dissection=results/progan-church-netpqc --layer=layer4 --port=8080
 
 The server binds 127.0.0.1; ``--host=0.0.0.0`` must be given to listen beyond

@@ -10,11 +10,11 @@ downloaded); red is removed and green inserted, on 200 samples::
 Dissect the layer first, with the same segmenter, then run, e.g. for the
 paper's church ProGAN at layer4 (trees removed, doors inserted)::
 
-  python -m launch.dissect --model=models/proggan_church --layers=layer4 \
-      --segmenter=upp=models/upp,color=models/color,setting=netpqc \
+  python -m launch.dissect --model=proggan_church --layers=layer4 \
+      --segmenter=netpqc \
       --output_dir=results/progan-church-netpqc-layer4-10
-  python -m launch.intervene_generator --model=models/proggan_church --layer=layer4 \
-      --segmenter=upp=models/upp,color=models/color,setting=netpqc \
+  python -m launch.intervene_generator --model=proggan_church --layer=layer4 \
+      --segmenter=netpqc \
       --dissection=results/progan-church-netpqc-layer4-10 \
       --output_dir=results/progan-church-layer4-interventions
 

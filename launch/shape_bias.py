@@ -10,7 +10,7 @@ is downloaded), at the demo model's 64-pixel input size::
 With Stylized Places made by ``python -m launch.stylize`` and (optionally) the
 dissection of the same layers for the IoU >= 0.04 filter of the graphs::
 
-  python -m launch.shape_bias --model=models/vgg16_places365 --layers=conv \
+  python -m launch.shape_bias --model=vgg16_places365 --layers=conv \
       --original=datasets/places/val --stylized=datasets/stylized-places/val \
       --dissection=results/vgg16-places-netpqc-10 --output_dir=results/vgg16-shape-bias
 

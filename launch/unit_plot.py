@@ -11,8 +11,8 @@ A classifier unit, its pre-ReLU peak per image split by chosen classes, with
 the balanced accuracy of the best single threshold (without ``--unit``: the
 layer's unit that separates the classes best)::
 
-  python -m launch.unit_plot --model=models/vgg16_places365 --layer=conv5_3 --unit=11 \
-      --data=places:datasets/places/val --classes=ski_resort,ski_slope --output_dir=results/unit-conv5_3-11
+  python -m launch.unit_plot --model=vgg16_places365 --layer=conv5_3 --unit=11 \
+      --data=places:val --classes=ski_resort,ski_slope --output_dir=results/unit-conv5_3-11
 
 The data's class labels are matched to the model's classes by name (``classes``
 in its model.json); a model without names needs ``--class_order=sorted_folders``
@@ -22,8 +22,8 @@ one of the model's is an error.
 A generator unit, its peak for images with more than ``--fraction`` of a
 concept's pixels vs the rest::
 
-  python -m launch.unit_plot --model=models/proggan_church --layer=layer4 --unit=65 --data=z:1000 \
-      --segmenter=upp=models/upp,color=models/color --concept=tree --output_dir=results/unit-layer4-65
+  python -m launch.unit_plot --model=proggan_church --layer=layer4 --unit=65 --data=z:1000 \
+      --segmenter=netpqc --concept=tree --output_dir=results/unit-layer4-65
 
 Writes ``unit_plot.png``, ``unit_plot.json`` and ``unit_plot.npz``; the pass
 over the data resumes when interrupted.

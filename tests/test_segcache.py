@@ -406,10 +406,10 @@ def test_compare_passes_the_cache_to_dissect(models, monkeypatch):
         pass
 
     def fake(*args, **kw):
-        seen.update(kw)
+        seen.update(kw, config=args[5])
         raise Stop
 
-    monkeypatch.setattr(pipeline, "dissect", fake)
+    monkeypatch.setattr(pipeline, "Dissection", fake)
     module, variables, _ = models["planted"]
     with pytest.raises(Stop):
         compare([Member("a", module, variables, ["det"])], PlantedScenes(8), SEG, segmentation_cache="/somewhere",

@@ -230,8 +230,7 @@ def test_merge_sharded_over_two_devices(tmp_path):
     code = f"""
         import json, jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from helpers import reference_quad
-from jaxdissect.segmentation import labels as L
+        from jaxdissect.segmentation import labels as L
         table = L.upp_labels(json.loads({json.dumps(UPP_JSON)!r}))
         mesh = Mesh(np.array(jax.devices()), ("data",))
         s = {{k: jax.device_put(v, NamedSharding(mesh, P("data")))

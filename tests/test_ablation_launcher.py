@@ -7,6 +7,7 @@ from launch import ablate_classifier as launcher
 from launch.common import LaunchError
 
 
+@pytest.mark.slow
 def test_demo_model_ablation_accuracy_equals_its_training_evaluation(tmp_path):
     from PIL import Image
 

@@ -253,6 +253,7 @@ def test_trained_once_per_identity_and_settings_in_the_cache(tmp_path):
     assert resolved[2]["path"] == info["path"] and resolved[2]["spec"] == "sae:2,k=3"
 
 
+@pytest.mark.slow
 def test_activation_batches_stream_a_layer_from_any_start():
     from jaxdissect.data.synthetic import SyntheticScenes
     from jaxdissect.layers import capture

@@ -74,6 +74,7 @@ def planted_run(tmp_path_factory):
     return module, variables, data, out, cache, results
 
 
+@pytest.mark.slow
 def test_every_basis_is_a_view_of_one_run(planted_run):
     module, variables, data, out, _, results = planted_run
     assert list(results) == ["mixed", "mixed@rotation:1:1", "mixed@sae:2,k=2", "mixed@probe:net2vec"]
@@ -303,6 +304,7 @@ def _member(n=None):
     return C.Member("planted", module, variables, ["mixed"])
 
 
+@pytest.mark.slow
 def test_rotations_are_rotation_bases(tmp_path):
     data = planted.PlantedScenes(32)
     old = C.compare([_member()], data, rotations=[0.0, 1.0], quantile=0.1, batch_size=16, topk=3, progress=False)

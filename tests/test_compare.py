@@ -29,6 +29,7 @@ def _params(seed):
                                 "bias": (0.1 * rng.standard_normal(6)).astype(np.float32)}}}
 
 
+@pytest.mark.slow
 def test_members_and_rotations_share_one_run(folder, tmp_path):
     data = broden.BrodenSource(folder)
     members = [C.Member(name=f"snap{i}", module=Tiny(), variables=_params(i), layers=["proj"], iteration=it)
@@ -77,6 +78,7 @@ def test_bad_member_lists(folder):
         C.compare([C.Member("a", Tiny(), _params(0), ["proj"])], data, rotations=[-1], progress=False)
 
 
+@pytest.mark.slow
 def test_launcher(folder, tmp_path):
     from jaxdissect.checkpoint import save_model
     from jaxdissect.models.small_cnn import SmallCNN

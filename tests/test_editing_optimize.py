@@ -71,6 +71,7 @@ def test_initial_loss_is_pixel_plus_perceptual_l1(toy):
         invert(module, variables, target, steps=1)
 
 
+@pytest.mark.slow
 def test_adaptation_fits_a_colour_shift_outside_the_mask(toy):
     module, variables = toy
     z = T.sample_z(1, seed=31)

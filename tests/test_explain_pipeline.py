@@ -147,6 +147,7 @@ def test_html_escapes_formula_text(tmp_path):
         assert '<td class="formula">(&lt;b&gt;x&lt;/b&gt; OR y)</td>' in dom
 
 
+@pytest.mark.slow
 def test_launcher_formulas_and_significance(tmp_path):
     """``launch.dissect --formulas=2 --significance`` on a random-weight CNN and the synthetic scenes' labels."""
     from jaxdissect.checkpoint import save_model

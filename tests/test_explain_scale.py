@@ -119,6 +119,7 @@ def test_collector_files_and_missing_batches(tmp_path):
     assert np.array_equal(concepts.to_dense().reshape(5, 2, 16)[2], (seg[valid, 0] == 2).reshape(2, 16))
 
 
+@pytest.mark.slow
 def test_killed_pass3_resumes_with_identical_results(tmp_path, monkeypatch):
     """Pass 3 stopped by an exception after 4 of 5 batches (checkpoint after 2), rerun: the same report."""
     kw = {"formulas": 3, "significance": True, "permutations": 50, "checkpoint_every": 2}

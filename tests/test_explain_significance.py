@@ -66,6 +66,7 @@ def test_mask_significance_of_a_formula_mask():
     assert res["p_value"][1] > 0.01
 
 
+@pytest.mark.slow
 def test_bootstrap_interval_covers_the_planted_iou_at_its_nominal_rate():
     rng = np.random.default_rng(5)
     reps, images = 300, 500                     # 300 independent datasets of 500 images

@@ -152,6 +152,7 @@ def test_main_prints_clear_error(tmp_path):
     assert "error: --model=" in err and "no such directory" in err
 
 
+@pytest.mark.slow
 def test_broden_data_with_image_level_labels(model_dir, tmp_path):
     """--data=broden:<dir> (labels from the dataset, incl. image-level scene/texture labels) end to end."""
     root = str(tmp_path / "broden")

@@ -32,6 +32,7 @@ def env():
     return dict(os.environ, JAX_PLATFORMS="cpu", JAXDISSECT_PROGRESS="0", PYTHONPATH=ROOT)
 
 
+@pytest.mark.slow
 def test_default_serves_on_localhost(tmp_path_factory):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "launch.ganpaint", f"--port={port}",

@@ -51,6 +51,7 @@ def one_line_error(code, err, expected):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_labels_scorer_beside_iou_labels_on_the_demo(user):
     code, out, err = cli("dissect", "--scorer=labels", "--layers=conv4,fc", "--data=synthetic:32",
                          "--similarity_top_k=8", "--topk=5", "--thumbsize=16", "--batch_size=16",

@@ -306,6 +306,7 @@ def converted(torch_model, converter):
     return converter.convert_state_dict(state)
 
 
+@pytest.mark.slow
 def test_ablation_matches_pytorch_vgg16_conv5_3():
     pytest.importorskip("torch")
     import jaxdissect.convert.vgg16_places365 as vgg_converter

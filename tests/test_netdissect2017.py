@@ -154,6 +154,7 @@ def test_broden_folder_errors(folder, tmp_path):
             broden.BrodenSource(bad)
 
 
+@pytest.mark.slow
 def test_launcher_method_and_rotation(folder, tmp_path, monkeypatch):
     """launch.dissect --method=netdissect2017 --rotation=1:2 on the planted folder, in-process."""
     monkeypatch.chdir(tmp_path)  # the default output directory is relative

@@ -250,6 +250,7 @@ class Dense(nn.Module):
         return nn.Dense(5, name="fc")(x.mean((1, 2)) * 4.0)
 
 
+@pytest.mark.slow
 def test_clip_scorer_without_labels_on_a_dense_layer(tiny_clip, tmp_path):
     torch, model, clip_dir = tiny_clip
     from jaxdissect.models.clip import clip_preprocess

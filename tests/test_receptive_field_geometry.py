@@ -44,6 +44,7 @@ def setup():
     return module, variables
 
 
+@pytest.mark.slow
 def test_thresholds_and_iou_match_numpy(setup):
     module, variables = setup
     got = dissect(module, variables, ["det"], PlantedScenes(N), "dataset", quantile=Q, topk=4, batch_size=8,
@@ -166,6 +167,7 @@ def test_launcher_takes_the_grid_from_model_json():
     assert _geometry(None, alexnet, "alexnet")[0] == "receptive_field"  # what converters.alexnet_places365 writes
 
 
+@pytest.mark.slow
 def test_launcher_dissects_with_the_recorded_grid(tmp_path):
     """A model whose model.json records ``upsample`` is dissected with it by default, end to end."""
     from jaxdissect.checkpoint import save_model

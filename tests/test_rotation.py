@@ -123,6 +123,7 @@ def _unique(results, name, miniou):
     return len({int(lab) for lab, s in zip(r.label, r.label_iou) if s > miniou})
 
 
+@pytest.mark.slow
 def test_rotation_curve_on_planted_detectors():
     module, data = Planted(), PlantedConcepts()
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]

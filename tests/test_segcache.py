@@ -367,6 +367,7 @@ def test_cache_lookup_store_and_chunks(tmp_path):
     assert segcache.label_dtype(256) == np.uint8 and segcache.label_dtype(257) == np.uint16
 
 
+@pytest.mark.slow
 def test_launcher_uses_the_per_user_cache(counter, tmp_path, monkeypatch, caplog):
     """``launch.dissect``: a second run (other layers) on the same data reads the labels; 0 MiB turns it off."""
     from helpers import numpy_init

@@ -48,6 +48,7 @@ def test_broden_names_cleaned():
         "wine cellar-bottle storage", "red", "bird", "nuclear power plant-outdoor", "flecked", "paper towel"]
 
 
+@pytest.mark.slow
 def test_text_embeddings_cached_per_model_and_vocabulary(tmp_path):
     merges = [("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
     tok = ClipTokenizer(merges, context_length=12)

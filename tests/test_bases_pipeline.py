@@ -94,6 +94,7 @@ def test_every_basis_is_a_view_of_one_run(planted_run):
     np.testing.assert_array_equal(results["mixed@sae:2,k=2"].iou, explicit.iou)
 
 
+@pytest.mark.slow
 def test_learned_bases_recover_the_planted_concepts(planted_run):
     _, _, _, out, _, results = planted_run
     _, params, info = bases_lib.load_view_basis(os.path.join(out, "mixed@sae:2,k=2"))
@@ -117,6 +118,7 @@ def test_learned_bases_recover_the_planted_concepts(planted_run):
     assert ((m * Q.T).sum(1) > 0.9).all()
 
 
+@pytest.mark.slow
 def test_report_shows_the_training_and_keeps_the_basis(planted_run):
     _, _, _, out, _, _ = planted_run
     page = read(os.path.join(out, "index.html"))
@@ -129,6 +131,7 @@ def test_report_shows_the_training_and_keeps_the_basis(planted_run):
     assert bases_lib.load_view_basis(os.path.join(out, "mixed@rotation:1:1")) is None
 
 
+@pytest.mark.slow
 def test_learned_bases_are_cached_and_the_run_resumes(planted_run, tmp_path, monkeypatch):
     module, variables, data, out, cache, results = planted_run
     assert sorted(n.split("-")[0] for n in os.listdir(os.path.join(cache, "bases")) if not n.endswith(".lock")) == \

@@ -311,6 +311,7 @@ def test_bad_arguments_are_reported(toy):
 # ---- launcher ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_launcher_on_a_places_folder(tmp_path, capsys):
     from PIL import Image
 

@@ -78,6 +78,7 @@ def test_thresholds_and_iou_match_numpy(setup):
     assert got.config["receptive_field"] == {"convolutions": [list(c) for c in CONVS], "image_size": SIZE}
 
 
+@pytest.mark.slow
 def test_strips_highlight_the_receptive_field_region(setup, tmp_path, monkeypatch):
     from jaxdissect.reports import strips
 

@@ -146,6 +146,7 @@ def test_segment_matches_reference(models, images):
     assert len(names) == len(cats) == upp_len + 9
 
 
+@pytest.mark.slow
 def test_errors(models, images):
     with pytest.raises(SegmenterError, match="needs the colour segmenter: pass color_dir"):
         load_segmenter(models["upp_dir"], None, "netpqc")
@@ -172,6 +173,7 @@ def test_errors(models, images):
             segment(segmenter, variables, bad)
 
 
+@pytest.mark.slow
 def test_segmenters_converted_before_the_move_still_load(models, tmp_path):
     """Segmenters converted while they lived in ``jaxdissect.segmenters`` record those class paths in model.json."""
     import shutil
@@ -194,6 +196,7 @@ def test_segmenters_converted_before_the_move_still_load(models, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(now_variables)))
 
 
+@pytest.mark.slow
 def test_segmentation_size_is_floor_of_image_size(models):
     """As the original: a 227-pixel AlexNet crop is segmented at 227 // 4 = 56."""
     segmenter, variables = load_segmenter(models["upp_dir"], models["color_dir"], "netpqc")

@@ -75,6 +75,7 @@ def test_logits_and_every_conv_layer_match_pytorch(models, images, reference):
     assert set(acts) >= set(jaxdissect.models.VGG16.layers)
 
 
+@pytest.mark.slow
 def test_intercepting_a_named_layer_ablates_units_like_pytorch(models, images, reference):
     torch_model, module, variables, _, _ = models
     units = [0, 5, 77, 300, 511]
@@ -92,6 +93,7 @@ def test_intercepting_a_named_layer_ablates_units_like_pytorch(models, images, r
     assert rel_err(ref_out, reference[0]) > 1e-3  # the ablation matters, so the check can fail
 
 
+@pytest.mark.slow
 def test_other_input_sizes_use_adaptive_average_pool(models):
     torch_model, module, variables, _, _ = models
     x = np.random.RandomState(1).standard_normal((1, 64, 96, 3)).astype(np.float32)
@@ -102,6 +104,7 @@ def test_other_input_sizes_use_adaptive_average_pool(models):
     assert rel_err(acts["fc6"], ref["fc6"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close(models, images, reference):
     _, module, variables, _, _ = models
     out = jax.jit(module.clone(dtype=jnp.bfloat16).apply)(variables, images)
@@ -109,6 +112,7 @@ def test_bfloat16_compute_is_close(models, images, reference):
     assert rel_err(np.asarray(out, np.float32), reference[0]) < 0.1
 
 
+@pytest.mark.slow
 def test_check_model_on_image_files(models, tmp_path):
     from launch.check_model import check
 
@@ -127,6 +131,7 @@ def test_check_model_on_image_files(models, tmp_path):
     assert f"sample 1: top-5 classes /{best[0]}/{best} (" in text
 
 
+@pytest.mark.slow
 def test_metadata(models):
     *_, meta, directory = models
     stored = jaxdissect.load_metadata(directory)
@@ -146,6 +151,7 @@ def test_metadata(models):
         ((1, 224, 224, 1), "[N, 224, 224, 3]"),
     ],
 )
+@pytest.mark.slow
 def test_wrong_input_shape_is_a_clear_error(models, shape, words):
     _, module, variables, _, _ = models
     with pytest.raises(ValueError, match="VGG16 expects") as e:

@@ -42,7 +42,7 @@ def user(demo_cache, tmp_path, monkeypatch):
     return tmp_path
 
 
-SLOW = ("adversarial", "compare", "edit_photo", "intervene_generator", "shape_bias")   # over 20 s on a busy machine
+SLOW = ("adversarial", "compare", "edit_photo", "intervene_generator", "shape_bias", "stylize")   # over 6 s
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

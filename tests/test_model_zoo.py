@@ -128,6 +128,7 @@ def test_torchvision_densenet161_old_key_spelling():
              ("features.transition3", "features.transition3")], jit=True)
 
 
+@pytest.mark.slow
 def test_torchvision_alexnet():
     model = ref.tv_alexnet(num_classes=11, seed=5)
     module, variables = tv_converter.convert_state_dict(model.state_dict(), "alexnet", 11)

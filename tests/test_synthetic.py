@@ -151,6 +151,7 @@ def test_small_cnn_matches_torch_reference():
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_train_or_load_learns_and_caches(tmp_path):
     from jaxdissect.checkpoint import load_metadata
     from jaxdissect.pipelines.train_synthetic import settings_key, train_or_load

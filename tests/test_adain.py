@@ -125,6 +125,7 @@ def test_converter_errors(converted, tmp_path):
         conv.convert(str(tmp_path / "nope.pth"), str(d / "decoder.pth"), str(tmp_path / "m"))
 
 
+@pytest.mark.slow
 def test_stylize_folder_pairs_by_seed_and_resumes(converted, tmp_path):
     from PIL import Image
 

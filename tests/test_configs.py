@@ -61,6 +61,7 @@ def test_config_files(path):
         config_lib.load(f"{path}:nope")
 
 
+@pytest.mark.slow
 def test_tiny_variants_build_and_one_runs(tmp_path):
     """The tiny variants (with a random-weight classifier) build in the launcher; the 2017 one runs end to end,
     a command-line flag overriding the file."""
@@ -105,6 +106,7 @@ def test_launcher_flags_come_from_the_config(monkeypatch):
     assert code == 1 and err == "error: --topk=0: must be a positive integer\n", err
 
 
+@pytest.mark.slow
 def test_launcher_traces_the_model_once(tmp_path, monkeypatch):
     """launch.dissect's layer list and the dissection's shapes come from one trace of the model."""
     import jaxdissect.layers

@@ -160,6 +160,7 @@ def _write_images(root, n):
         Image.fromarray(img).save(root / f"img{i}.png")
 
 
+@pytest.mark.slow
 def test_corrupt_image_skipped_and_counted_or_raised(tmp_path):
     import jax
 
@@ -226,6 +227,7 @@ def _fake_segment(segmenter, variables, images, downsample=4):
     return labels[:, None], ["-", "redthing", "greenthing"], ["-", "object", "material"]
 
 
+@pytest.mark.slow
 def test_generator_output_is_segmented_and_shown(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -39,6 +39,7 @@ def _docs_example():
     return scope["DiceScoring"]
 
 
+@pytest.mark.slow
 def test_docs_scoring_example_plugs_in(model):
     """Dice from the same counts is 2 IoU / (1 + IoU) for every unit and label (closed form), the planted
     units keep their labels, and the labels reach report-free results unchanged otherwise."""

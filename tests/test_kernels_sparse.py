@@ -85,6 +85,7 @@ def test_sparse_and_dense_passes_agree_exactly(data):
         np.testing.assert_array_equal(sparse.intersection[:, c], ((up > sparse.thresholds) & has[:, None]).sum(0))
 
 
+@pytest.mark.slow
 def test_image_count_bound_may_exceed_the_real_count():
     """The floor needs only an upper bound on the images (unreadable ones drop out)."""
     rng = np.random.default_rng(2)

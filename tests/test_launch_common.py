@@ -215,6 +215,7 @@ def test_ctrl_c_exits_130_in_one_line_and_resumes_to_the_same_bytes(tmp_path):
         assert all(u["label"] == "" for u in layer["units"] if u["dead"])
 
 
+@pytest.mark.slow
 def test_demo_training_resumes_after_a_stop_to_the_same_weights(tmp_path):
     """Stopped mid-training (as Ctrl-C does), the demo's training resumes and ends where a straight run does."""
     import jax
@@ -245,6 +246,7 @@ def test_demo_training_resumes_after_a_stop_to_the_same_weights(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
 
+@pytest.mark.slow
 def test_demo_does_not_import_torch(tmp_path):
     code = ("import sys; from launch import dissect as d; "
             f"d.build(dict(data='synthetic:4', segmenter='dataset', layers='conv4', output_dir={str(tmp_path / 'o')!r}, "

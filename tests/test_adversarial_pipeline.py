@@ -48,6 +48,7 @@ def planted(tmp_path_factory):
     return model, variables, source, ablation
 
 
+@pytest.mark.slow
 def test_attack_raises_the_planted_unit_and_grouping_shows_it(planted, tmp_path):
     model, variables, source, ablation = planted
     targets = ["bedroom", "ski_resort", "beach"]

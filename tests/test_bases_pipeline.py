@@ -325,7 +325,6 @@ def test_rotations_are_rotation_bases(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_planted_comparison_with_the_control(tmp_path):
     """Neurons score low, the SAE recovers the planted labels, the probes match; the control is there."""
     out = str(tmp_path / "cmp")
@@ -349,7 +348,6 @@ def test_planted_comparison_with_the_control(tmp_path):
     assert "bases.svg" in read(os.path.join(out, "index.html"))
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_no_flag_comparison_on_the_demo(tmp_path, monkeypatch):
     """``python -m launch.compare`` with no flags: the demo CNN's bases and their random-init control."""

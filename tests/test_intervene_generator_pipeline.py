@@ -37,6 +37,7 @@ def _planted_iou():
     return iou
 
 
+@pytest.mark.slow
 def test_experiment_outputs(tmp_path):
     z = T.sample_z(24, seed=0)
     out = str(tmp_path / "out")

@@ -47,3 +47,12 @@ def demo_cache(tmp_path_factory) -> str:
     cache = str(tmp_path_factory.getbasetemp() / "demo-cache")
     tiny_demo_cache(cache)
     return cache
+
+
+@pytest.fixture
+def user(demo_cache, tmp_path, monkeypatch):
+    """A user's shell: the working folder is empty, the per-user cache holds the demo model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JAXDISSECT_CACHE", demo_cache)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # leave JAX's compilation cache as the other tests have it
+    return tmp_path

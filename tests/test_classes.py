@@ -20,14 +20,6 @@ def _folder(root, counts):
     return str(root)
 
 
-@pytest.fixture
-def user(demo_cache, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("JAXDISSECT_CACHE", demo_cache)
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
-    return tmp_path
-
-
 def test_unit_plot_groups_folder_images_by_their_own_class(user):
     """The issue's case: kitchen/ holds 3 images, bedroom/ 1; the demo model lists kitchen first, bedroom second."""
     data = _folder(user / "val", {"kitchen": 3, "bedroom": 1})

@@ -33,15 +33,6 @@ LAUNCHERS = ["dissect", "compare", "check_model", "unit_plot", "ablate_classifie
              "stylize", "intervene_generator", "edit_photo", "ganpaint"]
 
 
-@pytest.fixture
-def user(demo_cache, tmp_path, monkeypatch):
-    """A user's shell: the working folder is empty, the per-user cache holds the demo model."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("JAXDISSECT_CACHE", demo_cache)
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # leave JAX's compilation cache as the other tests have it
-    return tmp_path
-
-
 SLOW = ("adversarial", "compare", "edit_photo", "intervene_generator", "shape_bias", "stylize")   # over 6 s
 
 

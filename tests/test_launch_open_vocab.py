@@ -21,14 +21,6 @@ def demo_cache(tmp_path_factory):
     return cache
 
 
-@pytest.fixture
-def user(demo_cache, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("JAXDISSECT_CACHE", demo_cache)
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def vit_dir(tmp_path_factory):
     """A random-weight torchvision-layout ViT for 64-pixel images (4x4 patch grid), converted."""

@@ -32,6 +32,7 @@ _EXPORTS = {
     "FeatureEdit": "jaxdissect.layers",
     # Streaming statistics over activations (functional API).
     "dissect_activations": "jaxdissect.statistics",
+    "SparseCodes": "jaxdissect.kernels.codes",
     "run_stream": "jaxdissect.streaming",
     "DissectionResult": "jaxdissect.statistics",
     # Segmenters.

@@ -20,7 +20,9 @@ A **source** produces batches; the driver never runs a model itself:
 * ``reader(keys)``: ``start -> iterator`` of host batches from batch ``start``
   holding ``keys``;
 * ``produce(batch, labels, keys)``: the batch on the devices as a dict
-  ``acts`` (``{view: [B, h, w, U]}``), ``valid``, ``index``, ``batch_id``
+  ``acts`` (``{view: [B, h, w, U]}``, or a sparse basis's
+  :class:`~jaxdissect.kernels.codes.SparseCodes`, which the plans read as
+  they are and the taps see dense), ``valid``, ``index``, ``batch_id``
   and, when ``labels``, ``seg`` (``[B, K, S, S]``) and ``image_labels``
   (``[B, J]`` or absent), plus the ``keys`` strategies asked for (e.g.
   ``display``);
@@ -51,6 +53,7 @@ import jax
 import numpy as np
 
 from jaxdissect import parallel
+from jaxdissect.kernels import codes as codes_k
 from jaxdissect.statistics import DissectionError, DissectionResult, Plan
 
 PASSES = ("pass1", "pass2", "pass3")
@@ -216,10 +219,11 @@ def _pass_step(name: str, plans: tuple, taps: tuple, mesh):
         new, outputs = {}, {}
         if update_plan is not None:
             new["plans"] = {v: update_plan(p, state["plans"][v], acts[v], b) for v, p in plans}
-        if taps:
+        if taps:  # strategies see dense units (sparse codes scattered; unused views cost nothing under jit)
+            dense = {v: codes_k.dense(a) for v, a in acts.items()}
             new["taps"] = {}
             for key, fn in taps:
-                new["taps"][key], outputs[key] = fn(state["taps"][key], params[key], acts, b)
+                new["taps"][key], outputs[key] = fn(state["taps"][key], params[key], dense, b)
         return new, outputs
 
     return parallel.per_device(update, mesh, params=True)
@@ -372,7 +376,7 @@ class Driver:
                 b = source.produce(batch, read_labels, keys)
             acts = b.pop("acts")
             if fill:
-                self.cache.append({"acts": {v: np.asarray(a) for v, a in acts.items()},
+                self.cache.append({"acts": jax.tree.map(np.asarray, acts),
                                    **{k: np.asarray(v) for k, v in b.items() if k in cached_keys}})
             device, outputs = step_fn(state["device"], params, acts, b)
             if not folds:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdissect.kernels import category as category_k
+from jaxdissect.kernels import codes as codes_k
 from jaxdissect.kernels import iou as iou_k
 from jaxdissect.kernels import labels as labels_k
 from jaxdissect.kernels import quantile as quantile_k
@@ -95,8 +96,8 @@ class Plan:
         return _cells(self.source_hw, self.resolution, self.geometry, self.convolutions, self.image_size)
 
     def upsample(self, acts):
-        """``[B, h, w, U]`` -> ``[B, S, S, U]`` float32 with this plan's geometry."""
-        return upsample_k.apply_taps(acts, *self.taps())
+        """``[B, h, w, U]`` (or sparse codes) -> ``[B, S, S, U]`` float32 with this plan's geometry."""
+        return upsample_k.apply_taps(codes_k.dense(acts), *self.taps())
 
     def _rows(self, acts):
         up = self.upsample(acts)
@@ -114,7 +115,8 @@ class Plan:
         return {"quantile": quantile, "topk": topk_k.init(self.num_units, self.topk)}
 
     def pass1_update(self, state, acts, valid, index, batch_id) -> dict:
-        """``acts [B, h, w, U]`` raw; ``valid``, ``index`` (global image), ``batch_id`` all ``[B]``."""
+        """``acts [B, h, w, U]`` raw (or :class:`~jaxdissect.kernels.codes.SparseCodes`); ``valid``, ``index``
+        (global image), ``batch_id`` all ``[B]``."""
         if "floor" in state["quantile"]:
             quantile = sparse_k.pass1_update(state["quantile"], acts, valid, batch_id, *self.cells())
         else:
@@ -122,11 +124,12 @@ class Plan:
             per_pixel = functools.partial(jnp.repeat, repeats=self.pixels)
             quantile = quantile_k.high_update(state["quantile"], rows, per_pixel(valid), per_pixel(batch_id),
                                               method=self.hist_method)
-        return {"quantile": quantile, "topk": topk_k.update(state["topk"], acts, valid, index)}
+        return {"quantile": quantile, "topk": topk_k.update(state["topk"], acts if self.sparse else
+                                                            codes_k.dense(acts), valid, index)}
 
     # Pass 2: low-bit histograms of the two buckets per unit.
     def pass2_init(self, selection: dict) -> dict:
-        return quantile_k.low_init(selection)
+        return quantile_k.low_init(selection, listed=self.sparse)
 
     def pass2_update(self, state, acts, valid) -> dict:
         if self.sparse:
@@ -379,7 +382,14 @@ class _Batches:
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
             raise DissectionError(f"batch {index} must be (acts, seg) or (acts, seg, image_labels), got "
                                   f"{type(batch).__name__}")
-        acts = np.asarray(batch[0])
+        acts = batch[0]
+        if isinstance(acts, codes_k.SparseCodes):
+            acts = codes_k.SparseCodes(np.asarray(acts.indices), np.asarray(acts.values), int(acts.num_units))
+            problem = codes_k.check(acts)
+            if problem:
+                raise DissectionError(f"batch {index}: sparse codes: {problem}")
+        else:
+            acts = np.asarray(acts)
         seg = np.asarray(batch[1])
         image_labels = np.asarray(batch[2]) if len(batch) == 3 and batch[2] is not None else None
         if acts.ndim != 4:
@@ -398,9 +408,11 @@ class _Batches:
         if image_labels is not None and (image_labels.ndim != 2 or image_labels.shape[0] != acts.shape[0]):
             raise DissectionError(f"batch {index}: image labels must be [B, J] with B = {acts.shape[0]}, "
                                   f"got shape {image_labels.shape}")
-        finite = np.isfinite(acts).all(axis=(0, 1, 2))
-        if not finite.all():
-            units = np.flatnonzero(~finite)
+        if isinstance(acts, codes_k.SparseCodes):
+            units = np.unique(acts.indices[~np.isfinite(acts.values)])
+        else:
+            units = np.flatnonzero(~np.isfinite(acts).all(axis=(0, 1, 2)))
+        if units.size:
             raise DissectionError(
                 f"batch {index}: unit {int(units[0])} has NaN/Inf activations ({len(units)} units affected: "
                 f"{units[:10].tolist()}{' ...' if len(units) > 10 else ''}); check the model weights and the "
@@ -445,7 +457,8 @@ class _Batches:
                 valid = np.arange(padded) < b
                 index = np.arange(offset, offset + padded, dtype=np.int32)
                 batch_id = np.full(padded, i, np.int32)
-                out = (fill(acts.astype(np.float32)), valid, index, batch_id)
+                out = (codes_k.pad(acts, padded) if isinstance(acts, codes_k.SparseCodes) else
+                       fill(acts.astype(np.float32)), valid, index, batch_id)
                 if with_labels:
                     out += (fill(seg.astype(np.int32)),)
                     if image_labels is not None:
@@ -496,7 +509,10 @@ def dissect_activations(batches: Callable[[], Iterable], num_labels: int, quanti
     ``batches()`` must return a FRESH iterator over the same data each time,
     yielding ``(acts [B, h, w, U], seg [B, K, S, S])`` or
     ``(acts, seg, image_labels [B, J])``; a ``[B, S, S]`` segmentation is
-    one label channel (K = 1). Labels lie in ``[0, num_labels)`` (0 = none;
+    one label channel (K = 1). ``acts`` may be
+    :class:`~jaxdissect.kernels.codes.SparseCodes` (e.g. an SAE's TopK
+    codes, :meth:`jaxdissect.bases.sae.TopKSAE.codes`): the same
+    results as their dense map, without touching every unit of every cell. Labels lie in ``[0, num_labels)`` (0 = none;
     image-level -1 = none). Every pass must see the same items (a pass that
     sees another count is an error). ``resolution`` (S, S) is the
     segmentation's, inferred from the first batch when not given. ``quantile`` is the top fraction

@@ -92,6 +92,18 @@ def test_every_basis_is_a_view_of_one_run(planted_run):
                                   progress=False, views={"s": ("mixed", basis, params)})["s"]
     np.testing.assert_array_equal(results["mixed@sae:2,k=2"].thresholds, explicit.thresholds)
     np.testing.assert_array_equal(results["mixed@sae:2,k=2"].iou, explicit.iou)
+    # The passes read the SAE's sparse codes; its dense features give the same results bit for bit.
+    dense = jaxdissect.dissect(module, variables, [], data, "dataset", quantile=0.1, batch_size=16, topk=5,
+                               progress=False, views={"d": ("mixed", DenseSAE(k=basis.k), params)})["d"]
+    for key in ("thresholds", "intersection", "active", "top_values", "top_index", "act_mean", "act_max"):
+        assert np.asarray(getattr(dense, key)).tobytes() == np.asarray(getattr(explicit, key)).tobytes(), key
+
+
+class DenseSAE(sae.TopKSAE):
+    """The same SAE giving the statistics its dense ``[..., U]`` features instead of sparse codes."""
+
+    def codes(self, params, acts):
+        return self.encode(params, acts)
 
 
 @pytest.mark.slow

@@ -310,8 +310,8 @@ def _counting_forward(monkeypatch):
     calls = []
     real = pipeline.ModelBatches.forward_fn
 
-    def forward_fn(self):
-        fn = real(self)
+    def forward_fn(self, codes=False):
+        fn = real(self, codes)
 
         def counted(variables, x):
             calls.append(int(x.shape[0]))

@@ -44,7 +44,7 @@ def test_hot_cell_values_equal_the_dense_upsample_bit_for_bit(source, target, kw
     ch, cw = sparse_k.axis_cells(taps[0]), sparse_k.axis_cells(taps[1])
     cells = 3 * len(ch.i0) * len(cw.i0) * 4
     values, unit, img, ty, tx, inside = (np.asarray(x) for x in jax.jit(
-        lambda a, e: sparse_k._values(a, e, ch, cw))(acts, np.arange(cells, dtype=np.int32)))
+        lambda a, e: sparse_k.DenseGrid(a, ch, cw).values(e))(acts, np.arange(cells, dtype=np.int32)))
     seen = np.zeros(dense.shape, int)
     for e in range(cells):
         m = inside[e]

@@ -1,8 +1,8 @@
 """Statistics at thousands of units: the memory-bounded sparse passes stay exact (numpy.quantile bit for bit).
 
 The sparse pass 1 keeps per unit two windows of 16-bit buckets (negative and
-positive values, each 32 octaves under its largest value) and counts of +0.0;
-pass 2 keeps a low-16-bit row only for units whose level lies inside a bucket.
+positive values, each reaching at least 28 octaves under its largest value) and counts of +0.0;
+pass 2 keeps the keys in range (or a low-16-bit row) only for units whose level lies inside a bucket.
 The cases here are the ones those shortcuts must get right: a negative level
 under a positive maximum, levels exactly +0.0 (sparse codes), -0.0, tiny
 positive levels, wide ranges, and per-device windows at different heights.
@@ -39,8 +39,9 @@ def _plan(units, quantile):
     return statistics.Plan(num_units=units, num_labels=L, source_hw=(H, H), resolution=(S, S), quantile=quantile)
 
 
-def _levels(plan, parts, images):
-    """Pass 1 and pass 2 on each part (as separate devices would), merged on the host."""
+def _levels(plan, parts, images, listed=True):
+    """Pass 1 and pass 2 on each part (as separate devices would), merged on the host; pass 2 keeps a list of
+    the keys in range (``listed``) or low-16-bit histogram rows."""
     def run(update, init, args):
         states = []
         for part in parts:
@@ -54,12 +55,12 @@ def _levels(plan, parts, images):
     first = run(statistics.pass1_update, jax.tree.map(np.asarray, plan.pass1_init(images)),
                 lambda b: (np.ones(b, bool), np.arange(b, dtype=np.int32), np.zeros(b, np.int32)))
     selection, _ = plan.pass1_finish(first)
-    second = run(statistics.pass2_update, jax.tree.map(np.asarray, plan.pass2_init(selection)), ones)
+    second = run(statistics.pass2_update, jax.tree.map(np.asarray, quantile_k.low_init(selection, listed)), ones)
     return plan.pass2_finish(selection, second), first, second
 
 
-@pytest.mark.parametrize("quantile", [0.05, 0.005, 0.5])
-def test_hard_columns_equal_numpy_quantile(quantile):
+@pytest.mark.parametrize("quantile,listed", [(0.05, True), (0.005, True), (0.5, True), (0.05, False)])
+def test_hard_columns_equal_numpy_quantile(quantile, listed):
     rng = np.random.default_rng(0)
     acts = hard_columns(rng, 30)
     plan = _plan(acts.shape[-1], quantile)
@@ -71,22 +72,29 @@ def test_hard_columns_equal_numpy_quantile(quantile):
     up2 = np.asarray(jax.jit(plan.upsample)(acts2)).reshape(-1, acts.shape[-1])
     for data, ref in ((acts, want), (acts2, np.quantile(up2, 1 - quantile, axis=0))):
         for parts, images in (([data], 30), ([data[:15], data[15:]], 30), ([data], None)):
-            got, _, _ = _levels(plan, parts, images)
+            got, _, _ = _levels(plan, parts, images, listed)
             np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32),
                                           err_msg=f"{len(parts)} parts, images {images}")
 
 
 def test_zero_levels_need_no_pass_two_rows():
-    """A sparse code whose level is +0.0 is settled by pass 1's zero count; pass 2 holds rows only for
-    units whose level lies inside a bucket, with counts as narrow as the largest such bucket allows."""
+    """A sparse code whose level is +0.0 is settled by pass 1's zero count; pass 2 keeps the values in range
+    only for units whose level lies inside a bucket: as a list exactly as long as pass 1 counted, or as
+    histogram rows with counts as narrow as the largest such range allows."""
     rng = np.random.default_rng(1)
     acts = hard_columns(rng, 30)
     plan = _plan(acts.shape[-1], 0.05)
+    selection, _ = plan.pass1_finish(_levels(plan, [acts], 30)[1])
     _, _, second = _levels(plan, [acts], 30)
     row = second["row"][0]
     assert row[2] == -1                                        # level +0.0: nothing to resolve
-    assert (row >= 0).sum() == second["hist"].shape[1] < acts.shape[-1]
-    assert second["hist"].dtype in (np.uint8, np.uint16)
+    rowed = row >= 0
+    assert 0 < rowed.sum() < acts.shape[-1]
+    assert second["list_key"].shape[1] == selection["in_range"][rowed].sum()     # 8 bytes each, not 64 KiB rows
+    assert second["list_key"].shape[1] * 8 < rowed.sum() * 65536
+    _, _, rows = _levels(plan, [acts], 30, listed=False)
+    assert (rows["row"][0] >= 0).sum() == rows["hist"].shape[1] == rowed.sum()
+    assert rows["hist"].dtype in (np.uint8, np.uint16)
 
 
 def test_level_far_below_the_maximum_is_refused_with_the_fix():

@@ -226,8 +226,8 @@ def test_cache_path_decodes_nothing_and_runs_no_model(model, cached_run, tmp_pat
     calls = []
     real = pipeline.ModelBatches.forward_fn
 
-    def forward_fn(self):
-        fn = real(self)
+    def forward_fn(self, codes=False):
+        fn = real(self, codes)
         return lambda variables, x: (calls.append(1), fn(variables, x))[1]
 
     monkeypatch.setattr(pipeline.ModelBatches, "forward_fn", forward_fn)

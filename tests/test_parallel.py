@@ -213,6 +213,19 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     for key in ("thresholds", "iou", "top_values", "top_index", "intersection", "active", "label_pixels",
                 "act_mean", "label"):
         results[f"{{name}}_{{key}}"] = getattr(r, key)
+# Sparse codes (the 4 largest of 12 units per position) on one and eight devices, and their dense map.
+from jaxdissect import SparseCodes
+idx = np.argsort(-acts, -1)[..., :4].astype(np.int32)
+val = np.take_along_axis(acts, idx, -1)
+dense = np.zeros_like(acts)
+np.put_along_axis(dense, idx, val, -1)
+listed = lambda: ((SparseCodes(idx[i:i + BATCH], val[i:i + BATCH], UNITS), seg[i:i + BATCH]) for i in range(0, N, BATCH))
+for name, source, devices in (("codes_one", listed, jax.devices()[:1]), ("codes_eight", listed, jax.devices()),
+                              ("codes_dense", batches_of(dense, seg), jax.devices()[:1])):
+    r = dissect_activations(source, num_labels=LABELS, quantile=0.05, resolution=S, topk=5,
+                            mesh=parallel.make_mesh(devices))
+    for key in ("thresholds", "top_values", "top_index", "intersection", "active", "act_mean"):
+        results[f"{{name}}_{{key}}"] = getattr(r, key)
 np.savez({str(out)!r}, **results)
 print(json.dumps({{"ok": True}}))
 """)
@@ -223,6 +236,8 @@ print(json.dumps({{"ok": True}}))
         assert one.dtype == eight.dtype and one.shape == eight.shape, key
         # Bit-identical, NaNs included.
         assert one.tobytes() == eight.tobytes(), key
+    for key in ("thresholds", "top_values", "top_index", "intersection", "active", "act_mean"):
+        assert r[f"codes_one_{key}"].tobytes() == r[f"codes_eight_{key}"].tobytes() == r[f"codes_dense_{key}"].tobytes()
 
     # Independent NumPy reference for the data above.
     ns = {}

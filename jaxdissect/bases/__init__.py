@@ -63,7 +63,9 @@ class Basis:
     ``decode`` gives the units' contribution to the layer, so that removing
     units ``S`` from a layer ``a`` is ``a - decode(params, codes * 1[S])``
     (for a linear basis, ``codes = encode(params, a)``); the reconstruction
-    error of a lossy basis stays in the layer.
+    error of a lossy basis stays in the layer. The method ``codes(params,
+    acts)`` is ``encode`` in the form the statistics read fastest (a sparse
+    basis lists its nonzero units at each position).
     """
 
     kind = "basis"
@@ -79,6 +81,11 @@ class Basis:
 
     def decode(self, params, codes):
         raise NotImplementedError
+
+    def codes(self, params, acts):
+        """:meth:`encode` in the form the statistics read fastest: the dense ``[..., U]`` units, or a sparse
+        basis's :class:`~jaxdissect.kernels.codes.SparseCodes` (the same values)."""
+        return self.encode(params, acts)
 
     def identity(self, params: Mapping[str, Any]) -> dict:
         """JSON-able description that changes whenever the units change (settings and a digest of params)."""

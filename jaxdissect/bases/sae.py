@@ -83,6 +83,15 @@ class TopKSAE(Basis):
     def encode(self, params, acts):
         return topk_relu(self.pre_activations(params, acts), self.k)
 
+    def codes(self, params, acts):
+        """:meth:`encode` as :class:`~jaxdissect.kernels.codes.SparseCodes`: the ``k`` features kept at each
+        position and their values (what the statistics read, without the dense ``[..., U]`` map)."""
+        from jaxdissect.kernels.codes import SparseCodes
+
+        pre = self.pre_activations(params, acts)
+        values, index = jax.lax.top_k(pre, self.k)
+        return SparseCodes(index.astype(jnp.int32), jax.nn.relu(values), pre.shape[-1])
+
     def decode(self, params, codes):
         return codes @ jnp.asarray(params["w_dec"], codes.dtype)
 

@@ -89,16 +89,19 @@ def add_counts(state: dict, pixels, label_pixels, active, intersection, bad_imag
     """``state`` plus one batch's counts (the one merge of the dense and the sparse passes).
 
     ``pixels`` (valid pixels), ``label_pixels [L]``, ``active [U]``,
-    ``intersection [U, L]``: column 0 (the condition "every pixel") is set
-    here from ``pixels`` and ``active``. ``bad_images [B]`` flags images with
-    out-of-range labels; ``batch_id`` (scalar or ``[B]``) the first is recorded.
+    ``intersection [U, L]`` (None: already added to the state's): column 0 (the
+    condition "every pixel") is set here from ``pixels`` and ``active``.
+    ``bad_images [B]`` flags images with out-of-range labels; ``batch_id``
+    (scalar or ``[B]``) the first is recorded.
     """
     batch_id = jnp.broadcast_to(jnp.asarray(batch_id, jnp.int32), bad_images.shape)
+    inter = (state["intersection"].at[:, 0].add(active) if intersection is None else
+             state["intersection"] + intersection.at[:, 0].set(active))
     return {
         "pixels": state["pixels"] + pixels,
         "label_pixels": state["label_pixels"] + label_pixels.at[0].set(pixels),
         "active": state["active"] + active,
-        "intersection": state["intersection"] + intersection.at[:, 0].set(active),
+        "intersection": inter,
         "bad_labels": state["bad_labels"] + bad_images.sum(dtype=jnp.int32),
         "first_bad_batch": jnp.minimum(state["first_bad_batch"], jnp.min(jnp.where(bad_images, batch_id, NO_BATCH))),
     }
@@ -150,13 +153,15 @@ def update(state: dict, act_up, thresholds, seg, valid=None, batch_id=0, image_l
 
 def merge(states: dict) -> dict:
     """Combine partial states stacked on a leading (device) axis; NumPy, counts as int64."""
-    out = {k: np.asarray(v).astype(np.int64).sum(0) for k, v in states.items() if k != "first_bad_batch"}
+    out = {k: np.asarray(v).sum(0, dtype=np.int64) for k, v in states.items() if k != "first_bad_batch"}
     out["first_bad_batch"] = np.asarray(states["first_bad_batch"]).min(0)
     return out
 
 
 def iou(intersection, active, label_pixels) -> np.ndarray:
     """``IoU [U, L] = I / (a_u + n_c - I)`` in float64, 0 where the union is empty."""
-    inter = np.asarray(intersection, np.float64)
-    union = np.asarray(active, np.float64)[:, None] + np.asarray(label_pixels, np.float64)[None] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    inter = np.array(intersection, np.float64)
+    union = np.add.outer(np.asarray(active, np.float64), np.asarray(label_pixels, np.float64))
+    union -= inter
+    # In place (two [U, L] arrays, not five): an empty union has I = 0, which stays.
+    return np.divide(inter, union, out=inter, where=union > 0)

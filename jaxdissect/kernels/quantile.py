@@ -53,6 +53,7 @@ MAX_COUNT = np.iinfo(np.int32).max
 NO_KEY = 0xFFFFFFFF                # "no value seen" for the per-unit key minima of pass 2 (a NaN's key)
 ZERO_KEY = 0x80000000              # the key of +0.0
 WINDOW_OCTAVES = 32                # the sparse pass 1's windows span this many octaves (128 buckets each)
+HEADROOM_OCTAVES = 4               # ... and reach this far above the largest value when they move
 
 
 def float_keys(x):
@@ -106,13 +107,15 @@ def _as_rows(batch_id, p):
     return jnp.broadcast_to(batch_id, (p,)) if batch_id.ndim == 0 else batch_id
 
 
+def nonfinite_init(num_units: int) -> dict:
+    """Per-unit count of NaN/Inf values and the first batch that had one."""
+    return {"nonfinite": jnp.zeros((num_units,), jnp.int32),
+            "first_bad_batch": jnp.full((num_units,), NO_BATCH, jnp.int32)}
+
+
 def high_init(num_units: int) -> dict:
     """Pass-1 state: high-16-bit histograms and non-finite bookkeeping."""
-    return {
-        "hist": jnp.zeros((num_units, NUM_BUCKETS), jnp.int32),
-        "nonfinite": jnp.zeros((num_units,), jnp.int32),
-        "first_bad_batch": jnp.full((num_units,), NO_BATCH, jnp.int32),
-    }
+    return {"hist": jnp.zeros((num_units, NUM_BUCKETS), jnp.int32), **nonfinite_init(num_units)}
 
 
 def high_update(state: dict, values, valid=None, batch_id=0, method: str = "scatter") -> dict:
@@ -200,8 +203,9 @@ def _segments_dense(high_state: dict):
 
 
 def _segments_window(high_state: dict):
-    """The windowed state as descending segments (see :mod:`~jaxdissect.kernels.sparse`):
-    positive window, values below it (unresolved), exact +0.0, negative window, the rest (unresolved).
+    """The windowed state (see :mod:`~jaxdissect.kernels.sparse`) as the parts of its descending segments
+    (positive window, values below it (unresolved), exact +0.0, negative window, the rest (unresolved)),
+    which :func:`_find_window` searches.
 
     Per-device windows (leading axis) are aligned on the highest base, as one
     device would have moved them when its maximum rose: a lower window's
@@ -219,18 +223,15 @@ def _segments_window(high_state: dict):
     idx = np.arange(width)
 
     def desc(part):
-        w = window[:, part].astype(np.int64)
+        """``(windows [n, 2, W], below [n], zeros [n], count [n])`` of units ``part``, devices merged."""
+        w = window[:, part]
         below = hs["below_pos"][:, part].astype(np.int64).sum(0)
         sh = shift[:, part]
         if sh.any():
             src = idx + sh[..., None]
-            below = below + np.where(idx < sh[..., 1, None], w[:, :, 1], 0).sum((0, 2))
+            below = below + np.where(idx < sh[..., 1, None], w[:, :, 1], 0).sum((0, 2), dtype=np.int64)
             w = np.where(src < width, np.take_along_axis(w, np.minimum(src, width - 1), 3), 0)
-        w = w.sum(0)
-        rest = count[part] - w.sum((1, 2)) - zeros[part] - below
-        if (rest < 0).any():
-            raise ValueError("quantile state: more histogrammed values than counted ones (damaged state)")
-        return np.concatenate([w[:, 1, ::-1], below[:, None], zeros[part, None], w[:, 0, ::-1], rest[:, None]], 1)
+        return (w[0] if w.shape[0] == 1 else w.sum(0, dtype=np.int64)), below, zeros[part], count[part]
 
     def ranges(seg, units):
         pos, neg = seg < width, (seg > width + 1) & (seg < 2 * width + 2)
@@ -242,6 +243,40 @@ def _segments_window(high_state: dict):
         return lo, hi, pos | neg | (seg == width + 1)
 
     return count, desc, ranges
+
+
+def _find_window(w, below, zeros, count, t):
+    """The descending segment holding rank ``t [n]`` (0 = the largest value) of windowed counts, its size and
+    the values above it: ``(seg, size, before)``, with segments numbered as in :func:`_segments_window`
+    (the positive window's buckets high to low, the values below it, +0.0, the negative window's, the rest).
+
+    Coarse to fine: blocks of 256 buckets first, then the buckets of the one block that holds the rank.
+    """
+    n, _, width = w.shape
+    side = 256
+    nb = width // side
+    blocks = w.reshape(n, 2, nb, side).sum(-1, dtype=np.int64)
+    rest = count - blocks.sum((1, 2)) - zeros - below
+    if (rest < 0).any():
+        raise ValueError("quantile state: more histogrammed values than counted ones (damaged state)")
+    coarse = np.concatenate([blocks[:, 1, ::-1], below[:, None], zeros[:, None], blocks[:, 0, ::-1],
+                             rest[:, None]], 1)
+    cum = np.cumsum(coarse, 1)
+    r = np.arange(n)
+    c = np.minimum((cum <= t[:, None]).sum(1), coarse.shape[1] - 1)
+    before = cum[r, c] - coarse[r, c]
+    pos, neg = c < nb, (c >= nb + 2) & (c < 2 * nb + 2)
+    block = np.clip(np.where(pos, nb - 1 - c, 2 * nb + 1 - c), 0, nb - 1)
+    fine = w[r[:, None], np.where(pos, 1, 0)[:, None], block[:, None] * side + np.arange(side)][:, ::-1]
+    fine = fine.astype(np.int64)
+    fcum = np.cumsum(fine, 1) + before[:, None]
+    f = np.minimum((fcum <= t[:, None]).sum(1), side - 1)
+    inblock = pos | neg
+    seg = np.where(pos, c * side + f, np.where(neg, width + 2 + (c - nb - 2) * side + f,
+                                               np.where(c == nb, width, np.where(c == nb + 1, width + 1,
+                                                                                  2 * width + 2))))
+    size = np.where(inblock, fine[r, f], coarse[r, c])
+    return seg, size, np.where(inblock, fcum[r, f] - fine[r, f], before)
 
 
 def select(high_state: dict, level: float) -> dict:
@@ -265,22 +300,26 @@ def select(high_state: dict, level: float) -> dict:
     prev, nxt, gamma = _ranks(count, level)
     out = {"count": count, "gamma": gamma, "lo": np.zeros(u, np.uint32), "hi": np.zeros(u, np.uint32),
            "in_range": np.zeros(u, np.int64), "inside": np.zeros((u, 2), np.int64)}
-    for start in range(0, u, 64):
-        units = np.arange(start, min(start + 64, u))
-        d = desc(slice(start, start + 64))
-        cum = np.cumsum(d, axis=1)
+    chunk = 512 if windowed else 64
+    for start in range(0, u, chunk):
+        units = np.arange(start, min(start + chunk, u))
         t = count[units] - 1 - prev[units]                           # rank of the lower statistic from the top
-        seg = np.minimum((cum <= t[:, None]).sum(1), d.shape[1] - 1)
-        r = np.arange(len(units))
-        size = d[r, seg]
-        before = cum[r, seg] - size
+        if windowed:
+            seg, size, before = _find_window(*desc(slice(start, start + chunk)), t)
+        else:
+            d = desc(slice(start, start + chunk))
+            cum = np.cumsum(d, axis=1)
+            seg = np.minimum((cum <= t[:, None]).sum(1), d.shape[1] - 1)
+            r = np.arange(len(units))
+            size = d[r, seg]
+            before = cum[r, seg] - size
         lo, hi, resolved = ranges(seg, units) if windowed else ranges(seg)
         has = count[units] > 0
         if windowed and (has & ~resolved).any():
             bad = units[has & ~resolved]
             raise QuantileRangeError(
                 f"unit {int(bad[0])} ({len(bad)} units): its level lies more than "
-                f"{WINDOW_OCTAVES} octaves below its largest value (or of another sign), where the "
+                f"{WINDOW_OCTAVES - HEADROOM_OCTAVES} octaves below its largest value (or of another sign), where the "
                 "memory-bounded pass 1 keeps no fine counts; dissect this layer with sparse=False")
         inside0 = size - 1 - (t - before)
         step = nxt[units] - prev[units]
@@ -292,14 +331,21 @@ def select(high_state: dict, level: float) -> dict:
     return out
 
 
-def low_init(selection: dict) -> dict:
-    """Pass-2 state: a low-16-bit histogram row only for units whose statistics lie inside a bucket.
+def low_init(selection: dict, listed: bool = False) -> dict:
+    """Pass-2 state: the values of each unit's selected range, for units whose statistics lie inside a bucket.
 
     A unit whose range is one key (+0.0) needs nothing; one whose statistics
     are the smallest value in its range or the smallest above it needs only
-    those minima (``min_in``, ``min_above``). The rows' integer type is the
-    narrowest that holds the largest count in a selected range (a row's
-    counts never exceed it), so small streams use 1- or 2-byte counts.
+    those minima (``min_in``, ``min_above``). The others get a low-16-bit
+    histogram row, whose integer type is the narrowest that holds the
+    largest count in a selected range (a row's counts never exceed it), so
+    small streams use 1- or 2-byte counts; or, with ``listed`` and when it
+    takes less memory, a list of the keys themselves: pass 1 counted exactly
+    how many values each range holds (``in_range``), so the list's length is
+    known, and the ranks are read after sorting it (a sparse code's ranges
+    hold a few values each: a few bytes per unit instead of a 64 KiB row).
+    Sorting needs only the count of +0.0 values, not their positions:
+    ``zeros_in`` counts those added without listing them.
     """
     lo = np.asarray(selection["lo"], np.uint32)
     hi = np.asarray(selection["hi"], np.uint32)
@@ -308,32 +354,61 @@ def low_init(selection: dict) -> dict:
     rowed = ~single & (inside > 0).any(1)
     row = np.where(rowed, np.cumsum(rowed) - 1, -1).astype(np.int32)
     need = rowed | ~single | (inside[:, 1] < 0)
-    most = int(np.asarray(selection["in_range"])[rowed].max(initial=0))
+    in_range = np.asarray(selection["in_range"])[rowed]
+    most = int(in_range.max(initial=0))
     dtype = jnp.uint8 if most <= 0xFF else jnp.uint16 if most <= 0xFFFF else jnp.int32
-    return {"lo": jnp.asarray(lo), "hi": jnp.asarray(hi), "row": jnp.asarray(row), "need": jnp.asarray(need),
-            "hist": jnp.zeros((max(int(rowed.sum()), 1), NUM_BUCKETS), dtype),
-            "min_in": jnp.full(lo.shape, NO_KEY, jnp.uint32), "min_above": jnp.full(lo.shape, NO_KEY, jnp.uint32)}
+    rows = max(int(rowed.sum()), 1)
+    state = {"lo": jnp.asarray(lo), "hi": jnp.asarray(hi), "row": jnp.asarray(row), "need": jnp.asarray(need),
+             "min_in": jnp.full(lo.shape, NO_KEY, jnp.uint32), "min_above": jnp.full(lo.shape, NO_KEY, jnp.uint32)}
+    total = int(in_range.sum())
+    if listed and total * 8 < rows * NUM_BUCKETS * np.dtype(dtype).itemsize and total < MAX_COUNT:
+        state.update({"list_key": jnp.zeros((max(total, 1),), jnp.uint32),
+                      "list_row": jnp.zeros((max(total, 1),), jnp.int32),
+                      "fill": jnp.zeros((), jnp.int32), "zeros_in": jnp.zeros(lo.shape, jnp.int32)})
+    else:
+        state["hist"] = jnp.zeros((rows, NUM_BUCKETS), dtype)
+    return state
 
 
 def low_fold(state: dict, keys, unit, ok) -> dict:
     """Fold keys ``[E, ...]`` of units ``unit [E]`` (where ``ok``) into the pass-2 state.
 
-    One scatter per key into the rows; the minima are taken over each
-    entry's keys first, so they cost one scatter per entry.
+    One scatter per key into the rows (or the list: each key in range goes
+    to the next free place, numbered by a cumulative sum); the minima are
+    taken over each entry's keys first, so they cost one scatter per entry.
     """
     extra = (None,) * (keys.ndim - 1)
     lo, hi, row = (state[k][unit][(slice(None),) + extra] for k in ("lo", "hi", "row"))
     inside = ok & (keys >= lo) & (keys <= hi)
     above = ok & (keys > hi)
-    rows = state["hist"].shape[0]
-    slot = jnp.where(inside & (row >= 0), row * NUM_BUCKETS + (keys & jnp.uint32(0xFFFF)).astype(jnp.int32),
-                     rows * NUM_BUCKETS)
-    hist = state["hist"].reshape(-1).at[slot.reshape(-1)].add(1, mode="drop").reshape(rows, NUM_BUCKETS)
+    if "list_key" in state:
+        take = (inside & (row >= 0)).reshape(-1)
+        cap = state["list_key"].shape[0]
+        place = jnp.where(take, state["fill"] + jnp.cumsum(take, dtype=jnp.int32) - 1, cap)
+        listed = {"list_key": state["list_key"].at[place].set(keys.reshape(-1), mode="drop"),
+                  "list_row": state["list_row"].at[place].set(jnp.broadcast_to(row, keys.shape).reshape(-1),
+                                                              mode="drop"),
+                  "fill": state["fill"] + take.sum(dtype=jnp.int32)}
+    else:
+        rows = state["hist"].shape[0]
+        slot = jnp.where(inside & (row >= 0), row * NUM_BUCKETS + (keys & jnp.uint32(0xFFFF)).astype(jnp.int32),
+                         rows * NUM_BUCKETS)
+        listed = {"hist": state["hist"].reshape(-1).at[slot.reshape(-1)].add(1, mode="drop")
+                  .reshape(rows, NUM_BUCKETS)}
     axes = tuple(range(1, keys.ndim))
     no = jnp.uint32(NO_KEY)
     min_in = state["min_in"].at[unit].min(jnp.where(inside, keys, no).min(axes), mode="drop")
     min_above = state["min_above"].at[unit].min(jnp.where(above, keys, no).min(axes), mode="drop")
-    return {**state, "hist": hist, "min_in": min_in, "min_above": min_above}
+    return {**state, **listed, "min_in": min_in, "min_above": min_above}
+
+
+def add_zeros(state: dict, zeros, in_range) -> dict:
+    """Add ``zeros [U]`` values +0.0 (key ``ZERO_KEY``) to the units where ``in_range [U]`` (their rows)."""
+    if "list_key" in state:
+        return {**state, "zeros_in": state["zeros_in"] + jnp.where(in_range & (state["row"] >= 0), zeros, 0)}
+    rows = state["hist"].shape[0]
+    return {**state, "hist": state["hist"].at[jnp.where(in_range & (state["row"] >= 0), state["row"], rows), 0].add(
+        zeros.astype(state["hist"].dtype), mode="drop")}
 
 
 def low_update(state: dict, values, valid=None, method: str = "scatter") -> dict:
@@ -365,6 +440,26 @@ def lerp(a: np.ndarray, b: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     return np.where(gamma >= 0.5, upper, lower).astype(np.float32)
 
 
+def _listed(low_state: dict, rowed: np.ndarray, ranks: np.ndarray):
+    """Keys of ranks ``[R, K]`` (0 = smallest) in each row's listed keys, and each row's count ``[R]``."""
+    fill = np.asarray(low_state["fill"]).reshape(-1)
+    keys = np.asarray(low_state["list_key"]).reshape(fill.size, -1)
+    rows = np.asarray(low_state["list_row"]).reshape(fill.size, -1)
+    if (fill > keys.shape[1]).any():
+        raise ValueError("pass 2 saw more values in the selected ranges than pass 1 counted; both passes must "
+                         "read the same data")
+    k = np.concatenate([keys[d, :f] for d, f in enumerate(fill)])
+    r = np.concatenate([rows[d, :f] for d, f in enumerate(fill)])
+    zeros = np.asarray(low_state["zeros_in"]).reshape(fill.size, -1).astype(np.int64).sum(0)[rowed]
+    k = np.concatenate([k, np.full(int(zeros.sum()), ZERO_KEY, np.uint32)])
+    r = np.concatenate([r, np.repeat(np.arange(rowed.size, dtype=np.int32), zeros)])
+    seen = np.bincount(r, minlength=rowed.size)[:rowed.size]
+    order = np.lexsort((k, r))
+    start = np.cumsum(seen) - seen
+    at = np.minimum(start[:, None] + ranks, max(k.size - 1, 0))
+    return (k[order][at] if k.size else np.zeros(ranks.shape, np.uint32)), seen
+
+
 def finish(selection: dict, low_state: dict) -> np.ndarray:
     """Exact levels ``[U]`` float32 from the selection and the pass-2 state (device axis allowed).
 
@@ -377,19 +472,24 @@ def finish(selection: dict, low_state: dict) -> np.ndarray:
     count = np.asarray(selection["count"])
     row = np.asarray(low_state["row"])
     row = row[0] if row.ndim == 2 else row
-    hist = np.asarray(low_state["hist"])
-    hist = hist[None] if hist.ndim == 2 else hist
     min_in = np.asarray(low_state["min_in"]).reshape(-1, lo.shape[0]).min(0)
     min_above = np.asarray(low_state["min_above"]).reshape(-1, lo.shape[0]).min(0)
     rowed = np.flatnonzero(row >= 0)                          # rows are numbered in unit order
     keys = np.where(lo == hi, lo, min_in)[:, None].repeat(2, 1)
     if rowed.size:
-        low, _, seen = _locate(hist[:, :rowed.size], np.maximum(inside[rowed], 0))
+        ranks = np.maximum(inside[rowed], 0)
+        if "list_key" in low_state:
+            found, seen = _listed(low_state, rowed, ranks)
+        else:
+            hist = np.asarray(low_state["hist"])
+            hist = hist[None] if hist.ndim == 2 else hist
+            low, _, seen = _locate(hist[:, :rowed.size], ranks)
+            found = (lo[rowed, None] & np.uint32(0xFFFF0000)) | low.astype(np.uint32)
         wrong = seen != np.asarray(selection["in_range"])[rowed]
         if wrong.any():
             raise ValueError(f"unit {int(rowed[np.flatnonzero(wrong)[0]])}: pass 2 saw other values than pass 1 "
                              "in its selected range; both passes must read the same data")
-        keys[rowed] = (lo[rowed, None] & np.uint32(0xFFFF0000)) | low.astype(np.uint32)
+        keys[rowed] = found
     keys = np.where(inside < 0, min_above[:, None], keys).astype(np.uint32)
     missing = (count > 0) & (keys == NO_KEY).any(1)
     if missing.any():

@@ -35,13 +35,15 @@ The three passes:
   ``>= c``, so every bucket the level can fall in is counted fully; values
   below the floor are only counted (``count``). The counts are kept in two
   windows of ``WINDOW`` buckets (32 octaves) per unit, one for negative and
-  one for positive values, each anchored just under the largest value of its
-  sign seen so far (windows only move up; a positive bucket falling out of
-  its window goes to ``below_pos``), plus the count of exact +0.0 values:
-  32 KiB per unit instead of a 65,536-bucket histogram (256 KiB).
+  one for positive values, each covering the largest value of its sign seen
+  so far (windows only move up, and a window that moves is placed 4 octaves
+  above what the batch needs, so that few move in later batches; only those
+  are rewritten; a positive bucket falling out of its window goes to
+  ``below_pos``), plus the count of exact +0.0 values: 32 KiB per unit
+  instead of a 65,536-bucket histogram (256 KiB).
   :func:`jaxdissect.kernels.quantile.select` finds the level in them, or
   raises :class:`~jaxdissect.kernels.quantile.QuantileRangeError` (fix:
-  ``sparse=False``) for a level more than 32 octaves under the largest value
+  ``sparse=False``) for a level more than 28 octaves under the largest value
   of its sign, or positive under values dropped below the window.
 * pass 2 (:func:`jaxdissect.kernels.quantile.low_init`): a low-16-bit row
   only for units whose level lies inside a bucket, plus per-unit minima;
@@ -75,6 +77,7 @@ _FIRST_FINITE = 0x0080       # smallest high-16-bit key bucket of a finite float
 ZERO_KEY = quantile_k.ZERO_KEY
 _ZERO_BUCKET = ZERO_KEY >> 16  # the 16-bit bucket of +0.0
 WINDOW = 128 * quantile_k.WINDOW_OCTAVES   # 16-bit buckets per window (128 per octave)
+HEADROOM = 128 * quantile_k.HEADROOM_OCTAVES  # a moved window's top lies this far above the largest value
 _ZK = np.uint32(ZERO_KEY)
 
 
@@ -130,21 +133,11 @@ def _hot(bounds, cut, valid):
     return ((bounds >= cut) | jnp.isnan(bounds)) & valid[:, None, None, None]
 
 
-def _values(acts, entries, ch: AxisCells, cw: AxisCells):
-    """Upsampled values ``[E, Mh, Mw]`` of the cells ``entries`` (flat ``[B, Ch, Cw, U]`` indices)."""
-    b, _, w, u = acts.shape
-    nch, ncw = len(ch.i0), len(cw.i0)
-    unit = entries % u
-    cwi = (entries // u) % ncw
-    chi = (entries // (u * ncw)) % nch
-    img = entries // (u * ncw * nch)
-    flat = jnp.asarray(acts, jnp.float32).reshape(-1)
-
-    def corner(hi, wi):
-        return flat[((img * acts.shape[1] + hi[chi]) * w + wi[cwi]) * u + unit]
-
-    i0h, i1h, i0w, i1w = (jnp.asarray(x) for x in (ch.i0, ch.i1, cw.i0, cw.i1))
-    a00, a10, a01, a11 = corner(i0h, i0w), corner(i1h, i0w), corner(i0h, i1w), corner(i1h, i1w)
+def _interpolate(corners, chi, cwi, ch: AxisCells, cw: AxisCells):
+    """Upsampled values ``[E, Mh, Mw]`` of cells ``(chi, cwi) [E]`` from their corners ``(a00, a10, a01, a11)``
+    (rows ``i0, i1`` by columns ``i0, i1``), with their target pixels ``ty [E, Mh, 1]``, ``tx [E, 1, Mw]``
+    and ``inside`` (not padding)."""
+    a00, a10, a01, a11 = corners
     wh0, wh1 = jnp.asarray(ch.w0)[chi][:, :, None], jnp.asarray(ch.w1)[chi][:, :, None]   # [E, Mh, 1]
     r0 = _lerp(wh0, a00[:, None, None], wh1, a10[:, None, None])                         # column i0w
     r1 = _lerp(wh0, a01[:, None, None], wh1, a11[:, None, None])                         # column i1w
@@ -153,7 +146,170 @@ def _values(acts, entries, ch: AxisCells, cw: AxisCells):
     ty = jnp.asarray(ch.members)[chi][:, :, None]
     tx = jnp.asarray(cw.members)[cwi][:, None, :]
     inside = (ty >= 0) & (tx >= 0)
-    return values, unit, img, jnp.maximum(ty, 0), jnp.maximum(tx, 0), inside
+    return values, jnp.maximum(ty, 0), jnp.maximum(tx, 0), inside
+
+
+def _bound(corners):
+    """``max(0, corners)`` plus slack, NaN where a corner is not finite (as :func:`cell_bounds`)."""
+    a00, a10, a01, a11 = (jnp.where(jnp.isfinite(a), a, jnp.nan) for a in corners)
+    m = jnp.maximum(jnp.maximum(jnp.maximum(a00, a10), jnp.maximum(a01, a11)), 0.0)
+    return m + m * SLACK
+
+
+class DenseGrid:
+    """The cells of a dense map ``acts [B, h, w, U]``: entries ``[B, Ch, Cw, U]``, one per cell and unit."""
+
+    def __init__(self, acts, ch: AxisCells, cw: AxisCells):
+        self.acts = jnp.asarray(acts, jnp.float32)
+        self.ch, self.cw = ch, cw
+        self.num_units = self.acts.shape[-1]
+
+    def bounds(self):
+        return cell_bounds(self.acts, self.ch, self.cw)
+
+    def repeat(self):
+        """Entries that stand for a cell listed elsewhere (none here)."""
+        return jnp.zeros((), bool)
+
+    def skip(self):
+        """Entries never visited: all-+0.0 cells (their pixels are counted in bulk)."""
+        return _zero_cells(self.acts, self.ch, self.cw)
+
+    def negative(self):
+        """Entries with a negative (sign-bit) corner."""
+        return _corners_any(jax.lax.bitcast_convert_type(self.acts, jnp.uint32) >> 31 == 1, self.ch, self.cw)
+
+    def per_entry(self, x):
+        """A per-unit ``x [U]`` at every entry (broadcast along the unit axis)."""
+        return x
+
+    def positive_max(self, valid):
+        """``[U]``: the largest finite raw value of real images, at least 0."""
+        a = self.acts
+        return jnp.maximum(jnp.max(jnp.where(valid[:, None, None, None] & jnp.isfinite(a), a, 0.0)
+                                   .reshape(-1, self.num_units), axis=0), 0.0)
+
+    def many_hot(self, hot, thresholds):
+        """Whether pass 3 should take the dense IoU kernel: more than 1/16 of the cells hot."""
+        return hot.sum(dtype=jnp.int32) > hot.size // DENSE_IOU
+
+    def dense(self):
+        return self.acts
+
+    def values(self, entries):
+        """Upsampled values ``[E, Mh, Mw]`` of ``entries`` (flat ``[B, Ch, Cw, U]`` indices), with their unit,
+        image, target pixels and ``inside``."""
+        acts, ch, cw = self.acts, self.ch, self.cw
+        _, hh, w, u = acts.shape
+        nch, ncw = len(ch.i0), len(cw.i0)
+        unit = entries % u
+        cwi = (entries // u) % ncw
+        chi = (entries // (u * ncw)) % nch
+        img = entries // (u * ncw * nch)
+        flat = acts.reshape(-1)
+
+        def corner(hi, wi):
+            return flat[((img * hh + jnp.asarray(hi)[chi]) * w + jnp.asarray(wi)[cwi]) * u + unit]
+
+        corners = (corner(ch.i0, cw.i0), corner(ch.i1, cw.i0), corner(ch.i0, cw.i1), corner(ch.i1, cw.i1))
+        values, ty, tx, inside = _interpolate(corners, chi, cwi, ch, cw)
+        return values, unit, img, ty, tx, inside
+
+
+class CodeGrid(DenseGrid):
+    """The cells of :class:`~jaxdissect.kernels.codes.SparseCodes` ``[B, h, w, k]``: entries ``[B, Ch, Cw, 4k]``.
+
+    A cell's entries list the units nonzero at any of its four corners: the
+    corners' ``4k`` indices sorted (one int32 key per entry: unit, then corner,
+    then slot), so a unit listed at several corners forms a run whose first
+    entry stands for the cell (the others are repeats, never visited) and
+    carries the four corner values (+0.0 where the unit is not listed). Cells
+    of a unit listed at no corner are all +0.0: not in the grid, as the dense
+    grid never visits them. Built from ``B * Ch * Cw * 4k`` entries instead
+    of ``B * Ch * Cw * U``.
+    """
+
+    def __init__(self, codes, ch: AxisCells, cw: AxisCells):
+        from jaxdissect.kernels.codes import SparseCodes
+
+        self.codes = SparseCodes(jnp.asarray(codes.indices, jnp.int32), jnp.asarray(codes.values, jnp.float32),
+                                 int(codes.num_units))
+        self.ch, self.cw = ch, cw
+        self.num_units = int(codes.num_units)
+        idx, val = self.codes.indices, self.codes.values
+        k = idx.shape[-1]
+        n = 4 * k
+        if self.num_units * n >= 2 ** 31:
+            raise ValueError(f"{self.num_units} units with {k} listed per position overflow the int32 sort key; "
+                             "give fewer units or dense codes")
+        pairs = ((ch.i0, cw.i0), (ch.i1, cw.i0), (ch.i0, cw.i1), (ch.i1, cw.i1))
+
+        def at(a, hi, wi):
+            return a[:, hi][:, :, wi]                                                 # [B, Ch, Cw, k]
+
+        keys = jnp.concatenate([at(idx, hi, wi) for hi, wi in pairs], -1) * n + jnp.arange(n, dtype=jnp.int32)
+        keys = jnp.sort(keys, -1)
+        unit, slot = keys // n, keys % n
+        vals = jnp.take_along_axis(jnp.concatenate([at(val, hi, wi) for hi, wi in pairs], -1), slot, -1)
+        corner = slot // k
+        ends = [(0, 0)] * 3 + [(0, 3)]
+        pu, pc, pv = (jnp.pad(x, ends, constant_values=c) for x, c in ((unit, -1), (corner, -1), (vals, 0.0)))
+        corners = []
+        for c in range(4):                  # a run's corners increase, so corner c lies at most c entries on
+            out = jnp.zeros_like(vals)
+            for j in range(c + 1):
+                out = jnp.where((pu[..., j:j + n] == unit) & (pc[..., j:j + n] == c), pv[..., j:j + n], out)
+            corners.append(out)
+        self.unit, self.corners = unit, tuple(corners)
+        self.first = jnp.concatenate([jnp.ones_like(unit[..., :1], bool), unit[..., 1:] != unit[..., :-1]], -1)
+
+    def bounds(self):
+        return _bound(self.corners)
+
+    def repeat(self):
+        return ~self.first
+
+    def skip(self):
+        bits = [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in self.corners]
+        return ~self.first | (jnp.maximum(jnp.maximum(bits[0], bits[1]), jnp.maximum(bits[2], bits[3])) == 0)
+
+    def negative(self):
+        signs = [jax.lax.bitcast_convert_type(a, jnp.uint32) >> 31 == 1 for a in self.corners]
+        return self.first & (signs[0] | signs[1] | signs[2] | signs[3])
+
+    def per_entry(self, x):
+        return x[self.unit]
+
+    def positive_max(self, valid):
+        val = self.codes.values
+        v = jnp.where(valid[:, None, None, None] & jnp.isfinite(val), val, 0.0)
+        top = jnp.zeros((self.num_units,), jnp.float32).at[self.codes.indices.reshape(-1)].max(v.reshape(-1))
+        return jnp.maximum(top, 0.0)
+
+    def many_hot(self, hot, thresholds):
+        """A negative threshold makes the all-+0.0 cells (not in this grid) active: the dense kernel counts them."""
+        return (thresholds < 0).any()
+
+    def dense(self):
+        return self.codes.dense()
+
+    def values(self, entries):
+        ch, cw = self.ch, self.cw
+        n = self.unit.shape[-1]
+        nch, ncw = len(ch.i0), len(cw.i0)
+        cwi = (entries // n) % ncw
+        chi = (entries // (n * ncw)) % nch
+        img = entries // (n * ncw * nch)
+        corners = tuple(a.reshape(-1)[entries] for a in self.corners)
+        values, ty, tx, inside = _interpolate(corners, chi, cwi, ch, cw)
+        return values, self.unit.reshape(-1)[entries], img, ty, tx, inside
+
+
+def grid(acts, ch: AxisCells, cw: AxisCells) -> DenseGrid:
+    """The cell grid of a dense map or of :class:`~jaxdissect.kernels.codes.SparseCodes`."""
+    from jaxdissect.kernels.codes import SparseCodes
+
+    return CodeGrid(acts, ch, cw) if isinstance(acts, SparseCodes) else DenseGrid(acts, ch, cw)
 
 
 def _select_bit(words, rank):
@@ -220,7 +376,7 @@ def pass1_init(num_units: int, target: int) -> dict:
     """Pass-1 state: per unit two windows of ``WINDOW`` high-16-bit buckets (negative and positive values,
     each just below its largest value), the count of exact +0.0 values and of positive values below the
     positive window, and the floor (see the module doc)."""
-    state = {k: v for k, v in quantile_k.high_init(num_units).items() if k != "hist"}
+    state = quantile_k.nonfinite_init(num_units)
     state.update({"window": jnp.zeros((num_units, 2, WINDOW), jnp.int32),
                   "base": jnp.asarray(np.tile(np.array([0, _ZERO_BUCKET], np.int32), (num_units, 1))),
                   "zeros": jnp.zeros((num_units,), jnp.int32),
@@ -299,39 +455,53 @@ def _zero_cells(acts, ch: AxisCells, cw: AxisCells):
 
 
 def _slide(window, base, new_base):
-    """Move each window up to ``new_base`` (never down): ``(window, positive counts that fell below)``."""
-    shift = new_base - base                                                   # [U, 2] >= 0
+    """Move each window up to ``new_base`` (never down): ``(window, positive counts that fell below)``.
+
+    Only the windows that move are read and written, a chunk of rows at a
+    time (:func:`foreach_hot`), so a batch in which a few units find a new
+    largest value costs little.
+    """
+    u = window.shape[0]
+    rows = window.reshape(u * 2, WINDOW)
+    shift = (new_base - base).reshape(-1)                                     # [2U] >= 0
     idx = jnp.arange(WINDOW, dtype=jnp.int32)
-    src = idx + shift[..., None]
-    kept = jnp.where(src < WINDOW, jnp.take_along_axis(window, jnp.minimum(src, WINDOW - 1), 2), 0)
-    lost = jnp.where(idx < shift[:, 1, None], window[:, 1], 0).sum(1)
-    return kept, lost
+
+    def visit(entries, ok, carry):
+        rows, lost = carry
+        old = rows[entries]                                                   # [E, WINDOW]
+        src = idx + shift[entries][:, None]
+        moved = jnp.where(src < WINDOW, jnp.take_along_axis(old, jnp.minimum(src, WINDOW - 1), 1), 0)
+        dropped = jnp.where((idx < shift[entries][:, None]) & (entries % 2 == 1)[:, None], old, 0).sum(1)
+        rows = rows.at[jnp.where(ok, entries, 2 * u)].set(moved, mode="drop")
+        lost = lost.at[jnp.where(ok, entries // 2, u)].add(dropped, mode="drop")
+        return rows, lost
+
+    rows, lost = foreach_hot(shift > 0, visit, (rows, jnp.zeros_like(window[:, 0, 0])))  # varying under shard_map
+    return rows.reshape(u, 2, WINDOW), lost
 
 
 def pass1_update(state, acts, valid, batch_id, ch, cw):
-    """Pass-1 quantile state after one batch of raw ``acts [B, h, w, U]`` (see the module doc)."""
-    b, _, _, u = acts.shape
+    """Pass-1 quantile state after one batch of raw ``acts [B, h, w, U]`` or sparse codes (see the module doc)."""
+    g = grid(acts, ch, cw)
+    b, u = acts.shape[0], g.num_units
     pixels = _pixels(ch, cw)
-    acts = jnp.asarray(acts, jnp.float32)
     valid = jnp.asarray(valid, bool)
     batch_id = jnp.broadcast_to(jnp.asarray(batch_id, jnp.int32), (b,))
     floor = state["floor"]
     cut = jnp.where(floor >= _FIRST_FINITE, _bucket_floats(floor), -jnp.inf)
-    bounds = cell_bounds(acts, ch, cw)
-    hot = _hot(bounds, cut, valid) & ~_zero_cells(acts, ch, cw)
+    hot = _hot(g.bounds(), g.per_entry(cut), valid) & ~g.skip()
     nb = WINDOW
 
     # Anchor the windows at this batch's largest values before counting them, so none lies above a window:
     # the positive one at the bound of the largest raw value (no upsampled value exceeds it) ...
-    m = jnp.maximum(jnp.max(jnp.where(valid[:, None, None, None] & jnp.isfinite(acts), acts, 0.0)
-                            .reshape(-1, u), axis=0), 0.0)
+    m = g.positive_max(valid)
     top_pos = (quantile_k.float_keys(m + m * SLACK) >> 16).astype(jnp.int32)
     # ... the negative one at the largest negative upsampled value, found in the cells with a negative corner.
-    negative = hot & _corners_any(jax.lax.bitcast_convert_type(acts, jnp.uint32) >> 31 == 1, ch, cw)
+    negative = hot & g.negative()
 
     def negative_top(_):
         def visit(entries, ok, top):
-            values, unit, _, _, _, inside = _values(acts, entries, ch, cw)
+            values, unit, _, _, _, inside = g.values(entries)
             keys = quantile_k.float_keys(values)
             high = (keys >> 16).astype(jnp.int32)
             neg = ok[:, None, None] & inside & jnp.isfinite(values) & (keys < _ZK) & (high >= floor[unit][:, None, None])
@@ -343,15 +513,15 @@ def pass1_update(state, acts, valid, batch_id, ch, cw):
     # Made from the state, so they carry its device-varying type under shard_map.
     none = jnp.full_like(state["floor"], -1)
     top_neg = jax.lax.cond(negative.any(), negative_top, lambda _: none, None)
-    new_base = jnp.maximum(state["base"], jnp.stack([top_neg, top_pos], 1) - (WINDOW - 1))
-    window, lost = jax.lax.cond((new_base > state["base"]).any(), _slide,
-                                lambda w, b, nb_: (w, jnp.zeros_like(state["below_pos"])),
-                                state["window"], state["base"], new_base)
+    # A window that must move goes HEADROOM above what this batch needs, so later batches rarely move it.
+    need = jnp.stack([top_neg, top_pos], 1) - (WINDOW - 1)
+    new_base = jnp.where(need > state["base"], need + HEADROOM, state["base"])
+    window, lost = _slide(state["window"], state["base"], new_base)
     start = {**state, "window": window, "base": new_base, "below_pos": state["below_pos"] + lost}
 
     def visit(entries, ok, carry):
         state, counters = carry
-        values, unit, img, _, _, inside = _values(acts, entries, ch, cw)
+        values, unit, img, _, _, inside = g.values(entries)
         seen = ok[:, None, None] & inside
         finite = jnp.isfinite(values)
         bad = seen & ~finite
@@ -389,16 +559,16 @@ def pass1_update(state, acts, valid, batch_id, ch, cw):
 def pass2_update(state, acts, valid, ch, cw):
     """Pass-2 state (:func:`jaxdissect.kernels.quantile.low_init`) after one batch, upsampling only the
     cells that can reach a unit's selected range, for the units that need pass 2 at all."""
-    u = acts.shape[-1]
-    acts = jnp.asarray(acts, jnp.float32)
+    g = grid(acts, ch, cw)
+    u = g.num_units
     valid = jnp.asarray(valid, bool)
     lo, hi, need = state["lo"], state["hi"], state["need"]
     cut = jnp.where(need, _key_floats(lo), jnp.inf)
-    hot = _hot(cell_bounds(acts, ch, cw), cut, valid) & ~_zero_cells(acts, ch, cw) & need
+    hot = _hot(g.bounds(), g.per_entry(cut), valid) & ~g.skip() & g.per_entry(need)
 
     def visit(entries, ok, carry):
         state, visited = carry
-        values, unit, _, _, _, inside = _values(acts, entries, ch, cw)
+        values, unit, _, _, _, inside = g.values(entries)
         seen = ok[:, None, None] & inside
         visited = visited.at[jnp.where(ok, unit, u)].add(seen.sum((1, 2), dtype=jnp.int32), mode="drop")
         return quantile_k.low_fold(state, quantile_k.float_keys(values), unit, seen & jnp.isfinite(values)), visited
@@ -410,10 +580,8 @@ def pass2_update(state, acts, valid, ch, cw):
     zeros = jnp.where(need & (lo <= zk), valid.sum(dtype=jnp.int32) * _pixels(ch, cw) - visited, 0)
     some = zeros > 0
     z_in = some & (lo <= zk) & (zk <= hi)
-    rows = state["hist"].shape[0]
-    hist = state["hist"].at[jnp.where(z_in & (state["row"] >= 0), state["row"], rows), 0].add(
-        zeros.astype(state["hist"].dtype), mode="drop")
-    return {**state, "hist": hist, "min_in": jnp.where(z_in, jnp.minimum(state["min_in"], zk), state["min_in"]),
+    state = quantile_k.add_zeros(state, zeros, z_in)
+    return {**state, "min_in": jnp.where(z_in, jnp.minimum(state["min_in"], zk), state["min_in"]),
             "min_above": jnp.where(some & (zk > hi), jnp.minimum(state["min_above"], zk), state["min_above"])}
 
 
@@ -427,41 +595,40 @@ def pass3_update(counts, acts, thresholds, seg, valid, batch_id, image_labels, u
 
     ``upsample`` is the dense fallback's (used when many cells are hot).
     """
-    u = acts.shape[-1]
+    g = grid(acts, ch, cw)
+    u = g.num_units
     num_labels = counts["intersection"].shape[1]
-    acts = jnp.asarray(acts, jnp.float32)
     valid = jnp.asarray(valid, bool)
     thresholds = jnp.asarray(thresholds, jnp.float32)
-    bounds = cell_bounds(acts, ch, cw)
-    hot = ((bounds > thresholds) | jnp.isnan(bounds)) & valid[:, None, None, None]
+    bounds = g.bounds()
+    hot = ((bounds > g.per_entry(thresholds)) | jnp.isnan(bounds)) & valid[:, None, None, None] & ~g.repeat()
 
-    def dense(counts, acts):
-        return iou_k.update(counts, upsample(acts), thresholds, seg, valid, batch_id, image_labels, method=method)
+    def dense(counts):
+        return iou_k.update(counts, upsample(g.dense()), thresholds, seg, valid, batch_id, image_labels,
+                            method=method)
 
-    def sparse(counts, acts):
+    def sparse(counts):
         chans, bad_img = iou_k.label_channels(seg, image_labels, num_labels, valid)    # [B*S*S, C]
         s1, s2 = seg.shape[2], seg.shape[3]
-        cols = num_labels + 1
 
         def visit(entries, ok, c):
             inter, act_n = c
-            values, unit, img, ty, tx, inside = _values(acts, entries, ch, cw)
+            values, unit, img, ty, tx, inside = g.values(entries)
             active = ok[:, None, None] & inside & (values > thresholds[unit][:, None, None])
             pix = (img[:, None, None] * s1 + ty) * s2 + tx                          # [E, Mh, Mw]
             labs = chans[pix]                                                        # [E, Mh, Mw, C]
-            slot = jnp.where(active[..., None], unit[:, None, None, None] * cols + labs, u * cols)
+            # Ignored label entries (num_labels) and inactive pixels land outside the counts and are dropped.
+            slot = jnp.where(active[..., None] & (labs < num_labels), unit[:, None, None, None] * num_labels + labs,
+                             u * num_labels)
             inter = inter.at[slot.reshape(-1)].add(1, mode="drop")
             act_n = act_n.at[jnp.where(active, unit[:, None, None], u).reshape(-1)].add(1, mode="drop")
             return inter, act_n
 
-        # Zeros made from the state, so they carry its device-varying type under shard_map.
-        start = (jnp.pad(jnp.zeros_like(counts["intersection"]), ((0, 0), (0, 1))).reshape(-1),
-                 jnp.zeros_like(counts["active"]))
-        inter, act_n = foreach_hot(hot, visit, start)
-        inter = inter.reshape(u, cols)[:, :num_labels]
+        # Intersections go straight into the state (no per-batch [U, L] array); zeros made from the state, so
+        # they carry its device-varying type under shard_map.
+        inter, act_n = foreach_hot(hot, visit, (counts["intersection"].reshape(-1), jnp.zeros_like(counts["active"])))
         npix = valid.sum(dtype=jnp.int32) * (s1 * s2)
-        return iou_k.add_counts(counts, npix, iou_k.label_pixel_counts(chans, num_labels), act_n, inter, bad_img,
-                                batch_id)
+        return iou_k.add_counts({**counts, "intersection": inter.reshape(u, num_labels)}, npix,
+                                iou_k.label_pixel_counts(chans, num_labels), act_n, None, bad_img, batch_id)
 
-    many = hot.sum(dtype=jnp.int32) > hot.size // DENSE_IOU
-    return jax.lax.cond(many, dense, sparse, counts, acts)
+    return jax.lax.cond(g.many_hot(hot, thresholds), dense, sparse, counts)

@@ -20,8 +20,6 @@ Non-finite values are skipped here (the quantile kernel reports them).
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,14 +83,18 @@ def exact_sum_words(values, mask, words=None):
     sparse code is mostly zeros, and a scatter costs far more per value than
     finding them.
     """
+    p, u = values.shape
+    values = values.astype(jnp.float32)
+    return _sum_listed(values.reshape(-1), lambda entries: entries % u, (values != 0) & mask, p, u, words)
+
+
+def _sum_listed(flat, unit_of, listed, per_unit, u, words):
+    """Exact sums of ``flat[entries]`` into words of ``unit_of(entries)`` over the True entries of ``listed``."""
     from jaxdissect.kernels.sparse import foreach_hot
 
-    p, u = values.shape
-    if p > _MAX_VALUES_PER_UPDATE:
-        raise ValueError(f"exact sums take at most {_MAX_VALUES_PER_UPDATE} values per unit and update, got {p}; "
-                         "use smaller batches")
-    values = values.astype(jnp.float32)
-    flat = values.reshape(-1)
+    if per_unit > _MAX_VALUES_PER_UPDATE:
+        raise ValueError(f"exact sums take at most {_MAX_VALUES_PER_UPDATE} values per unit and update, got "
+                         f"{per_unit}; use smaller batches")
     rows = jnp.arange(u, dtype=jnp.int32) * WORDS
     dims = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(),
                                            scatter_dims_to_operand_dims=(0,))
@@ -100,38 +102,68 @@ def exact_sum_words(values, mask, words=None):
     def visit(entries, ok, words):
         word, pieces = _pieces(flat[entries], ok)
         # One scatter adds each value's four 8-bit pieces to its four consecutive words (a window of 4).
-        return jax.lax.scatter_add(words, (rows[entries % u] + word).reshape(-1, 1), pieces, dims,
+        return jax.lax.scatter_add(words, (rows[unit_of(entries)] + word).reshape(-1, 1), pieces, dims,
                                    mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
     start = jnp.zeros(u * WORDS, jnp.int32) if words is None else words.reshape(-1)
-    return foreach_hot((values != 0) & mask, visit, start).reshape(u, WORDS)
+    return foreach_hot(listed, visit, start).reshape(u, WORDS)
 
 
 def update(state: dict, acts, valid=None, index=None) -> dict:
-    """Fold raw activations ``acts [B, h, w, U]`` of images ``index [B]`` (global, int32) into ``state``.
+    """Fold raw activations ``acts [B, h, w, U]`` (or :class:`~jaxdissect.kernels.codes.SparseCodes`) of images
+    ``index [B]`` (global, int32) into ``state``.
 
     ``valid [B]`` marks real images; padded ones are ignored.
     """
-    acts = jnp.asarray(acts, jnp.float32)
+    from jaxdissect.kernels.codes import SparseCodes
+
     b, h, w, u = acts.shape
     k = state["top_values"].shape[1]
     valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
     index = jnp.arange(b, dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
-    score = jnp.where(valid[:, None], acts.max(axis=(1, 2)), -jnp.inf)  # [B, U]
+    if isinstance(acts, SparseCodes):
+        score, words, finite_max = _codes_update(state, acts, valid)
+    else:
+        acts = jnp.asarray(acts, jnp.float32)
+        score = jnp.where(valid[:, None], acts.max(axis=(1, 2)), -jnp.inf)  # [B, U]
+        flat = acts.reshape(b * h * w, u)
+        pixel_valid = jnp.repeat(valid, h * w)[:, None]
+        words = exact_sum_words(flat, pixel_valid, state["sum_words"])
+        finite_max = jnp.where(pixel_valid & jnp.isfinite(flat), flat, -jnp.inf).max(0)
     idx = jnp.broadcast_to(jnp.where(valid, index, NO_INDEX)[None], (u, b))
     top_values, top_index = _best(jnp.concatenate([state["top_values"], score.T], 1),
                                   jnp.concatenate([state["top_index"], idx], 1), k)
-    flat = acts.reshape(b * h * w, u)
-    pixel_valid = jnp.repeat(valid, h * w)[:, None]
-    words = _normalize(exact_sum_words(flat, pixel_valid, state["sum_words"]))
-    finite_max = jnp.where(pixel_valid & jnp.isfinite(flat), flat, -jnp.inf).max(0)
     return {
         "top_values": top_values,
         "top_index": top_index,
-        "sum_words": words,
+        "sum_words": _normalize(words),
         "max": jnp.maximum(state["max"], finite_max),
         "images": state["images"] + valid.sum(dtype=jnp.int32),
     }
+
+
+def _codes_update(state, codes, valid):
+    """Per-image maxima ``[B, U]``, exact sum words and finite maximum ``[U]`` of sparse codes.
+
+    An unlisted unit is +0.0 at that position, so an image's maximum takes 0
+    wherever the unit is listed at fewer than all ``h * w`` positions.
+    """
+    b, h, w, u = codes.shape
+    idx = jnp.asarray(codes.indices, jnp.int32).reshape(b, -1)
+    val = jnp.asarray(codes.values, jnp.float32).reshape(b, -1)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], idx.shape)
+    listed = jnp.zeros((b, u), jnp.int32).at[rows, idx].add(1)
+    top = jnp.full((b, u), -jnp.inf, jnp.float32).at[rows, idx].max(val)
+    score = jnp.where(listed < h * w, jnp.maximum(top, 0.0), top)
+    score = jnp.where(valid[:, None], score, -jnp.inf)
+    finite = jnp.where(jnp.isfinite(val), val, -jnp.inf)
+    fmax = jnp.full((b, u), -jnp.inf, jnp.float32).at[rows, idx].max(finite)
+    fmax = jnp.where(listed < h * w, jnp.maximum(fmax, 0.0), fmax)
+    finite_max = jnp.where(valid[:, None], fmax, -jnp.inf).max(0)
+    flat_idx = idx.reshape(-1)
+    words = _sum_listed(val.reshape(-1), lambda e: flat_idx[e], (val != 0) & valid[:, None], b * h * w, u,
+                        state["sum_words"])
+    return score, words, finite_max
 
 
 def merge(states: dict, pixels_per_image: int) -> dict:
@@ -154,9 +186,13 @@ def merge(states: dict, pixels_per_image: int) -> dict:
     count = images * int(pixels_per_image)
     mean = np.full(u, np.nan)
     if count:
-        for unit in range(u):
-            total = sum(int(wd) << (_WORD_BITS * i) for i, wd in enumerate(words[unit]))
-            mean[unit] = float(Fraction(total, count << 149))
+        # Five words at a time in int64 (each word is small: |word| < 2**9 per device), then exact Python
+        # integers; int / int is correctly rounded, as float(Fraction(total, count << 149)) is.
+        group = 5
+        parts = (words.reshape(u, WORDS // group, group) << (_WORD_BITS * np.arange(group))).sum(-1)
+        den = count << 149
+        for unit, row in enumerate(parts.tolist()):
+            mean[unit] = sum(p << (_WORD_BITS * group * i) for i, p in enumerate(row)) / den
     return {
         "top_values": top_values,
         "top_index": top_index,

@@ -213,11 +213,13 @@ def views_of(layers: Sequence[str], views: Mapping[str, tuple] | None) -> dict[s
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(module, layers: tuple[str, ...], views: tuple):
+def _forward(module, layers: tuple[str, ...], views: tuple, codes: bool = False):
     """Jitted forward pass capturing ``layers`` (cached, so repeated dissections compile once).
 
     ``views`` is ``((name, layer, basis), ...)``: a view's units are
-    ``basis.encode(params[name], activations of layer)``, right after capture.
+    ``basis.encode(params[name], activations of layer)``, right after capture
+    (with ``codes``, ``basis.codes``: a sparse basis's units as
+    :class:`~jaxdissect.kernels.codes.SparseCodes`, which the statistics read).
     """
     from jaxdissect.layers import capture
 
@@ -225,23 +227,24 @@ def _forward(module, layers: tuple[str, ...], views: tuple):
     def forward(variables, x, params):
         out, acts = capture(module, variables, x, layers)
         acts = {n: as_map(jnp.asarray(a, jnp.float32)) for n, a in acts.items()}
-        return out, {v: basis.encode(params[v], acts[layer]) for v, layer, basis in views}
+        return out, {v: (basis.codes if codes else basis.encode)(params[v], acts[layer]) for v, layer, basis in views}
 
     return forward
 
 
-def forward_fn(module, views: Mapping[str, tuple], mesh=None):
+def forward_fn(module, views: Mapping[str, tuple], mesh=None, codes: bool = False):
     """Jitted ``(variables, x) -> (output, {view: float32 units})``: one pass, every view.
 
     ``views``: ``{view: (layer, basis, params)}`` (see :func:`views_of`); the
     bases' params are placed (replicated) once and passed to jit as arguments.
+    ``codes``: a sparse basis's units as :class:`~jaxdissect.kernels.codes.SparseCodes` (the passes).
     """
     captured = tuple(dict.fromkeys(layer for layer, _, _ in views.values()))
     spec = tuple((v, layer, basis) for v, (layer, basis, _) in views.items())
     try:
-        f = _forward(module, captured, spec)
+        f = _forward(module, captured, spec, codes)
     except TypeError:  # an unhashable module: compile for this run only
-        f = _forward.__wrapped__(module, captured, spec)
+        f = _forward.__wrapped__(module, captured, spec, codes)
     mesh = mesh if mesh is not None else parallel.make_mesh()
     params = jax.device_put({v: p for v, (_, _, p) in views.items()},
                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -255,13 +258,13 @@ class ModelBatches:
         self.run = run
         self.num_batches, self.batch_size, self.images = run.num_batches, run.batch_size, run.num_images
         self.label_keys = run.labeller.keys
-        self._forward = self._params = None
+        self._forward, self._params = {}, None
 
-    def forward_fn(self):
+    def forward_fn(self, codes: bool = False):
         """Jitted ``(variables, x) -> (output, {view: float32 units})`` (see :func:`forward_fn`)."""
-        if self._forward is None:
-            self._forward = forward_fn(self.run.module, self.run.views, self.run.mesh)
-        return self._forward
+        if codes not in self._forward:
+            self._forward[codes] = forward_fn(self.run.module, self.run.views, self.run.mesh, codes=codes)
+        return self._forward[codes]
 
     def replicated_variables(self):
         if self._params is None:
@@ -272,7 +275,13 @@ class ModelBatches:
     def cache_bytes(self) -> int:
         """Host bytes to keep every view's activations and the labels of all images between passes."""
         run = self.run
-        per_image = sum(int(np.prod(run.shapes[v][1:])) * 4 for v in run.views)
+        from jaxdissect.bases.sae import TopKSAE
+
+        def values(v):  # per position: the units, or a sparse basis's k (index, value) pairs
+            basis = run.views[v][1]
+            return 2 * basis.k if isinstance(basis, TopKSAE) else run.shapes[v][-1]
+
+        per_image = sum(int(np.prod(run.shapes[v][1:-1])) * values(v) * 4 for v in run.views)
         per_image += run.labeller.channels * run.resolution[0] * run.resolution[1] * 4
         return per_image * self.num_batches * self.batch_size
 
@@ -313,7 +322,7 @@ class ModelBatches:
     def produce(self, batch, labels: bool, keys=()):
         run = self.run
         batch = parallel.shard_batch(run.mesh, batch)
-        out, acts = self.forward_fn()(self.replicated_variables(), batch[run.input_key])
+        out, acts = self.forward_fn(codes=True)(self.replicated_variables(), batch[run.input_key])
         b = {"acts": acts, "valid": batch["valid"], "index": batch["index"],
              "batch_id": batch["index"] // run.batch_size}
         if labels:

@@ -127,6 +127,7 @@ def planted_run():
     return units, rotated, seg, basis, params, curve
 
 
+@pytest.mark.slow
 def test_sae_recovers_planted_directions_and_labels(planted_run):
     units, rotated, seg, basis, params, _ = planted_run
     w = params["w_dec"] / np.linalg.norm(params["w_dec"], axis=1, keepdims=True)

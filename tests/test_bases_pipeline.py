@@ -273,6 +273,7 @@ def test_experiment_pieces_record_their_basis(classifier, tmp_path):
                                        sizes=(1, 2), batch_size=4)
 
 
+@pytest.mark.slow
 def test_generator_feature_ablation_equals_numpy():
     from jaxdissect.bases import Neurons
     from jaxdissect.models import toy_generator as T

@@ -97,6 +97,7 @@ def test_clip_vit_towers_equal_reference(clip_vit):
     assert metadata["layers"][-1] == "visual.transformer.resblocks.1.residual"
 
 
+@pytest.mark.slow
 def test_clip_resnet_tower_equals_reference(clip_resnet):
     model, module, variables, metadata = clip_resnet
     assert module.is_resnet and module.vision_layers == (2, 1, 1, 1) and metadata["architecture"] == "RN17"

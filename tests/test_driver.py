@@ -102,7 +102,8 @@ class PooledUnits(Strategy):
         return {"pooled": "spatial mean per unit and image"}
 
 
-@pytest.mark.parametrize("cache_mb", [pytest.param(1024, marks=pytest.mark.slow), 0])
+@pytest.mark.slow
+@pytest.mark.parametrize("cache_mb", [1024, 0])
 def test_pass1_tap_folds_per_image_outputs(model, tmp_path, cache_mb, monkeypatch):
     """The tap's host arrays equal NumPy's per-image means, with or without the activation cache; they reach
     report.json and index.html, and a finished run reloads them instead of running a pass."""
@@ -128,6 +129,7 @@ def test_pass1_tap_folds_per_image_outputs(model, tmp_path, cache_mb, monkeypatc
             activation_cache_mb=cache_mb, **KW)
 
 
+@pytest.mark.slow
 def test_no_labels(model, tmp_path):
     """segmentation=None: the passes run with no concept labels; every unit's label is 0 ('-')."""
     r = dissect(*model, ["det"], PlantedScenes(N), None, output_dir=str(tmp_path), **KW)["det"]

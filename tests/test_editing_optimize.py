@@ -24,6 +24,7 @@ class TinyFeatures(nn.Module):
         return nn.relu(nn.Conv(4, (3, 3), name="conv4_2")(x)).mean()  # only conv4_2's output is compared
 
 
+@pytest.mark.slow
 def test_inversion_of_generated_image_reaches_35db(toy):
     module, variables = toy
     z = T.sample_z(2, seed=21)

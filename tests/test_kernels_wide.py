@@ -59,7 +59,9 @@ def _levels(plan, parts, images, listed=True):
     return plan.pass2_finish(selection, second), first, second
 
 
-@pytest.mark.parametrize("quantile,listed", [(0.05, True), (0.005, True), (0.5, True), (0.05, False)])
+@pytest.mark.parametrize("quantile,listed", [(0.05, True), pytest.param(0.005, True, marks=pytest.mark.slow),
+                                             pytest.param(0.5, True, marks=pytest.mark.slow),
+                                             pytest.param(0.05, False, marks=pytest.mark.slow)])
 def test_hard_columns_equal_numpy_quantile(quantile, listed):
     rng = np.random.default_rng(0)
     acts = hard_columns(rng, 30)
@@ -97,6 +99,7 @@ def test_zero_levels_need_no_pass_two_rows():
     assert rows["hist"].dtype in (np.uint8, np.uint16)
 
 
+@pytest.mark.slow
 def test_level_far_below_the_maximum_is_refused_with_the_fix():
     rng = np.random.default_rng(2)
     acts = np.full((10, H, H, 2), 1e-30, np.float32)

@@ -33,7 +33,8 @@ LAUNCHERS = ["dissect", "compare", "check_model", "unit_plot", "ablate_classifie
              "stylize", "intervene_generator", "edit_photo", "ganpaint"]
 
 
-SLOW = ("adversarial", "compare", "edit_photo", "intervene_generator", "shape_bias", "stylize")   # over 6 s
+SLOW = ("ablate_classifier", "adversarial", "compare", "edit_photo", "intervene_generator", "shape_bias",
+        "stylize")   # over 5 s
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

@@ -7,11 +7,12 @@ import os
 import re
 import shlex
 
+import jax
 import numpy as np
 import pytest
 from launcher_cli import cli
 
-import jaxdissect
+from jaxdissect import statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md"] + sorted(f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))
@@ -64,17 +65,22 @@ def _check_functional_api(namespace, lines):
     assert namespace["acts"]["block2"].shape == (4, 16, 16, 16)
     assert float(namespace["acts"]["block2"].min()) >= 0.0          # post-ReLU, as the page says
     assert float(namespace["acts"]["conv1"].min()) < 0.0            # pre-ReLU
-    # The sparse codes give what their dense map (made here by NumPy) gives.
-    idx, val, seg = namespace["idx"], namespace["val"], namespace["seg"]
+
+
+def _check_sparse_codes(namespace, lines):
+    """The sparse codes' levels are numpy.quantile of their dense map (made here by NumPy), upsampled."""
+    idx, val = namespace["idx"], namespace["val"]
     dense = np.zeros(idx.shape[:-1] + (6,), np.float32)
     np.put_along_axis(dense, idx, val, -1)
-    ref = jaxdissect.dissect_activations(lambda: ((dense[i:i + 8], seg[i:i + 8]) for i in range(0, 32, 8)), 3,
-                                         0.05, progress=False)
-    for key in ("thresholds", "intersection", "top_index", "act_mean"):
-        assert np.asarray(getattr(namespace["sparse"], key)).tobytes() == np.asarray(getattr(ref, key)).tobytes()
+    plan = statistics.Plan(num_units=6, num_labels=3, source_hw=(8, 8), resolution=(16, 16))
+    up = np.asarray(jax.jit(plan.upsample)(dense)).reshape(-1, 6)
+    levels = np.quantile(up, 0.95, axis=0).astype(np.float32)
+    assert namespace["sparse"].thresholds.tobytes() == levels.tobytes()
+    np.testing.assert_array_equal(namespace["sparse"].active, (up > levels).sum(0))
 
 
-CHECKS = {("docs/api.md", "A model of your own, your own activations"): _check_functional_api}
+CHECKS = {("docs/api.md", "A model of your own, your own activations"): _check_functional_api,
+          ("docs/api.md", "Sparse codes"): _check_sparse_codes}
 
 
 @pytest.mark.parametrize("block", RUN)

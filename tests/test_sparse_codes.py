@@ -1,6 +1,8 @@
 """Sparse codes (jaxdissect.kernels.codes): the statistics read an SAE's TopK codes as (indices, values) and
 give exactly what their dense map gives, and what NumPy gives."""
 
+from fractions import Fraction
+
 import jax
 import numpy as np
 import pytest
@@ -41,8 +43,8 @@ def test_dense_map_is_the_listed_values_scattered():
 
 @pytest.mark.parametrize("source,target,kw", [
     (7, 28, {"geometry": "original"}),
-    (7, 28, {"geometry": "clamped"}),
-    (12, 6, {"geometry": "original"}),          # downsampling: one pixel per cell
+    pytest.param(7, 28, {"geometry": "clamped"}, marks=pytest.mark.slow),
+    pytest.param(12, 6, {"geometry": "original"}, marks=pytest.mark.slow),   # downsampling: one pixel per cell
     (9, 28, {"convolutions": ((3, 2, 1, 1), (3, 2, 1, 1)), "image_size": 33}),
 ])
 def test_code_grid_lists_every_nonzero_cell_once_with_the_dense_values(source, target, kw):
@@ -92,31 +94,59 @@ def _dissect(acts, seg, quantile, size=4, labels=None):
 FIELDS = ("thresholds", "active", "intersection", "label_pixels", "top_values", "top_index", "act_mean", "act_max")
 
 
+def _data(signed):
+    """11 images (batches of 4: one padded), 13 units, 3 listed per position, 2 label channels, 2 image labels."""
+    rng = np.random.default_rng(2)
+    n, h, s, units = 11, 7, 28, 13
+    codes = random_codes(rng, n, h, units, 3, signed)
+    seg = rng.integers(0, L, (n, 2, s, s)).astype(np.int32)
+    labels = rng.integers(-1, L, (n, 2)).astype(np.int32)
+    return codes, seg, labels
+
+
 @pytest.mark.parametrize("signed,quantile", [(False, 0.05), pytest.param(False, 0.3, marks=pytest.mark.slow),
-                                             (True, 0.5)])
-def test_codes_dissect_exactly_as_their_dense_map_and_numpy(signed, quantile):
-    """Bit-identical to the dense map (whose kernels tests/test_kernels_sparse.py checks); levels
-    numpy.quantile's, active counts and maxima NumPy's.
+                                             pytest.param(True, 0.5, marks=pytest.mark.slow)])
+def test_codes_dissect_as_numpy_computes_it(signed, quantile):
+    """Levels numpy.quantile's of the upsampled dense map (made by NumPy), and active counts, intersections,
+    top images, exact means and maxima NumPy's.
 
     Signed codes at quantile 0.5 have negative levels: their all-+0.0 cells are active and pass 3 takes
     the dense kernel."""
-    rng = np.random.default_rng(2)
-    n, h, s, units = 11, 7, 28, 13                            # 11 images in batches of 4: one padded batch
-    codes = random_codes(rng, n, h, units, 3, signed)
+    codes, seg, labels = _data(signed)
+    n, h, _, units = codes.shape
+    s = seg.shape[-1]
     dense = dense_of(codes)
-    seg = rng.integers(0, L, (n, 2, s, s)).astype(np.int32)
-    labels = rng.integers(-1, L, (n, 2)).astype(np.int32)
     got = _dissect(codes, seg, quantile, labels=labels)
-    ref = _dissect(dense, seg, quantile, labels=labels)
-    for key in FIELDS:
-        assert np.asarray(getattr(got, key)).tobytes() == np.asarray(getattr(ref, key)).tobytes(), key
     plan = statistics.Plan(num_units=units, num_labels=L, source_hw=(h, h), resolution=(s, s))
     up = np.asarray(jax.jit(plan.upsample)(dense)).reshape(-1, units)
     np.testing.assert_array_equal(got.thresholds.view(np.uint32),
                                   np.quantile(up, 1 - quantile, axis=0).astype(np.float32).view(np.uint32))
-    np.testing.assert_array_equal(got.active, (up > got.thresholds).sum(0))
+    active = up > got.thresholds
+    np.testing.assert_array_equal(got.active, active.sum(0))
     assert (got.thresholds < 0).any() == signed
+    pixel_labels = np.concatenate([seg.transpose(0, 2, 3, 1).reshape(-1, 2),
+                                   np.repeat(labels, s * s, axis=0)], 1)                  # [N*S*S, 4]
+    for c in range(1, L):
+        has = (pixel_labels == c).any(1)
+        np.testing.assert_array_equal(got.intersection[:, c], (active & has[:, None]).sum(0))
+    score = dense.max((1, 2))                                                             # [N, U]
+    order = np.lexsort((np.broadcast_to(np.arange(n)[:, None], score.shape), -score), axis=0)[:3].T
+    np.testing.assert_array_equal(got.top_index, order)
+    np.testing.assert_array_equal(got.top_values, np.take_along_axis(score.T, order, 1))
+    exact = [float(sum(Fraction(float(x)) for x in dense[..., u].ravel()) / dense[..., u].size) for u in range(units)]
+    np.testing.assert_array_equal(got.act_mean, exact)
     np.testing.assert_array_equal(got.act_max, dense.max((0, 1, 2)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signed,quantile", [(False, 0.05), (True, 0.5)])
+def test_codes_dissect_exactly_as_their_dense_map(signed, quantile):
+    """Every result array bit-identical to the dense map's (whose kernels tests/test_kernels_sparse.py checks)."""
+    codes, seg, labels = _data(signed)
+    got = _dissect(codes, seg, quantile, labels=labels)
+    ref = _dissect(dense_of(codes), seg, quantile, labels=labels)
+    for key in FIELDS:
+        assert np.asarray(getattr(got, key)).tobytes() == np.asarray(getattr(ref, key)).tobytes(), key
 
 
 def test_topk_sae_codes_are_its_dense_encoding():

@@ -140,6 +140,7 @@ def test_save_and_load_round_trip(planted_result, tmp_path):
         statistics.DissectionResult.load(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_upsampled_thresholds_equal_the_quantile_of_torch_upsampled_maps():
     rng = np.random.default_rng(1)
     acts = rng.standard_normal((6, 7, 7, 3)).astype(np.float32)

@@ -124,8 +124,7 @@ class Plan:
             per_pixel = functools.partial(jnp.repeat, repeats=self.pixels)
             quantile = quantile_k.high_update(state["quantile"], rows, per_pixel(valid), per_pixel(batch_id),
                                               method=self.hist_method)
-        return {"quantile": quantile, "topk": topk_k.update(state["topk"], acts if self.sparse else
-                                                            codes_k.dense(acts), valid, index)}
+        return {"quantile": quantile, "topk": topk_k.update(state["topk"], acts, valid, index)}
 
     # Pass 2: low-bit histograms of the two buckets per unit.
     def pass2_init(self, selection: dict) -> dict:

@@ -222,7 +222,7 @@ def _segments_window(high_state: dict):
     zeros = hs["zeros"].astype(np.int64).sum(0)
     idx = np.arange(width)
 
-    def desc(part):
+    def parts(part):
         """``(windows [n, 2, W], below [n], zeros [n], count [n])`` of units ``part``, devices merged."""
         w = window[:, part]
         below = hs["below_pos"][:, part].astype(np.int64).sum(0)
@@ -242,7 +242,7 @@ def _segments_window(high_state: dict):
         lo = np.where(pos & (bucket == ZERO_KEY >> 16), np.uint32(ZERO_KEY + 1), lo)  # +0.0 has its own count
         return lo, hi, pos | neg | (seg == width + 1)
 
-    return count, desc, ranges
+    return count, parts, ranges
 
 
 def _find_window(w, below, zeros, count, t):
@@ -295,7 +295,7 @@ def select(high_state: dict, level: float) -> dict:
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"quantile level must lie in [0, 1], got {level}")
     windowed = "window" in high_state
-    count, desc, ranges = (_segments_window if windowed else _segments_dense)(high_state)
+    count, segments, ranges = (_segments_window if windowed else _segments_dense)(high_state)
     u = count.shape[0]
     prev, nxt, gamma = _ranks(count, level)
     out = {"count": count, "gamma": gamma, "lo": np.zeros(u, np.uint32), "hi": np.zeros(u, np.uint32),
@@ -305,9 +305,9 @@ def select(high_state: dict, level: float) -> dict:
         units = np.arange(start, min(start + chunk, u))
         t = count[units] - 1 - prev[units]                           # rank of the lower statistic from the top
         if windowed:
-            seg, size, before = _find_window(*desc(slice(start, start + chunk)), t)
+            seg, size, before = _find_window(*segments(slice(start, start + chunk)), t)
         else:
-            d = desc(slice(start, start + chunk))
+            d = segments(slice(start, start + chunk))
             cum = np.cumsum(d, axis=1)
             seg = np.minimum((cum <= t[:, None]).sum(1), d.shape[1] - 1)
             r = np.arange(len(units))

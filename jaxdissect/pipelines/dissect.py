@@ -275,13 +275,7 @@ class ModelBatches:
     def cache_bytes(self) -> int:
         """Host bytes to keep every view's activations and the labels of all images between passes."""
         run = self.run
-        from jaxdissect.bases.sae import TopKSAE
-
-        def values(v):  # per position: the units, or a sparse basis's k (index, value) pairs
-            basis = run.views[v][1]
-            return 2 * basis.k if isinstance(basis, TopKSAE) else run.shapes[v][-1]
-
-        per_image = sum(int(np.prod(run.shapes[v][1:-1])) * values(v) * 4 for v in run.views)
+        per_image = sum(run.code_bytes.values())
         per_image += run.labeller.channels * run.resolution[0] * run.resolution[1] * 4
         return per_image * self.num_batches * self.batch_size
 
@@ -440,7 +434,7 @@ class Dissection:
         self.num_batches = -(-self.num_images // self.batch_size)
         self.name = name or f"{type(module).__name__} {data.name} {self.labeller.name}"
         learned = self.resolve_bases(captured, cache_dir)
-        self.shapes = {}
+        self.shapes, self.code_bytes = {}, {}
         for v, (layer, basis, params) in self.views.items():
             c = int(captured[layer][-1])
             if isinstance(basis, Linear) and basis.label == "rotation" and np.shape(params["matrix"]) != (c, c):
@@ -450,6 +444,9 @@ class Dissection:
                                    f"(jaxdissect.rotation.random_rotation_powers({c}, ...))")
             basis.check(params, c)
             self.shapes[v] = tuple(captured[layer][:-1]) + (basis.num_units(params, c),)
+            # Bytes per image of the units as the passes read them (a sparse basis's codes: its listed pairs).
+            codes = jax.eval_shape(basis.codes, params, jax.ShapeDtypeStruct(captured[layer], jnp.float32))
+            self.code_bytes[v] = sum(int(np.prod(x.shape[1:])) * x.dtype.itemsize for x in jax.tree.leaves(codes))
         if learned:
             from jaxdissect.pipelines.bases import BasisReport
 
